@@ -1,0 +1,5 @@
+"""``python -m rescompress`` runs the command-line interface."""
+
+from rescompress.cli.app import main
+
+main()

@@ -1,0 +1,150 @@
+"""The project's own model file: safetensors weights plus an architecture header, loadable with no pickle.
+
+A checkpoint stores the architecture name, class count, input channels and preprocessing in the
+safetensors metadata, and the state_dict as tensors. Pruned models need no separate width table: the
+tensor shapes *are* the widths, and :func:`load_state_dict_resizing` rebuilds every Conv/BN/Linear whose
+stored shape differs from the freshly built architecture. A per-layer width summary is still written to
+the header for people and tools that read it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from rescompress import __version__
+from rescompress.errors import UnsupportedModelError
+from rescompress.fileio import atomic_path
+from rescompress.models import build_model
+from rescompress.spec import Preprocess
+
+FORMAT_NAME = "rescompress.checkpoint"
+FORMAT_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class CheckpointHeader:
+    arch: str
+    num_classes: int
+    in_channels: int
+    preprocess: Preprocess | None
+    pruned: bool = False
+    extra: dict | None = None
+
+    def to_metadata(self, widths: dict[str, int]) -> dict[str, str]:
+        meta = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "tool_version": __version__,
+            "arch": self.arch,
+            "num_classes": str(self.num_classes),
+            "in_channels": str(self.in_channels),
+            "pruned": "1" if self.pruned else "0",
+            "widths": json.dumps(widths, sort_keys=True),
+        }
+        if self.preprocess is not None:
+            meta["preprocess"] = self.preprocess.to_json()
+        if self.extra:
+            meta["extra"] = json.dumps(self.extra, sort_keys=True)
+        return meta
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str]) -> CheckpointHeader:
+        pre = meta.get("preprocess")
+        return cls(
+            arch=meta["arch"],
+            num_classes=int(meta["num_classes"]),
+            in_channels=int(meta["in_channels"]),
+            preprocess=Preprocess.from_dict(json.loads(pre)) if pre else None,
+            pruned=meta.get("pruned") == "1",
+            extra=json.loads(meta["extra"]) if meta.get("extra") else None,
+        )
+
+
+def layer_widths(module: nn.Module) -> dict[str, int]:
+    """Output channels of every Conv2d and output features of every Linear, by module name."""
+    widths = {}
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Conv2d):
+            widths[name] = m.out_channels
+        elif isinstance(m, nn.Linear):
+            widths[name] = m.out_features
+    return widths
+
+
+def save_checkpoint(module: nn.Module, path: Path | str, header: CheckpointHeader) -> Path:
+    """Write ``module``'s state_dict and ``header`` to ``path`` atomically (safetensors format)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header.to_metadata(layer_widths(module)))
+    return Path(path)
+
+
+def read_header(path: Path | str) -> CheckpointHeader | None:
+    """The checkpoint header if ``path`` is a rescompress checkpoint, else ``None`` (never raises)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:
+        return None
+    if meta.get("format") != FORMAT_NAME:
+        return None
+    return CheckpointHeader.from_metadata(meta)
+
+
+def load_checkpoint(path: Path | str) -> tuple[nn.Module, CheckpointHeader]:
+    header = read_header(path)
+    if header is None:
+        raise UnsupportedModelError(f"{path} is not a rescompress checkpoint")
+    state = {}
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            state[key] = f.get_tensor(key)
+    model = build_model(header.arch, header.num_classes, header.in_channels)
+    load_state_dict_resizing(model, state)
+    model.eval()
+    return model, header
+
+
+def load_state_dict_resizing(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Load ``state`` into ``model``, first rebuilding layers whose stored shapes differ (pruned widths)."""
+    for name, m in list(model.named_modules()):
+        key = f"{name}.weight" if name else "weight"
+        if key not in state:
+            continue
+        shape = tuple(state[key].shape)
+        replacement = _resized_like(m, shape, has_bias=f"{name}.bias" in state)
+        if replacement is not None:
+            _set_submodule(model, name, replacement)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UnsupportedModelError(
+            f"weights do not match the architecture: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    return model
+
+
+def _resized_like(m: nn.Module, shape: tuple[int, ...], has_bias: bool) -> nn.Module | None:
+    if isinstance(m, nn.Conv2d) and shape != tuple(m.weight.shape):
+        return nn.Conv2d(
+            shape[1] * m.groups, shape[0], m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+            bias=has_bias,
+        )
+    if isinstance(m, nn.BatchNorm2d) and shape != tuple(m.weight.shape):
+        return nn.BatchNorm2d(shape[0], eps=m.eps, momentum=m.momentum)
+    if isinstance(m, nn.Linear) and shape != tuple(m.weight.shape):
+        return nn.Linear(shape[1], shape[0], bias=has_bias)
+    return None
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)

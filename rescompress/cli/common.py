@@ -1,0 +1,215 @@
+"""What every command shares: option aliases, the output sink, and error -> exit-code handling.
+
+Results go to stdout (rich tables for people, ``--json`` for machines); progress, logs and warnings go to
+stderr. A known error becomes one ``Error: ...`` line and exit 1 (the traceback only with
+``RESCOMPRESS_DEBUG=1``); a failed check exits 3.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rescompress.errors import CheckFailed, RescompressError
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_CHECK_FAILED = 3
+
+stdout = Console(soft_wrap=True)
+stderr = Console(stderr=True, soft_wrap=True)
+log = logging.getLogger("rescompress")
+
+# ------------------------------------------------------------------------------------ option aliases
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+ArchOpt = Annotated[
+    str | None,
+    typer.Option("--arch", help="Architecture override (normally inferred from the file), e.g. resnet50."),
+]
+TrustPickleOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-pickle",
+        help="Allow loading an arbitrary pickled object. Pickles can run code: use only on files you trust.",
+    ),
+]
+PresetOpt = Annotated[
+    str | None,
+    typer.Option("--preset", help="Preprocessing preset: imagenet, cifar, fashion-mnist (default: the model's)."),
+]
+InputSizeOpt = Annotated[int | None, typer.Option("--input-size", help="Square input size override, e.g. 64.")]
+ChannelsOpt = Annotated[int | None, typer.Option("--channels", help="Input channels override (1 or 3).")]
+MeanOpt = Annotated[str | None, typer.Option("--mean", help="Comma-separated per-channel mean override.")]
+StdOpt = Annotated[str | None, typer.Option("--std", help="Comma-separated per-channel std override.")]
+LimitOpt = Annotated[int | None, typer.Option("--limit", help="Use at most N images.", min=1)]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Images per batch.", min=1)]
+
+
+def parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise RescompressError(f"{option} expects comma-separated numbers, got {text!r}") from None
+
+
+def parse_ints(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise RescompressError(f"{option} expects comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise RescompressError(f"{option} expects positive integers, got {text!r}")
+    return values
+
+
+def resolve_preprocess(
+    default, preset: str | None, input_size: int | None, channels: int | None, mean: str | None, std: str | None
+):
+    """The model's preprocessing, or a named preset, with command-line overrides applied."""
+    from rescompress.spec import get_preset
+
+    base = get_preset(preset) if preset else default
+    if base is None:
+        raise RescompressError("the model does not record its preprocessing; pass --preset")
+    return base.with_overrides(
+        size=input_size, channels=channels, mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std")
+    )
+
+
+# ------------------------------------------------------------------------------------ output sink
+class Output:
+    """One place that writes results: a rich table/lines for people, or one JSON document."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+
+    def result(self, data: dict[str, Any], render: Callable[[Console], None] | None = None) -> None:
+        if self.as_json:
+            sys.stdout.write(json.dumps(data, indent=2, default=_json_default) + "\n")
+            sys.stdout.flush()
+        elif render is not None:
+            render(stdout)
+        else:
+            stdout.print(key_value_table(data))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def key_value_table(data: dict[str, Any], title: str | None = None) -> Table:
+    table = Table(title=title, show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for k, v in data.items():
+        table.add_row(str(k), _fmt(v))
+    return table
+
+
+def rows_table(rows: Sequence[dict[str, Any]], columns: Iterable[str] | None = None, title: str | None = None) -> Table:
+    cols = list(columns) if columns is not None else (list(rows[0]) if rows else [])
+    table = Table(title=title)
+    for c in cols:
+        table.add_column(c, justify="left" if not rows or isinstance(rows[0].get(c), str) else "right")
+    for r in rows:
+        table.add_row(*(_fmt(r.get(c)) for c in cols))
+    return table
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 10_000:
+        return f"{v:,}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={_fmt(x)}" for k, x in v.items())
+    if isinstance(v, list | tuple):
+        return ", ".join(_fmt(x) for x in v)
+    return str(v)
+
+
+def info(message: str) -> None:
+    """A progress/log line on stderr."""
+    stderr.print(message, highlight=False)
+
+
+def warn(message: str) -> None:
+    stderr.print(f"[yellow]Warning:[/yellow] {message}", highlight=False)
+
+
+def progress(iterable, total: int | None = None, description: str = ""):
+    """Wrap an iterable with a progress bar on stderr (hidden when stderr is not a terminal)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if not stderr.is_terminal:
+        yield from iterable
+        return
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=stderr, transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=total)
+        for item in iterable:
+            yield item
+            bar.advance(task)
+
+
+# ------------------------------------------------------------------------------------ errors
+def debug_enabled() -> bool:
+    return os.environ.get("RESCOMPRESS_DEBUG", "") not in ("", "0")
+
+
+def handle_errors(func: Callable) -> Callable:
+    """Decorator for command functions: known errors -> one ``Error:`` line and the right exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except CheckFailed as exc:
+            if debug_enabled():
+                raise
+            stderr.print(f"Error: {exc}", markup=False, highlight=False)
+            raise typer.Exit(EXIT_CHECK_FAILED) from None
+        except RescompressError as exc:
+            if debug_enabled():
+                raise
+            stderr.print(f"Error: {exc}", markup=False, highlight=False)
+            raise typer.Exit(EXIT_ERROR) from None
+        except KeyboardInterrupt:
+            stderr.print("Error: interrupted", markup=False)
+            raise typer.Exit(130) from None
+        except Exception as exc:  # an unexpected failure: still one line, traceback on request
+            if debug_enabled():
+                raise
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            stderr.print(
+                f"Error: {type(exc).__name__}: {msg} (set RESCOMPRESS_DEBUG=1 for the traceback)",
+                markup=False, highlight=False,
+            )
+            raise typer.Exit(EXIT_ERROR) from None
+
+    return wrapper

@@ -1,0 +1,319 @@
+"""Data sources for calibration, fine-tuning and evaluation, streamed through one preprocessing pipeline.
+
+``open_dataset(path, preprocess)`` recognizes four kinds of source:
+
+* an ImageFolder tree (one sub-folder per class; labels are the sorted folder names' indices),
+* a flat folder of images (unlabeled; enough for calibration and BN re-estimation),
+* an IDX folder (MNIST / Fashion-MNIST layout, gzipped or not, e.g. ``/usr/share/datasets/fashion-mnist``),
+* an ``.npz`` file with ``x`` (N,H,W | N,H,W,C | N,C,H,W, uint8 or float in [0, 1]) and optional ``y``.
+
+Every item goes through the same tensor pipeline (channel conversion, resize / center crop, normalize),
+so a model sees identical inputs whichever way its data is stored. Image folders are decoded lazily,
+item by item, in DataLoader workers: memory does not grow with the number of images.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.transforms.v2 import functional as TF
+
+from rescompress.errors import DataError
+from rescompress.spec import Preprocess
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+ASSETS = Path(__file__).resolve().parent / "assets"
+UNLABELED = -1
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What a data source is, before any image is decoded."""
+
+    path: str
+    kind: str  # "imagefolder" | "images" | "idx" | "npz"
+    split: str | None
+    length: int
+    labeled: bool
+    num_classes: int | None  # classes present in the labels (None when unlabeled)
+    classes: tuple[str, ...] | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path, "kind": self.kind, "split": self.split, "length": self.length,
+            "labeled": self.labeled, "num_classes": self.num_classes,
+        }
+
+
+def to_model_input(image: torch.Tensor, pre: Preprocess) -> torch.Tensor:
+    """uint8 (C,H,W) or (H,W) image tensor -> normalized float32 (channels, H, W) model input."""
+    if image.ndim == 2:
+        image = image.unsqueeze(0)
+    c = image.shape[0]
+    if c == 4:
+        image = image[:3]
+        c = 3
+    if c == 1 and pre.channels == 3:
+        image = image.expand(3, -1, -1)
+    elif c == 3 and pre.channels == 1:
+        image = TF.rgb_to_grayscale(image)
+    elif c not in (1, 3):
+        raise DataError(f"images with {c} channels are not supported (expected 1, 3 or 4)")
+    if pre.resize is not None:
+        image = TF.resize(image, [pre.resize], antialias=True)
+        image = TF.center_crop(image, list(pre.size))
+    elif tuple(image.shape[-2:]) != tuple(pre.size):
+        image = TF.resize(image, list(pre.size), antialias=True)
+    x = image.to(torch.float32).div_(255.0)
+    mean = torch.tensor(pre.mean_per_channel, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(pre.std_per_channel, dtype=torch.float32).view(-1, 1, 1)
+    return (x - mean) / std
+
+
+class ImageDataset(Dataset):
+    """A preprocessed view of one source; items are ``(input_tensor, label)`` with label -1 if unlabeled."""
+
+    def __init__(self, info: SourceInfo, preprocess: Preprocess, reader) -> None:
+        self.info = info
+        self.preprocess = preprocess
+        self._reader = reader  # index -> (uint8 tensor C,H,W or H,W, label)
+
+    def __len__(self) -> int:
+        return self.info.length
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self._reader(index)
+        return to_model_input(image, self.preprocess), int(label)
+
+
+# ----------------------------------------------------------------------------------------- readers
+
+
+class _ArrayReader:
+    def __init__(self, x: np.ndarray, y: np.ndarray | None) -> None:
+        self.x = x
+        self.y = y
+
+    def __call__(self, i: int):
+        img = torch.from_numpy(np.ascontiguousarray(self.x[i]))
+        return img, (UNLABELED if self.y is None else int(self.y[i]))
+
+
+class _FileReader:
+    def __init__(self, files: list[Path], labels: list[int] | None) -> None:
+        self.files = files
+        self.labels = labels
+
+    def __call__(self, i: int):
+        from PIL import Image
+
+        path = self.files[i]
+        try:
+            with Image.open(path) as im:
+                im = im.convert("L" if im.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB")
+                img = TF.pil_to_tensor(im)
+        except Exception as exc:
+            raise DataError(f"cannot read image {path}: {exc}") from exc
+        return img, (UNLABELED if self.labels is None else self.labels[i])
+
+
+def _list_images(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise DataError(f"cannot read IDX file {path}: {exc}") from exc
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise DataError(f"{path} is not an IDX file (bad magic number)")
+    dtype_code, ndim = data[2], data[3]
+    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if dtype_code not in dtypes:
+        raise DataError(f"{path}: unknown IDX data type 0x{dtype_code:02x}")
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    arr = np.frombuffer(data, dtype=dtypes[dtype_code], offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(dims)):
+        raise DataError(f"{path}: IDX header says {dims} but the file holds {arr.size} values")
+    return arr.reshape(dims).copy()  # frombuffer is read-only; torch wants writable memory
+
+
+_IDX_SPLITS = {"train": "train", "test": "t10k"}
+
+
+def _idx_files(folder: Path, split: str) -> tuple[Path, Path | None] | None:
+    prefix = _IDX_SPLITS.get(split, split)
+    for ext in ("", ".gz"):
+        images = folder / f"{prefix}-images-idx3-ubyte{ext}"
+        if images.exists():
+            labels = folder / f"{prefix}-labels-idx1-ubyte{ext}"
+            if not labels.exists():
+                labels = folder / f"{prefix}-labels-idx1-ubyte{'.gz' if ext == '' else ''}"
+            return images, (labels if labels.exists() else None)
+    return None
+
+
+def _normalize_array_images(x: np.ndarray, path: Path) -> np.ndarray:
+    """Return uint8 images as (N,H,W) or (N,C,H,W)."""
+    if x.ndim == 3:
+        pass
+    elif x.ndim == 4:
+        if x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+            x = np.transpose(x, (0, 3, 1, 2))
+    else:
+        raise DataError(f"{path}: 'x' must have 3 or 4 dimensions (N,H,W[,C]), got shape {x.shape}")
+    if x.dtype != np.uint8:
+        if np.issubdtype(x.dtype, np.floating):
+            if not np.isfinite(x).all():
+                raise DataError(f"{path}: 'x' contains NaN or Inf")
+            hi = float(x.max()) if x.size else 0.0
+            scale = 255.0 if hi <= 1.0 + 1e-6 else 1.0
+            x = np.clip(np.rint(x * scale), 0, 255).astype(np.uint8)
+        else:
+            x = np.clip(x, 0, 255).astype(np.uint8)
+    return x
+
+
+# ----------------------------------------------------------------------------------------- opening
+
+
+def describe_source(path: Path | str, split: str = "test") -> tuple[SourceInfo, object]:
+    """Recognize a data source; return its info and an item reader. Raises DataError if unusable."""
+    raw = str(path)
+    if "@" in raw and not Path(raw).exists():  # DIR@train / DIR@test chooses an IDX split
+        raw, split = raw.rsplit("@", 1)
+    p = Path(raw).expanduser()
+    if not p.exists():
+        raise DataError(f"data path {p} does not exist")
+    if p.is_file():
+        if p.suffix.lower() == ".npz":
+            return _open_npz(p)
+        raise DataError(
+            f"{p} is a file of an unsupported kind; --data accepts an ImageFolder tree, a folder of images, "
+            "an IDX (MNIST/Fashion-MNIST) folder or an .npz file with 'x' (and 'y')"
+        )
+    found = _idx_files(p, split)
+    if found is None and any(p.glob("*-images-idx3-ubyte*")):
+        other = [s for s in _IDX_SPLITS if _idx_files(p, s)]
+        if len(other) == 1:
+            split = other[0]
+            found = _idx_files(p, split)
+    if found is not None:
+        images_path, labels_path = found
+        x = _read_idx(images_path)
+        y = _read_idx(labels_path) if labels_path else None
+        if y is not None and len(y) != len(x):
+            raise DataError(f"{p}: {len(x)} images but {len(y)} labels")
+        info = SourceInfo(
+            str(p), "idx", split, len(x), y is not None,
+            int(y.max()) + 1 if y is not None and len(y) else None,
+        )
+        return info, _ArrayReader(x, None if y is None else y.astype(np.int64))
+    subdirs = sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
+    class_dirs = [d for d in subdirs if _list_images(d)]
+    if class_dirs:
+        files, labels = [], []
+        for idx, d in enumerate(class_dirs):
+            for f in _list_images(d):
+                files.append(f)
+                labels.append(idx)
+        classes = tuple(d.name for d in class_dirs)
+        info = SourceInfo(str(p), "imagefolder", None, len(files), True, len(classes), classes)
+        return info, _FileReader(files, labels)
+    files = _list_images(p)
+    if files:
+        return SourceInfo(str(p), "images", None, len(files), False, None), _FileReader(files, None)
+    raise DataError(
+        f"{p} holds no images: expected class sub-folders of images, images directly, "
+        "or IDX files (*-images-idx3-ubyte[.gz])"
+    )
+
+
+def _open_npz(p: Path) -> tuple[SourceInfo, object]:
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            if "x" not in z:
+                raise DataError(f"{p}: an .npz data file needs an array 'x' (found: {', '.join(z.files)})")
+            x = _normalize_array_images(z["x"], p)
+            y = z["y"].astype(np.int64).reshape(-1) if "y" in z else None
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"cannot read {p}: {exc}") from exc
+    if y is not None and len(y) != len(x):
+        raise DataError(f"{p}: {len(x)} images in 'x' but {len(y)} labels in 'y'")
+    info = SourceInfo(
+        str(p), "npz", None, len(x), y is not None, int(y.max()) + 1 if y is not None and len(y) else None
+    )
+    return info, _ArrayReader(x, y)
+
+
+def open_dataset(path: Path | str, preprocess: Preprocess, split: str = "test") -> ImageDataset:
+    """Open a data source with preprocessing. ``split`` picks the IDX split when a folder has both."""
+    info, reader = describe_source(path, split)
+    if info.length == 0:
+        raise DataError(f"{path} holds no images")
+    return ImageDataset(info, preprocess, reader)
+
+
+def check_compatible(
+    info: SourceInfo, num_classes: int, require_labels: bool = False, purpose: str = "this command"
+) -> None:
+    """Refuse data whose labels cannot belong to a model with ``num_classes`` outputs."""
+    if require_labels and not info.labeled:
+        raise DataError(f"{purpose} needs labeled data, but {info.path} ({info.kind}) has no labels")
+    if info.labeled and info.num_classes is not None and info.num_classes > num_classes:
+        raise DataError(
+            f"the data at {info.path} has {info.num_classes} classes but the model outputs {num_classes}"
+        )
+
+
+def default_workers() -> int:
+    return 0 if (os.cpu_count() or 1) <= 2 else min(4, (os.cpu_count() or 1) - 1)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int = 64,
+    limit: int | None = None,
+    sample: str = "first",
+    seed: int = 0,
+    shuffle: bool = False,
+    num_workers: int | None = None,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader over ``dataset``; ``limit`` takes the first N items or a seeded random N (``sample``)."""
+    if limit is not None and limit < len(dataset):
+        if sample == "random":
+            g = torch.Generator().manual_seed(seed)
+            idx = torch.randperm(len(dataset), generator=g)[:limit].sort().values.tolist()
+        else:
+            idx = list(range(limit))
+        dataset = Subset(dataset, idx)
+    workers = default_workers() if num_workers is None else num_workers
+    gen = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=gen,
+        drop_last=drop_last, persistent_workers=False,
+    )
+
+
+def bundled_data(split: str) -> Path:
+    """Path of a bundled Fashion-MNIST slice: ``"calib"`` (from the train split) or ``"eval"`` (test)."""
+    names = {"calib": "fashion_mnist_train_slice.npz", "eval": "fashion_mnist_test_slice.npz"}
+    if split not in names:
+        raise DataError(f"bundled split must be 'calib' or 'eval', got {split!r}")
+    return ASSETS / names[split]

@@ -1,0 +1,22 @@
+"""Exceptions that the CLI turns into exit codes.
+
+Library code raises :class:`RescompressError` (or a subclass) for anything a user can fix: a bad file,
+mismatched data, an impossible target. The CLI prints its message as one ``Error: ...`` line and exits 1.
+:class:`CheckFailed` means the work ran but a requested threshold did not hold (exit 3).
+"""
+
+
+class RescompressError(Exception):
+    """A problem the user can act on; the message is shown as one line."""
+
+
+class UnsupportedModelError(RescompressError):
+    """The file is not a model this tool can load (or loading it would need trust)."""
+
+
+class DataError(RescompressError):
+    """The data source is missing, empty, unreadable, or does not match the model."""
+
+
+class CheckFailed(RescompressError):
+    """A requested threshold (accuracy drop, agreement, latency) did not hold. Exit code 3."""

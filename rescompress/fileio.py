@@ -1,0 +1,74 @@
+"""Safe output handling: write to a temporary file beside the target, then rename; never overwrite an input.
+
+Every stage that writes a file goes through :func:`atomic_path`, so an interrupted or failed run leaves
+either the old file or no file, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from rescompress.errors import RescompressError
+
+
+def ensure_not_input(output: Path | str, inputs: Iterable[Path | str | None]) -> None:
+    """Refuse an output path that is one of the inputs (same file after resolving links)."""
+    out = Path(output).resolve()
+    for inp in inputs:
+        if inp is None:
+            continue
+        p = Path(inp)
+        if p.resolve() == out or (p.exists() and out.exists() and os.path.samefile(p, out)):
+            raise RescompressError(f"output {output} is the same file as input {inp}; choose another path")
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path | str, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path in the target's folder; on success rename it over ``target``.
+
+    On any exception the temporary file is removed and ``target`` is left untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{target.name}.", suffix=suffix if suffix is not None else target.suffix + ".tmp",
+        dir=target.parent,
+    )
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def write_text_atomic(target: Path | str, text: str) -> Path:
+    with atomic_path(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(target)
+
+
+def file_sha256(path: Path | str, limit: int | None = None) -> str:
+    """Hex SHA-256 of a file (of its first ``limit`` bytes if given)."""
+    h = hashlib.sha256()
+    remaining = limit
+    with open(path, "rb") as f:
+        while True:
+            n = 1 << 20 if remaining is None else min(1 << 20, remaining)
+            if n == 0:
+                break
+            chunk = f.read(n)
+            if not chunk:
+                break
+            h.update(chunk)
+            if remaining is not None:
+                remaining -= len(chunk)
+    return h.hexdigest()
