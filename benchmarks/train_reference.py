@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result  # noqa: E402
 
 from rescompress.checkpoint import CheckpointHeader, save_checkpoint  # noqa: E402
-from rescompress.data import DEBIAN_FASHION_MNIST, ASSETS, open_dataset  # noqa: E402
+from rescompress.data import ASSETS, DEBIAN_FASHION_MNIST, open_dataset  # noqa: E402
 from rescompress.models import build_model  # noqa: E402
 from rescompress.spec import get_preset  # noqa: E402
 

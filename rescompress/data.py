@@ -61,11 +61,7 @@ def to_model_input(image: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     if c == 4:
         image = image[:3]
         c = 3
-    if c == 1 and pre.channels == 3:
-        image = image.expand(3, -1, -1)
-    elif c == 3 and pre.channels == 1:
-        image = TF.rgb_to_grayscale(image)
-    elif c not in (1, 3):
+    if c not in (1, 3):
         raise DataError(f"images with {c} channels are not supported (expected 1, 3 or 4)")
     if pre.resize is not None:
         image = TF.resize(image, [pre.resize], antialias=True)
@@ -73,6 +69,11 @@ def to_model_input(image: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     elif tuple(image.shape[-2:]) != tuple(pre.size):
         image = TF.resize(image, list(pre.size), antialias=True)
     x = image.to(torch.float32).div_(255.0)
+    # Channel conversion in float: a uint8 grey conversion would truncate and shift levels by one.
+    if c == 1 and pre.channels == 3:
+        x = x.expand(3, -1, -1)
+    elif c == 3 and pre.channels == 1:
+        x = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).unsqueeze(0)
     mean = torch.tensor(pre.mean_per_channel, dtype=torch.float32).view(-1, 1, 1)
     std = torch.tensor(pre.std_per_channel, dtype=torch.float32).view(-1, 1, 1)
     return (x - mean) / std

@@ -1,0 +1,202 @@
+"""Data sources: each kind is recognized, preprocessed identically, and bad sources give clear errors."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rescompress.data import (
+    DEBIAN_FASHION_MNIST,
+    check_compatible,
+    describe_source,
+    make_loader,
+    open_dataset,
+    to_model_input,
+)
+from rescompress.errors import DataError
+from rescompress.spec import get_preset
+
+
+def _write_idx(path, arr: np.ndarray, gz: bool) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    data = header + arr.astype(np.uint8).tobytes()
+    if gz:
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+
+
+@pytest.fixture()
+def images():
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, size=(6, 28, 28), dtype=np.uint8)
+    y = np.array([0, 1, 2, 0, 1, 2], dtype=np.uint8)
+    return x, y
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_folder_matches_npz(tmp_path, images, gz):
+    x, y = images
+    idx_dir = tmp_path / "idx"
+    idx_dir.mkdir()
+    ext = ".gz" if gz else ""
+    _write_idx(idx_dir / f"t10k-images-idx3-ubyte{ext}", x, gz)
+    _write_idx(idx_dir / f"t10k-labels-idx1-ubyte{ext}", y, gz)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    pre = get_preset("fashion-mnist")
+    a = open_dataset(idx_dir, pre)
+    b = open_dataset(tmp_path / "d.npz", pre)
+    assert a.info.kind == "idx" and a.info.split == "test" and a.info.labeled
+    assert b.info.kind == "npz" and len(a) == len(b) == 6
+    assert a.info.num_classes == 3
+    for i in range(6):
+        xa, la = a[i]
+        xb, lb = b[i]
+        assert la == lb == int(y[i])
+        assert xa.shape == (1, 28, 28)
+        torch.testing.assert_close(xa, xb, rtol=0, atol=0)
+    expected = (x[2].astype(np.float32) / 255.0 - 0.2860) / 0.3530
+    np.testing.assert_allclose(a[2][0][0].numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_image_folder_and_flat_folder(tmp_path, images):
+    x, y = images
+    tree = tmp_path / "tree"
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, (img, label) in enumerate(zip(x, y, strict=True)):
+        d = tree / f"class_{label}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img, mode="L").save(d / f"{i}.png")
+        Image.fromarray(img, mode="L").convert("RGB").save(flat / f"{i}.png")
+    pre = get_preset("fashion-mnist")
+    tree_ds = open_dataset(tree, pre)
+    assert tree_ds.info.kind == "imagefolder" and tree_ds.info.classes == ("class_0", "class_1", "class_2")
+    labels = sorted(tree_ds[i][1] for i in range(len(tree_ds)))
+    assert labels == [0, 0, 1, 1, 2, 2]
+    flat_ds = open_dataset(flat, pre)
+    assert flat_ds.info.kind == "images" and not flat_ds.info.labeled
+    assert flat_ds[0][1] == -1
+    # PNG round trip is lossless and RGB->L of a grey image is exact: same tensor as the array source.
+    np.savez(tmp_path / "d.npz", x=x)
+    arr_ds = open_dataset(tmp_path / "d.npz", pre)
+    torch.testing.assert_close(flat_ds[0][0], arr_ds[0][0], rtol=0, atol=1e-6)
+
+
+def test_imagenet_preset_resizes_and_replicates_channels(images):
+    x, _ = images
+    pre = get_preset("imagenet")
+    out = to_model_input(torch.from_numpy(x[0]), pre)
+    assert out.shape == (3, 224, 224)
+    torch.testing.assert_close(out[0] * 0.229 + 0.485, out[1] * 0.224 + 0.456, rtol=0, atol=1e-5)
+    pre64 = get_preset("fashion-mnist").with_overrides(size=64, channels=3)
+    assert pre64.mean_per_channel == (0.2860,) * 3
+    assert to_model_input(torch.from_numpy(x[0]), pre64).shape == (3, 64, 64)
+
+
+def test_npz_layouts_and_float_input(tmp_path, images):
+    x, _ = images
+    nhwc = np.repeat(x[..., None], 3, axis=-1)
+    np.savez(tmp_path / "nhwc.npz", x=nhwc)
+    np.savez(tmp_path / "float.npz", x=x.astype(np.float32) / 255.0)
+    pre = get_preset("cifar")
+    a = open_dataset(tmp_path / "nhwc.npz", pre)
+    assert a[0][0].shape == (3, 32, 32)
+    b = open_dataset(tmp_path / "float.npz", get_preset("fashion-mnist"))
+    c = open_dataset(tmp_path / "nhwc.npz", get_preset("fashion-mnist"))
+    torch.testing.assert_close(b[3][0], c[3][0], rtol=0, atol=1e-5)
+
+
+def _make_bad(kind: str, p):
+    if kind == "missing":
+        return p / "missing"
+    if kind == "empty":
+        (p / "empty").mkdir()
+        return p / "empty"
+    if kind == "text":
+        (p / "a.txt").write_text("hi")
+        return p / "a.txt"
+    arrays = {
+        "no_x": {"y": np.zeros(3)},
+        "mismatch": {"x": np.zeros((3, 8, 8)), "y": np.zeros(2)},
+        "nan": {"x": np.full((2, 8, 8), np.nan)},
+        "ndim": {"x": np.zeros((8, 8))},
+    }[kind]
+    np.savez(p / f"{kind}.npz", **arrays)
+    return p / f"{kind}.npz"
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("missing", "does not exist"),
+        ("empty", "holds no images"),
+        ("text", "unsupported kind"),
+        ("no_x", "needs an array 'x'"),
+        ("mismatch", "3 images in 'x' but 2 labels"),
+        ("nan", "NaN"),
+        ("ndim", "3 or 4 dimensions"),
+    ],
+)
+def test_bad_sources_raise_data_error(tmp_path, kind, message):
+    with pytest.raises(DataError, match=message):
+        describe_source(_make_bad(kind, tmp_path))
+
+
+def test_unreadable_image_is_a_data_error(tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    (d / "broken.png").write_bytes(b"not a png")
+    ds = open_dataset(d, get_preset("cifar"))
+    with pytest.raises(DataError, match="cannot read image"):
+        ds[0]
+
+
+def test_class_count_and_label_checks(calib_npz):
+    info, _ = describe_source(calib_npz)
+    assert info.labeled and info.num_classes == 10 and info.length == 2048
+    check_compatible(info, num_classes=10, require_labels=True)
+    with pytest.raises(DataError, match="10 classes but the model outputs 5"):
+        check_compatible(info, num_classes=5)
+
+
+def test_unlabeled_data_refused_where_labels_needed(tmp_path, images):
+    np.savez(tmp_path / "u.npz", x=images[0])
+    info, _ = describe_source(tmp_path / "u.npz")
+    check_compatible(info, num_classes=10)  # fine for calibration
+    with pytest.raises(DataError, match="needs labeled data"):
+        check_compatible(info, num_classes=10, require_labels=True, purpose="evaluation")
+
+
+def test_loader_limits_and_seeded_sampling(eval_npz):
+    ds = open_dataset(eval_npz, get_preset("fashion-mnist"))
+    first = make_loader(ds, batch_size=16, limit=40)
+    assert sum(len(b[1]) for b in first) == 40
+    r1 = torch.cat([b[1] for b in make_loader(ds, batch_size=64, limit=100, sample="random", seed=3)])
+    r2 = torch.cat([b[1] for b in make_loader(ds, batch_size=64, limit=100, sample="random", seed=3)])
+    r3 = torch.cat([b[1] for b in make_loader(ds, batch_size=64, limit=100, sample="random", seed=4)])
+    assert torch.equal(r1, r2) and not torch.equal(r1, r3)
+
+
+def test_bundled_slices_are_disjoint_from_each_other():
+    from rescompress.data import bundled_data
+
+    calib = np.load(bundled_data("calib"))["x"].reshape(2048, -1)
+    evals = np.load(bundled_data("eval"))["x"].reshape(2000, -1)
+    calib_set = {row.tobytes() for row in calib}
+    assert not any(row.tobytes() in calib_set for row in evals)
+
+
+@pytest.mark.needs_full_fashion_mnist
+def test_debian_fashion_mnist_splits():
+    pre = get_preset("fashion-mnist")
+    test = open_dataset(DEBIAN_FASHION_MNIST, pre, split="test")
+    train = open_dataset(f"{DEBIAN_FASHION_MNIST}@train", pre)
+    assert (len(test), len(train)) == (10000, 60000)
+    assert test.info.num_classes == train.info.num_classes == 10

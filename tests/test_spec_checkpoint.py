@@ -1,0 +1,89 @@
+"""Preprocessing presets and the pickle-free checkpoint format (incl. pruned widths)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from rescompress.checkpoint import CheckpointHeader, load_checkpoint, read_header, save_checkpoint
+from rescompress.errors import RescompressError
+from rescompress.fileio import atomic_path, ensure_not_input
+from rescompress.models import build_model
+from rescompress.profile import count_macs, count_params
+from rescompress.spec import Preprocess, get_preset
+
+
+def test_preset_overrides_and_round_trip():
+    pre = get_preset("imagenet").with_overrides(size=112)
+    assert pre.size == (112, 112) and pre.resize == 128
+    assert Preprocess.from_dict(pre.to_dict()) == pre
+    gray = get_preset("imagenet").with_overrides(channels=1)
+    assert gray.mean == (pytest.approx(sum((0.485, 0.456, 0.406)) / 3),)
+    with pytest.raises(RescompressError, match="needs 1 or 3 values"):
+        get_preset("cifar").with_overrides(mean=(0.1, 0.2))
+    with pytest.raises(RescompressError, match="unknown preprocessing preset"):
+        get_preset("coco")
+    with pytest.raises(RescompressError, match="channels must be 1 or 3"):
+        get_preset("cifar").with_overrides(channels=4)
+
+
+def test_reference_resnets_shapes_and_counts():
+    for arch, blocks in (("resnet20", 3), ("resnet32", 5), ("resnet56", 9)):
+        m = build_model(arch, num_classes=7, in_channels=1).eval()
+        assert len(m.layer1) == blocks
+        assert m(torch.zeros(2, 1, 28, 28)).shape == (2, 7)
+    # He et al. report 0.27 M parameters for ResNet-20 (option A); option B adds the 1x1 downsample convs.
+    assert count_params(build_model("resnet20", 10, 3)) == 272474
+    assert count_macs(build_model("resnet50"), (1, 3, 224, 224)) == 4_089_184_256
+
+
+def test_checkpoint_round_trip_with_pruned_widths(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=10, in_channels=1).eval()
+    # Prune layer1.0's inner width 16 -> 9 by hand: conv1 out, bn1, conv2 in.
+    keep = torch.arange(9)
+    blk = model.layer1[0]
+    conv1 = nn.Conv2d(16, 9, 3, padding=1, bias=False)
+    conv1.weight.data = blk.conv1.weight.data[keep].clone()
+    bn1 = nn.BatchNorm2d(9)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        getattr(bn1, name).data = getattr(blk.bn1, name).data[keep].clone()
+    conv2 = nn.Conv2d(9, 16, 3, padding=1, bias=False)
+    conv2.weight.data = blk.conv2.weight.data[:, keep].clone()
+    blk.conv1, blk.bn1, blk.conv2 = conv1, bn1, conv2
+    model.eval()  # the new modules start in training mode
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    path = tmp_path / "pruned.safetensors"
+    pre = get_preset("fashion-mnist")
+    save_checkpoint(model, path, CheckpointHeader("resnet20", 10, 1, pre, pruned=True))
+    header = read_header(path)
+    assert header is not None and header.pruned and header.preprocess == pre
+    loaded, _ = load_checkpoint(path)
+    assert loaded.layer1[0].conv1.out_channels == 9 and loaded.layer1[0].conv2.in_channels == 9
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    assert b"pickle" not in path.read_bytes()[:64]
+
+
+def test_read_header_of_non_checkpoint_is_none(tmp_path):
+    p = tmp_path / "x.pt"
+    torch.save({"a": torch.zeros(1)}, p)
+    assert read_header(p) is None
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("boom")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+    with pytest.raises(RescompressError, match="same file as input"):
+        ensure_not_input(target, [tmp_path / "a", target])
