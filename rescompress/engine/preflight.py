@@ -1,0 +1,643 @@
+"""Checks an ONNX file must pass before TensorRT is asked to build an engine from it — all without TensorRT.
+
+An engine build takes minutes on the target machine (often a Jetson) and fails late with parser messages
+that rarely say what to fix. Everything that can be decided from the ONNX graph alone is checked here
+first, so it also runs in CI on machines without a GPU (``rescompress build-engine --check-only``):
+the file is a Q/DQ file for ``int8`` (signed 8-bit, zero point 0, constant positive scales, and the
+quantize stage's own TensorRT placement checker where present), a plain float file for the other
+precisions, opset ≥ 13 for Q/DQ, one 4-D input whose batch dimension is dynamic if a profile needs it,
+profiles well ordered, and, for the legacy ``int8-implicit`` path, a TensorRT calibration cache that
+matches the graph. Checks that depend on the TensorRT version (``int8-implicit`` and builder-flag FP16
+are gone in TensorRT 11) run when the version is known.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rescompress.engine.profiles import ProfileSpec
+from rescompress.errors import RescompressError
+
+PRECISIONS: tuple[str, ...] = ("auto", "int8", "fp16", "fp32", "int8-implicit")
+MIN_QDQ_OPSET = 13  # per-channel (axis) QuantizeLinear/DequantizeLinear arrived in opset 13
+MIN_OPSET = 9  # the oldest opset TensorRT 10's ONNX parser imports
+DEFAULT_DYNAMIC_PROFILE = ProfileSpec(1, 8, 32)
+PREPROCESS_KEY = "rescompress.preprocess"
+
+_CACHE_HEADER = re.compile(r"^TRT-(?P<version>\d+)-(?P<algorithm>[A-Za-z0-9_]+)\s*$")
+_CACHE_LINE = re.compile(r"^(?P<name>.+):\s*(?P<hex>[0-9a-fA-F]{8})\s*$")
+_FLOAT_TYPES = {1: "float32", 10: "float16", 16: "bfloat16", 11: "float64"}
+
+
+class EnginePreflightError(RescompressError):
+    """The ONNX file (or the requested build) is not ready for a TensorRT engine build."""
+
+
+# ------------------------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class EngineBuildConfig:
+    """What to build: the source ONNX, profiles, precision and builder settings.
+
+    ``precision``: ``int8`` builds a strongly typed network from the file's Q/DQ nodes (the only INT8
+    path on TensorRT 11); ``fp32`` builds strongly typed with the file's own types; ``fp16`` lets
+    TensorRT 10 pick FP16 kernels (builder flag) or, on TensorRT 11, needs a file already in FP16;
+    ``int8-implicit`` is TensorRT 10's legacy calibration-cache path; ``auto`` picks ``int8`` for a Q/DQ
+    file and ``fp32`` otherwise. ``profiles=None`` means ``N:N:N`` for a static batch N, else 1:8:32.
+    ``workspace_mib=None`` keeps TensorRT's default (the device's memory). Hardware compatibility stays
+    off: the engine is built for this GPU's compute capability only.
+    """
+
+    onnx_path: Path
+    profiles: tuple[ProfileSpec, ...] | None = None
+    precision: str = "auto"
+    output: Path | None = None
+    workspace_mib: int | None = None
+    timing_cache: Path | None = None
+    optimization_level: int = 3
+    dla_core: int | None = None
+    calib_cache: Path | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "onnx_path", Path(self.onnx_path))
+        for name in ("output", "timing_cache", "calib_cache"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value))
+        if self.profiles is not None:
+            object.__setattr__(self, "profiles", tuple(self.profiles))
+            if not self.profiles:
+                raise EnginePreflightError("at least one batch profile is needed, e.g. --batch 1:8:32")
+        if self.precision not in PRECISIONS:
+            raise EnginePreflightError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.workspace_mib is not None and self.workspace_mib < 1:
+            raise EnginePreflightError(f"--workspace must be a positive number of MiB, got {self.workspace_mib}")
+        if not 0 <= self.optimization_level <= 5:
+            raise EnginePreflightError(
+                f"--opt-level must be 0..5 (TensorRT builder optimization level), got {self.optimization_level}"
+            )
+        if self.dla_core is not None and self.dla_core < 0:
+            raise EnginePreflightError(f"--dla-core must be 0 or more, got {self.dla_core}")
+
+    @property
+    def engine_path(self) -> Path:
+        """``-o`` if given, else ``<stem>.engine`` beside the ONNX (``m.int8.trt.onnx`` -> ``m.int8.trt.engine``)."""
+        if self.output is not None:
+            return self.output
+        name = self.onnx_path.name
+        stem = name[: -len(".onnx")] if name.lower().endswith(".onnx") else name
+        return self.onnx_path.with_name(stem + ".engine")
+
+    def to_dict(self) -> dict:
+        return {
+            "onnx_path": str(self.onnx_path),
+            "profiles": None if self.profiles is None else [p.to_dict() for p in self.profiles],
+            "precision": self.precision,
+            "output": str(self.engine_path),
+            "workspace_mib": self.workspace_mib,
+            "timing_cache": None if self.timing_cache is None else str(self.timing_cache),
+            "optimization_level": self.optimization_level,
+            "dla_core": self.dla_core,
+            "calib_cache": None if self.calib_cache is None else str(self.calib_cache),
+        }
+
+
+# ------------------------------------------------------------------------------------------- ONNX facts
+@dataclass(frozen=True)
+class QdqFacts:
+    """What the Q/DQ nodes of a graph look like, as far as TensorRT cares."""
+
+    quantize: int
+    dequantize: int
+    zero_point_types: tuple[str, ...]
+    nonzero_zero_points: int
+    missing_zero_points: int
+    nonconstant_params: int
+    nonpositive_scales: int
+
+    @property
+    def total(self) -> int:
+        return self.quantize + self.dequantize
+
+    def to_dict(self) -> dict:
+        return {
+            "QuantizeLinear": self.quantize,
+            "DequantizeLinear": self.dequantize,
+            "zero_point_types": list(self.zero_point_types),
+            "nonzero_zero_points": self.nonzero_zero_points,
+            "missing_zero_points": self.missing_zero_points,
+            "nonconstant_params": self.nonconstant_params,
+            "nonpositive_scales": self.nonpositive_scales,
+        }
+
+
+@dataclass(frozen=True)
+class OnnxFacts:
+    """The parts of an ONNX graph an engine build depends on."""
+
+    path: Path
+    opset: int
+    inputs: tuple[tuple[str, tuple[int | str | None, ...]], ...]
+    outputs: tuple[str, ...]
+    op_counts: dict[str, int]
+    qdq: QdqFacts
+    float_types: tuple[str, ...]
+    tensor_names: frozenset[str]
+    num_classes: int | None
+    preprocess: dict | None
+    arch: str | None
+
+    @property
+    def input_name(self) -> str | None:
+        return self.inputs[0][0] if self.inputs else None
+
+    @property
+    def input_dims(self) -> tuple[int | str | None, ...]:
+        return self.inputs[0][1] if self.inputs else ()
+
+    @property
+    def has_float16(self) -> bool:
+        return "float16" in self.float_types or "bfloat16" in self.float_types
+
+
+def _dims(value_info) -> tuple[int | str | None, ...]:
+    dims: list[int | str | None] = []
+    for d in value_info.type.tensor_type.shape.dim:
+        if d.HasField("dim_value") and d.dim_value > 0:
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return tuple(dims)
+
+
+def _constants(graph) -> dict:
+    """Name -> numpy array for initializers and Constant nodes (Q/DQ scales and zero points live there)."""
+    from onnx import numpy_helper
+
+    consts = {init.name: init for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    consts[node.output[0]] = attr.t
+    return {name: (tensor, numpy_helper.to_array(tensor)) for name, tensor in consts.items()}
+
+
+def _qdq_facts(graph) -> QdqFacts:
+    from onnx import TensorProto
+
+    consts = _constants(graph)
+    counts = Counter(n.op_type for n in graph.node)
+    zp_types: set[str] = set()
+    nonzero = missing = nonconstant = nonpositive = 0
+    for node in graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        scale = node.input[1] if len(node.input) > 1 else ""
+        zp = node.input[2] if len(node.input) > 2 else ""
+        if scale not in consts:
+            nonconstant += 1
+        elif (consts[scale][1] <= 0).any():
+            nonpositive += 1
+        if not zp:
+            missing += 1
+            continue
+        if zp not in consts:
+            nonconstant += 1
+            continue
+        tensor, arr = consts[zp]
+        zp_types.add(TensorProto.DataType.Name(tensor.data_type).lower())
+        if (arr != 0).any():
+            nonzero += 1
+    return QdqFacts(
+        quantize=counts.get("QuantizeLinear", 0),
+        dequantize=counts.get("DequantizeLinear", 0),
+        zero_point_types=tuple(sorted(zp_types)),
+        nonzero_zero_points=nonzero,
+        missing_zero_points=missing,
+        nonconstant_params=nonconstant,
+        nonpositive_scales=nonpositive,
+    )
+
+
+def _float_types(graph) -> tuple[str, ...]:
+    found: set[str] = set()
+    for init in graph.initializer:
+        if init.data_type in _FLOAT_TYPES:
+            found.add(_FLOAT_TYPES[init.data_type])
+    for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+        t = vi.type.tensor_type.elem_type
+        if t in _FLOAT_TYPES:
+            found.add(_FLOAT_TYPES[t])
+    for node in graph.node:
+        if node.op_type == "Cast":
+            for attr in node.attribute:
+                if attr.name == "to" and attr.i in _FLOAT_TYPES:
+                    found.add(_FLOAT_TYPES[attr.i])
+    return tuple(sorted(found))
+
+
+def _metadata(model) -> tuple[int | None, dict | None, str | None]:
+    """num_classes, preprocess and arch from the exporter's metadata (read_onnx_info where it exists)."""
+    props = {p.key: p.value for p in model.metadata_props}
+    preprocess = None
+    if PREPROCESS_KEY in props:
+        try:
+            preprocess = json.loads(props[PREPROCESS_KEY])
+        except json.JSONDecodeError:
+            preprocess = None
+    num_classes = None
+    for key in ("rescompress.num_classes", "num_classes"):
+        if props.get(key, "").isdigit():
+            num_classes = int(props[key])
+            break
+    arch = props.get("rescompress.arch") or props.get("arch")
+    return num_classes, preprocess, arch
+
+
+def inspect_onnx(path: Path | str) -> OnnxFacts:
+    """Read the graph facts an engine build needs (weights stay on disk: external data is not loaded)."""
+    import onnx
+
+    p = Path(path)
+    if not p.exists():
+        raise EnginePreflightError(f"ONNX file {p} does not exist")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError / ValueError variants for a non-ONNX file
+        raise EnginePreflightError(f"{p} is not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+    graph = model.graph
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    init_names = {i.name for i in graph.initializer}
+    inputs = tuple((vi.name, _dims(vi)) for vi in graph.input if vi.name not in init_names)
+    outputs = tuple(vi.name for vi in graph.output)
+    names: set[str] = set(init_names) | {name for name, _ in inputs}
+    for node in graph.node:
+        names.update(o for o in node.output if o)
+    num_classes, preprocess, arch = _metadata(model)
+    if num_classes is None and len(graph.output) == 1:
+        out_dims = _dims(graph.output[0])
+        if len(out_dims) == 2 and isinstance(out_dims[1], int):
+            num_classes = out_dims[1]
+    return OnnxFacts(
+        path=p,
+        opset=opset,
+        inputs=inputs,
+        outputs=outputs,
+        op_counts=dict(Counter(n.op_type for n in graph.node)),
+        qdq=_qdq_facts(graph),
+        float_types=_float_types(graph),
+        tensor_names=frozenset(names),
+        num_classes=num_classes,
+        preprocess=preprocess,
+        arch=arch,
+    )
+
+
+# ------------------------------------------------------------------------------------------- calibration cache
+@dataclass(frozen=True)
+class CalibCache:
+    """A TensorRT calibration cache: ``TRT-<version>-<Algorithm>`` then one ``tensor: hex(float32)`` a line."""
+
+    path: Path
+    version_tag: str
+    algorithm: str
+    scales: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return {
+            "path": str(self.path), "version_tag": self.version_tag, "algorithm": self.algorithm,
+            "tensors": len(self.scales),
+        }
+
+
+def read_calib_cache(path: Path | str) -> CalibCache:
+    """Parse a TensorRT calibration cache (the text form written by TensorRT and by the quantize stage)."""
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="ascii").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EnginePreflightError(f"cannot read calibration cache {p}: {exc}") from None
+    lines = [ln for ln in lines if ln.strip()]
+    header = _CACHE_HEADER.match(lines[0]) if lines else None
+    if header is None:
+        raise EnginePreflightError(
+            f"{p} is not a TensorRT calibration cache (first line must look like TRT-100300-EntropyCalibration2)"
+        )
+    scales: dict[str, float] = {}
+    for number, line in enumerate(lines[1:], start=2):
+        m = _CACHE_LINE.match(line.strip())
+        if m is None:
+            raise EnginePreflightError(f"calibration cache {p} line {number} is not 'tensor: hex-float': {line!r}")
+        scales[m["name"].strip()] = struct.unpack(">f", bytes.fromhex(m["hex"]))[0]
+    if not scales:
+        raise EnginePreflightError(f"calibration cache {p} lists no tensors")
+    return CalibCache(p, header["version"], header["algorithm"], scales)
+
+
+def find_calib_cache(onnx_path: Path | str) -> Path | None:
+    """A calibration cache beside the ONNX file: ``<stem>*.cache`` or ``<stem>*calib*`` starting with ``TRT-``.
+
+    The stem is the file name up to its first dot, so ``resnet50.onnx`` finds ``resnet50.trt.calib.cache``.
+    Only an unambiguous single match counts; otherwise pass ``--calib-cache``.
+    """
+    p = Path(onnx_path)
+    base = p.name.split(".")[0]
+    found = []
+    for cand in sorted(p.parent.glob(f"{base}*")):
+        if cand == p or not cand.is_file() or not (cand.suffix == ".cache" or "calib" in cand.name.lower()):
+            continue
+        try:
+            with open(cand, "rb") as f:
+                head = f.read(4)
+        except OSError:
+            continue
+        if head == b"TRT-":
+            found.append(cand)
+    return found[0] if len(found) == 1 else None
+
+
+# ------------------------------------------------------------------------------------------- the checks
+@dataclass(frozen=True)
+class PreflightReport:
+    """The outcome of :func:`preflight`: resolved precision/profiles/shapes, graph facts, errors, warnings."""
+
+    onnx_path: Path
+    precision: str
+    profiles: tuple[ProfileSpec, ...]
+    opset: int
+    input_name: str | None
+    input_dims: tuple[int | str | None, ...]
+    input_chw: tuple[int, ...] | None
+    output_name: str | None
+    num_classes: int | None
+    qdq: QdqFacts
+    calib_cache: Path | None
+    tensorrt_version: str | None
+    errors: tuple[str, ...]
+    warnings: tuple[str, ...]
+    arch: str | None = None
+    preprocess: dict | None = None
+    qdq_checker: str = "not run"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_dict(self) -> dict:
+        return {
+            "ok": self.ok,
+            "onnx_path": str(self.onnx_path),
+            "precision": self.precision,
+            "profiles": [p.to_dict() for p in self.profiles],
+            "opset": self.opset,
+            "input_name": self.input_name,
+            "input_dims": list(self.input_dims),
+            "input_chw": None if self.input_chw is None else list(self.input_chw),
+            "output_name": self.output_name,
+            "num_classes": self.num_classes,
+            "arch": self.arch,
+            "qdq": self.qdq.to_dict(),
+            "qdq_checker": self.qdq_checker,
+            "calib_cache": None if self.calib_cache is None else str(self.calib_cache),
+            "tensorrt_version": self.tensorrt_version,
+            "errors": list(self.errors),
+            "warnings": list(self.warnings),
+        }
+
+
+def tensorrt_major(version: str | None) -> int | None:
+    if not version:
+        return None
+    m = re.match(r"(\d+)", version)
+    return int(m.group(1)) if m else None
+
+
+def _resolve_profiles(
+    requested: Sequence[ProfileSpec] | None, batch_dim: int | str | None, errors: list[str]
+) -> tuple[ProfileSpec, ...]:
+    static = batch_dim if isinstance(batch_dim, int) else None
+    if requested is None:
+        return (ProfileSpec(static, static, static),) if static else (DEFAULT_DYNAMIC_PROFILE,)
+    profiles = tuple(requested)
+    if static is not None:
+        for p in profiles:
+            if not (p.min == p.max == static):
+                errors.append(
+                    f"the ONNX input has a static batch of {static} but profile {p.text} needs a dynamic one; "
+                    f"use --batch {static} or re-export with a dynamic batch (rescompress export does)"
+                )
+                break
+    return profiles
+
+
+def _resolve_chw(facts: OnnxFacts, errors: list[str]) -> tuple[int, ...] | None:
+    dims = facts.input_dims
+    rest = dims[1:]
+    if all(isinstance(d, int) for d in rest):
+        return tuple(int(d) for d in rest)  # type: ignore[arg-type]
+    pre = facts.preprocess
+    if pre and len(rest) == 3 and pre.get("channels") and pre.get("size"):
+        # The exporter records the preprocessing, which fixes C, H and W even if the graph leaves them open.
+        chw = (int(pre["channels"]), int(pre["size"][0]), int(pre["size"][1]))
+        if all(not isinstance(d, int) or d == v for d, v in zip(rest, chw, strict=True)):
+            return chw
+    errors.append(
+        f"input {facts.input_name!r} has non-batch dimensions {list(rest)} that are not fixed; TensorRT profiles "
+        f"need C, H, W: re-export with a fixed image size"
+    )
+    return None
+
+
+def _run_qdq_checker(path: Path) -> tuple[str, list[str]]:
+    """Run the quantize stage's TensorRT placement checker if it exists; returns (status, violations)."""
+    try:
+        from rescompress.quantization import check_trt_qdq  # type: ignore[attr-defined]
+    except ImportError:
+        return "not available", []
+    import onnx
+
+    try:
+        result = check_trt_qdq(onnx.load(str(path)))
+    except RescompressError as exc:
+        return "failed", [str(exc)]
+    violations = getattr(result, "violations", result)
+    if isinstance(violations, str):
+        violations = [violations]
+    messages = [str(v) for v in (violations or [])]
+    return ("failed" if messages else "passed"), messages
+
+
+def preflight(config: EngineBuildConfig, tensorrt_version: str | None = None) -> PreflightReport:
+    """Every check that can be made without TensorRT; version-specific ones when ``tensorrt_version`` is given.
+
+    Never raises for a problem with the file: problems become ``errors`` (the build refuses) or
+    ``warnings`` (it goes on). Raises only when the file cannot be read at all.
+    """
+    facts = inspect_onnx(config.onnx_path)
+    errors: list[str] = []
+    warnings: list[str] = []
+    major = tensorrt_major(tensorrt_version)
+    qdq = facts.qdq
+
+    precision = config.precision
+    if precision == "auto":
+        precision = "int8" if qdq.total else "fp32"
+
+    # --- graph shape: one 4-D image input, one output
+    if len(facts.inputs) != 1:
+        errors.append(f"expected one graph input (images), found {len(facts.inputs)}: "
+                      f"{', '.join(n for n, _ in facts.inputs) or 'none'}")
+    elif len(facts.input_dims) != 4:
+        errors.append(f"input {facts.input_name!r} has shape {list(facts.input_dims)}; an NCHW image batch is needed")
+    if len(facts.outputs) != 1:
+        errors.append(f"expected one graph output (logits), found {len(facts.outputs)}")
+
+    profiles: tuple[ProfileSpec, ...] = ()
+    chw = None
+    if len(facts.inputs) == 1 and len(facts.input_dims) == 4:
+        profiles = _resolve_profiles(config.profiles, facts.input_dims[0], errors)
+        chw = _resolve_chw(facts, errors)
+
+    # --- opset
+    if facts.opset < MIN_OPSET:
+        errors.append(f"opset {facts.opset} is older than TensorRT's ONNX parser accepts ({MIN_OPSET}); re-export")
+
+    # --- precision vs the file's content
+    calib_cache: Path | None = None
+    qdq_status = "not run"
+    if precision == "int8":
+        if qdq.total == 0:
+            errors.append(
+                "--precision int8 needs a Q/DQ ONNX file (TensorRT builds INT8 strongly typed from "
+                "QuantizeLinear/DequantizeLinear nodes), but this file has none; run "
+                "`rescompress quantize --target tensorrt` and build its *.int8.trt.onnx"
+            )
+        else:
+            if facts.opset < MIN_QDQ_OPSET:
+                errors.append(
+                    f"opset {facts.opset} is too old for TensorRT Q/DQ (per-channel scales need opset "
+                    f"{MIN_QDQ_OPSET}); re-export and re-quantize at opset >= {MIN_QDQ_OPSET}"
+                )
+            _check_qdq_form(qdq, errors, warnings)
+            qdq_status, violations = _run_qdq_checker(facts.path)
+            errors.extend(f"TensorRT Q/DQ placement: {v}" for v in violations)
+    elif qdq.total:
+        errors.append(
+            f"the file has {qdq.quantize} QuantizeLinear / {qdq.dequantize} DequantizeLinear nodes, which only "
+            f"the int8 precision builds; use --precision int8 (or the FP32 ONNX for {precision})"
+        )
+    if precision == "int8-implicit":
+        calib_cache = _check_implicit(config, facts, major, errors, warnings)
+    if precision == "fp16" and major is not None and major >= 11 and not facts.has_float16:
+        errors.append(
+            "TensorRT 11 removed the FP16 builder flag: convert the ONNX to FP16 first (ModelOpt AutoCast: "
+            "python -m modelopt.onnx.autocast --onnx_path IN --output_path OUT) and build that file"
+        )
+
+    # --- DLA (Jetson)
+    if config.dla_core is not None:
+        if precision == "fp32":
+            errors.append("DLA runs only FP16 and INT8; choose --precision int8 or fp16 with --dla-core")
+        if any(not p.is_static for p in profiles):
+            warnings.append("DLA needs static shapes: with a dynamic batch profile, layers fall back to the GPU; "
+                            "use --batch N for a DLA engine")
+        if major is not None and major >= 11:
+            warnings.append("TensorRT 11 releases may not support DLA (see its release notes); TensorRT 10 "
+                            "from JetPack does")
+
+    return PreflightReport(
+        onnx_path=facts.path,
+        precision=precision,
+        profiles=profiles,
+        opset=facts.opset,
+        input_name=facts.input_name,
+        input_dims=facts.input_dims,
+        input_chw=chw,
+        output_name=facts.outputs[0] if len(facts.outputs) == 1 else None,
+        num_classes=facts.num_classes,
+        qdq=qdq,
+        calib_cache=calib_cache,
+        tensorrt_version=tensorrt_version,
+        errors=tuple(errors),
+        warnings=tuple(warnings),
+        arch=facts.arch,
+        preprocess=facts.preprocess,
+        qdq_checker=qdq_status,
+    )
+
+
+def _check_qdq_form(qdq: QdqFacts, errors: list[str], warnings: list[str]) -> None:
+    """TensorRT's explicit quantization: signed int8, zero point 0, constant positive scales."""
+    unsigned = [t for t in qdq.zero_point_types if t.startswith("uint")]
+    if unsigned:
+        errors.append(
+            f"Q/DQ zero points are {', '.join(unsigned)}: TensorRT needs symmetric signed int8 (this looks like "
+            f"the ONNX Runtime artifact); build the *.int8.trt.onnx file"
+        )
+    if qdq.nonzero_zero_points:
+        errors.append(f"{qdq.nonzero_zero_points} Q/DQ nodes have a non-zero zero point; TensorRT needs 0")
+    if qdq.nonconstant_params:
+        errors.append(f"{qdq.nonconstant_params} Q/DQ nodes take a scale or zero point that is not a constant "
+                      f"initializer; TensorRT needs build-time constants")
+    if qdq.nonpositive_scales:
+        errors.append(f"{qdq.nonpositive_scales} Q/DQ nodes have a scale <= 0")
+    if qdq.missing_zero_points:
+        warnings.append(f"{qdq.missing_zero_points} Q/DQ nodes have no zero point; ONNX then means uint8, "
+                        f"which TensorRT does not run as int8: give an int8 zero point of 0")
+    if qdq.quantize == 0:
+        warnings.append("no QuantizeLinear nodes: activations stay in floating point (weight-only Q/DQ)")
+
+
+def _check_implicit(
+    config: EngineBuildConfig, facts: OnnxFacts, major: int | None, errors: list[str], warnings: list[str]
+) -> Path | None:
+    if major is not None and major >= 11:
+        errors.append(
+            "--precision int8-implicit needs TensorRT 10: TensorRT 11 removed implicit INT8 calibration; build "
+            "the Q/DQ file (*.int8.trt.onnx) with --precision int8"
+        )
+    elif major == 10:
+        warnings.append("implicit INT8 calibration is deprecated since TensorRT 10.1; prefer the Q/DQ file")
+    cache_path = config.calib_cache or find_calib_cache(facts.path)
+    if cache_path is None:
+        errors.append(
+            f"--precision int8-implicit needs a TensorRT calibration cache and none was found beside "
+            f"{facts.path.name}; pass --calib-cache FILE (written by `rescompress quantize --target tensorrt`)"
+        )
+        return None
+    if not Path(cache_path).exists():
+        errors.append(f"calibration cache {cache_path} does not exist")
+        return None
+    try:
+        cache = read_calib_cache(cache_path)
+    except EnginePreflightError as exc:
+        errors.append(str(exc))
+        return None
+    known = [n for n in cache.scales if n in facts.tensor_names]
+    if not known:
+        errors.append(
+            f"calibration cache {cache_path} names none of this graph's tensors; it was made for another model"
+        )
+    elif len(known) < len(cache.scales):
+        warnings.append(f"{len(cache.scales) - len(known)} of {len(cache.scales)} calibration cache tensors are "
+                        f"not in the graph")
+    return Path(cache_path)
+
+
+def require_ready(report: PreflightReport) -> None:
+    """Raise :class:`EnginePreflightError` (one line) if the preflight found errors."""
+    if report.ok:
+        return
+    more = len(report.errors) - 1
+    suffix = f" (and {more} more; run with --check-only to list all)" if more else ""
+    raise EnginePreflightError(f"{report.onnx_path} is not ready for a {report.precision} engine: "
+                               f"{report.errors[0]}{suffix}")
