@@ -1,0 +1,81 @@
+"""A fixed-size streaming histogram of |x| whose range grows by doubling, so memory never grows with data.
+
+Each batch is binned into ``num_bins`` equal bins on ``[0, range]``. When a batch holds a value above the
+range, the range doubles (repeatedly if needed) and adjacent bin pairs merge: the new bins' edges are
+every other old edge, so the re-binned counts are exactly what a one-shot histogram on the final range
+would hold. Min, max and the count of exact zeros are tracked alongside (zeros matter for the MSE search
+and min >= 0 marks tensors that may use an unsigned range).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rescompress.errors import RescompressError
+
+DEFAULT_BINS = 2048
+
+
+class StreamingHistogram:
+    """Histogram of absolute values with exact, allocation-free range growth."""
+
+    def __init__(self, num_bins: int = DEFAULT_BINS) -> None:
+        if num_bins < 2 or num_bins % 2:
+            raise RescompressError(f"histogram bin count must be an even number >= 2, got {num_bins}")
+        self.num_bins = num_bins
+        self.reset()
+
+    def reset(self) -> None:
+        self.counts = np.zeros(self.num_bins, dtype=np.int64)
+        self.range = 0.0
+        self.min = float("inf")
+        self.max = float("-inf")
+        self.zeros = 0
+        self.count = 0
+
+    @property
+    def amax(self) -> float:
+        """Largest |x| seen."""
+        return max(abs(self.min), abs(self.max)) if self.count else 0.0
+
+    @property
+    def nonnegative(self) -> bool:
+        return self.count > 0 and self.min >= 0.0
+
+    def collect(self, x: np.ndarray) -> None:
+        x = np.asarray(x)
+        if x.size == 0:
+            return
+        a = np.abs(x.reshape(-1).astype(np.float32, copy=False))
+        hi = float(a.max())
+        if not np.isfinite(hi):
+            raise RescompressError("activation values contain NaN or Inf; check the model weights and inputs")
+        self.min = min(self.min, float(x.min()))
+        self.max = max(self.max, float(x.max()))
+        self.zeros += int(a.size - np.count_nonzero(a))
+        self.count += int(a.size)
+        if hi == 0.0 and self.range == 0.0:
+            self.counts[0] += a.size  # all zeros so far: no range yet, but they belong in the first bin
+            return
+        if self.range == 0.0:
+            self.range = hi
+        while hi > self.range:
+            self._double()
+        idx = (a * np.float32(self.num_bins / self.range)).astype(np.int64)
+        np.minimum(idx, self.num_bins - 1, out=idx)
+        self.counts += np.bincount(idx, minlength=self.num_bins)
+
+    def _double(self) -> None:
+        merged = self.counts.reshape(-1, 2).sum(axis=1)
+        self.counts[: len(merged)] = merged
+        self.counts[len(merged):] = 0
+        self.range *= 2.0
+
+    def edges(self) -> np.ndarray:
+        return np.linspace(0.0, self.range, self.num_bins + 1)
+
+    def to_dict(self) -> dict:
+        return {
+            "num_bins": self.num_bins, "range": self.range, "min": self.min, "max": self.max,
+            "zeros": self.zeros, "count": self.count,
+        }

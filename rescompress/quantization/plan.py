@@ -1,0 +1,220 @@
+"""``QuantPlan``: the one calibration result every artifact is emitted from, saved as JSON.
+
+Per activation tensor: its observed min/max, the method and the clipping amax (symmetric, and unsigned
+for non-negative tensors), and the quantization parameters each target uses. Symmetric int8 with scale s
+is the same grid as uint8 with zero point 128 and scale s (DESIGN decision 2), so the ONNX Runtime file
+(u8 activations) and the TensorRT file (s8) share one calibration; for non-negative tensors the ORT file
+uses uint8 with zero point 0 over ``[0, amax]`` (twice the resolution, and ORT then folds a preceding ReLU
+into the quantize). Per weight: per-channel amax (symmetric int8, axis 0 of Conv/Gemm weights).
+Provenance ties the plan to one model (fingerprint of the FP32 ONNX graph) so ``--plan`` can refuse a
+plan made for another model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from rescompress import __version__
+from rescompress.errors import RescompressError
+from rescompress.fileio import write_text_atomic
+
+PLAN_FORMAT = "rescompress.quantplan/1"
+TARGETS: tuple[str, ...] = ("onnxruntime", "tensorrt")
+INT8_MAX = 127
+UINT8_MAX = 255
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Per-tensor affine parameters: ``real = scale * (q - zero_point)``."""
+
+    scale: float
+    zero_point: int
+    dtype: str  # "uint8" | "int8"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QParams:
+        return cls(float(d["scale"]), int(d["zero_point"]), str(d["dtype"]))
+
+
+def _safe_scale(amax: float, levels: int) -> float:
+    # A tensor that is all zeros still needs a positive scale (ONNX requires scale > 0).
+    return float(amax) / levels if amax > 0 and math.isfinite(amax) else 1.0
+
+
+def symmetric_int8(amax: float) -> QParams:
+    return QParams(_safe_scale(amax, INT8_MAX), 0, "int8")
+
+
+def symmetric_uint8(amax: float) -> QParams:
+    """The s8 grid expressed in uint8 (zero point 128), as ORT's u8 kernels want it."""
+    return QParams(_safe_scale(amax, INT8_MAX), 128, "uint8")
+
+
+def unsigned_uint8(amax: float) -> QParams:
+    return QParams(_safe_scale(amax, UINT8_MAX), 0, "uint8")
+
+
+@dataclass(frozen=True)
+class ActivationEntry:
+    name: str
+    method: str
+    min: float
+    max: float
+    amax: float  # symmetric clipping range (127 levels per side)
+    amax_unsigned: float | None  # clipping range for [0, amax] over 255 levels; None if the tensor goes < 0
+    params: dict[str, QParams]  # target -> parameters
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "params"}
+        d["params"] = {t: p.to_dict() for t, p in self.params.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ActivationEntry:
+        return cls(
+            name=str(d["name"]), method=str(d["method"]), min=float(d["min"]), max=float(d["max"]),
+            amax=float(d["amax"]),
+            amax_unsigned=None if d.get("amax_unsigned") is None else float(d["amax_unsigned"]),
+            params={t: QParams.from_dict(p) for t, p in d["params"].items()},
+        )
+
+
+def activation_entry(
+    name: str, method: str, vmin: float, vmax: float, amax: float, amax_unsigned: float | None,
+    unsigned_for_ort: bool = True,
+) -> ActivationEntry:
+    """Build the entry and derive each target's parameters from the calibrated ranges."""
+    if unsigned_for_ort and amax_unsigned is not None and vmin >= 0.0:
+        ort = unsigned_uint8(amax_unsigned)
+    else:
+        ort = symmetric_uint8(amax)
+    return ActivationEntry(
+        name, method, float(vmin), float(vmax), float(amax),
+        None if amax_unsigned is None else float(amax_unsigned),
+        {"onnxruntime": ort, "tensorrt": symmetric_int8(amax)},
+    )
+
+
+@dataclass(frozen=True)
+class WeightEntry:
+    name: str
+    axis: int
+    amax: tuple[float, ...]  # per output channel
+
+    @property
+    def scales(self) -> np.ndarray:
+        a = np.asarray(self.amax, dtype=np.float64)
+        return np.where(a > 0, a / INT8_MAX, 1.0 / INT8_MAX).astype(np.float32)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "axis": self.axis, "amax": list(self.amax)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> WeightEntry:
+        return cls(str(d["name"]), int(d["axis"]), tuple(float(v) for v in d["amax"]))
+
+
+@dataclass(frozen=True)
+class Provenance:
+    model_fingerprint: str
+    data_fingerprint: str | None
+    num_images: int
+    method: str
+    percentile: float | None
+    library_versions: dict[str, str | None]
+    tool_version: str = __version__
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Provenance:
+        return cls(
+            model_fingerprint=str(d["model_fingerprint"]), data_fingerprint=d.get("data_fingerprint"),
+            num_images=int(d["num_images"]), method=str(d["method"]),
+            percentile=None if d.get("percentile") is None else float(d["percentile"]),
+            library_versions=dict(d.get("library_versions", {})),
+            tool_version=str(d.get("tool_version", "")), created=str(d.get("created", "")),
+        )
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    activations: dict[str, ActivationEntry]
+    weights: dict[str, WeightEntry]
+    provenance: Provenance
+
+    def activation(self, name: str) -> ActivationEntry:
+        try:
+            return self.activations[name]
+        except KeyError:
+            raise RescompressError(
+                f"the quantization plan has no range for tensor {name!r}; recalibrate (drop --plan)"
+            ) from None
+
+    def weight(self, name: str) -> WeightEntry:
+        try:
+            return self.weights[name]
+        except KeyError:
+            raise RescompressError(
+                f"the quantization plan has no scales for weight {name!r}; recalibrate (drop --plan)"
+            ) from None
+
+    def with_method(self, entries: dict[str, ActivationEntry], method: str) -> QuantPlan:
+        return replace(self, activations=entries, provenance=replace(self.provenance, method=method))
+
+    def to_dict(self) -> dict:
+        return {
+            "format": PLAN_FORMAT,
+            "provenance": self.provenance.to_dict(),
+            "activations": {k: v.to_dict() for k, v in sorted(self.activations.items())},
+            "weights": {k: v.to_dict() for k, v in sorted(self.weights.items())},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QuantPlan:
+        if d.get("format") != PLAN_FORMAT:
+            raise RescompressError(f"not a rescompress quantization plan (format {d.get('format')!r})")
+        return cls(
+            activations={k: ActivationEntry.from_dict(v) for k, v in d["activations"].items()},
+            weights={k: WeightEntry.from_dict(v) for k, v in d["weights"].items()},
+            provenance=Provenance.from_dict(d["provenance"]),
+        )
+
+    def save(self, path: Path | str) -> Path:
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: Path | str) -> QuantPlan:
+        try:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise RescompressError(f"cannot read quantization plan {path}: {exc}") from exc
+        try:
+            return cls.from_dict(d)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RescompressError(f"{path} is not a valid quantization plan: {exc!r}") from exc
+
+    def check_model(self, fingerprint: str) -> None:
+        if fingerprint != self.provenance.model_fingerprint:
+            raise RescompressError(
+                "the quantization plan was made for another model (fingerprint "
+                f"{self.provenance.model_fingerprint[:12]} != {fingerprint[:12]}); recalibrate without --plan"
+            )
+
+
+def model_fingerprint(model) -> str:
+    """SHA-256 of the FP32 graph (nodes and weights), independent of file metadata."""
+    return hashlib.sha256(model.graph.SerializeToString(deterministic=True)).hexdigest()
