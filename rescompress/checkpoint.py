@@ -4,7 +4,9 @@ A checkpoint stores the architecture name, class count, input channels and prepr
 safetensors metadata, and the state_dict as tensors. Pruned models need no separate width table: the
 tensor shapes *are* the widths, and :func:`load_state_dict_resizing` rebuilds every Conv/BN/Linear whose
 stored shape differs from the freshly built architecture. A per-layer width summary is still written to
-the header for people and tools that read it.
+the header for people and tools that read it. A BN-folded model (``folded`` in the header) is stored as
+it runs: convs carry a bias and the folded BatchNorms are ``nn.Identity``; :func:`load_checkpoint` gives
+the rebuilt architecture that same structure before loading the weights.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class CheckpointHeader:
     preprocess: Preprocess | None
     pruned: bool = False
     extra: dict | None = None
+    folded: bool = False
 
     def to_metadata(self, widths: dict[str, int]) -> dict[str, str]:
         meta = {
@@ -46,6 +49,7 @@ class CheckpointHeader:
             "num_classes": str(self.num_classes),
             "in_channels": str(self.in_channels),
             "pruned": "1" if self.pruned else "0",
+            "folded": "1" if self.folded else "0",
             "widths": json.dumps(widths, sort_keys=True),
         }
         if self.preprocess is not None:
@@ -64,6 +68,7 @@ class CheckpointHeader:
             preprocess=Preprocess.from_dict(json.loads(pre)) if pre else None,
             pruned=meta.get("pruned") == "1",
             extra=json.loads(meta["extra"]) if meta.get("extra") else None,
+            folded=meta.get("folded") == "1",
         )
 
 
@@ -107,6 +112,8 @@ def load_checkpoint(path: Path | str) -> tuple[nn.Module, CheckpointHeader]:
         for key in f.keys():
             state[key] = f.get_tensor(key)
     model = build_model(header.arch, header.num_classes, header.in_channels)
+    if header.folded:
+        apply_folded_structure(model, state)
     load_state_dict_resizing(model, state)
     model.eval()
     return model, header
@@ -128,6 +135,21 @@ def load_state_dict_resizing(model: nn.Module, state: dict[str, torch.Tensor]) -
             f"weights do not match the architecture: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
+    return model
+
+
+def apply_folded_structure(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Give a freshly built model the structure of a BN-folded one whose weights are in ``state``.
+
+    Every BatchNorm without stored running statistics was folded: it becomes ``nn.Identity``. Every
+    Conv/Linear with a stored bias it does not have gets one (its values come from ``state``).
+    """
+    for name, m in list(model.named_modules()):
+        prefix = f"{name}." if name else ""
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and f"{prefix}running_mean" not in state:
+            _set_submodule(model, name, nn.Identity())
+        elif isinstance(m, nn.Conv2d | nn.Linear) and m.bias is None and f"{prefix}bias" in state:
+            m.bias = nn.Parameter(torch.zeros_like(state[f"{prefix}bias"]))
     return model
 
 
