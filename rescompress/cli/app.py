@@ -16,6 +16,8 @@ from rescompress import __version__
 
 # Order here is the order in --help.
 _COMMAND_MODULES: tuple[str, ...] = (
+    "fold",
+    "export_cmd",
     "build_engine",
 )
 
