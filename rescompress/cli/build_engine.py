@@ -86,7 +86,7 @@ def build_engine_command(
         out.result(report.to_dict(), render=lambda console: _render_report(console, report))
         if not report.ok:
             raise EnginePreflightError(
-                f"{model} is not ready for a {report.precision} engine ({len(report.errors)} problem"
+                f"{model} is not ready for an {report.precision} engine ({len(report.errors)} problem"
                 f"{'s' if len(report.errors) != 1 else ''}: {report.errors[0]})"
             )
         return

@@ -151,6 +151,7 @@ class OnnxFacts:
     num_classes: int | None
     preprocess: dict | None
     arch: str | None
+    declared_chw: tuple[int, int, int] | None = None
 
     @property
     def input_name(self) -> str | None:
@@ -286,6 +287,14 @@ def inspect_onnx(path: Path | str) -> OnnxFacts:
         out_dims = _dims(graph.output[0])
         if len(out_dims) == 2 and isinstance(out_dims[1], int):
             num_classes = out_dims[1]
+    declared_chw = None
+    info = _onnx_info(p)
+    if info is not None:
+        # The exporter's reader knows channels/size even where the graph leaves them symbolic.
+        num_classes, arch = info.num_classes, info.arch or arch
+        preprocess = info.preprocess.to_dict() if info.preprocess is not None else preprocess
+        if info.input_size is not None:
+            declared_chw = (int(info.in_channels), int(info.input_size[0]), int(info.input_size[1]))
     return OnnxFacts(
         path=p,
         opset=opset,
@@ -298,7 +307,20 @@ def inspect_onnx(path: Path | str) -> OnnxFacts:
         num_classes=num_classes,
         preprocess=preprocess,
         arch=arch,
+        declared_chw=declared_chw,
     )
+
+
+def _onnx_info(path: Path):
+    """``rescompress.export.read_onnx_info`` where it applies (None for a file it does not describe)."""
+    try:
+        from rescompress.export import read_onnx_info
+    except ImportError:
+        return None
+    try:
+        return read_onnx_info(path)
+    except RescompressError:
+        return None
 
 
 # ------------------------------------------------------------------------------------------- calibration cache
@@ -444,12 +466,14 @@ def _resolve_chw(facts: OnnxFacts, errors: list[str]) -> tuple[int, ...] | None:
     rest = dims[1:]
     if all(isinstance(d, int) for d in rest):
         return tuple(int(d) for d in rest)  # type: ignore[arg-type]
-    pre = facts.preprocess
-    if pre and len(rest) == 3 and pre.get("channels") and pre.get("size"):
-        # The exporter records the preprocessing, which fixes C, H and W even if the graph leaves them open.
-        chw = (int(pre["channels"]), int(pre["size"][0]), int(pre["size"][1]))
-        if all(not isinstance(d, int) or d == v for d, v in zip(rest, chw, strict=True)):
-            return chw
+    declared = facts.declared_chw
+    if declared is None and facts.preprocess and facts.preprocess.get("channels") and facts.preprocess.get("size"):
+        pre = facts.preprocess
+        declared = (int(pre["channels"]), int(pre["size"][0]), int(pre["size"][1]))
+    if declared is not None and len(rest) == 3:
+        # Fixed dims must agree with what the metadata says; symbolic ones take its value.
+        if all(not isinstance(d, int) or d == v for d, v in zip(rest, declared, strict=True)):
+            return declared
     errors.append(
         f"input {facts.input_name!r} has non-batch dimensions {list(rest)} that are not fixed; TensorRT profiles "
         f"need C, H, W: re-export with a fixed image size"
@@ -639,5 +663,5 @@ def require_ready(report: PreflightReport) -> None:
         return
     more = len(report.errors) - 1
     suffix = f" (and {more} more; run with --check-only to list all)" if more else ""
-    raise EnginePreflightError(f"{report.onnx_path} is not ready for a {report.precision} engine: "
+    raise EnginePreflightError(f"{report.onnx_path} is not ready for an {report.precision} engine: "
                                f"{report.errors[0]}{suffix}")
