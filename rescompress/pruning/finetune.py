@@ -1,0 +1,180 @@
+"""Recovery after pruning: BatchNorm re-estimation and fine-tuning with knowledge distillation.
+
+Removing channels shifts the statistics every following BatchNorm saw in training, so re-estimating
+running means/variances on a few hundred images (no labels, no gradients) often recovers much of the
+accuracy. Fine-tuning then trains the pruned network with SGD (momentum, cosine learning rate) on
+cross entropy plus, by default, a distillation term: the KL divergence between the temperature-softened
+outputs of the unpruned teacher and of the pruned student (Hinton et al. 2015), scaled by T^2.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from rescompress.errors import RescompressError
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[Iterable, int, str], Iterable]
+
+
+def no_progress(iterable: Iterable, total: int, description: str) -> Iterable:
+    return iterable
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``auto`` chooses CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RescompressError(f"device {device} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def _take_images(loader: Iterable, limit: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    seen = 0
+    for x, y in loader:
+        if seen >= limit:
+            return
+        if seen + len(x) > limit:
+            x, y = x[: limit - seen], y[: limit - seen]
+        seen += len(x)
+        yield x, y
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, loader: Iterable, num_images: int, device: torch.device | None = None) -> int:
+    """Re-estimate every BatchNorm's running statistics on up to ``num_images`` images; returns the count.
+
+    Statistics are reset and accumulated as an exact cumulative average (``momentum=None``) so the
+    result does not depend on the batch order; everything else runs in eval mode.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or num_images <= 0:
+        return 0
+    device = device or next(model.parameters()).device
+    saved = [(m.momentum, m.training) for m in bns]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    seen = 0
+    try:
+        for x, _ in _take_images(loader, num_images):
+            if len(x) < 2 and seen == 0:
+                continue  # a batch of one gives a zero variance estimate
+            model(x.to(device))
+            seen += len(x)
+    finally:
+        for m, (momentum, training) in zip(bns, saved, strict=True):
+            m.momentum = momentum
+            m.train(training)
+        model.eval()
+    if seen == 0:
+        raise RescompressError("BatchNorm re-estimation got no images")
+    return seen
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    epochs: float = 1.0
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    distill: bool = True
+    temperature: float = 4.0
+    alpha: float = 0.5  # weight of the distillation term; 1 - alpha goes to cross entropy
+    max_batches: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class FinetuneReport:
+    epochs: float
+    batches: int
+    images: int
+    distill: bool
+    first_loss: float
+    last_loss: float
+    device: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) on temperature-softened logits, times T^2 so gradients keep their scale."""
+    t = temperature
+    return nn.functional.kl_div(
+        nn.functional.log_softmax(student / t, dim=1), nn.functional.log_softmax(teacher / t, dim=1),
+        reduction="batchmean", log_target=True,
+    ) * (t * t)
+
+
+def finetune(
+    model: nn.Module,
+    loader: Iterable,
+    config: FinetuneConfig,
+    teacher: nn.Module | None = None,
+    device: torch.device | None = None,
+    progress: ProgressFn = no_progress,
+) -> FinetuneReport:
+    """Train ``model`` in place on labeled batches; distill from ``teacher`` when ``config.distill``."""
+    device = device or next(model.parameters()).device
+    per_epoch = len(loader)  # type: ignore[arg-type]
+    total = max(1, math.ceil(per_epoch * config.epochs))
+    if config.max_batches is not None:
+        total = min(total, config.max_batches)
+    use_teacher = config.distill and teacher is not None
+    if use_teacher:
+        teacher.to(device).eval()
+    model.to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                          weight_decay=config.weight_decay, nesterov=True)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    losses: list[float] = []
+    images = 0
+
+    def batches() -> Iterator:
+        done = 0
+        while done < total:
+            for batch in loader:
+                if done >= total:
+                    return
+                yield batch
+                done += 1
+
+    for x, y in progress(batches(), total, "fine-tuning"):
+        x, y = x.to(device), y.to(device)
+        if bool((y < 0).any()):
+            raise RescompressError("fine-tuning needs labels for every image")
+        logits = model(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        if use_teacher:
+            with torch.no_grad():
+                t_logits = teacher(x)
+            loss = (1 - config.alpha) * loss + config.alpha * distillation_loss(logits, t_logits, config.temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if not math.isfinite(loss.item()):
+            raise RescompressError("fine-tuning diverged (loss is not finite); lower --lr")
+        losses.append(loss.item())
+        images += len(x)
+    model.eval()
+    head = losses[: max(1, len(losses) // 10)]
+    tail = losses[-max(1, len(losses) // 10):]
+    return FinetuneReport(
+        epochs=config.epochs, batches=len(losses), images=images, distill=use_teacher,
+        first_loss=sum(head) / len(head), last_loss=sum(tail) / len(tail), device=str(device),
+    )

@@ -1,0 +1,439 @@
+"""The pruning loop: criterion scores -> per-group widths for the target -> Torch-Pruning removes channels.
+
+:func:`prune_model` copies the model, then for each of ``steps`` schedule steps traces the channel groups,
+scores them with the chosen criterion, finds the channel ratio whose (rounded) widths reach the step's
+MAC target (or applies the requested ratio), removes the lowest-scoring channels of every group through
+Torch-Pruning, checks that the network still runs with unchanged input and output shapes, and recovers
+(BN re-estimation, then fine-tuning with distillation) when data is given. A latency target is first
+turned into a MAC target by measuring pruned candidates in ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from rescompress.errors import RescompressError
+from rescompress.profile import count_macs, count_params
+from rescompress.pruning.finetune import (
+    FinetuneConfig,
+    FinetuneReport,
+    ProgressFn,
+    finetune,
+    no_progress,
+    pick_device,
+    recalibrate_bn,
+)
+from rescompress.pruning.groups import MacModel, build_graph, channel_groups, prune_groups
+from rescompress.pruning.importance import CRITERIA, TaylorImportance, make_importance
+from rescompress.pruning.schedule import linear_steps, step_ratio
+from rescompress.pruning.speed import LatencyResult, ort_latency
+from rescompress.pruning.targets import (
+    GroupSpec,
+    channels_to_remove,
+    default_round_to,
+    effective_round_to,
+    plan_keep,
+    refine_keep,
+    search_ratio,
+    validate_fraction,
+)
+from rescompress.spec import Preprocess
+
+log = logging.getLogger(__name__)
+
+MAX_SEARCH_RATIO = 0.99
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What to prune and how. Exactly one of ``ratio``, ``target_macs``, ``target_latency`` is set.
+
+    ``ratio``: fraction of channels removed; ``target_macs`` / ``target_latency``: fraction of MACs /
+    of measured ORT CPU latency kept. ``round_to=None`` picks the CPU's SIMD width. ``bn_recalib``
+    images re-estimate BatchNorm after each step when data is given; ``finetune`` (epochs > 0) trains
+    after each step, its epochs split evenly across the steps.
+    """
+
+    ratio: float | None = None
+    target_macs: float | None = None
+    target_latency: float | None = None
+    criterion: str = "l1"
+    ranking: str = "uniform"
+    max_layer_ratio: float = 0.8
+    round_to: int | None = None
+    steps: int = 1
+    bn_recalib: int = 1024
+    finetune: FinetuneConfig | None = None
+    taylor_images: int = 256
+    latency_batch: int = 8
+    batch_size: int = 64
+    seed: int = 0
+    device: str = "auto"
+
+    def validate(self) -> None:
+        given = [n for n in ("ratio", "target_macs", "target_latency") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise RescompressError("give exactly one of --ratio, --target-macs, --target-latency")
+        validate_fraction(self.ratio, "--ratio")
+        validate_fraction(self.target_macs, "--target-macs")
+        validate_fraction(self.target_latency, "--target-latency")
+        validate_fraction(self.max_layer_ratio, "--max-layer-ratio")
+        if self.ratio is not None and self.ratio > self.max_layer_ratio and self.ranking == "uniform":
+            raise RescompressError(
+                f"--ratio {self.ratio} removes more than --max-layer-ratio {self.max_layer_ratio} of every layer"
+            )
+        if self.criterion not in CRITERIA:
+            raise RescompressError(
+                f"unknown pruning criterion {self.criterion!r}; choose one of: {', '.join(CRITERIA)}"
+            )
+        if self.ranking not in ("uniform", "global"):
+            raise RescompressError(f"ranking must be 'uniform' or 'global', got {self.ranking!r}")
+        if self.round_to is not None and self.round_to < 1:
+            raise RescompressError(f"--round-to must be a positive integer, got {self.round_to}")
+        if self.steps < 1:
+            raise RescompressError(f"--steps must be at least 1, got {self.steps}")
+        if self.bn_recalib < 0:
+            raise RescompressError(f"--bn-recalib must be >= 0, got {self.bn_recalib}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["finetune"] = self.finetune.to_dict() if self.finetune else None
+        return d
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    params: int
+    macs: int
+    top1: float | None = None
+    latency_ms: dict[int, float] | None = None  # ORT CPU median per batch size
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if self.latency_ms is not None:
+            d["latency_ms"] = {str(k): v for k, v in self.latency_ms.items()}
+        return d
+
+
+@dataclass(frozen=True)
+class GroupChange:
+    root: str
+    width_before: int
+    width_after: int
+    round_step: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class StepReport:
+    step: int
+    ratio: float  # fraction of the current channels (summed over groups) removed in this step
+    macs: int
+    params: int
+    macs_target: int | None
+    bn_recalib_images: int
+    finetune: FinetuneReport | None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["finetune"] = self.finetune.to_dict() if self.finetune else None
+        return d
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    criterion: str
+    ranking: str
+    round_to: int
+    round_to_reason: str
+    target: dict
+    steps: tuple[StepReport, ...]
+    groups: tuple[GroupChange, ...]
+    latency_search: tuple[dict, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {
+            "criterion": self.criterion, "ranking": self.ranking, "round_to": self.round_to,
+            "round_to_reason": self.round_to_reason, "target": dict(self.target),
+            "steps": [s.to_dict() for s in self.steps], "groups": [g.to_dict() for g in self.groups],
+            "latency_search": list(self.latency_search), "notes": list(self.notes),
+        }
+
+
+@dataclass
+class PruneResult:
+    """The pruned model (eval mode, CPU) with before/after statistics and what was done."""
+
+    model: nn.Module
+    before: ModelStats
+    after: ModelStats
+    report: PruneReport
+    latency: LatencyResult | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def macs_kept(self) -> float:
+        return self.after.macs / self.before.macs
+
+    def to_dict(self) -> dict:
+        return {
+            "before": self.before.to_dict(), "after": self.after.to_dict(), "macs_kept": self.macs_kept,
+            "params_kept": self.after.params / self.before.params, "report": self.report.to_dict(),
+            "latency": self.latency.to_dict() if self.latency else None,
+        }
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _is_labeled(data: Dataset) -> bool:
+    info = getattr(data, "info", None)
+    if info is not None and hasattr(info, "labeled"):
+        return bool(info.labeled)
+    _, y = data[0]
+    return int(y) >= 0
+
+
+def _loader(data: Dataset, batch_size: int, shuffle: bool, seed: int, limit: int | None = None):
+    from rescompress.data import make_loader
+
+    return make_loader(data, batch_size=batch_size, shuffle=shuffle, seed=seed, limit=limit,
+                       sample="random", drop_last=shuffle)
+
+
+@torch.no_grad()
+def _check_runs(model: nn.Module, example: torch.Tensor, expected_out: tuple[int, ...]) -> None:
+    model.eval()
+    try:
+        out = model(example)
+    except Exception as exc:  # a broken coupling would show up here as a shape mismatch
+        raise RescompressError(f"the pruned model no longer runs ({type(exc).__name__}: {exc})") from exc
+    if tuple(out.shape) != expected_out:
+        raise RescompressError(f"pruning changed the output shape from {expected_out} to {tuple(out.shape)}")
+
+
+@torch.no_grad()
+def top1_accuracy(model: nn.Module, data: Dataset, batch_size: int = 256, limit: int | None = None,
+                  device: torch.device | None = None) -> float:
+    """Top-1 accuracy of ``model`` on labeled ``data`` (first ``limit`` items)."""
+    from rescompress.data import make_loader
+
+    device = device or next(model.parameters()).device
+    model.eval()
+    correct = total = 0
+    for x, y in make_loader(data, batch_size=batch_size, limit=limit):
+        if bool((y < 0).any()):
+            raise RescompressError("accuracy needs labeled evaluation data")
+        correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
+        total += len(y)
+    return correct / max(1, total)
+
+
+class _State:
+    """Original widths by group root name, so rounding and caps stay fixed across steps."""
+
+    def __init__(self) -> None:
+        self.original: dict[str, int] = {}
+
+
+def _specs(groups, state: _State, round_to: int, max_layer_ratio: float) -> list[GroupSpec]:
+    specs = []
+    for g in groups:
+        orig = state.original.setdefault(g.root_name, g.width)
+        step = effective_round_to(orig, round_to)
+        min_keep = min(orig, math.ceil(orig * (1.0 - max_layer_ratio) / step) * step)
+        specs.append(GroupSpec(g.index, g.width, step, max(1, min(min_keep, g.width))))
+    return specs
+
+
+def _score(groups, criterion, model, data, config: PruneConfig) -> dict[int, torch.Tensor]:
+    if isinstance(criterion, TaylorImportance):
+        if data is None:
+            raise RescompressError("the taylor criterion needs data: pass --finetune-data")
+        loader = _loader(data, min(config.batch_size, config.taylor_images), False, config.seed,
+                         limit=config.taylor_images)
+        criterion.accumulate(model, loader)
+    try:
+        return {g.index: criterion(g) for g in groups}
+    finally:
+        if isinstance(criterion, TaylorImportance):
+            model.zero_grad(set_to_none=True)
+
+
+def _prune_step(model, example, out_shape, config: PruneConfig, state: _State, round_to: int, *,
+                ratio: float | None, macs_target: int | None, data) -> tuple[float, list[GroupChange]]:
+    """One cut: plan widths for ``ratio`` (or for ``macs_target``), remove channels, verify."""
+    dg = build_graph(model, example)
+    groups = channel_groups(model, dg)
+    specs = _specs(groups, state, round_to, config.max_layer_ratio)
+    criterion = make_importance(config.criterion, config.seed)
+    scores = _score(groups, criterion, model, data, config)
+    if macs_target is not None:
+        mac_model = MacModel(model, groups, (1, *example.shape[1:]))
+
+        def macs_at(r: float) -> int:
+            return mac_model.macs(plan_keep(specs, r, config.ranking, scores))
+
+        ratio = search_ratio(macs_at, macs_target, MAX_SEARCH_RATIO)
+        keep = refine_keep(specs, plan_keep(specs, ratio, config.ranking, scores), mac_model.macs, macs_target)
+    else:
+        keep = plan_keep(specs, ratio, config.ranking, scores)
+    remove = {g.index: channels_to_remove(scores[g.index], keep[g.index]) for g in groups}
+    prune_groups(dg, groups, remove)
+    _check_runs(model, example, out_shape)
+    changes = [GroupChange(g.root_name, g.width, keep[g.index], s.step) for g, s in zip(groups, specs, strict=True)]
+    removed = 1.0 - sum(keep.values()) / sum(g.width for g in groups)
+    return removed, changes
+
+
+# ------------------------------------------------------------------------------------------ entry point
+
+
+def prune_model(
+    model: nn.Module,
+    preprocess: Preprocess,
+    config: PruneConfig,
+    data: Dataset | None = None,
+    eval_data: Dataset | None = None,
+    eval_limit: int | None = None,
+    measure_latency: bool = False,
+    latency_batches: tuple[int, ...] = (1, 8),
+    progress: ProgressFn = no_progress,
+) -> PruneResult:
+    """Prune a copy of ``model`` to ``config``'s target; the input model is left untouched.
+
+    ``data`` (a dataset of preprocessed images, labeled or not) feeds the taylor criterion, BN
+    re-estimation and fine-tuning; ``eval_data`` (labeled) adds top-1 before/after; ``measure_latency``
+    adds ORT CPU latency at ``latency_batches``.
+    """
+    config.validate()
+    notes: list[str] = []
+    if config.round_to is None:
+        round_to, reason = default_round_to()
+    else:
+        round_to, reason = config.round_to, "--round-to"
+    example = torch.randn(preprocess.input_shape(2), generator=torch.Generator().manual_seed(config.seed))
+    teacher = copy.deepcopy(model).cpu().eval()
+    work = copy.deepcopy(model).cpu().eval()
+    with torch.no_grad():
+        out_shape = tuple(teacher(example).shape)
+    input_shape = preprocess.input_shape(1)
+    before = ModelStats(count_params(teacher), count_macs(teacher, input_shape))
+
+    labeled = data is not None and _is_labeled(data)
+    ft = config.finetune if (config.finetune and config.finetune.epochs > 0) else None
+    if ft is not None and data is None:
+        raise RescompressError("fine-tuning needs data: pass --finetune-data")
+    if ft is not None and not labeled:
+        notes.append("the fine-tuning data has no labels: re-estimating BatchNorm statistics instead of fine-tuning")
+        ft = None
+    if data is None and config.bn_recalib > 0:
+        notes.append("no data given: BatchNorm statistics were not re-estimated (accuracy may drop sharply)")
+
+    target: dict = {}
+    search: list[dict] = []
+    macs_fraction = config.target_macs
+    if config.target_latency is not None:
+        macs_fraction, search = _latency_to_macs(teacher, example, out_shape, config, round_to, data, input_shape)
+        target["target_latency"] = config.target_latency
+        target["macs_fraction_found"] = macs_fraction
+    if config.ratio is not None:
+        target["ratio"] = config.ratio
+    if config.target_macs is not None:
+        target["target_macs"] = config.target_macs
+
+    device = pick_device(config.device)
+    state = _State()
+    steps: list[StepReport] = []
+    changes: dict[str, GroupChange] = {}
+    per_step_ft = replace(ft, epochs=ft.epochs / config.steps) if ft is not None else None
+    goals = (linear_steps(1.0, macs_fraction, config.steps) if macs_fraction is not None
+             else linear_steps(0.0, config.ratio, config.steps))
+    done = 0.0
+    for k, goal in enumerate(goals, start=1):
+        work.cpu().eval()
+        if macs_fraction is not None:
+            ratio, step_changes = _prune_step(work, example, out_shape, config, state, round_to, ratio=None,
+                                              macs_target=int(goal * before.macs), data=data)
+            macs_target = int(goal * before.macs)
+        else:
+            ratio, step_changes = _prune_step(work, example, out_shape, config, state, round_to,
+                                              ratio=step_ratio(done, goal), macs_target=None, data=data)
+            done, macs_target = goal, None
+        for c in step_changes:
+            first = changes.get(c.root)
+            changes[c.root] = replace(c, width_before=first.width_before) if first else c
+        recal = 0
+        ft_report = None
+        if data is not None and config.bn_recalib > 0:
+            work.to(device)
+            recal = recalibrate_bn(work, _loader(data, config.batch_size, True, config.seed + k), config.bn_recalib,
+                                   device)
+        if per_step_ft is not None:
+            work.to(device)
+            ft_report = finetune(work, _loader(data, config.batch_size, True, config.seed + k), per_step_ft,
+                                 teacher=copy.deepcopy(teacher) if per_step_ft.distill else None, device=device,
+                                 progress=progress)
+        work.cpu().eval()
+        steps.append(StepReport(k, ratio, count_macs(work, input_shape), count_params(work), macs_target, recal,
+                                ft_report))
+        log.info("step %d/%d: ratio %.3f, MACs %d", k, config.steps, ratio, steps[-1].macs)
+
+    after = ModelStats(count_params(work), count_macs(work, input_shape))
+    if eval_data is not None:
+        before = replace(before, top1=top1_accuracy(teacher, eval_data, limit=eval_limit))
+        after = replace(after, top1=top1_accuracy(work, eval_data, limit=eval_limit))
+    latency = None
+    if measure_latency:
+        latency = ort_latency({"before": teacher, "after": work}, input_shape, batch_sizes=tuple(latency_batches))
+        before = replace(before, latency_ms=dict(latency.median_ms["before"]))
+        after = replace(after, latency_ms=dict(latency.median_ms["after"]))
+    report = PruneReport(
+        criterion=config.criterion, ranking=config.ranking, round_to=round_to, round_to_reason=reason,
+        target=target, steps=tuple(steps), groups=tuple(changes.values()), latency_search=tuple(search),
+        notes=tuple(notes),
+    )
+    return PruneResult(work.eval(), before, after, report, latency)
+
+
+def _latency_to_macs(teacher, example, out_shape, config: PruneConfig, round_to: int, data,
+                     input_shape) -> tuple[float, list[dict]]:
+    """Find the MAC fraction whose pruned model runs at ``target_latency`` of the original (ORT CPU).
+
+    Latency is close to proportional to MACs once widths are SIMD-aligned, so each try rescales the MAC
+    fraction by target / measured; at most four measured tries, keeping the best one at or under target.
+    """
+    goal = config.target_latency
+    frac = goal
+    trace: list[dict] = []
+    best: tuple[float, float] | None = None
+    base_macs = count_macs(teacher, input_shape)
+    for _ in range(4):
+        cand = copy.deepcopy(teacher)
+        _prune_step(cand, example, out_shape, config, _State(), round_to, ratio=None,
+                    macs_target=int(frac * base_macs), data=data)
+        lat = ort_latency({"base": teacher, "cand": cand}, input_shape, batch_sizes=(config.latency_batch,))
+        measured = lat.ratio("cand", "base", config.latency_batch)
+        trace.append({"macs_fraction": frac, "latency_ratio": measured})
+        log.info("latency search: MACs %.3f -> latency ratio %.3f", frac, measured)
+        if measured <= goal + 0.02 and (best is None or abs(measured - goal) < abs(best[1] - goal)):
+            best = (frac, measured)
+        if abs(measured - goal) <= 0.02:
+            break
+        frac = min(1.0 - 1e-3, max(0.02, frac * goal / max(measured, 1e-6)))
+    if best is None:
+        raise RescompressError(
+            f"could not reach {goal:.0%} of the original latency (best try: {trace[-1]['latency_ratio']:.0%}); "
+            "loosen --target-latency or raise --max-layer-ratio"
+        )
+    return best[0], trace
