@@ -16,9 +16,14 @@ from rescompress import __version__
 
 # Order here is the order in --help.
 _COMMAND_MODULES: tuple[str, ...] = (
+    "inspect_cmd",
+    "doctor",
     "fold",
     "export_cmd",
     "build_engine",
+    "evaluate",
+    "benchmark",
+    "gate",
 )
 
 app = typer.Typer(
