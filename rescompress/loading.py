@@ -796,3 +796,136 @@ def model_macs(module: nn.Module, input_shape: tuple[int, ...]) -> int:
         raise RescompressError(f"cannot run the model at input shape {tuple(input_shape)}: {exc}") from None
     # The counter reports FLOPs as 2 per multiply-accumulate for conv and matmul.
     return int(counter.get_total_flops()) // 2
+
+
+# ------------------------------------------------------------------------------------------ ONNX files
+@dataclass(frozen=True)
+class OnnxSummary:
+    """What ``inspect`` reports for an ONNX file: its I/O contract, opset, size and Q/DQ structure."""
+
+    path: Path
+    opset: int | None
+    ir_version: int
+    producer: str
+    input_name: str
+    input_shape: tuple[int | str | None, ...]
+    output_name: str
+    output_shape: tuple[int | str | None, ...]
+    num_classes: int | None
+    in_channels: int | None
+    input_size: tuple[int, int] | None
+    arch: str | None
+    preprocess: Preprocess | None
+    params: int
+    macs: int | None
+    nodes: int
+    op_counts: dict[str, int]
+    qdq_nodes: int
+    metadata: dict[str, str]
+
+    def to_dict(self) -> dict:
+        return {
+            "path": str(self.path), "source_format": "onnx", "opset": self.opset, "ir_version": self.ir_version,
+            "producer": self.producer, "input_name": self.input_name, "input_shape": list(self.input_shape),
+            "output_name": self.output_name, "output_shape": list(self.output_shape),
+            "num_classes": self.num_classes, "in_channels": self.in_channels,
+            "input_size": list(self.input_size) if self.input_size else None, "arch": self.arch,
+            "preprocess": self.preprocess.to_dict() if self.preprocess else None, "params": self.params,
+            "macs": self.macs, "nodes": self.nodes, "op_counts": dict(self.op_counts),
+            "qdq_nodes": self.qdq_nodes, "metadata": dict(self.metadata),
+        }
+
+
+def onnx_summary(path: Path | str, input_size: int | None = None) -> OnnxSummary:
+    """Read an ONNX classifier's graph (no inference session): shapes, opset, params, MACs, Q/DQ count.
+
+    The I/O contract comes from :func:`rescompress.export.read_onnx_info`. MACs (Conv, Gemm, MatMul) are
+    counted on the shape-inferred graph at batch 1 and ``input_size`` (default: the file's size).
+    """
+    import onnx
+
+    from rescompress.export import read_onnx_info
+
+    p = Path(path)
+    _check_file(p)
+    info = read_onnx_info(p)
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:
+        raise UnsupportedModelError(f"{p} is not a readable ONNX model ({type(exc).__name__})") from None
+    graph = proto.graph
+    inits = {t.name for t in graph.initializer}
+    inp = next(i for i in graph.input if i.name not in inits)
+    out = graph.output[0]
+    ops: dict[str, int] = {}
+    for node in graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    params = 0  # stored weight elements; scalars (Q/DQ scales, zero points, constants) are not weights
+    for t in graph.initializer:
+        if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
+                           onnx.TensorProto.UINT8, onnx.TensorProto.DOUBLE) and len(t.dims) >= 1:
+            n = 1
+            for d in t.dims:
+                n *= d
+            params += n if n > 1 else 0
+    size = (input_size, input_size) if input_size else info.input_size
+    macs = _onnx_macs(proto, inp.name, info.in_channels, size) if size else None
+    return OnnxSummary(
+        path=p, opset=info.opset, ir_version=int(proto.ir_version), producer=proto.producer_name,
+        input_name=inp.name, input_shape=_shape(inp), output_name=out.name, output_shape=_shape(out),
+        num_classes=info.num_classes, in_channels=info.in_channels, input_size=size, arch=info.arch,
+        preprocess=info.preprocess, params=params, macs=macs, nodes=len(graph.node), op_counts=ops,
+        qdq_nodes=ops.get("QuantizeLinear", 0) + ops.get("DequantizeLinear", 0), metadata=info.metadata,
+    )
+
+
+def _shape(value_info) -> tuple[int | str | None, ...]:
+    dims = value_info.type.tensor_type.shape.dim
+    return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims)
+
+
+def _onnx_macs(proto, input_name: str, channels: int, size: tuple[int, int]) -> int | None:
+    """Multiply-accumulates of Conv/Gemm/MatMul at batch 1, from ONNX shape inference; None if unknown."""
+    import onnx
+
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    # Shapes stored at export time would contradict a different input size: infer them afresh.
+    del model.graph.value_info[:]
+    for vi in model.graph.output:
+        vi.type.tensor_type.ClearField("shape")
+    for vi in model.graph.input:
+        if vi.name == input_name:
+            for d, v in zip(vi.type.tensor_type.shape.dim, (1, channels, *size), strict=False):
+                d.Clear()
+                d.dim_value = v
+    try:
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        return None
+    shapes: dict[str, tuple[int, ...]] = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    for vi in (*model.graph.input, *model.graph.value_info, *model.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            shapes[vi.name] = tuple(d.dim_value for d in dims)
+    total = 0
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul"):
+            continue
+        w, y = shapes.get(node.input[1]), shapes.get(node.output[0])
+        if w is None or y is None:
+            return None
+        n_out = 1
+        for d in y:
+            n_out *= d
+        if node.op_type == "Conv":
+            k = 1
+            for d in w[1:]:  # (in / groups) * kh * kw
+                k *= d
+        elif node.op_type == "Gemm":
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            k = w[1] if trans_b else w[0]
+        else:
+            k = w[-2]
+        total += n_out * k
+    return int(total)

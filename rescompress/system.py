@@ -57,3 +57,72 @@ def cpu_features() -> dict[str, object]:
         "amx_int8": "amx_int8" in flags,
         "amx_bf16": "amx_bf16" in flags,
     }
+
+
+def int8_cpu_paths(features: dict[str, object]) -> list[str]:
+    """The x86 INT8 instruction paths present, fastest first (what decides INT8 speed on CPU)."""
+    paths = []
+    if features.get("amx_int8"):
+        paths.append("AMX-INT8")
+    if features.get("avx512_vnni"):
+        paths.append("AVX-512 VNNI")
+    if features.get("avx_vnni"):
+        paths.append("AVX-VNNI")
+    if features.get("avx512f"):
+        paths.append("AVX-512")
+    if features.get("avx2"):
+        paths.append("AVX2")
+    return paths
+
+
+def torch_runtime() -> dict[str, object]:
+    """torch's thread counts and CUDA device (``None`` fields where torch or CUDA is absent)."""
+    try:
+        import torch
+    except Exception:
+        return {"threads": None, "interop_threads": None, "cuda_available": False, "cuda_device": None,
+                "cuda_version": None}
+    cuda = bool(torch.cuda.is_available())
+    return {
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "cuda_available": cuda,
+        "cuda_device": torch.cuda.get_device_name(0) if cuda else None,
+        "cuda_version": torch.version.cuda,
+    }
+
+
+def onnxruntime_providers() -> list[str] | None:
+    """ONNX Runtime's available execution providers (``None`` if onnxruntime is not installed)."""
+    try:
+        import onnxruntime
+    except Exception:
+        return None
+    return list(onnxruntime.get_available_providers())
+
+
+def openvino_devices() -> list[str] | None:
+    """OpenVINO's devices (``None`` if openvino is not installed)."""
+    try:
+        import openvino
+    except Exception:
+        return None
+    try:
+        return list(openvino.Core().available_devices)
+    except Exception:
+        return []
+
+
+def machine_report() -> dict[str, object]:
+    """Everything ``rescompress doctor`` shows: versions, CPU, INT8 paths, threads, accelerators."""
+    features = cpu_features()
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "libraries": library_versions(),
+        "cpu": features,
+        "int8_cpu_paths": int8_cpu_paths(features),
+        "torch": torch_runtime(),
+        "onnxruntime_providers": onnxruntime_providers(),
+        "openvino_devices": openvino_devices(),
+    }

@@ -21,9 +21,6 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "fold",
     "export_cmd",
     "build_engine",
-    "evaluate",
-    "benchmark",
-    "gate",
 )
 
 app = typer.Typer(
