@@ -21,6 +21,9 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "fold",
     "export_cmd",
     "build_engine",
+    "evaluate",
+    "benchmark",
+    "gate",
 )
 
 app = typer.Typer(
