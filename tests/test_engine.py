@@ -69,6 +69,7 @@ def make_classifier(
     zp_type: int = TensorProto.INT8,
     zp_value: int = 0,
     per_channel: bool = True,
+    quantize_input: bool = True,
     metadata: dict[str, str] | None = None,
 ) -> Path:
     """Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm, optionally with TensorRT-style Q/DQ.
@@ -111,7 +112,7 @@ def make_classifier(
         return f"{name}.dq"
 
     if qdq:
-        x = act_qdq("input", "input_q", 4.0 / 127)
+        x = act_qdq("input", "input_q", 4.0 / 127) if quantize_input else "input"
         conv_w = weight_qdq(w, "conv.w")
     else:
         x = "input"
@@ -131,6 +132,8 @@ def make_classifier(
         inits.append(numpy_helper.from_array(fw, "fc.w"))
         fc_w = "fc.w"
     nodes.append(helper.make_node("Gemm", [fc_in, fc_w, "fc.b"], ["logits"], transB=1))
+    for i, node in enumerate(nodes):
+        node.name = f"{node.op_type}_{i}"
     graph = helper.make_graph(
         nodes, "tiny",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, channels, size, size])],
@@ -307,7 +310,7 @@ def test_preflight_refuses_opset_12_qdq(tmp_path):
     assert run_ort(path, x).shape == (2, CLASSES)
     report = preflight(EngineBuildConfig(path, precision="int8"))
     assert not report.ok and report.opset == 12
-    assert any("opset 12" in e and ">= 13" in e for e in report.errors)
+    assert len(report.errors) == 1 and "opset 12" in report.errors[0] and ">= 13" in report.errors[0]
 
 
 def test_preflight_refuses_unsigned_and_nonzero_zero_points(tmp_path):
@@ -347,6 +350,16 @@ def test_preflight_fp16_depends_on_tensorrt_version(fp32_onnx):
     assert not on11.ok and "ModelOpt AutoCast" in on11.errors[0]
 
 
+def test_preflight_runs_the_quantize_stage_placement_checker(qdq_onnx, tmp_path):
+    assert preflight(EngineBuildConfig(qdq_onnx, precision="int8")).qdq_checker == "passed"
+    # Weights quantized but the first conv's activation left in float: valid ONNX, wrong for TensorRT.
+    partial = make_classifier(tmp_path / "partial.onnx", qdq=True, quantize_input=False)
+    assert run_ort(partial, np.zeros((1, 1, 8, 8), np.float32)).shape == (1, CLASSES)
+    report = preflight(EngineBuildConfig(partial, precision="int8"))
+    assert report.qdq_checker == "failed" and not report.ok
+    assert any(e.startswith("TensorRT Q/DQ placement:") and "'input'" in e for e in report.errors)
+
+
 # ------------------------------------------------------------------------------------------- calibration cache
 def write_cache(path: Path, scales: dict[str, float], header: str = "TRT-100800-EntropyCalibration2") -> Path:
     lines = [header] + [f"{name}: {struct.pack('>f', value).hex()}" for name, value in scales.items()]
@@ -378,6 +391,8 @@ def test_int8_implicit_path(tmp_path):
 
     on11 = preflight(cfg, tensorrt_version="11.0.0")
     assert any("needs TensorRT 10" in e for e in on11.errors)
+    newer = preflight(cfg, tensorrt_version="10.9.1")
+    assert newer.ok and any("TRT-100800" in w and "100901" in w for w in newer.warnings)
 
     other = write_cache(tmp_path / "other.cache", {"layer9": 0.1})
     foreign = preflight(EngineBuildConfig(onnx_path, precision="int8-implicit", calib_cache=other), "10.8.0")
@@ -501,6 +516,27 @@ def test_load_engine_without_tensorrt_says_how_to_install(tmp_path):
     with pytest.raises(TensorRTNotAvailable) as exc:
         load_engine(engine)
     assert str(exc.value) == INSTALL_HINT
+
+
+def test_runtime_table_routes_engines_to_tensorrt(tmp_path, fp32_onnx):
+    from rescompress.errors import RescompressError
+    from rescompress.runtimes import make_runner, resolve_runtime
+
+    assert resolve_runtime("m.engine") == "tensorrt" and resolve_runtime("m.plan") == "tensorrt"
+    with pytest.raises(RescompressError, match="build an engine first"):
+        make_runner(fp32_onnx, runtime="tensorrt")
+    with pytest.raises(RescompressError, match="runs engine files"):
+        make_runner(torch.nn.Linear(2, 2), runtime="tensorrt")
+
+
+@no_tensorrt
+def test_runner_without_tensorrt_says_how_to_install(tmp_path):
+    from rescompress.runtimes import make_runner
+
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"plan")
+    with pytest.raises(TensorRTNotAvailable, match="pip install rescompress\\[tensorrt\\]"):
+        make_runner(engine)
 
 
 # ------------------------------------------------------------------------------------------- CLI

@@ -484,7 +484,7 @@ def _resolve_chw(facts: OnnxFacts, errors: list[str]) -> tuple[int, ...] | None:
 def _run_qdq_checker(path: Path) -> tuple[str, list[str]]:
     """Run the quantize stage's TensorRT placement checker if it exists; returns (status, violations)."""
     try:
-        from rescompress.quantization import check_trt_qdq  # type: ignore[attr-defined]
+        from rescompress.quantization.checker import check_trt_qdq
     except ImportError:
         return "not available", []
     import onnx
@@ -498,6 +498,15 @@ def _run_qdq_checker(path: Path) -> tuple[str, list[str]]:
         violations = [violations]
     messages = [str(v) for v in (violations or [])]
     return ("failed" if messages else "passed"), messages
+
+
+def trt_version_number(version: str) -> int | None:
+    """``"10.3.0"`` -> 100300, ``"8.6.1"`` -> 8601: the number TensorRT writes in a calibration cache header."""
+    parts = [int(p) for p in re.findall(r"\d+", version)[:3]]
+    if not parts:
+        return None
+    major, minor, patch = (parts + [0, 0])[:3]
+    return major * 10000 + minor * 100 + patch if major >= 10 else major * 1000 + minor * 100 + patch
 
 
 def preflight(config: EngineBuildConfig, tensorrt_version: str | None = None) -> PreflightReport:
@@ -546,21 +555,27 @@ def preflight(config: EngineBuildConfig, tensorrt_version: str | None = None) ->
                 "`rescompress quantize --target tensorrt` and build its *.int8.trt.onnx"
             )
         else:
+            before = len(errors)
             if facts.opset < MIN_QDQ_OPSET:
                 errors.append(
                     f"opset {facts.opset} is too old for TensorRT Q/DQ (per-channel scales need opset "
                     f"{MIN_QDQ_OPSET}); re-export and re-quantize at opset >= {MIN_QDQ_OPSET}"
                 )
             _check_qdq_form(qdq, errors, warnings)
-            qdq_status, violations = _run_qdq_checker(facts.path)
-            errors.extend(f"TensorRT Q/DQ placement: {v}" for v in violations)
+            if len(errors) == before:
+                # Placement is checked once opset and Q/DQ nodes are right; otherwise both would report
+                # the same opset, zero points and scales twice.
+                qdq_status, violations = _run_qdq_checker(facts.path)
+                errors.extend(f"TensorRT Q/DQ placement: {v}" for v in violations)
+            else:
+                qdq_status = "skipped (fix the Q/DQ nodes first)"
     elif qdq.total:
         errors.append(
             f"the file has {qdq.quantize} QuantizeLinear / {qdq.dequantize} DequantizeLinear nodes, which only "
             f"the int8 precision builds; use --precision int8 (or the FP32 ONNX for {precision})"
         )
     if precision == "int8-implicit":
-        calib_cache = _check_implicit(config, facts, major, errors, warnings)
+        calib_cache = _check_implicit(config, facts, tensorrt_version, errors, warnings)
     if precision == "fp16" and major is not None and major >= 11 and not facts.has_float16:
         errors.append(
             "TensorRT 11 removed the FP16 builder flag: convert the ONNX to FP16 first (ModelOpt AutoCast: "
@@ -622,8 +637,9 @@ def _check_qdq_form(qdq: QdqFacts, errors: list[str], warnings: list[str]) -> No
 
 
 def _check_implicit(
-    config: EngineBuildConfig, facts: OnnxFacts, major: int | None, errors: list[str], warnings: list[str]
+    config: EngineBuildConfig, facts: OnnxFacts, tensorrt_version: str | None, errors: list[str], warnings: list[str]
 ) -> Path | None:
+    major = tensorrt_major(tensorrt_version)
     if major is not None and major >= 11:
         errors.append(
             "--precision int8-implicit needs TensorRT 10: TensorRT 11 removed implicit INT8 calibration; build "
@@ -646,6 +662,13 @@ def _check_implicit(
     except EnginePreflightError as exc:
         errors.append(str(exc))
         return None
+    installed = trt_version_number(tensorrt_version) if tensorrt_version else None
+    if installed is not None and cache.version_tag != str(installed):
+        warnings.append(
+            f"calibration cache header TRT-{cache.version_tag} does not match the installed TensorRT "
+            f"{tensorrt_version} ({installed}); TensorRT may ignore the cache, which fails the build: "
+            f"rewrite it for this version"
+        )
     known = [n for n in cache.scales if n in facts.tensor_names]
     if not known:
         errors.append(

@@ -61,6 +61,7 @@ class TensorRTRunner:
         self._out_dtype = _torch_dtype(trt, eng.get_tensor_dtype(self.output_name))
         self.profiles = tuple(self._profile(eng, i) for i in range(eng.num_optimization_profiles))
         self.input_chw = tuple(int(d) for d in eng.get_tensor_profile_shape(self.input_name, 0)[0][1:])
+        self.info = _runner_info(loaded, self.input_chw, self.profiles, device)
         with torch.cuda.device(self._device):
             self._stream = torch.cuda.Stream(self._device)
             self._context = eng.create_execution_context()
@@ -104,6 +105,47 @@ class TensorRTRunner:
         return result.numpy()
 
 
+def _runner_info(loaded: Any, chw: tuple[int, ...], profiles: tuple[ProfileSpec, ...], device: int) -> Any:
+    """The common ``RunnerInfo``, filled from the engine and its sidecar (class count, preprocessing, arch)."""
+    from rescompress.runtimes import RunnerInfo
+    from rescompress.spec import Preprocess
+
+    meta = loaded.metadata
+    preprocess = None
+    if meta is not None and meta.preprocess:
+        try:
+            preprocess = Preprocess.from_dict(meta.preprocess)
+        except (KeyError, TypeError, ValueError, RescompressError):
+            preprocess = None  # an unreadable record only costs the default preprocessing
+    settings: dict[str, Any] = {"device": f"cuda:{device}", "profiles": [p.text for p in profiles]}
+    if meta is not None:
+        settings.update(precision=meta.precision, tensorrt_version=meta.environment.tensorrt_version,
+                        gpu=meta.environment.gpu_name)
+    return RunnerInfo(
+        runtime="tensorrt",
+        source=str(loaded.path),
+        num_classes=None if meta is None else meta.num_classes,
+        in_channels=int(chw[0]) if chw else None,
+        input_size=(int(chw[1]), int(chw[2])) if len(chw) == 3 else None,
+        preprocess=preprocess,
+        arch=None if meta is None else meta.arch,
+        threads=None,
+        settings=settings,
+    )
+
+
 def make_tensorrt_runner(model: Path | str | Any, threads: int | None = None) -> TensorRTRunner:
-    """Factory for the runtimes registry (``threads`` does not apply to a GPU runtime)."""
+    """Factory for the runtimes registry (``threads`` does not apply to a GPU runtime).
+
+    ``model`` is a serialized engine (``.engine``/``.plan`` with its sidecar) or a ``LoadedEngine``; a torch
+    model or an ONNX file must first go through ``rescompress build-engine``.
+    """
+    from rescompress.engine.tensorrt import LoadedEngine
+
+    if not isinstance(model, str | Path | LoadedEngine):
+        raise RescompressError("the tensorrt runtime runs engine files; build one with `rescompress build-engine`")
+    if isinstance(model, str | Path) and Path(model).suffix.lower() == ".onnx":
+        raise RescompressError(
+            f"{model} is an ONNX file; build an engine first: rescompress build-engine {model}"
+        )
     return TensorRTRunner(model)
