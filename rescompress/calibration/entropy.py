@@ -23,4 +23,4 @@ class EntropyCalibrator:
 
     def compute_amax(self) -> float:
         h = self.histogram
-        return min(entropy_amax(h.counts, h.range, self.levels), h.amax)
+        return min(entropy_amax(h.counts, h.range, self.levels, zeros=h.zeros), h.amax)

@@ -1,0 +1,94 @@
+"""Accuracy-aware fallback: return the fewest, most sensitive layers to float until the drop is small enough.
+
+Sensitivity is measured one layer at a time: the model with *only* that layer quantized, its logit SQNR
+against FP32 (lower = more sensitive). Layers are then returned to float in that order; the search tries
+k = 0, 1, 2, 4, ... layers and bisects back between the last failing and the first passing k, so it
+evaluates O(log n) configurations. The callbacks keep this module free of graph and runtime details.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from rescompress.errors import CheckFailed
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    node: str
+    sqnr_db: float  # logit SQNR with only this layer quantized
+
+    def to_dict(self) -> dict:
+        return {"node": self.node, "sqnr_db": self.sqnr_db}
+
+
+@dataclass(frozen=True)
+class FallbackResult:
+    max_drop: float
+    metric: str  # "top1_drop" (labeled eval data) or "disagreement" (percent of changed top-1, no labels)
+    float_nodes: tuple[str, ...]
+    achieved: float
+    tried: tuple[tuple[int, float], ...]  # (layers in float, metric)
+    ranking: tuple[LayerSensitivity, ...]
+
+    def to_dict(self) -> dict:
+        return {
+            "max_drop": self.max_drop, "metric": self.metric, "float_nodes": list(self.float_nodes),
+            "num_float": len(self.float_nodes), "achieved": self.achieved,
+            "tried": [{"num_float": k, "value": v} for k, v in self.tried],
+            "ranking": [r.to_dict() for r in self.ranking],
+        }
+
+
+def rank_layers(nodes: Sequence[str], sensitivity: Callable[[str], float]) -> list[LayerSensitivity]:
+    """Most sensitive (lowest SQNR when quantized alone) first; ties keep graph order."""
+    scored = [LayerSensitivity(n, float(sensitivity(n))) for n in nodes]
+    return sorted(scored, key=lambda s: s.sqnr_db)
+
+
+def search_fallback(
+    ranking: Sequence[LayerSensitivity],
+    measure: Callable[[tuple[str, ...]], float],
+    max_drop: float,
+    metric: str = "top1_drop",
+    max_float: int | None = None,
+) -> FallbackResult:
+    """The smallest k such that keeping the k most sensitive layers in float gives ``measure <= max_drop``.
+
+    ``max_float`` caps k (default: all but one layer, so something stays quantized). Raises
+    :class:`CheckFailed` when no k up to the cap meets the target.
+    """
+    order = tuple(r.node for r in ranking)
+    cap = len(order) - 1 if max_float is None else min(max_float, len(order))
+    cap = max(cap, 0)
+    cache: dict[int, float] = {}
+
+    def value(k: int) -> float:
+        if k not in cache:
+            cache[k] = float(measure(order[:k]))
+        return cache[k]
+
+    k, last_fail = 0, -1
+    while value(k) > max_drop:
+        last_fail = k
+        if k >= cap:
+            tried = tuple(sorted(cache.items()))
+            best = min(cache, key=cache.get)
+            raise CheckFailed(
+                f"no configuration with at most {cap} layer(s) in float meets {metric} <= {max_drop:g} "
+                f"(best {cache[best]:.3g} with {best} in float); allow more fallback or a larger --max-drop"
+                + (f"; tried {tried}" if len(tried) <= 6 else "")
+            )
+        k = min(cap, 1 if k == 0 else 2 * k)
+    lo, hi = last_fail, k  # value(lo) fails (or lo == -1), value(hi) passes
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if value(mid) <= max_drop:
+            hi = mid
+        else:
+            lo = mid
+    return FallbackResult(
+        max_drop=max_drop, metric=metric, float_nodes=order[:hi], achieved=value(hi),
+        tried=tuple(sorted(cache.items())), ranking=tuple(ranking),
+    )

@@ -1,0 +1,554 @@
+"""``quantize_model``: load -> fold -> export FP32 -> calibrate -> plan -> emit -> measure -> report.
+
+The library entry point behind ``rescompress quantize`` (and ``rescompress demo``). It takes a PyTorch
+model file (loaded safely, BatchNorm folded, exported) or a FP32 ONNX file, streams calibration images
+through it once, turns the statistics into a :class:`QuantPlan` (or reuses one given with ``plan``),
+emits the ONNX Runtime and TensorRT Q/DQ files and the TensorRT calibration cache from that one plan,
+checks the TensorRT file's structure, and measures the INT8 files against FP32 (accuracy, agreement,
+logit SQNR, the worst layers, latency on ORT CPU). Every output is written atomically into ``outdir``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from rescompress.calibration import DEFAULT_PERCENTILE, METHODS
+from rescompress.calibration.collect import (
+    collect_histograms,
+    make_session,
+    suggest_batch_size,
+    with_extra_outputs,
+)
+from rescompress.errors import DataError, RescompressError
+from rescompress.fileio import ensure_not_input, write_text_atomic
+from rescompress.quantization.calibrate import activation_entries, check_finite_weights, weight_entries
+from rescompress.quantization.checker import check_trt_qdq
+from rescompress.quantization.emit import emit_qdq, save_model
+from rescompress.quantization.fallback import FallbackResult, rank_layers, search_fallback
+from rescompress.quantization.fidelity import Fidelity, compare, run_sessions, sqnr_db
+from rescompress.quantization.placement import GraphIndex, Placement, place, prepare_model
+from rescompress.quantization.plan import TARGETS, Provenance, QuantPlan, model_fingerprint
+from rescompress.quantization.trt_cache import DEFAULT_TRT_VERSION, write_cache
+from rescompress.spec import Preprocess
+
+log = logging.getLogger("rescompress.quantize")
+ProgressFn = Callable[[Iterable, int | None, str], Iterable]
+Notify = Callable[[str], None]
+SENSITIVITY_IMAGES = 256  # images used to rank layers for fallback (one short run per layer)
+LAYER_SQNR_IMAGES = 64  # images used for the per-layer SQNR table
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Everything ``quantize_model`` can be told; defaults are the CLI's defaults."""
+
+    method: str = "auto"  # max | percentile | entropy | mse | auto
+    percentile: float = DEFAULT_PERCENTILE
+    num_images: int = 512
+    batch_size: int = 32
+    seed: int = 0
+    targets: tuple[str, ...] = TARGETS
+    exclude: tuple[str, ...] = ()
+    max_drop: float | None = None
+    max_float_layers: int | None = None
+    unsigned_activations: bool = True  # ORT: uint8 with zero point 0 on non-negative tensors
+    holdout_fraction: float = 0.25  # share of calibration images kept aside to choose the method (auto)
+    eval_limit: int | None = None
+    latency: bool = True
+    latency_batches: tuple[int, ...] = (1, 8)
+    threads: int | None = None
+    trt_version: str = DEFAULT_TRT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.method not in (*METHODS, "auto"):
+            raise RescompressError(f"unknown --method {self.method!r}; choose {', '.join(METHODS)} or auto")
+        bad = [t for t in self.targets if t not in TARGETS]
+        if bad or not self.targets:
+            raise RescompressError(f"unknown --target {bad or self.targets}; choose onnxruntime, tensorrt or both")
+        if not 0.0 < self.percentile <= 100.0:
+            raise RescompressError(f"--percentile must be in (0, 100], got {self.percentile}")
+        if self.num_images < 1 or self.batch_size < 1:
+            raise RescompressError("--num-images and --batch-size must be positive")
+        if self.max_drop is not None and (self.max_drop < 0 or not math.isfinite(self.max_drop)):
+            raise RescompressError(f"--max-drop must be a non-negative number of points, got {self.max_drop}")
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass(frozen=True)
+class Fp32Model:
+    path: Path
+    proto: onnx.ModelProto
+    preprocess: Preprocess
+    num_classes: int
+    arch: str | None
+    stem: str
+    exported: bool  # True when this run folded and exported it from a PyTorch file
+
+
+@dataclass(frozen=True)
+class LayerSqnr:
+    tensor: str
+    sqnr_db: float
+
+    def to_dict(self) -> dict:
+        return {"tensor": self.tensor, "sqnr_db": self.sqnr_db}
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    model: Path
+    fp32_path: Path
+    artifacts: dict[str, Path]
+    plan: QuantPlan
+    method: str
+    method_scores: dict[str, dict]
+    fidelity: dict[str, Fidelity]
+    eval_source: str
+    worst_layers: dict[str, tuple[LayerSqnr, ...]]
+    placements: dict[str, Placement]
+    fallback: FallbackResult | None
+    latency: dict | None
+    calibration: dict
+    warnings: tuple[str, ...] = ()
+    config: QuantizeConfig = field(default_factory=QuantizeConfig)
+
+    def to_dict(self) -> dict:
+        return {
+            "model": str(self.model),
+            "fp32": str(self.fp32_path),
+            "artifacts": {k: str(v) for k, v in self.artifacts.items()},
+            "method": self.method,
+            "method_scores": self.method_scores,
+            "eval_source": self.eval_source,
+            "fidelity": {k: v.to_dict() for k, v in self.fidelity.items()},
+            "worst_layers": {k: [x.to_dict() for x in v] for k, v in self.worst_layers.items()},
+            "quantized_nodes": {k: len(p.quantized_nodes) for k, p in self.placements.items()},
+            "float_nodes": {k: list(p.float_nodes) for k, p in self.placements.items()},
+            "unsupported": {k: list(p.unsupported) for k, p in self.placements.items()},
+            "fallback": self.fallback.to_dict() if self.fallback else None,
+            "latency": self.latency,
+            "calibration": self.calibration,
+            "provenance": self.plan.provenance.to_dict(),
+            "warnings": list(self.warnings),
+            "config": self.config.to_dict(),
+        }
+
+
+# ------------------------------------------------------------------------------------------ model input
+def load_fp32(
+    model_path: Path | str,
+    outdir: Path,
+    *,
+    arch: str | None = None,
+    trust_pickle: bool = False,
+    preprocess: Preprocess | None = None,
+    notify: Notify | None = None,
+) -> Fp32Model:
+    """A FP32 ONNX model with BatchNorm folded: the given .onnx, or a PyTorch file folded and exported."""
+    from rescompress.export import export_onnx, read_onnx_info
+    from rescompress.loading import is_onnx_path, load_model
+
+    p = Path(model_path)
+    if not p.exists():
+        raise RescompressError(f"model file {p} does not exist")
+    stem = p.name.split(".")[0] or "model"
+    if is_onnx_path(p):
+        info = read_onnx_info(p)
+        pre = preprocess or info.preprocess
+        if pre is None:
+            raise RescompressError(f"{p} does not record its preprocessing; pass --preset")
+        try:
+            proto = onnx.load(str(p))
+        except Exception as exc:
+            raise RescompressError(f"cannot read ONNX model {p}: {exc}") from exc
+        if any(n.op_type == "BatchNormalization" for n in proto.graph.node):
+            raise RescompressError(
+                f"{p} still has BatchNormalization nodes; fold them first (rescompress fold / export)"
+            )
+        return Fp32Model(p, proto, pre, info.num_classes, info.arch, stem, exported=False)
+    from rescompress.folding import fold_batchnorm
+
+    loaded = load_model(p, arch=arch, trust_pickle=trust_pickle)
+    pre = preprocess or loaded.preprocess
+    if notify:
+        notify(f"loaded {loaded.arch} ({loaded.num_classes} classes, input {pre.input_shape(1)[1:]})")
+    folded = fold_batchnorm(loaded.module, input_shape=pre.input_shape(8))
+    fp32_path = outdir / f"{stem}.fp32.onnx"
+    ensure_not_input(fp32_path, [p])
+    export_onnx(
+        folded.model, pre, fp32_path, arch=loaded.arch, num_classes=loaded.num_classes, source=p, folded=True,
+    )
+    return Fp32Model(fp32_path, onnx.load(str(fp32_path)), pre, loaded.num_classes, loaded.arch, stem, exported=True)
+
+
+# ------------------------------------------------------------------------------------------ data
+def _calibration_indices(n_avail: int, n: int, seed: int, holdout: int) -> tuple[list[int], list[int]]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n_avail, generator=g)[:n].tolist()
+    return sorted(perm[holdout:]), sorted(perm[:holdout])
+
+
+def _loader(dataset, indices: Sequence[int] | None, batch_size: int):
+    from torch.utils.data import Subset
+
+    from rescompress.data import make_loader
+
+    ds = Subset(dataset, list(indices)) if indices is not None else dataset
+    return make_loader(ds, batch_size=batch_size, num_workers=0)
+
+
+class _HashingBatches:
+    """Iterate a loader, fingerprinting the exact calibration inputs on the way."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+        self.sha = hashlib.sha256()
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for x, y in self.loader:
+            self.sha.update(np.ascontiguousarray(x.numpy(), dtype=np.float32).tobytes())
+            yield x, y
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _sessions_for(models: dict[str, onnx.ModelProto], threads: int | None) -> dict:
+    return {k: make_session(m, threads) for k, m in models.items()}
+
+
+def _emit_checked(model: onnx.ModelProto, plan: QuantPlan, placement: Placement) -> onnx.ModelProto:
+    q = emit_qdq(model, plan, placement)
+    if placement.target == "tensorrt":
+        problems = check_trt_qdq(q, allow_float=placement.float_nodes)
+        if problems:
+            raise RescompressError(f"the TensorRT Q/DQ file breaks TensorRT's rules: {problems[0]}")
+    return q
+
+
+def _layer_sqnr(
+    fp32: onnx.ModelProto, qmodel: onnx.ModelProto, placement: Placement, x: np.ndarray, threads: int | None
+) -> tuple[LayerSqnr, ...]:
+    names = [a.name for a in placement.activations]
+    fp = make_session(with_extra_outputs(fp32, names), threads)
+    qs = make_session(with_extra_outputs(qmodel, [f"{n}_dequantized" for n in names]), threads)
+    in_fp, in_q = fp.get_inputs()[0].name, qs.get_inputs()[0].name
+    ref = fp.run(names, {in_fp: x})
+    got = qs.run([f"{n}_dequantized" for n in names], {in_q: x})
+    scores = [LayerSqnr(n, sqnr_db(r, g)) for n, r, g in zip(names, ref, got, strict=True)]
+    return tuple(sorted(scores, key=lambda s: s.sqnr_db))
+
+
+def _score(f: Fidelity) -> tuple[float, float]:
+    return (f.top1 if f.top1 is not None else f.top1_agreement, f.sqnr_db)
+
+
+# ------------------------------------------------------------------------------------------ main entry
+def quantize_model(
+    model: Path | str,
+    calib_data: Path | str | None,
+    outdir: Path | str = "out",
+    *,
+    config: QuantizeConfig | None = None,
+    eval_data: Path | str | None = None,
+    plan: Path | str | QuantPlan | None = None,
+    arch: str | None = None,
+    trust_pickle: bool = False,
+    preprocess: Preprocess | None = None,
+    progress: ProgressFn | None = None,
+    notify: Notify | None = None,
+) -> QuantizeResult:
+    """Quantize ``model`` to INT8 artifacts in ``outdir``; see the module docstring for the stages."""
+    from rescompress.data import check_compatible, open_dataset
+    from rescompress.system import library_versions
+
+    cfg = config or QuantizeConfig()
+    say = notify or (lambda msg: log.info(msg))
+    prog = progress or (lambda it, total, desc: it)
+    out = Path(outdir)
+    warnings: list[str] = []
+    src = load_fp32(model, out, arch=arch, trust_pickle=trust_pickle, preprocess=preprocess, notify=say)
+    base = prepare_model(src.proto)
+    check_finite_weights(base)
+    fingerprint = model_fingerprint(base)
+    pre = src.preprocess
+    want = [t for t in TARGETS if t in cfg.targets]
+
+    placements = {t: place(base, t, cfg.exclude) for t in want}
+    for t, p in placements.items():
+        if p.unsupported:
+            warnings.append(f"{t}: left in float (op type not quantized): {', '.join(p.unsupported[:8])}")
+        if not p.quantized_nodes:
+            raise RescompressError(f"nothing to quantize for {t}: no Conv/Gemm/MatMul layer with constant weights")
+    cache_tensors = GraphIndex(base).float_activations() if "tensorrt" in want else []
+    calib_names = sorted(set().union(*(p.calib_tensors() for p in placements.values())) | set(cache_tensors))
+
+    holdout_batches = None
+    calib_stats: dict = {}
+    method_scores: dict[str, dict] = {}
+    if plan is not None:
+        qplan = plan if isinstance(plan, QuantPlan) else QuantPlan.load(plan)
+        qplan.check_model(fingerprint)
+        missing = [n for n in calib_names if n not in qplan.activations]
+        if missing:
+            raise RescompressError(
+                f"the plan has no range for {len(missing)} tensor(s) this run needs (e.g. {missing[0]!r}); "
+                "recalibrate without --plan"
+            )
+        method = qplan.provenance.method
+        say(f"using plan {plan if not isinstance(plan, QuantPlan) else ''} (method {method}); calibration skipped")
+        calib_stats = {"skipped": True, "num_images": qplan.provenance.num_images}
+    else:
+        if calib_data is None:
+            raise RescompressError("--calib-data is required (or --plan to reuse a calibration)")
+        dataset = open_dataset(calib_data, pre, split="train")
+        check_compatible(dataset.info, src.num_classes, purpose="calibration")
+        n_avail = len(dataset)
+        n = min(cfg.num_images, n_avail)
+        if n < cfg.num_images:
+            warnings.append(f"the calibration data holds {n_avail} images, fewer than --num-images {cfg.num_images}")
+        holdout = 0
+        if cfg.method == "auto":
+            holdout = max(1, min(n // 2, round(n * cfg.holdout_fraction)))
+            if n < 4:
+                raise DataError(f"--method auto needs at least 4 calibration images, got {n}")
+        calib_idx, hold_idx = _calibration_indices(n_avail, n, cfg.seed, holdout)
+        session = make_session(with_extra_outputs(base, calib_names), cfg.threads)
+        batch = suggest_batch_size(session, session.get_inputs()[0].name, pre.input_shape(1), cfg.batch_size)
+        if batch < cfg.batch_size:
+            say(f"calibration batch size capped at {batch} to bound activation memory")
+        batches = _HashingBatches(_loader(dataset, calib_idx, batch))
+        t0 = time.perf_counter()
+        histograms, stats = collect_histograms(
+            base, calib_names, prog(batches, len(batches), "calibrating"), session=session,
+        )
+        del session
+        calib_stats = {**stats.to_dict(), "batch_size": batch, "tensors": len(calib_names), "holdout": holdout}
+        data_fp = batches.sha.hexdigest()
+        weights = weight_entries(base, [w for p in placements.values() for w in p.weights])
+        provenance = Provenance(
+            model_fingerprint=fingerprint, data_fingerprint=data_fp, num_images=stats.num_images,
+            method=cfg.method, percentile=cfg.percentile, library_versions=library_versions(),
+        )
+        methods = METHODS if cfg.method == "auto" else (cfg.method,)
+        plans = {
+            m: QuantPlan(activation_entries(histograms, m, cfg.percentile, cfg.unsigned_activations), weights,
+                         replace(provenance, method=m))
+            for m in methods
+        }
+        calib_stats["ranges_seconds"] = time.perf_counter() - t0 - stats.seconds
+        if cfg.method == "auto":
+            holdout_batches = _loader(dataset, hold_idx, cfg.batch_size)
+            chooser = "onnxruntime" if "onnxruntime" in want else "tensorrt"
+            cands = {m: _emit_checked(base, p, placements[chooser]) for m, p in plans.items()}
+            logits, labels = run_sessions(_sessions_for({"fp32": base, **cands}, cfg.threads), holdout_batches)
+            fids = {m: compare(logits["fp32"], logits[m], labels) for m in cands}
+            method_scores = {m: f.to_dict() for m, f in fids.items()}
+            method = max(fids, key=lambda m: _score(fids[m]))
+            say(f"auto: chose {method} on {len(hold_idx)} held-out images ({chooser} file: "
+                f"SQNR {fids[method].sqnr_db:.1f} dB)")
+        else:
+            method = cfg.method
+        qplan = plans[method]
+
+    # Evaluation data: the given set, else the held-out / calibration images (agreement only).
+    if eval_data is not None:
+        eval_ds = open_dataset(eval_data, pre, split="test")
+        check_compatible(eval_ds.info, src.num_classes, purpose="evaluation")
+        n_eval = len(eval_ds) if cfg.eval_limit is None else min(cfg.eval_limit, len(eval_ds))
+        eval_loader = _loader(eval_ds, range(n_eval), cfg.batch_size)
+        eval_source = f"{eval_data} ({n_eval} images{'' if eval_ds.info.labeled else ', unlabeled'})"
+    elif holdout_batches is not None:
+        eval_loader = holdout_batches
+        eval_source = "held-out calibration images (no --eval-data: agreement only)"
+    elif calib_data is not None:
+        eval_ds = open_dataset(calib_data, pre, split="train")
+        n_eval = min(cfg.num_images, len(eval_ds))
+        eval_loader = _loader(eval_ds, _calibration_indices(len(eval_ds), n_eval, cfg.seed, 0)[0], cfg.batch_size)
+        eval_source = "calibration images (no --eval-data: agreement only)"
+    else:
+        eval_loader, eval_source = None, "none (no --eval-data or --calib-data)"
+    use_labels = eval_data is not None
+
+    fallback = None
+    if cfg.max_drop is not None:
+        if eval_loader is None:
+            raise RescompressError("--max-drop needs --eval-data (or --calib-data to measure agreement)")
+        fallback = _fallback(base, qplan, placements, cfg, eval_loader, use_labels, say)
+        placements = {t: place(base, t, cfg.exclude + fallback.float_nodes) for t in want}
+
+    # Emit the artifacts.
+    out.mkdir(parents=True, exist_ok=True)
+    artifacts: dict[str, Path] = {"fp32": src.path}
+    qmodels: dict[str, onnx.ModelProto] = {}
+    suffix = {"onnxruntime": "ort", "tensorrt": "trt"}
+    inputs = [model, calib_data, eval_data, plan if not isinstance(plan, QuantPlan) else None]
+    for t in want:
+        qmodels[t] = _emit_checked(base, qplan, placements[t])
+        path = out / f"{src.stem}.int8.{suffix[t]}.onnx"
+        ensure_not_input(path, inputs)
+        save_model(qmodels[t], path)
+        artifacts[t] = path
+    if "tensorrt" in want:
+        scales = {n: qplan.activation(n).params["tensorrt"].scale for n in cache_tensors}
+        artifacts["trt_cache"] = write_cache(out / f"{src.stem}.int8.trt.cache", scales, cfg.trt_version)
+    artifacts["plan"] = qplan.save(out / f"{src.stem}.plan.json")
+
+    # Measure.
+    fidelity: dict[str, Fidelity] = {}
+    worst: dict[str, tuple[LayerSqnr, ...]] = {}
+    if eval_loader is not None:
+        sessions = _sessions_for({"fp32": base, **qmodels}, cfg.threads)
+        logits, labels = run_sessions(sessions, prog(eval_loader, len(eval_loader), "evaluating"))
+        labels = labels if use_labels else None
+        fidelity = {t: compare(logits["fp32"], logits[t], labels) for t in qmodels}
+        x = next(iter(eval_loader))[0].numpy()[:LAYER_SQNR_IMAGES]
+        for t in qmodels:
+            worst[t] = _layer_sqnr(base, qmodels[t], placements[t], x, cfg.threads)[:5]
+    latency = _latency(src, qmodels.get("onnxruntime"), cfg, say) if cfg.latency and "onnxruntime" in qmodels else None
+
+    result = QuantizeResult(
+        model=Path(model), fp32_path=src.path, artifacts=artifacts, plan=qplan, method=method,
+        method_scores=method_scores, fidelity=fidelity, eval_source=eval_source, worst_layers=worst,
+        placements=placements, fallback=fallback, latency=latency, calibration=calib_stats,
+        warnings=tuple(warnings), config=cfg,
+    )
+    report_json = out / f"{src.stem}.quantize.json"
+    report_md = out / f"{src.stem}.quantize.md"
+    artifacts["report_json"] = report_json
+    artifacts["report_md"] = report_md
+    write_text_atomic(report_json, json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    write_text_atomic(report_md, render_markdown(result))
+    return result
+
+
+def _fallback(
+    base: onnx.ModelProto, plan: QuantPlan, placements: dict[str, Placement], cfg: QuantizeConfig,
+    loader, use_labels: bool, say: Notify,
+) -> FallbackResult:
+    """Rank layers on a few images, then search the fewest to keep in float (see fallback.py)."""
+    target = "onnxruntime" if "onnxruntime" in placements else "tensorrt"
+    layers = [n for n in placements[target].quantized_nodes]
+    fp_session = make_session(base, cfg.threads)
+    logits_fp, labels = run_sessions({"fp32": fp_session}, loader)
+    logits_fp = logits_fp["fp32"]
+    labels = labels if use_labels else None
+    small, have = [], 0
+    for b in loader:  # only the first few batches: sensitivity needs a ranking, not a precise number
+        small.append(b[0].numpy()[: SENSITIVITY_IMAGES - have])
+        have += len(small[-1])
+        if have >= SENSITIVITY_IMAGES:
+            break
+    ref_small = logits_fp[:SENSITIVITY_IMAGES]
+
+    def only(node: str) -> float:
+        others = tuple(n for n in layers if n != node)
+        q = _emit_checked(base, plan, place(base, target, cfg.exclude + others))
+        got = run_sessions({"q": make_session(q, cfg.threads)}, small)[0]["q"]
+        return sqnr_db(ref_small, got)
+
+    say(f"ranking {len(layers)} layers by sensitivity on {len(ref_small)} images")
+    ranking = rank_layers(layers, only)
+
+    def measure(float_nodes: tuple[str, ...]) -> float:
+        q = _emit_checked(base, plan, place(base, target, cfg.exclude + float_nodes))
+        got = run_sessions({"q": make_session(q, cfg.threads)}, loader)[0]["q"]
+        f = compare(logits_fp, got, labels)
+        return f.top1_drop if f.top1_drop is not None else 100.0 - f.top1_agreement
+
+    metric = "top1_drop" if labels is not None else "disagreement"
+    if labels is None:
+        say("no labeled --eval-data: --max-drop applies to top-1 disagreement with FP32 (percent)")
+    res = search_fallback(ranking, measure, cfg.max_drop, metric, cfg.max_float_layers)
+    say(f"fallback: {len(res.float_nodes)} layer(s) in float, {metric} {res.achieved:.3g}")
+    return res
+
+
+def _latency(src: Fp32Model, qmodel: onnx.ModelProto | None, cfg: QuantizeConfig, say: Notify) -> dict | None:
+    try:
+        from rescompress.measure.latency import measure_latency
+    except ImportError:  # the measure package is optional for this stage
+        return None
+
+    class _Runner:
+        def __init__(self, name: str, session) -> None:
+            self.name = name
+            self.session = session
+            self.input = session.get_inputs()[0].name
+
+        def run(self, batch: np.ndarray) -> np.ndarray:
+            return self.session.run(None, {self.input: batch})[0]
+
+    runners = {
+        "fp32": _Runner("fp32", make_session(src.proto, cfg.threads)),
+        "int8-ort": _Runner("int8-ort", make_session(qmodel, cfg.threads)),
+    }
+    say(f"timing FP32 vs INT8 on ONNX Runtime CPU at batch {', '.join(map(str, cfg.latency_batches))}")
+    rep = measure_latency(runners, src.preprocess.input_shape, cfg.latency_batches, warmup_s=0.5, iters=10, rounds=3)
+    return {
+        "runtime": "onnxruntime-cpu",
+        "speedup": {str(b): rep.ratio("int8-ort", b).speedup for b in cfg.latency_batches},
+        "fp32_ms": {str(b): rep.get("fp32", b).median_ms for b in cfg.latency_batches},
+        "int8_ms": {str(b): rep.get("int8-ort", b).median_ms for b in cfg.latency_batches},
+        "spread": {str(b): max(rep.get("fp32", b).spread, rep.get("int8-ort", b).spread) for b in cfg.latency_batches},
+    }
+
+
+# ------------------------------------------------------------------------------------------ report
+def _f(v, digits: int = 2) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "inf" if math.isinf(v) else f"{v:.{digits}f}"
+    return str(v)
+
+
+def render_markdown(r: QuantizeResult) -> str:
+    lines = [
+        f"# INT8 quantization of `{r.model.name}`", "",
+        f"- method: **{r.method}** (config: {r.config.method}), calibration images: {r.plan.provenance.num_images}",
+        f"- evaluated on: {r.eval_source}",
+        f"- artifacts: {', '.join(f'`{p.name}`' for k, p in r.artifacts.items() if k != 'fp32')}", "",
+    ]
+    if r.fidelity:
+        lines += [
+            "| file | top-1 | top-5 | FP32 top-1 | top-1 drop | agreement % | logit SQNR dB |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for t, f in r.fidelity.items():
+            lines.append(
+                f"| {t} | {_f(f.top1)} | {_f(f.top5)} | {_f(f.fp32_top1)} | {_f(f.top1_drop, 3)} | "
+                f"{_f(f.top1_agreement, 3)} | {_f(f.sqnr_db, 1)} |"
+            )
+        lines.append("")
+    for t, layers in r.worst_layers.items():
+        lines.append(f"Worst tensors ({t}, SQNR vs FP32 dB): " + ", ".join(
+            f"`{x.tensor}` {_f(x.sqnr_db, 1)}" for x in layers))
+    if r.method_scores:
+        lines += ["", "Method choice (held-out calibration images): " + ", ".join(
+            f"{m} {_f(s['sqnr_db'], 1)} dB" for m, s in r.method_scores.items())]
+    if r.latency:
+        lines += ["", "Latency on ONNX Runtime CPU (INT8 speed-up over FP32): " + ", ".join(
+            f"batch {b}: {_f(s)}x" for b, s in r.latency["speedup"].items())]
+    if r.fallback:
+        lines += ["", f"Fallback (--max-drop {r.fallback.max_drop:g}, {r.fallback.metric}): "
+                  f"{len(r.fallback.float_nodes)} layer(s) in float: "
+                  + (", ".join(f"`{n}`" for n in r.fallback.float_nodes) or "none")]
+    if r.warnings:
+        lines += ["", "Warnings:", *[f"- {w}" for w in r.warnings]]
+    return "\n".join(lines) + "\n"
