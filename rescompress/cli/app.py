@@ -24,6 +24,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "evaluate",
     "benchmark",
     "gate",
+    "quantize",
 )
 
 app = typer.Typer(

@@ -147,16 +147,28 @@ class QuantizeResult:
 
 
 # ------------------------------------------------------------------------------------------ model input
+PreprocessArg = Preprocess | Callable[[Preprocess | None], Preprocess] | None
+
+
+def _resolve(arg: PreprocessArg, default: Preprocess | None) -> Preprocess | None:
+    if arg is None:
+        return default
+    return arg if isinstance(arg, Preprocess) else arg(default)
+
+
 def load_fp32(
     model_path: Path | str,
     outdir: Path,
     *,
     arch: str | None = None,
     trust_pickle: bool = False,
-    preprocess: Preprocess | None = None,
+    preprocess: PreprocessArg = None,
     notify: Notify | None = None,
 ) -> Fp32Model:
-    """A FP32 ONNX model with BatchNorm folded: the given .onnx, or a PyTorch file folded and exported."""
+    """A FP32 ONNX model with BatchNorm folded: the given .onnx, or a PyTorch file folded and exported.
+
+    ``preprocess`` replaces the model's own preprocessing, or (a callable) maps it to the one to use.
+    """
     from rescompress.export import export_onnx, read_onnx_info
     from rescompress.loading import is_onnx_path, load_model
 
@@ -166,7 +178,7 @@ def load_fp32(
     stem = p.name.split(".")[0] or "model"
     if is_onnx_path(p):
         info = read_onnx_info(p)
-        pre = preprocess or info.preprocess
+        pre = _resolve(preprocess, info.preprocess)
         if pre is None:
             raise RescompressError(f"{p} does not record its preprocessing; pass --preset")
         try:
@@ -181,7 +193,12 @@ def load_fp32(
     from rescompress.folding import fold_batchnorm
 
     loaded = load_model(p, arch=arch, trust_pickle=trust_pickle)
-    pre = preprocess or loaded.preprocess
+    pre = _resolve(preprocess, loaded.preprocess)
+    if pre.channels != loaded.in_channels:
+        raise RescompressError(
+            f"the model takes {loaded.in_channels}-channel input but the preprocessing gives {pre.channels}; "
+            f"pass --channels {loaded.in_channels}"
+        )
     if notify:
         notify(f"loaded {loaded.arch} ({loaded.num_classes} classes, input {pre.input_shape(1)[1:]})")
     folded = fold_batchnorm(loaded.module, input_shape=pre.input_shape(8))
@@ -269,7 +286,7 @@ def quantize_model(
     plan: Path | str | QuantPlan | None = None,
     arch: str | None = None,
     trust_pickle: bool = False,
-    preprocess: Preprocess | None = None,
+    preprocess: PreprocessArg = None,
     progress: ProgressFn | None = None,
     notify: Notify | None = None,
 ) -> QuantizeResult:

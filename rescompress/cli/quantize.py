@@ -1,0 +1,143 @@
+"""``rescompress quantize``: INT8 post-training quantization with calibration, for ONNX Runtime and TensorRT.
+
+Parses options, calls :func:`rescompress.quantization.pipeline.quantize_model` and renders its result:
+the FP32-vs-INT8 table (top-1/top-5, drop, agreement, logit SQNR), the worst tensors, the latency ratio
+and the files written. Exit 3 when ``--max-drop`` cannot be met.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from rescompress.cli.common import (
+    ArchOpt,
+    ChannelsOpt,
+    JsonOpt,
+    MeanOpt,
+    Output,
+    PresetOpt,
+    StdOpt,
+    TrustPickleOpt,
+    handle_errors,
+    info,
+    key_value_table,
+    progress,
+    resolve_preprocess,
+    rows_table,
+    warn,
+)
+
+TARGET_CHOICES = {"both": ("onnxruntime", "tensorrt"), "onnxruntime": ("onnxruntime",), "tensorrt": ("tensorrt",)}
+
+
+def register(app: typer.Typer) -> None:
+    app.command("quantize")(quantize_command)
+
+
+@handle_errors
+def quantize_command(
+    model: Annotated[Path, typer.Argument(help="PyTorch model file (.pt/.pth/.safetensors) or FP32 .onnx.")],
+    calib_data: Annotated[
+        str | None,
+        typer.Option("--calib-data", help="Calibration images: ImageFolder, image folder, IDX folder or .npz."),
+    ] = None,
+    eval_data: Annotated[
+        str | None, typer.Option("--eval-data", help="Labeled evaluation data for accuracy (else agreement only).")
+    ] = None,
+    method: Annotated[
+        str, typer.Option("--method", help="Calibration: max, percentile, entropy, mse or auto (best on held-out).")
+    ] = "auto",
+    percentile: Annotated[float, typer.Option("--percentile", help="Percentile for --method percentile.")] = 99.99,
+    num_images: Annotated[int, typer.Option("--num-images", help="Calibration images (seeded sample).", min=1)] = 512,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch.", min=1)] = 32,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the calibration sample.")] = 0,
+    target: Annotated[str, typer.Option("--target", help="onnxruntime, tensorrt or both.")] = "both",
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option("--exclude", help="Glob over node/tensor names to keep in float (repeatable)."),
+    ] = None,
+    max_drop: Annotated[
+        float | None,
+        typer.Option("--max-drop", help="Max top-1 drop (points) vs FP32; sensitive layers fall back to float."),
+    ] = None,
+    max_fallback: Annotated[
+        int | None, typer.Option("--max-fallback", help="At most this many layers back to float.", min=0)
+    ] = None,
+    plan: Annotated[Path | None, typer.Option("--plan", help="Reuse a plan.json (skips calibration).")] = None,
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Folder for the outputs.")] = Path("out"),
+    eval_limit: Annotated[int | None, typer.Option("--eval-limit", help="Evaluate on at most N images.", min=1)] = None,
+    latency: Annotated[
+        bool, typer.Option("--latency/--no-latency", help="Time FP32 vs INT8 on ONNX Runtime CPU.")
+    ] = True,
+    symmetric_ort: Annotated[
+        bool,
+        typer.Option("--symmetric-ort", help="ORT file: symmetric u8 (zero point 128) also for non-negative tensors."),
+    ] = False,
+    arch: ArchOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    preset: PresetOpt = None,
+    input_size: Annotated[int | None, typer.Option("--input-size", help="Square input size override.")] = None,
+    channels: ChannelsOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Quantize a model to INT8 (ONNX Runtime and TensorRT Q/DQ files, TensorRT cache, plan, report)."""
+    from rescompress.errors import RescompressError
+    from rescompress.quantization.pipeline import QuantizeConfig, quantize_model
+
+    if target not in TARGET_CHOICES:
+        raise RescompressError(f"--target must be onnxruntime, tensorrt or both, got {target!r}")
+    if calib_data is None and plan is None:
+        raise RescompressError("--calib-data is required (or --plan to reuse an earlier calibration)")
+    cfg = QuantizeConfig(
+        method=method, percentile=percentile, num_images=num_images, batch_size=batch_size, seed=seed,
+        targets=TARGET_CHOICES[target], exclude=tuple(exclude or ()), max_drop=max_drop,
+        max_float_layers=max_fallback, unsigned_activations=not symmetric_ort, eval_limit=eval_limit,
+        latency=latency,
+    )
+    custom = any(v is not None for v in (preset, input_size, channels, mean, std))
+
+    def preprocess(default):
+        return resolve_preprocess(default, preset, input_size, channels, mean, std)
+
+    result = quantize_model(
+        model, calib_data, output_dir, config=cfg, eval_data=eval_data, plan=plan, arch=arch,
+        trust_pickle=trust_pickle, preprocess=preprocess if custom else None,
+        progress=lambda it, total, desc: progress(it, total, desc), notify=info,
+    )
+    for w in result.warnings:
+        warn(w)
+    data = result.to_dict()
+
+    def render(console: Console) -> None:
+        rows = [
+            {
+                "file": t, "top-1": f.top1, "top-5": f.top5, "FP32 top-1": f.fp32_top1, "drop": f.top1_drop,
+                "agreement %": f.top1_agreement, "logit SQNR dB": f.sqnr_db,
+            }
+            for t, f in result.fidelity.items()
+        ]
+        if rows:
+            console.print(rows_table(rows, title=f"FP32 vs INT8 on {result.eval_source}"))
+        summary = {
+            "method": result.method,
+            "calibration images": result.plan.provenance.num_images,
+            "quantized layers": {t: len(p.quantized_nodes) for t, p in result.placements.items()},
+        }
+        for t, layers in result.worst_layers.items():
+            summary[f"worst tensors ({t})"] = ", ".join(f"{x.tensor} {x.sqnr_db:.1f} dB" for x in layers[:3])
+        if result.latency:
+            speedup = result.latency["speedup"]
+            summary["INT8 speed-up (ORT CPU)"] = {f"batch {b}": round(s, 2) for b, s in speedup.items()}
+        if result.fallback:
+            summary["float fallback"] = ", ".join(result.fallback.float_nodes) or "none needed"
+        summary.update({k: str(v) for k, v in result.artifacts.items()})
+        console.print(key_value_table(summary))
+        console.print("PASSED")
+
+    Output(as_json).result(data, render)
