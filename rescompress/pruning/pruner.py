@@ -39,6 +39,7 @@ from rescompress.pruning.targets import (
     channels_to_remove,
     default_round_to,
     effective_round_to,
+    fit_fraction,
     plan_keep,
     refine_keep,
     search_ratio,
@@ -406,34 +407,39 @@ def prune_model(
     return PruneResult(work.eval(), before, after, report, latency)
 
 
+LATENCY_PROBES = (0.7, 0.85, 1.0, 1.15, 1.3)  # MAC fractions tried, as multiples of the latency target
+
+
 def _latency_to_macs(teacher, example, out_shape, config: PruneConfig, round_to: int, data,
                      input_shape) -> tuple[float, list[dict]]:
     """Find the MAC fraction whose pruned model runs at ``target_latency`` of the original (ORT CPU).
 
-    Latency is close to proportional to MACs once widths are SIMD-aligned, so each try rescales the MAC
-    fraction by target / measured; at most four measured tries, keeping the best one at or under target.
+    Candidates pruned to a few MAC fractions around the target are timed together with the original in
+    one interleaved run (so machine load hits all alike), and a line through their latency ratios is
+    solved for the target (``targets.fit_fraction``).
     """
     goal = config.target_latency
-    frac = goal
-    trace: list[dict] = []
-    best: tuple[float, float] | None = None
     base_macs = count_macs(teacher, input_shape)
-    for _ in range(4):
+    models: dict[str, nn.Module] = {"base": teacher}
+    fracs: dict[str, float] = {}
+    for mult in LATENCY_PROBES:
+        frac = min(0.98, goal * mult)
         cand = copy.deepcopy(teacher)
-        _prune_step(cand, example, out_shape, config, _State(), round_to, ratio=None,
-                    macs_target=int(frac * base_macs), data=data)
-        lat = ort_latency({"base": teacher, "cand": cand}, input_shape, batch_sizes=(config.latency_batch,))
-        measured = lat.ratio("cand", "base", config.latency_batch)
-        trace.append({"macs_fraction": frac, "latency_ratio": measured})
-        log.info("latency search: MACs %.3f -> latency ratio %.3f", frac, measured)
-        if measured <= goal + 0.02 and (best is None or abs(measured - goal) < abs(best[1] - goal)):
-            best = (frac, measured)
-        if abs(measured - goal) <= 0.02:
-            break
-        frac = min(1.0 - 1e-3, max(0.02, frac * goal / max(measured, 1e-6)))
-    if best is None:
+        try:
+            _prune_step(cand, example, out_shape, config, _State(), round_to, ratio=None,
+                        macs_target=int(frac * base_macs), data=data)
+        except RescompressError:
+            continue  # this probe is beyond the per-layer cap; the others still bracket the target
+        name = f"macs_{frac:.3f}"
+        models[name] = cand
+        fracs[name] = count_macs(cand, input_shape) / base_macs
+    if not fracs:
         raise RescompressError(
-            f"could not reach {goal:.0%} of the original latency (best try: {trace[-1]['latency_ratio']:.0%}); "
-            "loosen --target-latency or raise --max-layer-ratio"
+            f"no model near {goal:.0%} of the latency can be pruned within --max-layer-ratio {config.max_layer_ratio}"
         )
-    return best[0], trace
+    lat = ort_latency(models, input_shape, batch_sizes=(config.latency_batch,), rounds=5, iters=5)
+    points = [(fracs[n], lat.ratio(n, "base", config.latency_batch)) for n in fracs]
+    found = fit_fraction(points, goal)
+    trace = [{"macs_fraction": x, "latency_ratio": y, "batch": config.latency_batch} for x, y in points]
+    log.info("latency search: %s -> MAC fraction %.3f", trace, found)
+    return found, trace

@@ -144,6 +144,28 @@ def refine_keep(
             return keep
 
 
+def fit_fraction(points: list[tuple[float, float]], goal: float) -> float:
+    """The MAC fraction whose latency ratio is ``goal``, from measured (MAC fraction, latency ratio) points.
+
+    A least-squares line through all points (one noisy measurement should not decide alone), solved for
+    ``goal`` and kept inside the measured range; if noise makes the slope non-positive, the largest
+    measured fraction whose ratio is at or under ``goal`` (else the smallest fraction) is used.
+    """
+    if not points:
+        raise RescompressError("no latency measurements to fit")
+    xs = [p[0] for p in points]
+    ys = [p[1] for p in points]
+    n = len(points)
+    mx, my = sum(xs) / n, sum(ys) / n
+    var = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in points) / var if var > 0 else 0.0
+    if slope <= 0:
+        under = [x for x, y in points if y <= goal]
+        return max(under) if under else min(xs)
+    frac = mx + (goal - my) / slope
+    return min(max(xs), max(min(xs), frac))
+
+
 def validate_fraction(value: float | None, option: str, allow_one: bool = False) -> None:
     """Refuse a fraction outside (0, 1) (or (0, 1] with ``allow_one``) with a one-line message."""
     if value is None:
