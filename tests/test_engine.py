@@ -431,6 +431,45 @@ def test_preflight_on_exported_resnet20(tmp_path):
     assert not refused.ok
 
 
+@pytest.fixture(scope="module")
+def quantized_resnet20(tmp_path_factory, calib_npz):
+    """The quantize stage's real artifacts for a random-init ResNet-20 (a few calibration images)."""
+    from rescompress.export import export_onnx
+    from rescompress.models import build_model
+    from rescompress.quantization.pipeline import QuantizeConfig, quantize_model
+    from rescompress.spec import get_preset
+
+    d = tmp_path_factory.mktemp("quant")
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=10, in_channels=1).eval()
+    fp32 = export_onnx(model, get_preset("fashion-mnist"), d / "r20.onnx", arch="resnet20", num_classes=10,
+                       check_parity=False).path
+    cfg = QuantizeConfig(method="max", num_images=32, batch_size=16, latency=False, eval_limit=32)
+    return quantize_model(fp32, calib_npz, d / "out", config=cfg).artifacts
+
+
+def test_preflight_accepts_the_quantize_stage_tensorrt_artifact(quantized_resnet20):
+    report = preflight(EngineBuildConfig(quantized_resnet20["tensorrt"], profiles=parse_profiles("1:8:32")))
+    assert report.ok, report.errors
+    assert report.precision == "int8" and report.qdq_checker == "passed"
+    assert report.qdq.quantize > 0 and report.qdq.zero_point_types == ("int8",)
+    assert report.input_chw == (1, 28, 28) and report.num_classes == 10
+
+
+def test_preflight_refuses_the_onnxruntime_artifact_for_tensorrt(quantized_resnet20):
+    report = preflight(EngineBuildConfig(quantized_resnet20["onnxruntime"], precision="int8"))
+    assert not report.ok and "ONNX Runtime artifact" in report.errors[0]
+
+
+def test_preflight_implicit_path_with_the_quantize_stage_cache(quantized_resnet20):
+    cfg = EngineBuildConfig(quantized_resnet20["fp32"], precision="int8-implicit",
+                            calib_cache=quantized_resnet20["trt_cache"])
+    on10 = preflight(cfg, tensorrt_version="10.0.0")
+    assert on10.ok, on10.errors
+    assert read_calib_cache(on10.calib_cache).algorithm == "EntropyCalibration2"
+    assert not preflight(cfg, tensorrt_version="11.0.0").ok
+
+
 # ------------------------------------------------------------------------------------------- sidecar
 def make_meta(engine_sha: str = "0" * 64, trt: str = "10.8.0.43", gpu: str = "NVIDIA A100-SXM4-80GB",
               cc: tuple[int, int] = (8, 0)) -> EngineMetadata:
@@ -654,3 +693,22 @@ def test_load_engine_refuses_tampered_sidecar(tmp_path):
     result.sidecar_path.write_text(json.dumps(data))
     with pytest.raises(EngineMismatchError, match="TensorRT 0.0.1"):
         load_engine(result.engine_path)
+
+
+@pytest.mark.needs_tensorrt
+def test_int8_engine_from_quantize_artifact_agrees_with_onnxruntime(quantized_resnet20, calib_npz):
+    from rescompress.engine import build_engine
+    from rescompress.runtimes.tensorrt_runner import TensorRTRunner
+
+    trt_onnx = quantized_resnet20["tensorrt"]
+    result = build_engine(EngineBuildConfig(trt_onnx, profiles=parse_profiles("1:8:32")))
+    from rescompress.spec import get_preset
+
+    pre = get_preset("fashion-mnist")
+    x = np.load(calib_npz)["x"][:32].astype(np.float32)[:, None] / 255.0
+    x = ((x - pre.mean[0]) / pre.std[0]).astype(np.float32)
+    got = TensorRTRunner(result.engine_path).run(x)
+    ref = run_ort(trt_onnx, x)
+    # Both execute the same Q/DQ graph; TensorRT's fused int8 kernels round differently in places.
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.9
+    assert np.abs(got - ref).max() <= 0.1 * max(1.0, np.abs(ref).max())
