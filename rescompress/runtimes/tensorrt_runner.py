@@ -60,7 +60,7 @@ class TensorRTRunner:
         self._in_dtype = _torch_dtype(trt, eng.get_tensor_dtype(self.input_name))
         self._out_dtype = _torch_dtype(trt, eng.get_tensor_dtype(self.output_name))
         self.profiles = tuple(self._profile(eng, i) for i in range(eng.num_optimization_profiles))
-        self.input_chw = tuple(int(d) for d in eng.get_tensor_profile_shape(self.input_name, 0)[0][1:])
+        self.input_chw = tuple(int(d) for d in tuple(eng.get_tensor_profile_shape(self.input_name, 0)[0])[1:])
         self.info = _runner_info(loaded, self.input_chw, self.profiles, device)
         with torch.cuda.device(self._device):
             self._stream = torch.cuda.Stream(self._device)
