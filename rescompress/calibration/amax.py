@@ -118,7 +118,7 @@ def mse_amax(
     hist_range: float,
     levels: int = INT8_LEVELS,
     zeros: int = 0,
-    start_bin: int = 16,
+    start_bin: int = 1,
 ) -> float:
     """The amax minimizing the expected squared quantization error over the histogram.
 

@@ -1,0 +1,210 @@
+"""Calibration math on known distributions, the streaming histogram, and streaming over a real ONNX model."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from rescompress.calibration import (
+    StreamingHistogram,
+    entropy_amax,
+    make_calibrator,
+    max_amax,
+    mse_amax,
+    per_channel_max,
+    percentile_amax,
+)
+from rescompress.calibration.collect import collect_histograms, make_session, suggest_batch_size, with_extra_outputs
+from rescompress.errors import RescompressError
+
+
+def _hist(x: np.ndarray, bins: int = 2048) -> StreamingHistogram:
+    h = StreamingHistogram(bins)
+    h.collect(x)
+    return h
+
+
+# ------------------------------------------------------------------------------------------ max / percentile
+def test_max_calibrator_is_exact_over_batches():
+    rng = np.random.default_rng(1)
+    batches = [rng.normal(0, s, size=(4, 8, 5, 5)).astype(np.float32) for s in (0.5, 3.0, 1.0)]
+    cal = make_calibrator("max")
+    for b in batches:
+        cal.collect(b)
+    assert cal.compute_amax() == pytest.approx(float(np.max(np.abs(np.concatenate([b.ravel() for b in batches])))))
+    cal.reset()
+    assert cal.compute_amax() == 0.0
+    assert max_amax(np.array([-7.5, 2.0])) == 7.5
+
+
+@pytest.mark.parametrize("p", [99.0, 99.9, 99.99])
+def test_percentile_matches_numpy_within_one_bin(p):
+    x = np.random.default_rng(2).standard_t(df=3, size=400_000).astype(np.float32)
+    h = _hist(x)
+    got = percentile_amax(h.counts, h.range, p)
+    expected = float(np.percentile(np.abs(x), p))
+    assert abs(got - expected) <= h.range / h.num_bins + 1e-6
+    cal = make_calibrator("percentile", percentile=p)
+    cal.collect(x)
+    assert cal.compute_amax() == pytest.approx(got)
+
+
+def test_percentile_rejects_out_of_range():
+    with pytest.raises(RescompressError, match="percentile"):
+        percentile_amax(np.ones(8), 1.0, 0.0)
+
+
+# ------------------------------------------------------------------------------------------ entropy / mse
+@pytest.mark.parametrize("method", ["entropy", "mse"])
+def test_heavy_tail_is_clipped_below_max(method):
+    x = np.random.default_rng(3).standard_t(df=3, size=300_000).astype(np.float32)  # heavy tails
+    h = _hist(x)
+    fn = entropy_amax if method == "entropy" else mse_amax
+    amax = fn(h.counts, h.range, 127, zeros=h.zeros)
+    p99 = float(np.percentile(np.abs(x), 99.0))
+    assert amax < 0.9 * h.amax  # the rare huge values are clipped ...
+    assert amax > p99  # ... but not the bulk of the distribution
+
+
+def _fake_quant_mse(x: np.ndarray, amax: float, levels: int = 127) -> float:
+    s = amax / levels
+    return float(np.mean((x - np.clip(np.rint(x / s), -levels, levels) * s) ** 2))
+
+
+def test_mse_amax_beats_max_and_percentile_on_real_error():
+    x = np.random.default_rng(9).laplace(size=200_000).astype(np.float64)
+    h = _hist(x)
+    best = mse_amax(h.counts, h.range, 127)
+    err = _fake_quant_mse(x, best)
+    assert err < _fake_quant_mse(x, h.amax)
+    assert err < _fake_quant_mse(x, float(np.percentile(np.abs(x), 99.0)))
+    assert err <= 1.02 * min(_fake_quant_mse(x, a) for a in np.linspace(0.3, 1.0, 50) * h.amax)
+
+
+def test_mse_on_uniform_keeps_the_full_range():
+    x = np.random.default_rng(4).uniform(-1, 1, size=200_000)
+    h = _hist(x)
+    assert mse_amax(h.counts, h.range, 127) == pytest.approx(h.amax, rel=0.02)
+
+
+def test_entropy_ignores_relu_zero_spike():
+    # Half the values are exact zeros (ReLU): the threshold must follow the positive half-normal (~4 sigma),
+    # not collapse towards the spike (about 2 sigma if the zeros are counted).
+    x = np.maximum(np.random.default_rng(5).standard_normal(1_000_000), 0.0)
+    h = _hist(x)
+    assert h.zeros == int(np.sum(x == 0))
+    with_zeros_removed = entropy_amax(h.counts, h.range, 127, zeros=h.zeros)
+    naive = entropy_amax(h.counts, h.range, 127, zeros=0)
+    assert with_zeros_removed > 3.5
+    assert naive < with_zeros_removed
+
+
+def test_more_levels_never_clip_harder_for_mse():
+    x = np.random.default_rng(6).laplace(size=300_000)
+    h = _hist(x)
+    assert mse_amax(h.counts, h.range, 255) >= mse_amax(h.counts, h.range, 127)
+
+
+# ------------------------------------------------------------------------------------------ histogram
+def test_streaming_histogram_equals_one_shot():
+    rng = np.random.default_rng(7)
+    # Later batches are wider, so the range doubles (several times) while streaming.
+    batches = [rng.normal(0, s, size=50_000).astype(np.float32) for s in (0.1, 0.3, 2.0, 0.5, 7.0)]
+    h = StreamingHistogram(1024)
+    for b in batches:
+        h.collect(b)
+    allv = np.abs(np.concatenate(batches)).astype(np.float64)
+    one_shot, _ = np.histogram(allv, bins=1024, range=(0.0, h.range))
+    assert h.count == allv.size == int(h.counts.sum())
+    assert h.range >= allv.max()
+    # Equal bin for bin, up to values lying on a bin edge (float32 vs float64 edge arithmetic).
+    assert int(np.abs(h.counts - one_shot).sum()) <= 1e-4 * allv.size
+    assert h.counts.shape == (1024,)  # memory does not grow with the data
+
+
+def test_doubling_merges_adjacent_bins_exactly():
+    h = StreamingHistogram(8)
+    h.collect(np.array([0.05, 0.15, 0.3, 0.45, 0.55, 0.8, 1.0], dtype=np.float32))
+    before = h.counts.copy()
+    h.collect(np.array([1.9], dtype=np.float32))  # forces one doubling, lands in the top new bin
+    assert h.range == pytest.approx(2.0)
+    np.testing.assert_array_equal(h.counts[:4], before.reshape(4, 2).sum(1))
+    assert h.counts[7] == 1 and h.counts[4:7].sum() == 0
+
+
+def test_histogram_tracks_sign_and_rejects_nan():
+    h = _hist(np.array([0.0, 1.0, 2.0]))
+    assert h.nonnegative and h.zeros == 1
+    h.collect(np.array([-0.5]))
+    assert not h.nonnegative and h.amax == 2.0
+    with pytest.raises(RescompressError, match="NaN or Inf"):
+        h.collect(np.array([1.0, np.nan]))
+
+
+def test_per_channel_max_matches_torch():
+    w = torch.randn(6, 3, 3, 3)
+    np.testing.assert_allclose(per_channel_max(w.numpy(), 0), w.abs().amax(dim=(1, 2, 3)).numpy())
+    fc = torch.randn(10, 4)
+    np.testing.assert_allclose(per_channel_max(fc.numpy().T, 1), fc.abs().amax(dim=1).numpy())
+
+
+def test_unknown_method():
+    with pytest.raises(RescompressError, match="unknown calibration method"):
+        make_calibrator("minmax")
+
+
+# ------------------------------------------------------------------------------------------ streaming over ONNX
+class _Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.relu(self.conv(x)), 1), 1))
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "tiny.onnx"
+    torch.manual_seed(0)
+    torch.onnx.export(
+        _Tiny().eval(), torch.randn(2, 3, 16, 16), str(path), dynamo=False, input_names=["input"],
+        output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
+    )
+    return onnx.load(str(path))
+
+
+def test_collect_streams_batches_into_histograms(tiny_onnx):
+    relu_out = next(n.output[0] for n in tiny_onnx.graph.node if n.op_type == "Relu")
+    conv_out = next(n.output[0] for n in tiny_onnx.graph.node if n.op_type == "Conv")
+    rng = np.random.default_rng(8)
+    batches = [rng.standard_normal((3, 3, 16, 16)).astype(np.float32) * s for s in (1.0, 4.0, 0.5)]
+    hists, stats = collect_histograms(tiny_onnx, [conv_out, relu_out], batches)
+    assert stats.num_images == 9 and stats.num_batches == 3
+    # Reference: the same tensors from one run over all images.
+    sess = make_session(with_extra_outputs(tiny_onnx, [conv_out, relu_out]))
+    ref_conv, ref_relu = sess.run([conv_out, relu_out], {"input": np.concatenate(batches)})
+    assert hists[conv_out].amax == pytest.approx(float(np.abs(ref_conv).max()), rel=1e-5)
+    assert hists[conv_out].count == ref_conv.size
+    assert hists[relu_out].nonnegative and not hists[conv_out].nonnegative
+    assert hists[relu_out].zeros == int(np.sum(ref_relu == 0))
+
+
+def test_collect_rejects_nan_inputs(tiny_onnx):
+    x = np.zeros((2, 3, 16, 16), np.float32)
+    x[0, 0, 0, 0] = np.inf
+    with pytest.raises(RescompressError, match="NaN or Inf"):
+        collect_histograms(tiny_onnx, [tiny_onnx.graph.output[0].name], [x])
+
+
+def test_batch_size_is_capped_by_the_memory_budget(tiny_onnx):
+    conv_out = next(n.output[0] for n in tiny_onnx.graph.node if n.op_type == "Conv")
+    sess = make_session(with_extra_outputs(tiny_onnx, [conv_out]))
+    per_image = 8 * 16 * 16 * 4 + 4 * 4  # conv output + logits, float32
+    assert suggest_batch_size(sess, "input", (1, 3, 16, 16), 64, budget=per_image * 5) == 5
+    assert suggest_batch_size(sess, "input", (1, 3, 16, 16), 4, budget=per_image * 5) == 4
