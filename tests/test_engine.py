@@ -630,6 +630,13 @@ def test_cli_bad_options(qdq_onnx, args, message):
     assert result.exit_code == 1 and message in result.stderr
 
 
+def test_cli_refuses_to_overwrite_its_input(qdq_onnx):
+    before = qdq_onnx.read_bytes()
+    result = runner.invoke(app, ["build-engine", str(qdq_onnx), "-o", str(qdq_onnx)])
+    assert result.exit_code == 1 and "same file as input" in result.stderr
+    assert qdq_onnx.read_bytes() == before
+
+
 def test_cli_missing_file(tmp_path):
     result = runner.invoke(app, ["build-engine", str(tmp_path / "nope.onnx"), "--check-only"])
     assert result.exit_code == 1 and "does not exist" in result.stderr
