@@ -362,6 +362,9 @@ def load_engine(path: Path | str, *, check_sidecar: bool = True, device: int = 0
             log.warning("%s", w)
     logger = _make_logger(trt)
     runtime = trt.Runtime(logger)
+    if meta is not None and meta.dla_core is not None:
+        # A DLA engine runs on the core the runtime names; it must be set before deserializing.
+        runtime.DLA_core = int(meta.dla_core)
     engine = runtime.deserialize_cuda_engine(p.read_bytes())
     if engine is None:
         reason = logger.errors[-1] if logger.errors else "not a TensorRT engine, or built elsewhere"
