@@ -136,9 +136,13 @@ def prepare_model(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
-def matches(node: onnx.NodeProto, patterns: Iterable[str]) -> bool:
-    """A node matches a glob if its name, one of its outputs or one of its inputs does."""
-    names = [node.name, *node.output, *node.input]
+def matches(node: onnx.NodeProto, patterns: Iterable[str], constants: Iterable[str] = ()) -> bool:
+    """A node matches a glob if its name, one of its outputs or one of its weights (constants) does.
+
+    Activation inputs do not count: ``/conv1/*`` must not also catch the ReLU that reads conv1's output.
+    """
+    consts = set(constants)
+    names = [node.name, *node.output, *(t for t in node.input if t in consts)]
     return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names if n)
 
 
@@ -190,7 +194,7 @@ def place(model: onnx.ModelProto, target: str, exclude: Iterable[str] = ()) -> P
         raise RescompressError(f"unknown target {target!r}; choose onnxruntime or tensorrt")
     idx = GraphIndex(model)
     patterns = tuple(exclude)
-    excluded = [n.name for n in idx.nodes if patterns and matches(n, patterns)]
+    excluded = [n.name for n in idx.nodes if patterns and matches(n, patterns, idx.constants)]
     excluded_set = set(excluded)
     return (_place_ort if target == "onnxruntime" else _place_trt)(idx, excluded_set, tuple(excluded))
 

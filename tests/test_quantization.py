@@ -1,0 +1,305 @@
+"""Q/DQ placement and emitters on a real exported ResNet-20, checked by ONNX Runtime's own fused graph.
+
+The model is a random-init ResNet-20 with non-trivial BatchNorm statistics, folded and exported by the
+project's export path; the ORT file must turn every quantized Conv into QLinearConv (read from the graph
+ORT writes with ``optimized_model_filepath``), the TensorRT file must pass the structural checker (and
+deliberately broken variants must not). Fidelity on the trained bundled model is checked when its
+weights exist.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import helper, numpy_helper
+
+from rescompress.calibration.collect import collect_histograms
+from rescompress.errors import CheckFailed, RescompressError
+from rescompress.export import export_onnx
+from rescompress.folding import fold_batchnorm
+from rescompress.models import build_model
+from rescompress.quantization.calibrate import activation_entries, weight_entries
+from rescompress.quantization.checker import check_trt_qdq
+from rescompress.quantization.emit import emit_qdq, quantize_weight
+from rescompress.quantization.fallback import LayerSensitivity, search_fallback
+from rescompress.quantization.fidelity import sqnr_db
+from rescompress.quantization.placement import GraphIndex, place, prepare_model
+from rescompress.quantization.plan import (
+    Provenance,
+    QuantPlan,
+    model_fingerprint,
+    symmetric_int8,
+    symmetric_uint8,
+    unsigned_uint8,
+)
+from rescompress.quantization.trt_cache import cache_text, parse_cache, trt_version_number
+from rescompress.spec import get_preset
+
+NUM_CONVS, NUM_ADDS = 21, 9  # ResNet-20: stem + 18 block convs + 2 downsample convs; one Add per block
+
+
+def _randomize_bn(model: torch.nn.Module) -> None:
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.2 - 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.2 - 0.1)
+
+
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=10, in_channels=1).eval()
+    _randomize_bn(model)
+    pre = get_preset("fashion-mnist")
+    folded = fold_batchnorm(model, input_shape=pre.input_shape(2)).model
+    path = tmp_path_factory.mktemp("q") / "r20.fp32.onnx"
+    export_onnx(folded, pre, path, arch="resnet20", num_classes=10)
+    return prepare_model(onnx.load(str(path)))
+
+
+@pytest.fixture(scope="module")
+def images(calib_npz):
+    from rescompress.data import open_dataset
+
+    ds = open_dataset(calib_npz, get_preset("fashion-mnist"))
+    return np.stack([ds[i][0].numpy() for i in range(96)])
+
+
+@pytest.fixture(scope="module")
+def plan(fp32, images):
+    placements = [place(fp32, "onnxruntime"), place(fp32, "tensorrt")]
+    names = sorted(set().union(*(p.calib_tensors() for p in placements)) | set(GraphIndex(fp32).float_activations()))
+    hists, stats = collect_histograms(fp32, names, [images[i : i + 32] for i in range(0, 64, 32)])
+    prov = Provenance(model_fingerprint(fp32), "test", stats.num_images, "max", None, {})
+    weights = weight_entries(fp32, [w for p in placements for w in p.weights])
+    return QuantPlan(activation_entries(hists, "max", 99.99), weights, prov)
+
+
+def _optimized_ops(model: onnx.ModelProto, tmp_path) -> Counter:
+    src, opt = tmp_path / "m.onnx", tmp_path / "m.opt.onnx"
+    onnx.save(model, str(src))
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(opt)
+    so.log_severity_level = 3
+    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(str(opt)).graph.node)
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return s.run(None, {s.get_inputs()[0].name: x})[0]
+
+
+# ------------------------------------------------------------------------------------------ placement
+def test_placement_covers_every_conv_and_add(fp32):
+    ops = {n.name: n.op_type for n in fp32.graph.node}
+    ort_p, trt_p = place(fp32, "onnxruntime"), place(fp32, "tensorrt")
+    ort_ops = Counter(ops[n] for n in ort_p.quantized_nodes)
+    trt_ops = Counter(ops[n] for n in trt_p.quantized_nodes)
+    assert ort_ops["Conv"] == NUM_CONVS and ort_ops["Add"] == NUM_ADDS and ort_ops["Gemm"] == 1
+    assert trt_ops["Conv"] == NUM_CONVS and trt_ops["Add"] == NUM_ADDS and trt_ops["Gemm"] == 1
+    assert len(ort_p.weights) == len(trt_p.weights) == NUM_CONVS + 1
+    assert not ort_p.unsupported and not trt_p.unsupported
+    logits = fp32.graph.output[0].name
+    assert all(a.name != logits for a in ort_p.activations + trt_p.activations)
+
+
+def test_exclude_pattern_keeps_layers_float(fp32):
+    p = place(fp32, "onnxruntime", exclude=["/conv1/*"])
+    assert p.float_nodes == ("/conv1/Conv",)
+    assert "/conv1/Conv" not in p.quantized_nodes and len(p.weights) == NUM_CONVS
+
+
+def test_opset_below_13_is_refused(fp32):
+    old = onnx.ModelProto()
+    old.CopyFrom(fp32)
+    old.opset_import[0].version = 11
+    with pytest.raises(RescompressError, match="opset"):
+        prepare_model(old)
+
+
+# ------------------------------------------------------------------------------------------ ORT artifact
+def test_ort_file_fuses_every_conv_into_qlinearconv(fp32, plan, tmp_path):
+    q = emit_qdq(fp32, plan, place(fp32, "onnxruntime"))
+    onnx.checker.check_model(q)
+    ops = _optimized_ops(q, tmp_path)
+    assert ops["QLinearConv"] == NUM_CONVS
+    assert ops["QLinearAdd"] == NUM_ADDS
+    assert ops["Conv"] == 0 and ops["FusedConv"] == 0 and ops["DequantizeLinear"] == 0
+    # uint8 activations everywhere, int8 weights
+    zps = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer if i.name.endswith("_zero_point")}
+    act_zps = [v for k, v in zps.items() if "Conv_" not in k and "Gemm_" not in k]
+    assert act_zps and all(v.dtype == np.uint8 for v in act_zps)
+
+
+def test_ort_exclude_leaves_one_float_conv(fp32, plan, tmp_path):
+    q = emit_qdq(fp32, plan, place(fp32, "onnxruntime", exclude=["/conv1/*"]))
+    ops = _optimized_ops(q, tmp_path)
+    assert ops["QLinearConv"] == NUM_CONVS - 1
+    assert ops["Conv"] + ops["FusedConv"] == 1
+
+
+def test_ort_file_stays_close_to_fp32(fp32, plan, images):
+    x = images[64:96]
+    ref = _run(fp32, x)
+    got = _run(emit_qdq(fp32, plan, place(fp32, "onnxruntime")), x)
+    assert got.shape == ref.shape
+    assert sqnr_db(ref, got) > 25.0  # random-init weights, 64 calibration images, max ranges
+
+
+def test_weights_are_int8_per_channel(fp32, plan):
+    q = emit_qdq(fp32, plan, place(fp32, "tensorrt"))
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    orig = {i.name: numpy_helper.to_array(i) for i in fp32.graph.initializer}
+    dqs = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None
+           and inits[n.input[0]].dtype == np.int8]
+    assert len(dqs) == NUM_CONVS + 1
+    for dq in dqs:
+        wq, scale = inits[dq.input[0]], inits[dq.input[1]]
+        axis = next(a.i for a in dq.attribute if a.name == "axis")
+        assert scale.shape == (wq.shape[axis],)
+        assert wq.min() >= -127 and wq.max() <= 127
+    w = orig[next(iter(plan.weights))]
+    scales = plan.weights[next(iter(plan.weights))].scales
+    wq = quantize_weight(w, scales, 0)
+    err = np.abs(wq.astype(np.float32) * scales.reshape(-1, *([1] * (w.ndim - 1))) - w)
+    assert float(err.max()) <= float(scales.max()) / 2 + 1e-7
+
+
+def test_same_grid_for_both_targets():
+    assert symmetric_uint8(2.54).scale == symmetric_int8(2.54).scale == pytest.approx(0.02)
+    assert symmetric_uint8(2.54).zero_point == 128 and symmetric_int8(2.54).zero_point == 0
+    assert unsigned_uint8(2.55).scale == pytest.approx(0.01) and unsigned_uint8(2.55).zero_point == 0
+
+
+# ------------------------------------------------------------------------------------------ TensorRT artifact
+def test_trt_file_passes_checker_and_runs(fp32, plan, images):
+    p = place(fp32, "tensorrt")
+    q = emit_qdq(fp32, plan, p)
+    assert check_trt_qdq(q) == []
+    ops = Counter(n.op_type for n in q.graph.node)
+    # one Q per quantized activation tensor (conv/gemm inputs + residual inputs), a DQ per weight as well
+    assert ops["QuantizeLinear"] == len(p.activations)
+    assert ops["DequantizeLinear"] == len(p.activations) + NUM_CONVS + 1
+    producers = {o: n for n in q.graph.node for o in n.output}
+    for n in q.graph.node:
+        if n.op_type == "QuantizeLinear":
+            src = producers.get(n.input[0])
+            assert src is None or src.op_type != "Conv" or "downsample" in src.name
+    x = images[64:96]
+    assert sqnr_db(_run(fp32, x), _run(q, x)) > 25.0
+
+
+def test_checker_catches_missing_residual_qdq(fp32, plan):
+    q = emit_qdq(fp32, plan, place(fp32, "tensorrt"))
+    producers = {o: n for n in q.graph.node for o in n.output}
+    add = next(n for n in q.graph.node if n.op_type == "Add" and producers[n.input[1]].op_type == "DequantizeLinear"
+               and producers[n.input[0]].op_type == "Conv")
+    dq = producers[add.input[1]]
+    add.input[1] = producers[dq.input[0]].input[0]  # bypass the residual Q/DQ pair
+    problems = check_trt_qdq(q)
+    assert any(add.name in p and "residual" in p for p in problems)
+
+
+def test_checker_catches_qdq_on_conv_output(fp32, plan):
+    q = emit_qdq(fp32, plan, place(fp32, "tensorrt"))
+    producers = {o: n for n in q.graph.node for o in n.output}
+    add = next(n for n in q.graph.node if n.op_type == "Add" and producers[n.input[0]].op_type == "Conv")
+    conv_out = add.input[0]
+    scale = helper.make_tensor("bad_scale", onnx.TensorProto.FLOAT, [], [0.05])
+    zp = helper.make_tensor("bad_zp", onnx.TensorProto.INT8, [], [0])
+    q.graph.initializer.extend([scale, zp])
+    idx = list(q.graph.node).index(add)
+    q.graph.node.insert(idx, helper.make_node("DequantizeLinear", ["bad_q", "bad_scale", "bad_zp"], ["bad_dq"]))
+    q.graph.node.insert(idx, helper.make_node("QuantizeLinear", [conv_out, "bad_scale", "bad_zp"], ["bad_q"]))
+    add.input[0] = "bad_dq"
+    problems = check_trt_qdq(q)
+    assert any(add.name in p and "exactly one Conv output" in p for p in problems)
+
+
+def test_checker_catches_unquantized_conv_and_uint8(fp32, plan):
+    q = emit_qdq(fp32, plan, place(fp32, "tensorrt", exclude=["/layer2/layer2.1/conv1/*"]))
+    problems = check_trt_qdq(q)
+    assert any("/layer2/layer2.1/conv1/Conv" in p and "not quantized" in p for p in problems)
+    assert check_trt_qdq(q, allow_float=["/layer2/layer2.1/conv1/Conv"]) == []
+    ort_file = emit_qdq(fp32, plan, place(fp32, "onnxruntime"))
+    assert any("uint8" in p for p in check_trt_qdq(ort_file))
+
+
+# ------------------------------------------------------------------------------------------ cache and plan
+def test_calibration_cache_format(fp32, plan):
+    names = GraphIndex(fp32).float_activations()
+    scales = {n: plan.activation(n).params["tensorrt"].scale for n in names}
+    text = cache_text(scales, "10.3.0")
+    lines = text.splitlines()
+    assert lines[0] == "TRT-100300-EntropyCalibration2"
+    assert all(re.fullmatch(r".+: [0-9a-f]{8}", ln) for ln in lines[1:])
+    header, parsed = parse_cache(text)
+    assert header == lines[0] and set(parsed) == set(names)
+    for n in names:
+        assert parsed[n] == struct.unpack(">f", struct.pack(">f", plan.activation(n).amax / 127))[0]
+    assert trt_version_number("8.6.1") == 8601 and trt_version_number("10.0.1") == 100001
+
+
+def test_plan_json_round_trip(plan, tmp_path, fp32):
+    path = plan.save(tmp_path / "plan.json")
+    back = QuantPlan.load(path)
+    assert back.to_dict() == plan.to_dict()
+    assert back.activations == plan.activations and back.weights == plan.weights
+    back.check_model(model_fingerprint(fp32))
+    with pytest.raises(RescompressError, match="another model"):
+        back.check_model("0" * 64)
+    (tmp_path / "bad.json").write_text('{"format": "something else"}')
+    with pytest.raises(RescompressError, match="not a rescompress quantization plan"):
+        QuantPlan.load(tmp_path / "bad.json")
+
+
+# ------------------------------------------------------------------------------------------ fallback search
+def _ranking(n: int) -> list[LayerSensitivity]:
+    return [LayerSensitivity(f"L{i}", float(i)) for i in range(n)]
+
+
+def test_fallback_finds_fewest_layers():
+    calls = []
+
+    def measure(float_nodes):  # drop shrinks as the most sensitive layers go back to float
+        calls.append(len(float_nodes))
+        return max(0.0, 1.0 - 0.1 * len(float_nodes))
+
+    res = search_fallback(_ranking(20), measure, max_drop=0.25)
+    assert len(res.float_nodes) == 8 and res.float_nodes == tuple(f"L{i}" for i in range(8))
+    assert res.achieved == pytest.approx(0.2)
+    assert len(set(calls)) <= 8  # doubling then bisection, not a linear scan
+
+
+def test_fallback_impossible_raises_check_failed():
+    with pytest.raises(CheckFailed, match="no configuration"):
+        search_fallback(_ranking(5), lambda f: 1.0, max_drop=0.5)
+    with pytest.raises(CheckFailed):
+        search_fallback(_ranking(20), lambda f: max(0.0, 1.0 - 0.1 * len(f)), max_drop=0.25, max_float=3)
+
+
+# ------------------------------------------------------------------------------------------ trained model
+def test_fidelity_on_trained_reference(reference_checkpoint, calib_npz, eval_npz, tmp_path):
+    if not reference_checkpoint.exists():
+        pytest.skip("the trained reference model is not bundled yet")
+    from rescompress.quantization.pipeline import QuantizeConfig, quantize_model
+
+    cfg = QuantizeConfig(method="entropy", num_images=256, eval_limit=1000, latency=False)
+    r = quantize_model(reference_checkpoint, calib_npz, tmp_path, config=cfg, eval_data=eval_npz)
+    ort_f, trt_f = r.fidelity["onnxruntime"], r.fidelity["tensorrt"]
+    assert ort_f.n == 1000 and ort_f.fp32_top1 > 80.0
+    assert ort_f.sqnr_db >= 30.0 and trt_f.sqnr_db >= 27.0
+    assert ort_f.top1_agreement >= 99.0 and trt_f.top1_agreement >= 99.0
+    assert abs(ort_f.top1_drop) <= 0.5
+    assert check_trt_qdq(onnx.load(str(r.artifacts["tensorrt"]))) == []
