@@ -1,0 +1,304 @@
+"""FP32 ONNX export: graph structure, dynamic batch, metadata round trip, parity, refusals, and the CLI."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+from typer.testing import CliRunner
+
+from rescompress.checkpoint import CheckpointHeader, load_checkpoint, save_checkpoint
+from rescompress.cli.app import app
+from rescompress.errors import RescompressError
+from rescompress.export import ExportError, export_onnx, read_onnx_info
+from rescompress.folding import count_batchnorm, fold_batchnorm
+from rescompress.models import build_model
+from rescompress.spec import Preprocess, get_preset
+
+REL_TOL = 1e-5
+PLAIN_OPS = {"Conv", "Relu", "Add", "MaxPool", "GlobalAveragePool", "Flatten", "Gemm"}
+
+
+def randomize_bn(model: nn.Module, seed: int = 1) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
+                m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=gen) * 0.2)
+    return model.eval()
+
+
+def ort_run(path, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input": x.astype(np.float32)})[0]
+
+
+def rel_err(ref: np.ndarray, out: np.ndarray) -> float:
+    ref, out = np.asarray(ref, np.float64), np.asarray(out, np.float64)
+    return float(np.abs(out - ref).max() / np.abs(ref).max())
+
+
+CASES = {
+    "resnet20": (dict(arch="resnet20", num_classes=10, in_channels=1), get_preset("fashion-mnist")),
+    "resnet18": (dict(arch="resnet18", num_classes=7, in_channels=3), get_preset("imagenet").with_overrides(size=64)),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def exported(request, tmp_path_factory):
+    build, pre = CASES[request.param]
+    torch.manual_seed(0)
+    model = randomize_bn(build_model(**build))
+    folded = fold_batchnorm(model, input_shape=pre.input_shape(8)).model
+    path = tmp_path_factory.mktemp("export") / f"{build['arch']}.onnx"
+    result = export_onnx(folded, pre, path, arch=build["arch"], num_classes=build["num_classes"], folded=True)
+    return model, pre, build, result
+
+
+def test_export_graph_is_plain_checked_and_named(exported):
+    _, pre, _, result = exported
+    proto = onnx.load(str(result.path))
+    onnx.checker.check_model(proto, full_check=True)
+    ops = Counter(n.op_type for n in proto.graph.node)
+    assert set(ops) <= PLAIN_OPS, ops
+    assert "BatchNormalization" not in ops and "Identity" not in ops
+    assert dict(ops) == result.op_counts
+    assert ops["Gemm"] == 1 and ops["GlobalAveragePool"] == 1
+    assert next(o.version for o in proto.opset_import if o.domain == "") >= 17
+    (inp,), (out,) = proto.graph.input, proto.graph.output
+    assert inp.name == "input" and out.name == "logits"
+    in_dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+    out_dims = [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim]
+    assert in_dims == ["batch", pre.channels, *pre.size]
+    assert out_dims[0] == "batch"
+    assert result.size_bytes == result.path.stat().st_size
+
+
+def test_export_runs_at_batch_1_and_3_like_torch(exported):
+    model, pre, build, result = exported
+    for batch in (1, 3):
+        x = torch.randn(pre.input_shape(batch))
+        with torch.no_grad():
+            ref = model(x).numpy()
+        out = ort_run(result.path, x.numpy())
+        assert out.shape == (batch, build["num_classes"])
+        assert rel_err(ref, out) <= REL_TOL
+        assert np.array_equal(ref.argmax(1), out.argmax(1))
+
+
+def test_export_parity_report(exported):
+    _, pre, _, result = exported
+    parity = result.parity
+    assert parity is not None and parity.passed
+    assert parity.probe_shape == pre.input_shape(8)
+    assert 0.0 <= parity.max_rel_diff <= REL_TOL
+    assert parity.max_abs_diff >= 0.0 and parity.top1_agreement == 100.0
+    assert result.to_dict()["parity"]["passed"] is True
+
+
+def test_metadata_round_trip(exported):
+    _, pre, build, result = exported
+    info = read_onnx_info(result.path)
+    assert info.preprocess == pre
+    assert info.arch == build["arch"]
+    assert info.num_classes == build["num_classes"]
+    assert info.in_channels == build["in_channels"]
+    assert info.input_size == pre.size
+    assert (info.input_name, info.output_name) == ("input", "logits")
+    assert info.opset == 17 and info.tool_version is not None
+    meta = info.metadata
+    assert json.loads(meta["rescompress.mean"]) == pytest.approx(list(pre.mean_per_channel))
+    assert json.loads(meta["rescompress.input_size"]) == list(pre.size)
+    assert meta["rescompress.preset"] == pre.preset and meta["rescompress.folded"] == "1"
+
+
+def test_unfolded_export_with_batchnorm_keeps_parity(tmp_path):
+    pre = get_preset("fashion-mnist")
+    model = randomize_bn(build_model("resnet20", num_classes=10, in_channels=1))
+    assert count_batchnorm(model) == 21
+    result = export_onnx(model, pre, tmp_path / "nofold.onnx", arch="resnet20", num_classes=10, folded=False)
+    ops = Counter(n.op_type for n in onnx.load(str(result.path)).graph.node)
+    # The exporter folds eval-mode BN itself; either way no training-mode BN may remain.
+    assert set(ops) <= PLAIN_OPS | {"BatchNormalization"}
+    assert result.parity.max_rel_diff <= REL_TOL
+    assert read_onnx_info(result.path).metadata["rescompress.folded"] == "0"
+
+
+def test_export_refuses_output_equal_to_input_and_old_opset(tmp_path):
+    pre = get_preset("fashion-mnist")
+    model = build_model("resnet20", num_classes=10, in_channels=1).eval()
+    src = save_checkpoint(model, tmp_path / "m.safetensors", CheckpointHeader("resnet20", 10, 1, pre))
+    before = src.read_bytes()
+    with pytest.raises(RescompressError, match="same file as input"):
+        export_onnx(model, pre, src, arch="resnet20", num_classes=10, source=src)
+    assert src.read_bytes() == before
+    with pytest.raises(ExportError, match="opset 13"):
+        export_onnx(model, pre, tmp_path / "o.onnx", arch="resnet20", num_classes=10, opset=13)
+    with pytest.raises(ExportError, match=r"expected \(8, 3\) logits"):
+        export_onnx(model, pre, tmp_path / "o.onnx", arch="resnet20", num_classes=3)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+class _Stateful(nn.Module):
+    """Its output changes from call to call, so the traced graph cannot reproduce the reference run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.fc(x.mean(dim=(2, 3)).repeat(1, 4)) + float(self.calls)
+
+
+def test_parity_failure_writes_nothing(tmp_path):
+    pre = Preprocess("custom", (8, 8), 1, (0.5,), (0.5,))
+    out = tmp_path / "bad.onnx"
+    with pytest.raises(ExportError, match="ONNX Runtime output differs from torch.*nothing written"):
+        export_onnx(_Stateful().eval(), pre, out, arch="custom", num_classes=3)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------- read_onnx_info
+def _save(graph, path, opset=17):
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_read_onnx_info_refuses_non_classifiers(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16])
+    flat = _save(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]), tmp_path / "flat.onnx")
+    with pytest.raises(RescompressError, match="not an image classifier: input 'x' is 2-D"):
+        read_onnx_info(flat)
+
+    x4 = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])
+    y4 = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3, 8, 8])
+    seg = _save(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x4], [y4]), tmp_path / "seg.onnx")
+    with pytest.raises(RescompressError, match="output 'y' is 4-D, expected 2-D"):
+        read_onnx_info(seg)
+
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a protobuf at all")
+    with pytest.raises(RescompressError, match="not a readable ONNX model"):
+        read_onnx_info(junk)
+
+
+def test_read_onnx_info_from_graph_shapes_of_a_foreign_file(tmp_path):
+    # A classifier not made by this tool: dynamic output dim, classes only in the Gemm weight (transB=1).
+    rng = np.random.default_rng(0)
+    conv_w = numpy_helper.from_array(rng.standard_normal((8, 2, 3, 3)).astype(np.float32), "conv_w")
+    fc_w = numpy_helper.from_array(rng.standard_normal((5, 8)).astype(np.float32), "fc_w")
+    nodes = [
+        helper.make_node("Conv", ["img", "conv_w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["c"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc_w"], ["scores"], transB=1),
+    ]
+    img = helper.make_tensor_value_info("img", TensorProto.FLOAT, ["n", 2, 20, 24])
+    scores = helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", "k"])
+    path = _save(helper.make_graph(nodes, "g", [img], [scores], [conv_w, fc_w]), tmp_path / "foreign.onnx")
+    info = read_onnx_info(path)
+    assert (info.num_classes, info.in_channels, info.input_size) == (5, 2, (20, 24))
+    assert (info.input_name, info.output_name) == ("img", "scores")
+    assert info.preprocess is None and info.arch is None
+
+    # Dynamic channels and spatial size: channels from the first Conv weight, size unknown.
+    img_dyn = helper.make_tensor_value_info("img", TensorProto.FLOAT, ["n", "c", "h", "w"])
+    nodes[-1] = helper.make_node("MatMul", ["f", "fc_mm"], ["scores"])
+    fc_mm = numpy_helper.from_array(rng.standard_normal((8, 6)).astype(np.float32), "fc_mm")
+    path2 = _save(helper.make_graph(nodes, "g", [img_dyn], [scores], [conv_w, fc_mm]), tmp_path / "dyn.onnx")
+    info2 = read_onnx_info(path2)
+    assert (info2.num_classes, info2.in_channels, info2.input_size) == (6, 2, None)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+runner = CliRunner()
+
+
+@pytest.fixture()
+def model_files(tmp_path):
+    """A reference-style ResNet-20 as a project checkpoint and as a plain torchvision-style state_dict."""
+    model = randomize_bn(build_model("resnet20", num_classes=10, in_channels=1))
+    ckpt = save_checkpoint(
+        model, tmp_path / "r20.safetensors", CheckpointHeader("resnet20", 10, 1, get_preset("fashion-mnist"))
+    )
+    sd = tmp_path / "r20.pt"
+    torch.save(model.state_dict(), sd)
+    return model, ckpt, sd
+
+
+def test_cli_export_json(model_files, tmp_path):
+    model, ckpt, _ = model_files
+    out = tmp_path / "out" / "r20.onnx"
+    res = runner.invoke(app, ["export", str(ckpt), "-o", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["arch"] == "resnet20" and data["fold"]["num_folded"] == 21
+    assert data["parity"]["passed"] is True and data["parity"]["max_rel_diff"] <= REL_TOL
+    assert "BatchNormalization" not in data["op_counts"]
+    info = read_onnx_info(out)
+    assert info.preprocess == get_preset("fashion-mnist") and info.num_classes == 10
+    x = np.random.default_rng(1).standard_normal((3, 1, 28, 28)).astype(np.float32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    assert rel_err(ref, ort_run(out, x)) <= REL_TOL
+
+
+def test_cli_export_state_dict_human_output(model_files, tmp_path):
+    _, _, sd = model_files
+    out = tmp_path / "r20sd.onnx"
+    res = runner.invoke(app, ["export", str(sd), "-o", str(out), "--no-fold", "--preset", "fashion-mnist"])
+    assert res.exit_code == 0, res.output
+    assert "PASSED" in res.stdout and "no (--no-fold)" in res.stdout
+    assert read_onnx_info(out).metadata["rescompress.folded"] == "0"
+
+
+def test_cli_export_errors(model_files, tmp_path):
+    _, ckpt, _ = model_files
+    before = ckpt.read_bytes()
+    res = runner.invoke(app, ["export", str(ckpt), "-o", str(ckpt)])
+    assert res.exit_code == 1
+    assert res.stderr.strip().startswith("Error:") and "same file as input" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert ckpt.read_bytes() == before
+
+    res = runner.invoke(app, ["export", str(ckpt), "-o", str(tmp_path / "x.onnx"), "--opset", "13"])
+    assert res.exit_code == 2
+    res = runner.invoke(app, ["export", str(ckpt), "-o", str(tmp_path / "x.onnx"), "--channels", "3"])
+    assert res.exit_code == 1 and "--channels 1" in res.stderr
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_cli_fold_writes_a_reloadable_folded_checkpoint(model_files, tmp_path):
+    model, ckpt, _ = model_files
+    out = tmp_path / "r20.folded.safetensors"
+    res = runner.invoke(app, ["fold", str(ckpt), "-o", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["num_folded"] == 21 and data["num_left"] == 0
+    assert data["max_rel_diff"] <= REL_TOL and data["top1_agreement"] == 100.0
+    folded, header = load_checkpoint(out)
+    assert header.folded and header.arch == "resnet20" and count_batchnorm(folded) == 0
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert rel_err(model(x).numpy(), folded(x).numpy()) <= REL_TOL
+
+    res = runner.invoke(app, ["fold", str(ckpt), "-o", str(tmp_path / "f.onnx")])
+    assert res.exit_code == 1 and "rescompress export" in res.stderr
+    res = runner.invoke(app, ["fold", str(ckpt)])
+    assert res.exit_code == 2
