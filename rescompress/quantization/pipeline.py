@@ -291,7 +291,7 @@ def quantize_model(
     notify: Notify | None = None,
 ) -> QuantizeResult:
     """Quantize ``model`` to INT8 artifacts in ``outdir``; see the module docstring for the stages."""
-    from rescompress.data import check_compatible, open_dataset
+    from rescompress.data import check_compatible, describe_source, open_dataset
     from rescompress.system import library_versions
 
     cfg = config or QuantizeConfig()
@@ -299,6 +299,11 @@ def quantize_model(
     prog = progress or (lambda it, total, desc: it)
     out = Path(outdir)
     warnings: list[str] = []
+    # Refuse unusable data before anything is exported or written.
+    for d, split in ((calib_data, "train"), (eval_data, "test")):
+        if d is not None and (plan is None or d is eval_data):
+            if describe_source(d, split)[0].length == 0:
+                raise DataError(f"{d} holds no images")
     src = load_fp32(model, out, arch=arch, trust_pickle=trust_pickle, preprocess=preprocess, notify=say)
     base = prepare_model(src.proto)
     check_finite_weights(base)
@@ -312,8 +317,11 @@ def quantize_model(
             warnings.append(f"{t}: left in float (op type not quantized): {', '.join(p.unsupported[:8])}")
         if not p.quantized_nodes:
             raise RescompressError(f"nothing to quantize for {t}: no Conv/Gemm/MatMul layer with constant weights")
-    cache_tensors = GraphIndex(base).float_activations() if "tensorrt" in want else []
-    calib_names = sorted(set().union(*(p.calib_tensors() for p in placements.values())) | set(cache_tensors))
+    # Every activation gets a range: the TensorRT cache wants them all, and accuracy fallback or a later
+    # --plan run with other --exclude patterns may move Q/DQ pairs onto tensors this placement skips.
+    all_tensors = GraphIndex(base).float_activations()
+    cache_tensors = all_tensors if "tensorrt" in want else []
+    calib_names = sorted(set().union(*(p.calib_tensors() for p in placements.values())) | set(all_tensors))
 
     holdout_batches = None
     calib_stats: dict = {}

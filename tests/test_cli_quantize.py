@@ -1,0 +1,154 @@
+"""``rescompress quantize`` end to end through Typer: outputs, JSON, plan reuse, and the error exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from typer.testing import CliRunner
+
+from rescompress.checkpoint import CheckpointHeader, save_checkpoint
+from rescompress.cli.app import app
+from rescompress.models import build_model
+from rescompress.quantization.checker import check_trt_qdq
+from rescompress.spec import get_preset
+
+runner = CliRunner()
+FAST = ["--no-latency", "--batch-size", "32"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=10, in_channels=1).eval()
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):  # non-trivial BN so folding and ranges matter
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    path = tmp_path_factory.mktemp("ckpt") / "r20.safetensors"
+    save_checkpoint(model, path, CheckpointHeader("resnet20", 10, 1, get_preset("fashion-mnist")))
+    return path
+
+
+@pytest.fixture(scope="module")
+def first_run(checkpoint, calib_npz, eval_npz, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    res = runner.invoke(app, [
+        "quantize", str(checkpoint), "--calib-data", str(calib_npz), "--eval-data", str(eval_npz),
+        "--num-images", "96", "--eval-limit", "256", "--method", "auto", "-o", str(out), "--json", *FAST,
+    ])
+    return res, out
+
+
+def test_quantize_writes_every_artifact(first_run):
+    res, out = first_run
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    names = {p.split("/")[-1] for p in data["artifacts"].values()}
+    assert names == {
+        "r20.fp32.onnx", "r20.int8.ort.onnx", "r20.int8.trt.onnx", "r20.int8.trt.cache", "r20.plan.json",
+        "r20.quantize.json", "r20.quantize.md",
+    }
+    assert all((out / n).exists() for n in names)
+    assert data["method"] in ("max", "percentile", "entropy", "mse")
+    assert set(data["method_scores"]) == {"max", "percentile", "entropy", "mse"}
+    for target in ("onnxruntime", "tensorrt"):
+        f = data["fidelity"][target]
+        assert f["n"] == 256 and f["top1"] is not None and f["sqnr_db"] > 20.0
+        assert len(data["worst_layers"][target]) == 5
+    assert data["calibration"]["num_images"] + data["calibration"]["holdout"] == 96
+    assert check_trt_qdq(onnx.load(str(out / "r20.int8.trt.onnx"))) == []
+    md = (out / "r20.quantize.md").read_text()
+    assert "| onnxruntime |" in md and "logit SQNR" in md
+    assert not list(out.glob(".*tmp"))  # no temporary files left behind
+
+
+def test_plan_reuse_skips_calibration(first_run, checkpoint, tmp_path):
+    _, out = first_run
+    res = runner.invoke(app, [
+        "quantize", str(checkpoint), "--plan", str(out / "r20.plan.json"), "--target", "onnxruntime",
+        "-o", str(tmp_path), "--json", *FAST,
+    ])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["calibration"]["skipped"] is True
+    a = onnx.load(str(out / "r20.int8.ort.onnx"))
+    b = onnx.load(str(tmp_path / "r20.int8.ort.onnx"))
+    ia = {i.name: numpy_helper.to_array(i) for i in a.graph.initializer}
+    ib = {i.name: numpy_helper.to_array(i) for i in b.graph.initializer}
+    assert ia.keys() == ib.keys() and all(np.array_equal(ia[k], ib[k]) for k in ia)
+    assert not (tmp_path / "r20.int8.trt.onnx").exists()
+
+
+def test_plan_for_another_model_is_refused(first_run, calib_npz, tmp_path):
+    _, out = first_run
+    other = build_model("resnet20", num_classes=10, in_channels=1).eval()
+    path = tmp_path / "other.safetensors"
+    save_checkpoint(other, path, CheckpointHeader("resnet20", 10, 1, get_preset("fashion-mnist")))
+    res = runner.invoke(app, ["quantize", str(path), "--plan", str(out / "r20.plan.json"), "-o", str(tmp_path), *FAST])
+    assert res.exit_code == 1
+    assert "another model" in res.stderr and res.stderr.count("Error:") == 1
+
+
+def test_empty_calibration_folder_exits_1(checkpoint, tmp_path):
+    empty = tmp_path / "calib"
+    empty.mkdir()
+    res = runner.invoke(app, ["quantize", str(checkpoint), "--calib-data", str(empty), "-o", str(tmp_path / "o")])
+    assert res.exit_code == 1
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1 and "holds no images" in errors[0]
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())  # nothing written
+
+
+def test_nan_weights_exit_1(first_run, calib_npz, tmp_path):
+    _, out = first_run
+    m = onnx.load(str(out / "r20.fp32.onnx"))
+    w = next(i for i in m.graph.initializer if numpy_helper.to_array(i).ndim == 4)
+    arr = numpy_helper.to_array(w).copy()
+    arr.flat[0] = np.nan
+    w.CopyFrom(numpy_helper.from_array(arr, w.name))
+    bad = tmp_path / "bad.onnx"
+    onnx.save(m, str(bad))
+    res = runner.invoke(app, ["quantize", str(bad), "--calib-data", str(calib_npz), "-o", str(tmp_path), *FAST])
+    assert res.exit_code == 1
+    assert "NaN or Inf" in res.stderr and w.name in res.stderr
+
+
+def test_few_images_warn_and_go_on(first_run, tmp_path):
+    _, out = first_run
+    x = np.random.default_rng(0).integers(0, 255, size=(20, 28, 28), dtype=np.uint8)
+    small = tmp_path / "small.npz"
+    np.savez(small, x=x)  # unlabeled
+    res = runner.invoke(app, [
+        "quantize", str(out / "r20.fp32.onnx"), "--calib-data", str(small), "--num-images", "100",
+        "--method", "max", "--target", "onnxruntime", "-o", str(tmp_path / "o"), "--json", *FAST,
+    ])
+    assert res.exit_code == 0, res.output
+    assert "fewer than --num-images 100" in res.stderr
+    data = json.loads(res.stdout)
+    assert data["calibration"]["num_images"] == 20
+    assert "agreement only" in data["eval_source"] and data["fidelity"]["onnxruntime"]["top1"] is None
+
+
+def test_impossible_max_drop_exits_3(first_run, calib_npz, tmp_path):
+    _, out = first_run
+    # Clipping every activation at its 5th percentile wrecks the model; one layer back in float cannot fix it.
+    res = runner.invoke(app, [
+        "quantize", str(out / "r20.fp32.onnx"), "--calib-data", str(calib_npz), "--num-images", "64",
+        "--method", "percentile", "--percentile", "5", "--target", "onnxruntime", "--max-drop", "0.5",
+        "--max-fallback", "1", "-o", str(tmp_path), *FAST,
+    ])
+    assert res.exit_code == 3, res.output
+    assert "no configuration" in res.stderr
+
+
+def test_bad_target_and_method_exit_1(checkpoint, calib_npz, tmp_path):
+    for opts, msg in ((["--target", "gpu"], "--target"), (["--method", "minmax"], "--method")):
+        res = runner.invoke(app, ["quantize", str(checkpoint), "--calib-data", str(calib_npz), *opts, "-o",
+                                  str(tmp_path)])
+        assert res.exit_code == 1 and msg in res.stderr
