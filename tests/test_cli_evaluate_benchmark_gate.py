@@ -1,0 +1,278 @@
+"""CLI: evaluate, benchmark and gate on real models (safetensors checkpoints, exported ONNX) and bundled data."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+from typer.testing import CliRunner
+
+from rescompress.checkpoint import CheckpointHeader, load_checkpoint, save_checkpoint
+from rescompress.cli.app import app
+from rescompress.export import export_onnx
+from rescompress.models import build_model
+from rescompress.spec import get_preset
+
+cli = CliRunner()
+FMNIST = get_preset("fashion-mnist")
+FAST = ["--threads", "1", "--limit", "200"]
+TIMING = ["--warmup", "0", "--iters", "2", "--rounds", "2"]
+
+
+def _save(model: torch.nn.Module, path, arch: str = "resnet20", classes: int = 10):
+    save_checkpoint(model, path, CheckpointHeader(arch, classes, 1, FMNIST))
+    return path
+
+
+def _add_conv_noise(model: torch.nn.Module, scale: float, seed: int = 0) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.add_(torch.randn(m.weight.shape, generator=g) * scale * m.weight.std())
+    return model
+
+
+def _probe_trained_resnet20(calib_npz) -> torch.nn.Module:
+    """A real classifier in seconds: random convs, BN statistics from data, and a least-squares head.
+
+    Full training is minutes on 2 cores; this one reaches roughly 50-60% top-1 on Fashion-MNIST, enough
+    for an accuracy drop to be measurable when its conv weights are perturbed.
+    """
+    from rescompress.data import open_dataset
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=10, in_channels=1)
+    ds = open_dataset(calib_npz, FMNIST)
+    x = torch.stack([ds[i][0] for i in range(256)])
+    y = torch.tensor([ds[i][1] for i in range(256)])
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)  # the reference init zeroes each block's last BN
+                m.momentum = None  # cumulative average: the statistics of exactly this batch
+                m.reset_running_stats()
+        model.train()
+        model(x)
+        model.eval()
+        feats = {}
+        handle = model.avgpool.register_forward_hook(lambda _m, _i, out: feats.setdefault("f", out.flatten(1)))
+        model(x)
+        handle.remove()
+        f = torch.cat([feats["f"], torch.ones(len(x), 1)], 1).double()
+        target = torch.nn.functional.one_hot(y, 10).double()
+        w = torch.linalg.solve(f.T @ f + 1e-3 * torch.eye(f.shape[1], dtype=torch.float64), f.T @ target)
+        model.fc.weight.copy_(w[:-1].T.float())
+        model.fc.bias.copy_(w[-1].float())
+    return model
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, calib_npz):
+    d = tmp_path_factory.mktemp("cli")
+    model = _probe_trained_resnet20(calib_npz)
+    out = {"a": _save(model, d / "a.safetensors")}
+    export_onnx(model, FMNIST, d / "a.onnx", arch="resnet20", num_classes=10)
+    out["a_onnx"] = d / "a.onnx"
+    noisy, _ = load_checkpoint(out["a"])
+    out["noisy"] = _save(_add_conv_noise(noisy, 1.0), d / "noisy.safetensors")
+    out["seven"] = _save(build_model("resnet20", 7, 1).eval(), d / "seven.safetensors", classes=7)
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 28, 28])
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 1, 28, 28])
+    graph = helper.make_graph([helper.make_node("Relu", ["input"], ["out"])], "g", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(d / "relu.onnx"))
+    out["relu"] = d / "relu.onnx"
+    np.savez(d / "unlabeled.npz", x=np.zeros((8, 28, 28), np.uint8))
+    out["unlabeled"] = d / "unlabeled.npz"
+    out["dir"] = d
+    return out
+
+
+def _last_line(text: str) -> str:
+    return text.rstrip("\n").splitlines()[-1]
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+def test_evaluate_json_torch_and_onnx_agree(files, eval_npz):
+    r1 = cli.invoke(app, ["evaluate", str(files["a"]), "--data", str(eval_npz), "--json", *FAST])
+    assert r1.exit_code == 0, r1.stderr
+    d1 = json.loads(r1.stdout)
+    assert d1["images"] == 200 and d1["runtime"] == "torch" and d1["arch"] == "resnet20"
+    assert d1["top1"] == pytest.approx(100 * d1["correct1"] / 200)
+    assert d1["correct1"] <= d1["correct5"] <= 200
+    assert d1["top1"] > 30.0  # a real (probe-trained) classifier, far above 10% chance
+    r2 = cli.invoke(app, ["evaluate", str(files["a_onnx"]), "--data", str(eval_npz), "--json", *FAST])
+    assert r2.exit_code == 0, r2.stderr
+    d2 = json.loads(r2.stdout)
+    assert d2["runtime"] == "onnxruntime"
+    assert (d2["correct1"], d2["correct5"]) == (d1["correct1"], d1["correct5"])
+
+
+def test_evaluate_errors(files, eval_npz):
+    r = cli.invoke(app, ["evaluate", str(files["a"]), "--data", str(files["unlabeled"])])
+    assert r.exit_code == 1 and "labeled" in r.stderr and r.stderr.count("\n") == 1
+    r = cli.invoke(app, ["evaluate", str(files["a"]), "--data", str(eval_npz), "--channels", "3"])
+    assert r.exit_code == 1 and "1-channel input" in r.stderr and "--channels 1" in r.stderr
+    r = cli.invoke(app, ["evaluate", str(files["a_onnx"]), "--data", str(eval_npz), "--input-size", "32"])
+    assert r.exit_code == 1 and "fixed 28x28 input" in r.stderr
+    r = cli.invoke(app, ["evaluate", str(files["relu"]), "--data", str(eval_npz)])
+    assert r.exit_code == 1 and "not an image classifier" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------ benchmark
+def test_benchmark_two_models_json_and_report(files, eval_npz):
+    report = files["dir"] / "bench.md"
+    args = ["benchmark", str(files["a"]), str(files["a_onnx"]), "--data", str(eval_npz), "--batch", "1,2",
+            "--report", str(report), "--json", *FAST, *TIMING]
+    r = cli.invoke(app, args)
+    assert r.exit_code == 0, r.stderr
+    d = json.loads(r.stdout)
+    labels = [m["label"] for m in d["models"]]
+    assert labels == ["a.safetensors", "a.onnx"] and d["baseline"] == "a.safetensors"
+    onnx_entry = d["models"][1]
+    assert onnx_entry["runtime"] == "onnxruntime" and onnx_entry["agreement"]["top1_agreement"] == 100.0
+    assert onnx_entry["accuracy"]["correct1"] == d["models"][0]["accuracy"]["correct1"]
+    assert onnx_entry["macs"] == d["models"][0]["macs"] > 0
+    assert onnx_entry["file_bytes"] == files["a_onnx"].stat().st_size
+    lat = d["latency"]
+    assert len(lat["stats"]) == 4 and len(lat["ratios"]) == 2 and lat["order"] == [labels, labels[::-1]]
+    for ratio in lat["ratios"]:
+        base = next(s for s in lat["stats"] if s["runner"] == labels[0] and s["batch"] == ratio["batch"])
+        cand = next(s for s in lat["stats"] if s["runner"] == labels[1] and s["batch"] == ratio["batch"])
+        assert ratio["speedup"] == pytest.approx(base["median_ms"] / cand["median_ms"])
+    assert d["settings"]["ort_spinning"] is False and d["settings"]["threads"] == 1
+    md = report.read_text()
+    assert "| a.onnx | onnxruntime |" in md and "| a.onnx | 2 |" in md and "spinning: off" in md
+
+
+def test_benchmark_human_output_says_spinning_off(files):
+    r = cli.invoke(app, ["benchmark", str(files["a_onnx"]), "--batch", "1", "--threads", "1", *TIMING])
+    assert r.exit_code == 0, r.stderr
+    assert "ONNX Runtime thread spinning: off" in r.stdout and "Latency" in r.stdout
+
+
+def test_benchmark_refuses_report_over_input_and_class_mismatch(files, eval_npz):
+    before = files["a_onnx"].read_bytes()
+    r = cli.invoke(app, ["benchmark", str(files["a"]), str(files["a_onnx"]), "--report", str(files["a_onnx"])])
+    assert r.exit_code == 1 and "same file as input" in r.stderr
+    assert files["a_onnx"].read_bytes() == before
+    r = cli.invoke(app, ["benchmark", str(files["a"]), str(files["seven"]), "--data", str(eval_npz)])
+    assert r.exit_code == 1 and "different numbers of classes" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------ gate
+def _gate(files, eval_npz, *extra: str):
+    return cli.invoke(app, ["gate", "--data", str(eval_npz), *FAST, *extra])
+
+
+def test_gate_candidate_equal_to_baseline_passes(files, eval_npz):
+    junit = files["dir"] / "pass.xml"
+    r = _gate(files, eval_npz, "--baseline", str(files["a"]), "--candidate", str(files["a_onnx"]),
+              "--junit", str(junit))
+    assert r.exit_code == 0, r.stderr
+    assert _last_line(r.stdout) == "PASSED"
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert [c.get("name") for c in suite.findall("testcase")] == ["accuracy_drop", "top1_agreement"]
+    assert suite.get("failures") == "0" and not suite.findall("testcase/failure")
+
+
+def test_gate_perturbed_candidate_fails_with_exit_3(files, eval_npz):
+    junit = files["dir"] / "fail.xml"
+    r = _gate(files, eval_npz, "--baseline", str(files["a"]), "--candidate", str(files["noisy"]),
+              "--junit", str(junit))
+    assert r.exit_code == 3, r.stderr
+    assert _last_line(r.stdout) == "FAILED: accuracy_drop, top1_agreement"
+    failures = ET.parse(junit).getroot().findall("testsuite/testcase/failure")
+    assert [f.get("message").split(" ")[0] for f in failures] == ["accuracy_drop", "top1_agreement"]
+    # With a loose drop threshold only the agreement check is named.
+    r = _gate(files, eval_npz, "--baseline", str(files["a"]), "--candidate", str(files["noisy"]),
+              "--max-drop", "100")
+    assert r.exit_code == 3 and _last_line(r.stdout) == "FAILED: top1_agreement"
+
+
+def test_gate_reference_model_with_noise_fails_on_accuracy_drop(reference_checkpoint, eval_npz, tmp_path):
+    if not reference_checkpoint.exists():
+        pytest.skip("the trained reference checkpoint is not bundled yet")
+    model, header = load_checkpoint(reference_checkpoint)
+    noisy = tmp_path / "noisy_ref.safetensors"
+    save_checkpoint(_add_conv_noise(model, 0.5), noisy, header)
+    r = cli.invoke(app, ["gate", "--baseline", str(reference_checkpoint), "--candidate", str(noisy),
+                         "--data", str(eval_npz), *FAST, "--json"])
+    assert r.exit_code == 3, r.stderr
+    d = json.loads(r.stdout)
+    assert "accuracy_drop" in d["verdict"] and d["passed"] is False
+    drop = next(c for c in d["checks"] if c["name"] == "accuracy_drop")
+    assert drop["value"] > 0.5 and drop["value"] == pytest.approx(d["baseline"]["top1"] - d["candidate"]["top1"])
+
+
+def test_gate_against_stored_metrics_edge_is_inclusive(files, eval_npz):
+    metrics = files["dir"] / "metrics.json"
+    r = _gate(files, eval_npz, "--baseline", str(files["a"]), "--candidate", str(files["a_onnx"]),
+              "--save-metrics", str(metrics))
+    assert r.exit_code == 0, r.stderr
+    stored = json.loads(metrics.read_text())
+    assert stored["n"] == 200 and len(stored["predictions"]) == 200
+    cand_top1 = stored["top1"]
+    edge = files["dir"] / "edge.json"
+    edge.write_text(json.dumps({**stored, "top1": cand_top1 + 0.5}))  # drop exactly 0.5 points
+    r = _gate(files, eval_npz, "--against", str(edge), "--candidate", str(files["a_onnx"]), "--max-drop", "0.5",
+              "--json")
+    assert r.exit_code == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["verdict"] == "PASSED"
+    assert [c["name"] for c in d["checks"]] == ["accuracy_drop_vs_stored", "top1_agreement_vs_stored"]
+    assert d["checks"][0]["value"] == pytest.approx(0.5) and d["checks"][1]["value"] == 100.0
+    over = files["dir"] / "over.json"
+    over.write_text(json.dumps({**stored, "top1": cand_top1 + 0.5 + 100 / 200}))  # one image more
+    r = _gate(files, eval_npz, "--against", str(over), "--candidate", str(files["a_onnx"]), "--max-drop", "0.5")
+    assert r.exit_code == 3
+    assert _last_line(r.stdout) == "FAILED: accuracy_drop_vs_stored"
+
+
+def test_gate_against_other_data_is_an_error(files, eval_npz):
+    metrics = files["dir"] / "m100.json"
+    r = cli.invoke(app, ["gate", "--baseline", str(files["a"]), "--candidate", str(files["a"]), "--data",
+                         str(eval_npz), "--limit", "100", "--save-metrics", str(metrics)])
+    assert r.exit_code == 0, r.stderr
+    r = _gate(files, eval_npz, "--against", str(metrics), "--candidate", str(files["a"]))
+    assert r.exit_code == 1 and "different images" in r.stderr
+
+
+def test_gate_latency_check(files, eval_npz):
+    r = _gate(files, eval_npz, "--baseline", str(files["a"]), "--candidate", str(files["a_onnx"]),
+              "--max-latency-ratio", "1000", *TIMING, "--json")
+    assert r.exit_code == 0, r.stderr
+    d = json.loads(r.stdout)
+    lat = next(c for c in d["checks"] if c["name"] == "latency_ratio")
+    assert lat["passed"] and lat["value"] == pytest.approx(
+        d["candidate"]["latency_ms"] / d["baseline"]["latency_ms"]
+    )
+    r = _gate(files, eval_npz, "--against", str(files["dir"] / "metrics.json"), "--candidate",
+              str(files["a_onnx"]), "--max-latency-ratio", "2")
+    assert r.exit_code == 1 and "needs --baseline" in r.stderr
+
+
+def test_gate_bad_input_is_one_line_exit_1_and_writes_nothing(files, eval_npz):
+    junit = files["dir"] / "never.xml"
+    base = ["--baseline", str(files["a"]), "--junit", str(junit)]
+    cases = [
+        ([*base, "--candidate", str(files["a_onnx"]), "--data", str(files["unlabeled"])], "labeled"),
+        ([*base, "--candidate", str(files["seven"]), "--data", str(eval_npz)], "different numbers of classes"),
+        ([*base, "--candidate", str(files["relu"]), "--data", str(eval_npz)], "not an image classifier"),
+        (["--candidate", str(files["a"]), "--data", str(eval_npz)], "needs a reference"),
+    ]
+    for args, message in cases:
+        r = cli.invoke(app, ["gate", *args])
+        assert r.exit_code == 1, (args, r.stderr)
+        assert message in r.stderr and r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1
+    assert not junit.exists()
+    before = files["a_onnx"].read_bytes()
+    r = cli.invoke(app, ["gate", "--baseline", str(files["a"]), "--candidate", str(files["a_onnx"]), "--data",
+                         str(eval_npz), "--save-metrics", str(files["a_onnx"])])
+    assert r.exit_code == 1 and "same file as input" in r.stderr
+    assert files["a_onnx"].read_bytes() == before
