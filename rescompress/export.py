@@ -32,6 +32,8 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 BATCH_DIM = "batch"
 MIN_OPSET = 17
+# The highest opset torch 2.14's TorchScript exporter writes (it warns and emits opset-20 ops beyond it).
+MAX_OPSET = 20
 META_PREFIX = "rescompress."
 PARITY_RTOL = 1e-5
 PARITY_MIN_AGREEMENT = 100.0
@@ -155,6 +157,8 @@ def export_onnx(
     ensure_not_input(path, [source])
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old; use --opset {MIN_OPSET} or newer")
+    if opset > MAX_OPSET:
+        raise ExportError(f"opset {opset} is newer than the exporter supports; use --opset {MAX_OPSET} or older")
     training = [name or "<model>" for name, m in model.named_modules() if m.training]
     if training:
         raise ExportError(f"model is in training mode ({training[0]}); call model.eval() before exporting")

@@ -145,6 +145,8 @@ def test_export_refuses_output_equal_to_input_and_old_opset(tmp_path):
     assert src.read_bytes() == before
     with pytest.raises(ExportError, match="opset 13"):
         export_onnx(model, pre, tmp_path / "o.onnx", arch="resnet20", num_classes=10, opset=13)
+    with pytest.raises(ExportError, match="opset 21 is newer"):
+        export_onnx(model, pre, tmp_path / "o.onnx", arch="resnet20", num_classes=10, opset=21)
     with pytest.raises(ExportError, match=r"expected \(8, 3\) logits"):
         export_onnx(model, pre, tmp_path / "o.onnx", arch="resnet20", num_classes=3)
     assert not (tmp_path / "o.onnx").exists()
@@ -262,10 +264,12 @@ def test_cli_export_json(model_files, tmp_path):
 def test_cli_export_state_dict_human_output(model_files, tmp_path):
     _, _, sd = model_files
     out = tmp_path / "r20sd.onnx"
-    res = runner.invoke(app, ["export", str(sd), "-o", str(out), "--no-fold", "--preset", "fashion-mnist"])
+    args = ["export", str(sd), "-o", str(out), "--no-fold", "--preset", "fashion-mnist", "--opset", "18"]
+    res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "PASSED" in res.stdout and "no (--no-fold)" in res.stdout
-    assert read_onnx_info(out).metadata["rescompress.folded"] == "0"
+    info = read_onnx_info(out)
+    assert info.metadata["rescompress.folded"] == "0" and info.opset == 18
 
 
 def test_cli_export_errors(model_files, tmp_path):
@@ -277,8 +281,9 @@ def test_cli_export_errors(model_files, tmp_path):
     assert len(res.stderr.strip().splitlines()) == 1
     assert ckpt.read_bytes() == before
 
-    res = runner.invoke(app, ["export", str(ckpt), "-o", str(tmp_path / "x.onnx"), "--opset", "13"])
-    assert res.exit_code == 2
+    for opset in ("13", "21"):
+        res = runner.invoke(app, ["export", str(ckpt), "-o", str(tmp_path / "x.onnx"), "--opset", opset])
+        assert res.exit_code == 2
     res = runner.invoke(app, ["export", str(ckpt), "-o", str(tmp_path / "x.onnx"), "--channels", "3"])
     assert res.exit_code == 1 and "--channels 1" in res.stderr
     assert not (tmp_path / "x.onnx").exists()

@@ -42,7 +42,7 @@ def export_command(
     no_fold: Annotated[
         bool, typer.Option("--no-fold", help="Export as loaded, without folding BatchNorm first.")
     ] = False,
-    opset: Annotated[int, typer.Option("--opset", help="ONNX opset (17 or newer).", min=17)] = 17,
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset, 17 to 20.", min=17, max=20)] = 17,
     arch: ArchOpt = None,
     trust_pickle: TrustPickleOpt = False,
     preset: PresetOpt = None,
