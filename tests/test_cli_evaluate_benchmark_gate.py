@@ -276,3 +276,16 @@ def test_gate_bad_input_is_one_line_exit_1_and_writes_nothing(files, eval_npz):
                          str(eval_npz), "--save-metrics", str(files["a_onnx"])])
     assert r.exit_code == 1 and "same file as input" in r.stderr
     assert files["a_onnx"].read_bytes() == before
+
+
+@pytest.mark.needs_openvino
+def test_benchmark_same_onnx_in_two_runtimes(files, eval_npz):
+    onnx_path = str(files["a_onnx"])
+    r = cli.invoke(app, ["benchmark", onnx_path, f"{onnx_path}@openvino", "--data", str(eval_npz), "--batch", "1",
+                         "--json", *FAST, *TIMING])
+    assert r.exit_code == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert [m["label"] for m in d["models"]] == ["a.onnx@onnxruntime", "a.onnx@openvino"]
+    assert [m["runtime"] for m in d["models"]] == ["onnxruntime", "openvino"]
+    assert d["models"][1]["agreement"]["top1_agreement"] == 100.0
+    assert d["models"][1]["agreement"]["sqnr_db"] > 60.0  # both FP32

@@ -208,7 +208,8 @@ def test_openvino_agrees_with_onnxruntime(resnet20_onnx):
     x = np.random.default_rng(5).standard_normal((3, 1, 28, 28), dtype=np.float32)
     a, b = ort_runner.run(x), ov_runner.run(x)
     assert b.shape == (3, 10)
-    np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4)  # OpenVINO CPU may use other FP32 kernels
+    np.testing.assert_allclose(b, a, rtol=RTOL, atol=ATOL)  # FP32 in both (bf16 would be off by ~0.1)
+    assert ov_runner.info.settings["INFERENCE_PRECISION_HINT"] == "f32"
     assert ov_runner.info.settings["INFERENCE_NUM_THREADS"] == "1"
     assert ov_runner.info.num_classes == 10
 
