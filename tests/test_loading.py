@@ -1,0 +1,423 @@
+"""load_model on every accepted file form, arch inference on every listed ResNet, and refusals.
+
+Models are real torchvision / reference ResNets with random weights and randomized BatchNorm statistics
+(so a BN buffer that failed to load would change the outputs); every round trip compares logits exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from rescompress.checkpoint import CheckpointHeader, save_checkpoint
+from rescompress.errors import UnsupportedModelError
+from rescompress.loading import (
+    LoadedModel,
+    infer_resnet_spec,
+    is_onnx_path,
+    load_model,
+    strip_prefixes,
+    unsafe_globals,
+)
+from rescompress.models import ARCH_NAMES, build_model
+from rescompress.profile import count_macs, count_params
+from rescompress.spec import get_preset
+
+
+def _randomize_bn(model: nn.Module) -> nn.Module:
+    """Non-trivial BN statistics and affine terms (fresh BNs are identity-like and would hide load bugs)."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(c, generator=g) * 0.1)
+    return model.eval()
+
+
+def _logits(model: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        return model(x)
+
+
+def _model(arch: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    return _randomize_bn(build_model(arch, num_classes, in_channels))
+
+
+def _probe_shape(arch: str, in_channels: int) -> tuple[int, int, int, int]:
+    # 32x32 is the smallest input every listed ResNet accepts (layer4 of torchvision's sees 1x1); small
+    # inputs keep the large variants fast.
+    return (1, in_channels, 32, 32)
+
+
+# -------------------------------------------------------------------------------- arch inference
+_HEAVY = {"resnet152", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet101_2"}
+# Class count and input channels vary across the table so both are inferred, not defaulted.
+_VARIANTS = [
+    pytest.param(arch, nc, ch, marks=[pytest.mark.slow] if arch in _HEAVY else [], id=arch)
+    for arch, nc, ch in zip(
+        ARCH_NAMES,
+        [10, 100, 7, 1000, 10, 37, 1000, 5, 10, 3, 1000, 12, 2],
+        [1, 3, 3, 3, 1, 3, 3, 1, 3, 3, 1, 3, 3],
+        strict=True,
+    )
+]
+
+
+@pytest.mark.parametrize(("arch", "num_classes", "in_channels"), _VARIANTS)
+def test_state_dict_arch_inferred_for_every_variant(tmp_path, arch, num_classes, in_channels):
+    model = _model(arch, num_classes, in_channels)
+    path = tmp_path / f"{arch}.pt"
+    torch.save(model.state_dict(), path)
+    shape = _probe_shape(arch, in_channels)
+    expected = _logits(model, shape)
+
+    loaded = load_model(path, input_size=shape[-1])
+
+    assert (loaded.arch, loaded.num_classes, loaded.in_channels) == (arch, num_classes, in_channels)
+    assert loaded.source_format == "state_dict" and not loaded.pruned
+    assert not loaded.module.training
+    assert all(p.device.type == "cpu" for p in loaded.module.parameters())
+    assert loaded.params == count_params(model)
+    if arch not in _HEAVY:  # one forward fewer for the big ones; the counting code is the same
+        assert loaded.macs == count_macs(model, shape)
+    assert torch.equal(_logits(loaded.module, shape), expected)
+
+
+def test_spec_reads_resnext_groups_and_width():
+    with torch.device("meta"):
+        spec = infer_resnet_spec(build_model("resnext101_64x4d").state_dict())
+        wide = infer_resnet_spec(build_model("wide_resnet50_2", 3, 1).state_dict())
+    assert (spec.block, spec.layers, spec.groups, spec.width_per_group) == ("bottleneck", (3, 4, 23, 3), 64, 4)
+    assert (wide.groups, wide.width_per_group, wide.num_classes, wide.in_channels) == (1, 128, 3, 1)
+
+
+def test_unnamed_depth_builds_generic_resnet(tmp_path):
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    model = _randomize_bn(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=4))
+    path = tmp_path / "resnet10.pt"
+    torch.save(model.state_dict(), path)
+    loaded = load_model(path, input_size=32)
+    assert loaded.spec is not None and loaded.spec.layers == (1, 1, 1, 1) and loaded.spec.arch is None
+    assert loaded.arch == "resnet_basic_1-1-1-1_g1w64" and loaded.num_classes == 4
+    assert torch.equal(_logits(loaded.module, (1, 3, 32, 32)), _logits(model, (1, 3, 32, 32)))
+
+
+# -------------------------------------------------------------------------------- wrapped forms
+@pytest.fixture(scope="module")
+def r20() -> nn.Module:
+    torch.manual_seed(3)
+    return _model("resnet20", 10, 1)
+
+
+_SHAPE = (2, 1, 32, 32)
+
+
+def _sd_with_prefix(model: nn.Module, prefix: str) -> dict:
+    return {prefix + k: v for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        pytest.param(lambda m: {"state_dict": m.state_dict(), "epoch": 7, "best_acc": 0.9}, id="state_dict"),
+        pytest.param(lambda m: {"model": m.state_dict()}, id="model"),
+        pytest.param(
+            lambda m: {
+                "model_state_dict": m.state_dict(),
+                "optimizer_state_dict": torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9).state_dict(),
+                "epoch": 3,
+            },
+            id="model_state_dict+optimizer",
+        ),
+        pytest.param(lambda m: _sd_with_prefix(m, "module."), id="module-prefix"),
+        pytest.param(lambda m: _sd_with_prefix(m, "_orig_mod."), id="compile-prefix"),
+        pytest.param(lambda m: {"state_dict": _sd_with_prefix(m, "module._orig_mod.")}, id="wrapped+prefixes"),
+        pytest.param(lambda m: {"model": m, "epoch": 1}, id="wrapped-module"),
+    ],
+)
+def test_wrapped_forms_load(tmp_path, r20, wrap):
+    path = tmp_path / "wrapped.pth"
+    torch.save(wrap(r20), path)
+    loaded = load_model(path)
+    assert (loaded.arch, loaded.num_classes, loaded.in_channels) == ("resnet20", 10, 1)
+    assert torch.equal(_logits(loaded.module, _SHAPE), _logits(r20, _SHAPE))
+
+
+def test_strip_prefixes_only_when_every_key_has_it():
+    t = torch.zeros(1)
+    assert set(strip_prefixes({"module.a": t, "module.b": t})) == {"a", "b"}
+    assert set(strip_prefixes({"module.a": t, "b": t})) == {"module.a", "b"}
+
+
+def test_legacy_torch_format_state_dict(tmp_path, r20):
+    path = tmp_path / "legacy.pt"
+    torch.save(r20.state_dict(), path, _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(path)
+    loaded = load_model(path)
+    assert loaded.arch == "resnet20"
+    assert torch.equal(_logits(loaded.module, _SHAPE), _logits(r20, _SHAPE))
+
+
+def test_plain_safetensors_state_dict(tmp_path):
+    model = _model("resnet18", 10, 1)
+    path = tmp_path / "r18.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    loaded = load_model(path, input_size=32)
+    assert (loaded.arch, loaded.num_classes, loaded.in_channels, loaded.source_format) == (
+        "resnet18", 10, 1, "state_dict")
+    assert torch.equal(_logits(loaded.module, (1, 1, 32, 32)), _logits(model, (1, 1, 32, 32)))
+
+
+# -------------------------------------------------------------------------------- default preprocessing
+def test_default_preprocess_by_arch_and_channels(tmp_path):
+    cases = [("resnet20", 3, "cifar", 3), ("resnet20", 1, "fashion-mnist", 1), ("resnet18", 1, "imagenet", 1)]
+    for arch, ch, preset, channels in cases:
+        path = tmp_path / f"{arch}_{ch}.pt"
+        torch.save(build_model(arch, 10, ch).state_dict(), path)
+        pre = load_model(path, input_size=32 if preset == "imagenet" else None).preprocess
+        assert (pre.preset, pre.channels) == (preset, channels)
+    assert pre.mean == (pytest.approx(sum(get_preset("imagenet").mean) / 3),)
+    assert pre.size == (32, 32) and pre.resize == round(256 * 32 / 224)
+
+
+# -------------------------------------------------------------------------------- arch override
+def test_arch_override_accepts_matching_and_rejects_wrong(tmp_path, r20):
+    path = tmp_path / "r20.pt"
+    torch.save(r20.state_dict(), path)
+    assert load_model(path, arch="resnet20").arch == "resnet20"
+    with pytest.raises(UnsupportedModelError, match=r"do not fit --arch resnet56 \(it looks like resnet20"):
+        load_model(path, arch="resnet56")
+    with pytest.raises(UnsupportedModelError, match=r"do not fit --arch resnet18"):
+        load_model(path, arch="resnet18")
+    with pytest.raises(UnsupportedModelError, match="unknown --arch 'resnet9000'"):
+        load_model(path, arch="resnet9000")
+
+
+# -------------------------------------------------------------------------------- pickled modules
+@pytest.mark.parametrize(("arch", "ch"), [("resnet18", 3), ("resnet20", 1)])
+def test_full_pickled_resnet_loads_without_trust(tmp_path, arch, ch):
+    model = _model(arch, 10, ch)
+    path = tmp_path / "full.pt"
+    torch.save(model, path)
+    shape = _probe_shape(arch, ch)
+    loaded = load_model(path, input_size=shape[-1])
+    assert loaded.source_format == "pickled_module"
+    assert (loaded.arch, loaded.num_classes, loaded.in_channels) == (arch, 10, ch)
+    assert type(loaded.module) is type(model) and not loaded.module.training
+    assert torch.equal(_logits(loaded.module, shape), _logits(model, shape))
+
+
+class _Head(nn.Module):
+    """A module class outside the allow-list (stands in for a user's own model class)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def test_unknown_module_class_refused_then_trusted(tmp_path, caplog):
+    path = tmp_path / "custom.pt"
+    torch.save(_Head(), path)
+    with pytest.raises(UnsupportedModelError, match=r"refused to unpickle .*_Head.*--trust-pickle"):
+        load_model(path)
+    with caplog.at_level("WARNING", logger="rescompress.loading"):
+        loaded = load_model(path, trust_pickle=True, input_size=16)
+    assert "weights_only=False" in caplog.text
+    assert loaded.source_format == "pickle" and loaded.arch == "_Head"
+    assert (loaded.num_classes, loaded.in_channels) == (6, 3)
+    assert loaded.macs == count_macs(loaded.module, (1, 3, 16, 16))
+
+
+class _Touch:
+    """A payload that creates ``path`` when unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+class _System:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+@pytest.mark.parametrize("payload", [_Touch, _System])
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+def test_malicious_pickle_refused_and_nothing_runs(tmp_path, payload, writer):
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "evil.pt"
+    obj = {"state_dict": build_model("resnet20").state_dict(), "x": payload(str(marker))}
+    if writer == "torch.save":
+        torch.save(obj, path)
+    else:
+        with open(path, "wb") as f:
+            pickle.dump(obj, f)
+    with pytest.raises(UnsupportedModelError, match=r"refused to unpickle .*(open|system).*--trust-pickle"):
+        load_model(path)
+    assert not marker.exists()
+    assert any(name.endswith(("open", "system")) for name in unsafe_globals(path))
+    assert not marker.exists()
+
+
+def test_malicious_pickle_with_trust_runs_and_is_documented(tmp_path):
+    """--trust-pickle means the pickle's code runs: the marker appears; a non-model object is still refused."""
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "evil.pt"
+    torch.save({"x": _Touch(str(marker))}, path)
+    with pytest.raises(UnsupportedModelError, match="holds a dict with keys"):
+        load_model(path, trust_pickle=True)
+    assert marker.exists()
+
+
+# -------------------------------------------------------------------------------- TorchScript
+def test_torchscript_resnet_rebuilt_eager(tmp_path):
+    model = _model("resnet18", 10, 3)
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.trace(model, torch.zeros(1, 3, 32, 32)), str(path))
+    loaded = load_model(path, input_size=32)
+    assert loaded.source_format == "torchscript" and loaded.arch == "resnet18" and loaded.num_classes == 10
+    assert not isinstance(loaded.module, torch.jit.ScriptModule)
+    assert torch.equal(_logits(loaded.module, (1, 3, 32, 32)), _logits(model, (1, 3, 32, 32)))
+
+
+def test_torchscript_non_resnet_kept_scripted(tmp_path):
+    model = _Head().eval()
+    path = tmp_path / "traced.pt"
+    torch.jit.save(torch.jit.trace(model, torch.zeros(1, 3, 32, 32)), str(path))
+    loaded = load_model(path, input_size=32)
+    assert loaded.source_format == "torchscript" and loaded.arch == "torchscript"
+    assert isinstance(loaded.module, torch.jit.ScriptModule)
+    assert (loaded.num_classes, loaded.in_channels) == (6, 3)
+    assert loaded.macs == count_macs(model, (1, 3, 32, 32))
+    assert torch.allclose(_logits(loaded.module, (1, 3, 32, 32)), _logits(model, (1, 3, 32, 32)))
+
+
+# -------------------------------------------------------------------------------- project checkpoints
+def _shrink_first_block(model: nn.Module, keep: int) -> nn.Module:
+    """Prune layer1.0.conv1's output channels to ``keep`` by hand (conv1 out, bn1, conv2 in)."""
+    block = model.layer1[0]
+    idx = torch.arange(keep)
+    old1, bn, old2 = block.conv1, block.bn1, block.conv2
+    new1 = nn.Conv2d(old1.in_channels, keep, old1.kernel_size, old1.stride, old1.padding, bias=False)
+    new1.weight.data = old1.weight.data[idx].clone()
+    new_bn = nn.BatchNorm2d(keep)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        getattr(new_bn, name).data = getattr(bn, name).data[idx].clone()
+    new2 = nn.Conv2d(keep, old2.out_channels, old2.kernel_size, old2.stride, old2.padding, bias=False)
+    new2.weight.data = old2.weight.data[:, idx].clone()
+    block.conv1, block.bn1, block.conv2 = new1, new_bn, new2
+    return model.eval()
+
+
+def test_project_checkpoint_and_pruned_checkpoint(tmp_path, r20):
+    pre = get_preset("fashion-mnist")
+    plain = save_checkpoint(r20, tmp_path / "r20.safetensors", CheckpointHeader("resnet20", 10, 1, pre))
+    loaded = load_model(plain)
+    assert loaded.source_format == "checkpoint" and loaded.preprocess == pre and not loaded.pruned
+    assert torch.equal(_logits(loaded.module, _SHAPE), _logits(r20, _SHAPE))
+
+    pruned = _shrink_first_block(_model("resnet20", 10, 1), keep=9)
+    path = save_checkpoint(pruned, tmp_path / "pruned.safetensors",
+                           CheckpointHeader("resnet20", 10, 1, pre, pruned=True))
+    loaded = load_model(path)
+    assert loaded.source_format == "checkpoint" and loaded.pruned and loaded.arch == "resnet20"
+    assert loaded.module.layer1[0].conv1.out_channels == 9
+    assert loaded.params == count_params(pruned) < count_params(r20)
+    assert torch.equal(_logits(loaded.module, _SHAPE), _logits(pruned, _SHAPE))
+
+
+def test_pruned_plain_state_dicts_infer_unpruned_arch(tmp_path):
+    shape = (1, 3, 32, 32)
+    for arch in ("resnet18", "resnet50"):
+        pruned = _shrink_first_block(_model(arch, 10, 3), keep=40)
+        path = tmp_path / f"{arch}_pruned.pt"
+        torch.save(pruned.state_dict(), path)
+        loaded = load_model(path, input_size=32)
+        # resnet50 with 40 channels in layer1.0.conv1 reads as "width 40": the nearest bound is resnet50.
+        assert loaded.arch == arch and loaded.pruned
+        assert loaded.params == count_params(pruned)
+        assert torch.equal(_logits(loaded.module, shape), _logits(pruned, shape))
+
+
+# -------------------------------------------------------------------------------- bad files
+def _onnx_file(path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["input"], ["logits"])], "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3])],
+    )
+    onnx.save(helper.make_model(graph), str(path))
+    return path
+
+
+def test_bad_files_each_get_a_clear_error(tmp_path):
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.pt"
+    text.write_text("not a model at all")
+    good = tmp_path / "good.pt"
+    torch.save(build_model("resnet20").state_dict(), good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    st = tmp_path / "good.safetensors"
+    save_file({k: v.contiguous() for k, v in build_model("resnet20").state_dict().items()}, str(st))
+    st_trunc = tmp_path / "truncated.safetensors"
+    st_trunc.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    not_resnet = tmp_path / "mlp.pt"
+    torch.save({"encoder.weight": torch.zeros(4, 4), "head.weight": torch.zeros(2, 4)}, not_resnet)
+    random_dict = tmp_path / "dict.pt"
+    torch.save({"epoch": 3, "lr": 0.1}, random_dict)
+    onnx_path = _onnx_file(tmp_path / "m.onnx")
+    onnx_renamed = _onnx_file(tmp_path / "m.bin")
+
+    cases = {
+        tmp_path / "missing.pt": "does not exist",
+        tmp_path: "is a directory",
+        empty: r"is empty \(0 bytes\)",
+        text: r"not a PyTorch model file \(it starts with b'not a mo'\)",
+        truncated: "truncated or corrupt",
+        st_trunc: "corrupt or truncated safetensors",
+        not_resnet: r"not a torchvision-style ResNet .*'encoder.weight'",
+        random_dict: r"holds a dict with keys \['epoch', 'lr'\]",
+        onnx_path: "is an ONNX model.*inspect, evaluate, benchmark",
+        onnx_renamed: "is an ONNX model",
+    }
+    for path, message in cases.items():
+        with pytest.raises(UnsupportedModelError, match=message):
+            load_model(path)
+    assert is_onnx_path(onnx_renamed) and not is_onnx_path(good) and not is_onnx_path(st)
+
+
+def test_loaded_model_to_dict_is_json_ready(tmp_path, r20):
+    import json
+
+    path = tmp_path / "r20.pt"
+    torch.save(r20.state_dict(), path)
+    loaded = load_model(path)
+    assert isinstance(loaded, LoadedModel)
+    d = json.loads(json.dumps(loaded.to_dict()))
+    assert d["arch"] == "resnet20" and d["preprocess"]["preset"] == "fashion-mnist"
+    assert d["macs"] == count_macs(r20, (1, 1, 28, 28)) and d["spec"]["layers"] == [3, 3, 3]
