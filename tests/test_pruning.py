@@ -1,0 +1,411 @@
+"""Structured pruning: coupled groups stay consistent, targets and rounding hold, criteria find planted
+channels, recovery does what it says, and pruned models save, reload, export and quantize."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from rescompress.checkpoint import load_checkpoint
+from rescompress.data import make_loader, open_dataset
+from rescompress.errors import RescompressError
+from rescompress.models import build_model
+from rescompress.profile import count_macs
+from rescompress.pruning import (
+    FinetuneConfig,
+    MacModel,
+    PruneConfig,
+    PruningGraphError,
+    build_graph,
+    channel_groups,
+    make_importance,
+    prune_model,
+    recalibrate_bn,
+    save_pruned,
+)
+from rescompress.pruning.finetune import distillation_loss, finetune
+from rescompress.pruning.groups import prune_groups
+from rescompress.pruning.schedule import linear_steps, step_ratio
+from rescompress.pruning.targets import (
+    GroupSpec,
+    channels_to_remove,
+    default_round_to,
+    effective_round_to,
+    fit_fraction,
+    plan_keep,
+    round_keep,
+)
+from rescompress.spec import PRESETS, Preprocess
+
+FMNIST = PRESETS["fashion-mnist"]
+TINY = FMNIST.with_overrides(size=16)  # recovery tests train: 16x16 keeps them fast on 2 cores
+SMALL_RGB = Preprocess("small", (64, 64), 3, (0.5,), (0.25,))
+CASES = {
+    "resnet20": (FMNIST, 10, 1),
+    "resnet18": (SMALL_RGB, 10, 3),
+    "resnet50": (SMALL_RGB, 7, 3),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Small convs on a shared 2-core machine: two OpenMP threads mostly wait on each other (seen 10x slower).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pruned() -> dict:
+    """Each architecture pruned once to 50% of MACs, round-to 8 (shared by several tests: tracing is slow)."""
+    torch.manual_seed(0)
+    out = {}
+    for arch, (pre, classes, channels) in CASES.items():
+        model = build_model(arch, classes, channels).eval()
+        _randomize_bn(model)
+        result = prune_model(model, pre, PruneConfig(target_macs=0.5, round_to=8))
+        out[arch] = (model, result, pre, classes, channels)
+    return out
+
+
+def _randomize_bn(model: nn.Module) -> None:
+    # Fresh BNs are the identity; random statistics make equal outputs a real check, not a coincidence.
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.weight.data = torch.rand(n, generator=g) + 0.5
+            m.bias.data = torch.randn(n, generator=g) * 0.1
+            m.running_mean = torch.randn(n, generator=g) * 0.1
+            m.running_var = torch.rand(n, generator=g) + 0.5
+
+
+def _block_widths_consistent(model: nn.Module, in_channels: int) -> None:
+    """Every residual add sees equal widths: block output == downsample output or block input."""
+    assert model.conv1.in_channels == in_channels
+    width = model.bn1.num_features
+    for m in model.modules():
+        if isinstance(m, BasicBlock | Bottleneck):
+            last = m.conv3 if isinstance(m, Bottleneck) else m.conv2
+            last_bn = m.bn3 if isinstance(m, Bottleneck) else m.bn2
+            assert m.conv1.in_channels == width
+            skip = m.downsample[0].out_channels if m.downsample is not None else width
+            if m.downsample is not None:
+                assert m.downsample[0].in_channels == width
+                assert m.downsample[1].num_features == skip
+            assert last.out_channels == last_bn.num_features == skip
+            assert m.bn1.num_features == m.conv1.out_channels
+            width = skip
+    assert model.fc.in_features == width
+
+
+# ------------------------------------------------------------------------------------ groups and targets
+
+
+@pytest.mark.parametrize("arch", list(CASES))
+def test_residual_groups_pruned_consistently(pruned, arch):
+    model, result, pre, classes, channels = pruned[arch]
+    small = result.model
+    _block_widths_consistent(small, channels)
+    assert small.fc.out_features == classes  # classifier outputs never pruned
+    x = torch.randn(pre.input_shape(2))
+    with torch.no_grad():
+        assert small(x).shape == (2, classes)
+    # The input model is untouched.
+    assert count_macs(model, pre.input_shape(1)) == result.before.macs
+    assert result.after.params < result.before.params
+
+
+@pytest.mark.parametrize("arch", list(CASES))
+def test_macs_target_reached_and_round_to_respected(pruned, arch):
+    _, result, pre, _, _ = pruned[arch]
+    kept = result.after.macs / result.before.macs
+    assert 0.45 <= kept <= 0.5, kept  # never above the target; rounding costs at most a few points
+    assert result.after.macs == count_macs(result.model, pre.input_shape(1))
+    assert result.report.round_to == 8
+    for g in result.report.groups:
+        assert 1 <= g.width_after <= g.width_before
+        assert g.round_step == effective_round_to(g.width_before, 8)
+        assert g.width_after == g.width_before or g.width_after % g.round_step == 0, g
+    widths = {n: m.out_channels for n, m in result.model.named_modules() if isinstance(m, nn.Conv2d)}
+    for g in result.report.groups:
+        assert widths[g.root] == g.width_after
+
+
+def test_mac_model_predicts_counted_macs():
+    model = build_model("resnet18", 10, 3).eval()
+    dg = build_graph(model, torch.randn(2, 3, 32, 32))
+    groups = channel_groups(model, dg)
+    mac_model = MacModel(model, groups, (1, 3, 32, 32))
+    assert mac_model.total == count_macs(model, (1, 3, 32, 32))
+    keep = {g.index: max(1, g.width * 3 // 8) for g in groups}
+    predicted = mac_model.macs(keep)
+    prune_groups(dg, groups, {g.index: list(range(g.width - keep[g.index])) for g in groups})
+    assert predicted == count_macs(model, (1, 3, 32, 32))
+
+
+def test_round_to_rules():
+    assert effective_round_to(64, 16) == 16
+    assert effective_round_to(32, 16) == 8
+    assert effective_round_to(16, 16) == 4  # a 16-channel CIFAR layer can still be pruned in quarters
+    assert effective_round_to(48, 16) == 8
+    assert effective_round_to(3, 16) == 1
+    assert effective_round_to(256, 1) == 1
+    for width in (3, 16, 24, 64):
+        for keep in (0.0, 0.4, 1.0, width / 2, width - 0.1, width + 5):
+            k = round_keep(width, keep, effective_round_to(width, 16))
+            assert 1 <= k <= width
+    assert round_keep(64, 37.0, 16) == 32 and round_keep(64, 41.0, 16) == 48
+    assert default_round_to({"avx512f": True, "avx2": True})[0] == 16
+    assert default_round_to({"avx512f": False, "avx2": True})[0] == 8
+    assert default_round_to({})[0] == 4
+
+
+def test_global_ranking_respects_layer_cap():
+    specs = [GroupSpec(0, 16, 1, 8), GroupSpec(1, 16, 1, 1)]
+    scores = {0: torch.full((16,), 0.001) + torch.arange(16) * 1e-5, 1: torch.arange(1, 17, dtype=torch.float32)}
+    keep = plan_keep(specs, 0.5, "global", scores)
+    # Group 0's scores are tiny but normalized per group; the cap (min_keep 8) bounds what it loses.
+    assert keep[0] >= 8
+    assert sum(keep.values()) == 16
+    assert plan_keep(specs, 0.5, "uniform") == {0: 8, 1: 8}
+    assert channels_to_remove(torch.tensor([3.0, 1.0, 2.0, 0.5]), 2) == [1, 3]
+
+
+def test_schedule_is_linear():
+    assert linear_steps(1.0, 0.4, 3) == pytest.approx([0.8, 0.6, 0.4])
+    assert linear_steps(0.0, 0.5, 1) == [0.5]
+    assert step_ratio(0.25, 0.5) == pytest.approx(1 / 3)
+    with pytest.raises(RescompressError):
+        linear_steps(1.0, 0.5, 0)
+
+
+def test_fit_fraction_solves_the_line():
+    points = [(0.4, 0.45), (0.6, 0.62), (0.8, 0.83)]
+    f = fit_fraction(points, 0.6)
+    assert 0.55 < f < 0.6
+    assert fit_fraction([(0.5, 0.7), (0.7, 0.5)], 0.6) == 0.7  # noise: largest fraction under the goal
+
+
+def test_iterative_steps_reach_target():
+    model = build_model("resnet20", 10, 1).eval()
+    result = prune_model(model, FMNIST, PruneConfig(target_macs=0.4, steps=2, round_to=4))
+    assert len(result.report.steps) == 2
+    first, second = result.report.steps
+    assert first.macs_target == int(0.7 * result.before.macs)
+    assert first.macs <= first.macs_target and second.macs <= second.macs_target
+    assert second.macs < first.macs
+    assert 0.35 <= result.macs_kept <= 0.4
+
+
+def test_ratio_target_and_global_cap():
+    model = build_model("resnet20", 10, 1).eval()
+    result = prune_model(model, FMNIST, PruneConfig(ratio=0.25, round_to=1))
+    for g in result.report.groups:
+        assert g.width_after == g.width_before - round(g.width_before * 0.25)
+    glob = prune_model(model, FMNIST, PruneConfig(target_macs=0.5, ranking="global", max_layer_ratio=0.5,
+                                                  round_to=1, criterion="l2"))
+    assert glob.macs_kept <= 0.5
+    for g in glob.report.groups:
+        assert g.width_after >= math.ceil(g.width_before * 0.5)
+
+
+# ------------------------------------------------------------------------------------ criteria
+
+
+def _plant_dead_channels(model: nn.Module, dead: list[int]) -> None:
+    """Make channels ``dead`` of layer2.1's inner conv contribute nothing (weights, BN, consumer slices)."""
+    block = model.layer2[1]
+    with torch.no_grad():
+        block.conv1.weight[dead] = 0
+        block.bn1.weight[dead] = 0
+        block.bn1.bias[dead] = 0
+        block.conv2.weight[:, dead] = 0
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "bn", "taylor"])
+def test_criteria_find_planted_channels(criterion, calib_npz):
+    model = build_model("resnet20", 10, 1).eval()
+    _randomize_bn(model)
+    dead = [3, 7, 11, 20]
+    _plant_dead_channels(model, dead)
+    dg = build_graph(model, torch.randn(2, 1, 28, 28))
+    group = next(g for g in channel_groups(model, dg) if g.root_name == "layer2.1.conv1")
+    imp = make_importance(criterion)
+    if criterion == "taylor":
+        data = open_dataset(calib_npz, FMNIST)
+        imp.accumulate(model, make_loader(data, batch_size=32, limit=64))
+    scores = imp(group)
+    assert scores.shape == (32,)
+    assert channels_to_remove(scores, 32 - len(dead)) == dead
+    random_pick = channels_to_remove(make_importance("random", seed=0)(group), 32 - len(dead))
+    assert random_pick != dead
+
+
+def test_removing_dead_channels_keeps_outputs():
+    model = build_model("resnet20", 10, 1).eval()
+    _randomize_bn(model)
+    _plant_dead_channels(model, [3, 7, 11, 20])
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        ref = model(x)
+    dg = build_graph(model, x[:2])
+    groups = channel_groups(model, dg)
+    target = next(g for g in groups if g.root_name == "layer2.1.conv1")
+    remove = channels_to_remove(make_importance("l1")(target), 28)
+    prune_groups(dg, groups, {target.index: remove})
+    assert model.layer2[1].conv1.out_channels == 28 and model.layer2[1].conv2.in_channels == 28
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ recovery
+
+
+def test_bn_recalibration_matches_batch_statistics(calib_npz):
+    model = build_model("resnet20", 10, 1).eval()
+    data = open_dataset(calib_npz, FMNIST)
+    seen = recalibrate_bn(model, make_loader(data, batch_size=50, limit=200), 150)
+    assert seen == 150
+    x = torch.stack([data[i][0] for i in range(150)])
+    with torch.no_grad():
+        act = model.conv1(x)
+    torch.testing.assert_close(model.bn1.running_mean, act.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    # momentum=None averages each batch's (unbiased) variance: the standard BN re-estimation estimate.
+    batch_var = torch.stack([act[i : i + 50].var(dim=(0, 2, 3), unbiased=True) for i in (0, 50, 100)]).mean(0)
+    torch.testing.assert_close(model.bn1.running_var, batch_var, rtol=1e-4, atol=1e-5)
+    assert model.bn1.momentum == 0.1 and not model.training
+
+
+def test_distillation_loss():
+    t = torch.randn(8, 10)
+    assert distillation_loss(t, t, 4.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert distillation_loss(torch.randn(8, 10), t, 4.0).item() > 0.01
+
+
+def test_finetune_with_distillation_lowers_loss(calib_npz):
+    torch.manual_seed(0)
+    teacher = build_model("resnet20", 10, 1).eval()
+    student = prune_model(teacher, TINY, PruneConfig(ratio=0.25, round_to=4)).model
+    data = open_dataset(calib_npz, TINY)
+    loader = make_loader(data, batch_size=16, limit=64, shuffle=True)
+    report = finetune(student, loader, FinetuneConfig(epochs=3, lr=0.05), teacher=teacher)
+    assert report.batches == 12 and report.images == 192 and report.distill
+    assert report.last_loss < report.first_loss
+    assert not student.training
+
+
+def test_prune_with_data_recalibrates_and_finetunes(calib_npz, eval_npz):
+    model = build_model("resnet20", 10, 1).eval()
+    data = open_dataset(calib_npz, TINY)
+    evald = open_dataset(eval_npz, TINY)
+    from torch.utils.data import Subset
+
+    small = Subset(data, range(64))
+    small.info = data.info  # labeled source
+    cfg = PruneConfig(target_macs=0.6, criterion="taylor", bn_recalib=48, taylor_images=32,
+                      finetune=FinetuneConfig(epochs=1, lr=0.02), batch_size=16)
+    result = prune_model(model, TINY, cfg, data=small, eval_data=evald, eval_limit=100)
+    step = result.report.steps[0]
+    assert step.bn_recalib_images == 48
+    assert step.finetune is not None and step.finetune.batches == 4
+    assert 0.0 <= result.after.top1 <= 1.0 and 0.0 <= result.before.top1 <= 1.0
+    assert result.report.notes == ()
+
+
+def test_unlabeled_finetune_data_falls_back_to_bn(tmp_path, calib_npz):
+    with np.load(calib_npz) as z:
+        np.savez(tmp_path / "unlabeled.npz", x=z["x"][:64])
+    data = open_dataset(tmp_path / "unlabeled.npz", TINY)
+    model = build_model("resnet20", 10, 1).eval()
+    cfg = PruneConfig(ratio=0.25, bn_recalib=64, finetune=FinetuneConfig(epochs=1), batch_size=32)
+    result = prune_model(model, TINY, cfg, data=data)
+    assert result.report.steps[0].finetune is None
+    assert result.report.steps[0].bn_recalib_images == 64
+    assert any("no labels" in n for n in result.report.notes)
+
+
+# ------------------------------------------------------------------------------------ save / load / export
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "resnet50"])
+def test_save_load_gives_identical_outputs(pruned, arch, tmp_path):
+    _, result, pre, classes, channels = pruned[arch]
+    path = save_pruned(result.model, tmp_path / f"{arch}.pruned.safetensors", arch=arch, num_classes=classes,
+                       in_channels=channels, preprocess=pre, summary={"macs_kept": result.macs_kept})
+    reloaded, header = load_checkpoint(path)
+    assert header.pruned and header.extra["pruning"]["macs_kept"] == pytest.approx(result.macs_kept)
+    x = torch.randn(pre.input_shape(2))
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), result.model(x))
+    from rescompress.loading import load_model
+
+    loaded = load_model(path)
+    assert loaded.arch == arch and loaded.num_classes == classes and loaded.in_channels == channels
+    assert loaded.macs == result.after.macs
+    with torch.no_grad():
+        assert torch.equal(loaded.module(x), result.model(x))
+
+
+def test_pruned_model_exports_to_onnx_and_quantizes(pruned, tmp_path, calib_npz):
+    import onnxruntime as ort
+
+    from rescompress.export import export_onnx
+
+    _, result, pre, classes, _ = pruned["resnet20"]
+    path = save_pruned(result.model, tmp_path / "r20.safetensors", arch="resnet20", num_classes=classes,
+                       in_channels=1, preprocess=pre)
+    exported = export_onnx(result.model, pre, tmp_path / "r20.onnx", arch="resnet20", num_classes=classes)
+    assert exported.parity is None or exported.parity.passed
+    sess = ort.InferenceSession(str(tmp_path / "r20.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(pre.input_shape(3))
+    with torch.no_grad():
+        ref = result.model(x).numpy()
+    np.testing.assert_allclose(sess.run(None, {"input": x.numpy()})[0], ref, rtol=1e-4, atol=1e-4)
+    from rescompress.quantization.pipeline import QuantizeConfig, quantize_model
+
+    q = quantize_model(path, calib_npz, tmp_path / "q", config=QuantizeConfig(num_images=64, method="max"))
+    assert q is not None
+    assert any(p.suffix == ".onnx" for p in (tmp_path / "q").iterdir())
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+
+def test_bad_inputs_are_one_line_errors():
+    model = build_model("resnet20", 10, 1).eval()
+    bad = [
+        PruneConfig(ratio=1.5),
+        PruneConfig(ratio=0.0),
+        PruneConfig(target_macs=0.5, ratio=0.3),
+        PruneConfig(),
+        PruneConfig(target_macs=1.2),
+        PruneConfig(ratio=0.9, max_layer_ratio=0.8),
+        PruneConfig(ratio=0.3, criterion="hessian"),
+        PruneConfig(ratio=0.3, steps=0),
+        PruneConfig(ratio=0.3, round_to=0),
+        PruneConfig(ratio=0.3, criterion="taylor"),  # needs data
+        PruneConfig(ratio=0.3, finetune=FinetuneConfig(epochs=1)),  # needs data
+    ]
+    for cfg in bad:
+        with pytest.raises(RescompressError) as info:
+            prune_model(model, FMNIST, cfg)
+        assert "\n" not in str(info.value) and str(info.value)
+
+
+def test_unreachable_target_is_refused():
+    model = build_model("resnet20", 10, 1).eval()
+    with pytest.raises(RescompressError, match="max-layer-ratio"):
+        prune_model(model, FMNIST, PruneConfig(target_macs=0.05, max_layer_ratio=0.5))
+
+
+def test_model_without_conv_groups_is_refused():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
+    with pytest.raises(PruningGraphError, match="no prunable channel groups"):
+        prune_model(model, FMNIST, PruneConfig(ratio=0.3))
