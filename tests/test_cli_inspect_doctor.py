@@ -1,0 +1,170 @@
+"""``rescompress inspect`` and ``rescompress doctor`` through the real Typer app: output, JSON, exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from rescompress.cli.app import app
+from rescompress.models import build_model
+from rescompress.profile import count_macs
+from rescompress.spec import get_preset
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def resnet50_state_dict(tmp_path_factory):
+    path = tmp_path_factory.mktemp("r50") / "resnet50_state_dict.pt"
+    torch.save(build_model("resnet50").state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def r20_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("r20") / "r20.pt"
+    torch.save(build_model("resnet20", 10, 1).state_dict(), path)
+    return path
+
+
+def test_inspect_resnet50_state_dict_no_flags(resnet50_state_dict):
+    result = runner.invoke(app, ["inspect", str(resnet50_state_dict)])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "resnet50" in out and "state_dict" in out
+    assert "25.6 M" in out
+    assert "4.09 G at 224×224" in out
+    assert "imagenet" in out and "1000" in out
+
+
+def test_inspect_json_and_input_size(r20_path):
+    result = runner.invoke(app, ["inspect", str(r20_path), "--json"])
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.stdout)
+    model = build_model("resnet20", 10, 1)
+    assert (d["arch"], d["num_classes"], d["in_channels"], d["source_format"]) == ("resnet20", 10, 1, "state_dict")
+    assert d["preprocess"] == get_preset("fashion-mnist").to_dict()
+    assert d["macs"] == count_macs(model, (1, 1, 28, 28)) and d["input_shape"] == [1, 1, 28, 28]
+    assert d["params"] == sum(p.numel() for p in model.parameters())
+
+    result = runner.invoke(app, ["inspect", str(r20_path), "--input-size", "56", "--json"])
+    assert result.exit_code == 0, result.output
+    d56 = json.loads(result.stdout)
+    # Convs scale with the pixel count (4x); the classifier's 64*10 MACs do not.
+    assert d56["macs"] == count_macs(model, (1, 1, 56, 56)) == 4 * d["macs"] - 3 * 64 * 10
+    assert d56["preprocess"]["size"] == [56, 56]
+
+
+def test_inspect_onnx_reads_graph(tmp_path):
+    from rescompress.export import export_onnx
+
+    model = build_model("resnet20", 10, 1).eval()
+    path = tmp_path / "r20.onnx"
+    export_onnx(model, get_preset("fashion-mnist"), path, arch="resnet20", num_classes=10, check_parity=False)
+    result = runner.invoke(app, ["inspect", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.stdout)
+    assert d["source_format"] == "onnx" and d["opset"] >= 17 and d["arch"] == "resnet20"
+    assert d["input_shape"][1:] == [1, 28, 28] and d["output_shape"][-1] == 10
+    assert d["num_classes"] == 10 and d["in_channels"] == 1 and d["qdq_nodes"] == 0
+    assert d["op_counts"]["Conv"] == 21  # 19 3x3 convs + 2 downsample 1x1 convs
+    assert d["macs"] == count_macs(model, (1, 1, 28, 28))
+    assert d["metadata"]["rescompress.arch"] == "resnet20"
+
+    human = runner.invoke(app, ["inspect", str(path), "--input-size", "56"])
+    assert human.exit_code == 0, human.output
+    assert "opset 17" in human.stdout and "Q/DQ nodes" in human.stdout
+    assert "at 56×56" in human.stdout
+
+
+def test_inspect_qdq_onnx_counts_quantize_nodes(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
+    fc = numpy_helper.from_array(np.ones((5, 4), np.float32), "fc")
+    scale = numpy_helper.from_array(np.array(0.1, np.float32), "s")
+    zp = numpy_helper.from_array(np.array(0, np.int8), "zp")
+    nodes = [
+        helper.make_node("QuantizeLinear", ["input", "s", "zp"], ["q"]),
+        helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["dq"]),
+        helper.make_node("Conv", ["dq", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["c"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "qdq", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])], [w, fc, scale, zp],
+    )
+    path = tmp_path / "qdq.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    result = runner.invoke(app, ["inspect", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.stdout)
+    assert d["qdq_nodes"] == 2 and d["num_classes"] == 5 and d["in_channels"] == 3
+    assert d["params"] == 4 * 3 * 3 * 3 + 5 * 4  # scales and zero points are not weights
+    assert d["macs"] == 4 * 8 * 8 * 27 + 5 * 4
+
+
+def test_inspect_errors_are_one_line_exit_1(tmp_path):
+    bad = tmp_path / "notes.pt"
+    bad.write_text("definitely not a model")
+    for path in (bad, tmp_path / "missing.pt"):
+        result = runner.invoke(app, ["inspect", str(path)])
+        assert result.exit_code == 1
+        lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("Error: ")
+        assert result.stdout == ""
+
+
+def test_inspect_malicious_pickle_refused_file_not_created(tmp_path):
+    marker = tmp_path / "PWNED"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {}, "x": Evil()}, path)
+    result = runner.invoke(app, ["inspect", str(path)])
+    assert result.exit_code == 1
+    assert "refused to unpickle" in result.stderr and "--trust-pickle" in result.stderr
+    assert not marker.exists()
+
+
+def test_inspect_wrong_arch_is_error_and_usage_errors_exit_2(r20_path):
+    result = runner.invoke(app, ["inspect", str(r20_path), "--arch", "resnet50"])
+    assert result.exit_code == 1 and "do not fit --arch resnet50" in result.stderr
+    assert runner.invoke(app, ["inspect"]).exit_code == 2
+    assert runner.invoke(app, ["inspect", str(r20_path), "--input-size", "abc"]).exit_code == 2
+    assert runner.invoke(app, ["inspect", str(r20_path), "--no-such-flag"]).exit_code == 2
+
+
+def test_doctor_human_and_json():
+    import onnxruntime
+    import torchvision
+
+    result = runner.invoke(app, ["doctor"])
+    assert result.exit_code == 0, result.output
+    assert torch.__version__ in result.stdout and "AVX-512 VNNI" in result.stdout
+    assert "tensorrt" in result.stdout and "ORT providers" in result.stdout
+
+    result = runner.invoke(app, ["doctor", "--json"])
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.stdout)
+    assert d["libraries"]["torch"] == torch.__version__
+    assert d["libraries"]["torchvision"] == torchvision.__version__
+    assert d["libraries"]["onnxruntime"] == onnxruntime.__version__
+    assert "CPUExecutionProvider" in d["onnxruntime_providers"]
+    assert d["torch"]["threads"] == torch.get_num_threads()
+    assert d["torch"]["cuda_available"] == torch.cuda.is_available()
+    assert {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"} <= set(d["cpu"])
+    # The INT8 paths list is exactly the CPU flags that are set.
+    flags = {"AVX2": "avx2", "AVX-512": "avx512f", "AVX-512 VNNI": "avx512_vnni", "AVX-VNNI": "avx_vnni",
+             "AMX-INT8": "amx_int8"}
+    assert {k for k, f in flags.items() if d["cpu"][f]} == set(d["int8_cpu_paths"])
