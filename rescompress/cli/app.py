@@ -25,6 +25,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "benchmark",
     "gate",
     "quantize",
+    "prune",
 )
 
 app = typer.Typer(

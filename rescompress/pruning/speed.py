@@ -9,6 +9,7 @@ of medians, through the project's runners and ``measure.measure_latency``.
 from __future__ import annotations
 
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,10 +42,12 @@ def export_for_timing(model: nn.Module, input_shape: tuple[int, ...], path: Path
     """FP32 ONNX with a dynamic batch axis (no metadata, no parity check: only speed matters here)."""
     model = model.eval().cpu()
     dummy = torch.zeros(input_shape)
-    torch.onnx.export(
-        model, (dummy,), str(path), input_names=["input"], output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False,
-    )
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation notices are not the user's concern
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (dummy,), str(path), input_names=["input"], output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False,
+        )
     return path
 
 

@@ -1,0 +1,183 @@
+"""``rescompress prune``: structured channel pruning to a ratio, MAC or latency target, with recovery.
+
+Loads the model safely, prunes coupled channel groups (Torch-Pruning's dependency graph) with the chosen
+criterion, re-estimates BatchNorm and fine-tunes with distillation when data is given, writes a
+pickle-free checkpoint that every other command loads, and prints params, MACs, top-1 and ORT CPU
+latency (batch 1 and 8) before and after.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from rescompress.cli.common import (
+    ArchOpt,
+    BatchSizeOpt,
+    ChannelsOpt,
+    InputSizeOpt,
+    JsonOpt,
+    LimitOpt,
+    MeanOpt,
+    Output,
+    PresetOpt,
+    StdOpt,
+    TrustPickleOpt,
+    handle_errors,
+    info,
+    progress,
+    resolve_preprocess,
+    rows_table,
+    warn,
+)
+from rescompress.errors import RescompressError
+
+
+def register(app: typer.Typer) -> None:
+    app.command("prune")(prune_command)
+
+
+@handle_errors
+def prune_command(
+    model: Annotated[Path, typer.Argument(help="PyTorch model file (.pt/.pth state_dict or module, checkpoint).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Pruned checkpoint to write (.safetensors).")],
+    ratio: Annotated[float | None, typer.Option("--ratio", help="Fraction of channels to remove, e.g. 0.3.")] = None,
+    target_macs: Annotated[
+        float | None, typer.Option("--target-macs", help="Fraction of MACs to keep, e.g. 0.5.")
+    ] = None,
+    target_latency: Annotated[
+        float | None,
+        typer.Option("--target-latency", help="Fraction of the measured ORT CPU latency to keep, e.g. 0.6."),
+    ] = None,
+    criterion: Annotated[
+        str, typer.Option("--criterion", help="Channel importance: l1, l2, bn, taylor (needs data), random.")
+    ] = "l1",
+    global_ranking: Annotated[
+        bool,
+        typer.Option("--global/--uniform", help="Rank channels across layers (capped) or prune each layer alike."),
+    ] = False,
+    max_layer_ratio: Annotated[
+        float, typer.Option("--max-layer-ratio", help="Never remove more than this fraction of a layer.")
+    ] = 0.8,
+    round_to: Annotated[
+        int | None,
+        typer.Option("--round-to", help="Keep widths multiples of N (default: 16 with AVX-512, 8 with AVX2, else 4).",
+                     min=1),
+    ] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Prune in K steps, recovering after each.", min=1)] = 1,
+    finetune_data: Annotated[
+        Path | None,
+        typer.Option("--finetune-data", help="Training images (labeled for fine-tuning; unlabeled: BN only)."),
+    ] = None,
+    epochs: Annotated[float, typer.Option("--epochs", help="Fine-tuning epochs (0: BN re-estimation only).",
+                                          min=0)] = 1.0,
+    lr: Annotated[float, typer.Option("--lr", help="Fine-tuning learning rate (SGD, cosine decay).", min=0)] = 0.01,
+    distill: Annotated[
+        bool, typer.Option("--distill/--no-distill", help="Distill from the unpruned model while fine-tuning.")
+    ] = True,
+    bn_recalib: Annotated[
+        int, typer.Option("--bn-recalib", help="Images for BatchNorm re-estimation after pruning (0: off).", min=0)
+    ] = 1024,
+    eval_data: Annotated[Path | None, typer.Option("--eval-data", help="Labeled images for top-1.")] = None,
+    limit: LimitOpt = None,
+    batch_size: BatchSizeOpt = 64,
+    latency: Annotated[
+        bool, typer.Option("--latency/--no-latency", help="Measure ORT CPU latency before/after (batch 1, 8).")
+    ] = True,
+    device: Annotated[str, typer.Option("--device", help="Fine-tuning device: auto, cpu, cuda.")] = "auto",
+    seed: Annotated[int, typer.Option("--seed", help="Seed for data order and the random criterion.")] = 0,
+    arch: ArchOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    preset: PresetOpt = None,
+    input_size: InputSizeOpt = None,
+    channels: ChannelsOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Prune channels to a target and save a checkpoint; prints before/after params, MACs, top-1, latency."""
+    from rescompress.data import check_compatible, open_dataset
+    from rescompress.fileio import ensure_not_input
+    from rescompress.loading import load_model
+    from rescompress.pruning import FinetuneConfig, PruneConfig, prune_model, save_pruned
+
+    ensure_not_input(output, [model, finetune_data, eval_data])
+    config = PruneConfig(
+        ratio=ratio, target_macs=target_macs, target_latency=target_latency, criterion=criterion,
+        ranking="global" if global_ranking else "uniform", max_layer_ratio=max_layer_ratio, round_to=round_to,
+        steps=steps, bn_recalib=bn_recalib,
+        finetune=FinetuneConfig(epochs=epochs, lr=lr, distill=distill) if finetune_data and epochs > 0 else None,
+        batch_size=batch_size, seed=seed, device=device,
+    )
+    config.validate()  # before the (slow) load, so a bad option fails at once
+    loaded = load_model(model, arch=arch, trust_pickle=trust_pickle, input_size=input_size)
+    pre = resolve_preprocess(loaded.preprocess, preset, input_size, channels, mean, std)
+    if pre.channels != loaded.in_channels:
+        raise RescompressError(
+            f"the model takes {loaded.in_channels}-channel input but the preprocessing gives {pre.channels}; "
+            f"pass --channels {loaded.in_channels}"
+        )
+    data = evald = None
+    if finetune_data is not None:
+        data = open_dataset(finetune_data, pre, split="train")
+        check_compatible(data.info, loaded.num_classes, purpose="fine-tuning")
+        data = _limited(data, limit, seed)
+    if eval_data is not None:
+        evald = open_dataset(eval_data, pre, split="test")
+        check_compatible(evald.info, loaded.num_classes, require_labels=True, purpose="--eval-data")
+    info(f"pruning {model} ({loaded.arch}, {loaded.macs / 1e6:.1f} M MACs at {pre.size[0]}x{pre.size[1]})")
+    result = prune_model(
+        loaded.module, pre, config, data=data, eval_data=evald, eval_limit=limit, measure_latency=latency,
+        progress=progress,
+    )
+    rep = result.report
+    info(f"widths rounded to multiples of {rep.round_to} ({rep.round_to_reason}); a layer narrower than "
+         f"{4 * rep.round_to} channels uses a step of at most a quarter of its width")
+    for s in rep.steps:
+        done = f"step {s.step}/{len(rep.steps)}: {s.macs / 1e6:.2f} M MACs"
+        if s.bn_recalib_images:
+            done += f", BatchNorm re-estimated on {s.bn_recalib_images} images"
+        if s.finetune is not None:
+            done += (f", fine-tuned {s.finetune.batches} batches (loss {s.finetune.first_loss:.3f} -> "
+                     f"{s.finetune.last_loss:.3f}{', distilled' if s.finetune.distill else ''})")
+        info(done)
+    for note in rep.notes:
+        warn(note)
+    summary = {"criterion": rep.criterion, "ranking": rep.ranking, "round_to": rep.round_to,
+               "target": rep.target, "macs_before": result.before.macs, "macs_after": result.after.macs}
+    save_pruned(result.model, output, arch=loaded.arch, num_classes=loaded.num_classes,
+                in_channels=loaded.in_channels, preprocess=pre, summary=summary, source=model)
+    data_out = {"input": str(model), "output": str(output), "arch": loaded.arch, **result.to_dict()}
+
+    def render(console: Console) -> None:
+        rows = [_row("params", result.before.params, result.after.params),
+                _row("MACs", result.before.macs, result.after.macs)]
+        if result.before.top1 is not None:
+            rows.append({"": "top-1 %", "before": 100 * result.before.top1, "after": 100 * result.after.top1,
+                         "after/before": f"{100 * (result.after.top1 - result.before.top1):+.2f} pt"})
+        if result.latency is not None:
+            for b in result.latency.batch_sizes:
+                rows.append(_row(f"ORT CPU ms (batch {b})", result.before.latency_ms[b], result.after.latency_ms[b]))
+        title = f"Pruned {loaded.arch}: {rep.criterion}, {rep.ranking}, round-to {rep.round_to}"
+        console.print(rows_table(rows, ["", "before", "after", "after/before"], title=title))
+        console.print(f"wrote {output}")
+
+    Output(as_json).result(data_out, render)
+
+
+def _row(name: str, before: float, after: float) -> dict:
+    return {"": name, "before": before, "after": after, "after/before": f"{after / before:.3f}"}
+
+
+def _limited(dataset, limit: int | None, seed: int):
+    """The first ``limit`` items (a seeded random subset would change with the dataset's size)."""
+    if limit is None or limit >= len(dataset):
+        return dataset
+    from torch.utils.data import Subset
+
+    sub = Subset(dataset, range(limit))
+    sub.info = dataset.info  # keeps "labeled" visible to the pruner
+    return sub

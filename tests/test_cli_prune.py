@@ -1,0 +1,107 @@
+"""``rescompress prune`` end to end on real files: exit codes, JSON numbers, written checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from rescompress.checkpoint import CheckpointHeader, load_checkpoint, save_checkpoint
+from rescompress.cli.app import app
+from rescompress.models import build_model
+from rescompress.spec import PRESETS
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny convs on a shared 2-core machine run faster on one thread than on two contending ones.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prune") / "r20.safetensors"
+    torch.manual_seed(0)
+    pre = PRESETS["fashion-mnist"].with_overrides(size=16)  # small input keeps the CLI tests quick
+    save_checkpoint(build_model("resnet20", 10, 1), path, CheckpointHeader("resnet20", 10, 1, pre))
+    return path
+
+
+def test_prune_writes_checkpoint_and_reports(model_file, tmp_path, calib_npz, eval_npz):
+    out = tmp_path / "r20.pruned.safetensors"
+    res = runner.invoke(app, [
+        "prune", str(model_file), "--target-macs", "0.5", "--round-to", "4",
+        "--finetune-data", str(calib_npz), "--epochs", "0", "--bn-recalib", "64",
+        "--eval-data", str(eval_npz), "--limit", "128", "-o", str(out), "--json",
+    ])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert 0.45 <= data["macs_kept"] <= 0.5
+    assert data["report"]["round_to"] == 4 and data["report"]["round_to_reason"] == "--round-to"
+    assert data["report"]["steps"][0]["bn_recalib_images"] == 64
+    assert 0.0 <= data["after"]["top1"] <= 1.0
+    lat = data["after"]["latency_ms"]
+    assert set(lat) == {"1", "8"} and all(v > 0 for v in lat.values())
+    model, header = load_checkpoint(out)
+    assert header.pruned and header.arch == "resnet20"
+    assert header.extra["pruning"]["macs_after"] == data["after"]["macs"]
+    assert model.fc.out_features == 10 and model.conv1.in_channels == 1
+
+
+def test_prune_human_output_and_steps(model_file, tmp_path):
+    out = tmp_path / "r.safetensors"
+    res = runner.invoke(app, ["prune", str(model_file), "--ratio", "0.25", "--steps", "2", "--no-latency",
+                              "--criterion", "l2", "--global", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "MACs" in res.stdout and "params" in res.stdout
+    assert out.exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--ratio", "1.5"], "--ratio must be in (0, 1)"),
+        (["--ratio", "0.3", "--target-macs", "0.5"], "exactly one of"),
+        ([], "exactly one of"),
+        (["--target-macs", "0.01", "--max-layer-ratio", "0.5"], "max-layer-ratio"),
+        (["--ratio", "0.3", "--criterion", "obd"], "unknown pruning criterion"),
+        (["--ratio", "0.3", "--criterion", "taylor"], "taylor criterion needs data"),
+    ],
+)
+def test_bad_options_exit_1_with_one_line(model_file, tmp_path, args, message):
+    out = tmp_path / "x.safetensors"
+    res = runner.invoke(app, ["prune", str(model_file), *args, "--no-latency", "-o", str(out)])
+    assert res.exit_code == 1, res.output
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(lines) == 1 and message in lines[0]
+    assert not out.exists()
+
+
+def test_refuses_to_overwrite_the_input(model_file):
+    before = model_file.read_bytes()
+    res = runner.invoke(app, ["prune", str(model_file), "--ratio", "0.3", "-o", str(model_file)])
+    assert res.exit_code == 1
+    assert "same file as input" in res.stderr
+    assert model_file.read_bytes() == before
+
+
+def test_usage_errors_exit_2(model_file, tmp_path):
+    res = runner.invoke(app, ["prune", str(model_file), "--ratio", "0.3"])  # no -o
+    assert res.exit_code == 2
+    res = runner.invoke(app, ["prune", str(model_file), "--ratio", "0.3", "--steps", "0", "-o", str(tmp_path / "o")])
+    assert res.exit_code == 2
+
+
+def test_not_a_model_is_one_line_error(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a model")
+    res = runner.invoke(app, ["prune", str(bad), "--ratio", "0.3", "-o", str(tmp_path / "o.safetensors")])
+    assert res.exit_code == 1
+    assert res.stderr.count("Error:") == 1
