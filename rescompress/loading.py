@@ -67,6 +67,7 @@ SAFE_MODULE_CLASSES: tuple[type, ...] = (
     nn.Identity,
     nn.Dropout,
     nn.Flatten,
+    nn.DataParallel,  # torch.save(nn.DataParallel(model)); unwrapped to .module after loading
 )
 
 # (block, blocks per stage, groups, width per group) -> torchvision builder name.
@@ -297,10 +298,13 @@ def _load_safetensors(p: Path, arch: str | None) -> _Partial:
                 f"{p} is a rescompress checkpoint of {header.arch}, not {arch}; drop --arch"
             )
         module, header = load_checkpoint(p)
-        return _Partial(
+        part = _Partial(
             module, header.arch, header.num_classes, header.in_channels, "checkpoint", p,
             preprocess=header.preprocess, pruned=header.pruned,
         )
+        if getattr(header, "folded", False):
+            part.notes.append("BatchNorm folded into the convolutions")
+        return part
     try:
         with safe_open(str(p), framework="pt") as f:
             state = {k: f.get_tensor(k) for k in f.keys()}
@@ -483,7 +487,7 @@ def _is_tensor_dict(obj: object) -> bool:
 def _unwrap(obj: object, p: Path) -> tuple[nn.Module | None, dict[str, torch.Tensor]]:
     """(module, {}) for a pickled module, (None, state_dict) for a state_dict, possibly wrapped."""
     for _ in range(4):  # wrappers nest at most a few levels ({"model": {"state_dict": ...}})
-        if isinstance(obj, nn.DataParallel | nn.parallel.DistributedDataParallel):
+        if isinstance(obj, nn.DataParallel):
             obj = obj.module
         if isinstance(obj, nn.Module):
             return obj, {}
@@ -520,6 +524,10 @@ def infer_resnet_spec(state: dict[str, torch.Tensor], what: str = "state_dict") 
     """Read a ResNet's structure from state_dict keys and shapes; raise if it is not a ResNet."""
     state = strip_prefixes(state)
     stem, fc = state.get("conv1.weight"), state.get("fc.weight")
+    if fc is None:
+        # A replaced head (e.g. fc = Sequential(Dropout, Linear)): its last matrix gives the class count.
+        fc = next((v for k, v in reversed(state.items()) if k.startswith("fc.") and k.endswith(".weight")
+                   and v.ndim == 2), None)
     blocks: dict[int, set[int]] = {}
     for key in state:
         m = _BLOCK_KEY.match(key)
@@ -728,8 +736,12 @@ def _from_module(module: nn.Module, p: Path, arch: str | None, source: str) -> _
         if arch is not None and spec.arch is not None and spec.arch != arch:
             raise UnsupportedModelError(f"{p} holds a {spec.arch}, not {arch}; drop --arch")
         pruned = _differs_from_standard(spec, state)
-        return _Partial(module, arch or spec.name, spec.num_classes, spec.in_channels, source, p,
+        part = _Partial(module, arch or spec.name, spec.num_classes, spec.in_channels, source, p,
                         pruned=pruned, spec=spec)
+        if "fc.weight" not in state:
+            head = sorted(k for k in state if k.startswith("fc."))
+            part.notes.append(f"custom classifier head ({', '.join(head[:4])})")
+        return part
     convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
     linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
     if not convs or not linears:

@@ -421,3 +421,35 @@ def test_loaded_model_to_dict_is_json_ready(tmp_path, r20):
     d = json.loads(json.dumps(loaded.to_dict()))
     assert d["arch"] == "resnet20" and d["preprocess"]["preset"] == "fashion-mnist"
     assert d["macs"] == count_macs(r20, (1, 1, 28, 28)) and d["spec"]["layers"] == [3, 3, 3]
+
+
+def test_dataparallel_and_custom_head_pickles_load_without_trust(tmp_path):
+    model = _model("resnet18", 10, 3)
+    dp = tmp_path / "dp.pt"
+    torch.save(nn.DataParallel(model), dp)
+    loaded = load_model(dp, input_size=32)
+    assert loaded.source_format == "pickled_module" and loaded.arch == "resnet18"
+    assert not isinstance(loaded.module, nn.DataParallel)
+    assert torch.equal(_logits(loaded.module, (1, 3, 32, 32)), _logits(model, (1, 3, 32, 32)))
+
+    model.fc = nn.Sequential(nn.Dropout(0.2), nn.Linear(512, 7))
+    head = tmp_path / "head.pt"
+    torch.save(model.eval(), head)
+    loaded = load_model(head, input_size=32)
+    assert (loaded.arch, loaded.num_classes) == ("resnet18", 7)
+    assert any("custom classifier head" in n for n in loaded.notes)
+    torch.save(model.state_dict(), tmp_path / "head_sd.pt")
+    with pytest.raises(UnsupportedModelError, match=r"unexpected keys \['fc.1.bias', 'fc.1.weight'\]"):
+        load_model(tmp_path / "head_sd.pt")
+
+
+def test_folded_checkpoint_loads_with_note(tmp_path, r20):
+    from rescompress.folding import fold_batchnorm
+
+    folded = fold_batchnorm(r20, input_shape=(1, 32, 32)).model
+    header = CheckpointHeader("resnet20", 10, 1, get_preset("fashion-mnist"), folded=True)
+    path = save_checkpoint(folded, tmp_path / "folded.safetensors", header)
+    loaded = load_model(path)
+    assert loaded.source_format == "checkpoint" and any("folded" in n for n in loaded.notes)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in loaded.module.modules())
+    assert torch.equal(_logits(loaded.module, _SHAPE), _logits(folded, _SHAPE))
