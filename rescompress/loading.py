@@ -778,6 +778,10 @@ def _finish(part: _Partial, input_size: int | None) -> LoadedModel:
     if input_size is not None:
         pre = pre.with_overrides(size=input_size)
     module = part.module.to("cpu").eval()
+    if any(t.is_floating_point() and t.dtype != torch.float32 for t in module.state_dict().values()):
+        # Every later stage (calibration, export, ORT parity) works in float32.
+        module = module.float()
+        part.notes.append("weights converted to float32")
     return LoadedModel(
         module=module,
         arch=part.arch,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -453,3 +454,29 @@ def test_folded_checkpoint_loads_with_note(tmp_path, r20):
     assert loaded.source_format == "checkpoint" and any("folded" in n for n in loaded.notes)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in loaded.module.modules())
     assert torch.equal(_logits(loaded.module, _SHAPE), _logits(folded, _SHAPE))
+
+
+def test_half_precision_files_load_as_float32(tmp_path, r20):
+    half_sd = {k: v.half() if v.is_floating_point() else v for k, v in r20.state_dict().items()}
+    torch.save(half_sd, tmp_path / "half_sd.pt")
+    torch.save(_model("resnet20", 10, 1).half(), tmp_path / "half_module.pt")
+    for name in ("half_sd.pt", "half_module.pt"):
+        loaded = load_model(tmp_path / name)
+        assert all(t.dtype == torch.float32 for t in loaded.module.state_dict().values() if t.is_floating_point())
+        assert loaded.macs == count_macs(r20, (1, 1, 28, 28))
+    reference = build_model("resnet20", 10, 1)
+    reference.load_state_dict({k: v.float() for k, v in half_sd.items()})
+    loaded = load_model(tmp_path / "half_sd.pt")
+    assert torch.equal(_logits(loaded.module, _SHAPE), _logits(reference.eval(), _SHAPE))
+    assert any("float32" in n for n in load_model(tmp_path / "half_module.pt").notes)
+
+
+@pytest.mark.skipif(
+    not (Path(__file__).resolve().parents[1] / "rescompress/assets/resnet20_fashion_mnist.safetensors").exists(),
+    reason="bundled reference model not trained yet",
+)
+def test_bundled_reference_model(reference_checkpoint):
+    loaded = load_model(reference_checkpoint)
+    assert (loaded.arch, loaded.num_classes, loaded.in_channels) == ("resnet20", 10, 1)
+    assert loaded.source_format == "checkpoint" and loaded.preprocess.preset == "fashion-mnist"
+    assert loaded.macs == count_macs(build_model("resnet20", 10, 1), loaded.preprocess.input_shape(1))
