@@ -265,6 +265,20 @@ def test_onnx_macs_match_torch_count(small_model, tmp_path):
     params, macs = onnx_params_macs(path, (1, 1, 28, 28))
     assert macs == count_macs(small_model, (1, 1, 28, 28))
     assert 0 < params <= sum(p.numel() for p in small_model.parameters())
+    # A Q/DQ INT8 file (ONNX Runtime's own quantizer) has the same convolutions: same MACs.
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"input": np.random.default_rng(0).standard_normal((2, 1, 28, 28), np.float32)}])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    qdq = tmp_path / "m.qdq.onnx"
+    quantize_static(str(path), str(qdq), Reader(), quant_format=QuantFormat.QDQ)
+    q_params, q_macs = onnx_params_macs(qdq, (1, 1, 28, 28))
+    assert q_macs == macs and q_params > params  # + scales and zero points
 
 
 def test_benchmark_and_markdown(small_model, eval_npz, tmp_path):
