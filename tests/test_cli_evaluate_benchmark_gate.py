@@ -289,3 +289,12 @@ def test_benchmark_same_onnx_in_two_runtimes(files, eval_npz):
     assert [m["runtime"] for m in d["models"]] == ["onnxruntime", "openvino"]
     assert d["models"][1]["agreement"]["top1_agreement"] == 100.0
     assert d["models"][1]["agreement"]["sqnr_db"] > 60.0  # both FP32
+
+
+def test_device_cuda_without_a_gpu_is_a_clear_error(files, eval_npz):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    r = cli.invoke(app, ["evaluate", str(files["a"]), "--data", str(eval_npz), "--device", "cuda"])
+    assert r.exit_code == 1 and "no CUDA device" in r.stderr
+    r = cli.invoke(app, ["evaluate", str(files["a"]), "--data", str(eval_npz), "--device", "tpu"])
+    assert r.exit_code == 1 and "device must be 'cpu' or 'cuda'" in r.stderr

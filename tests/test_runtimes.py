@@ -220,3 +220,14 @@ def test_openvino_missing_is_a_clear_error(resnet20_onnx):
     _, path = resnet20_onnx
     with pytest.raises(RescompressError, match="install the openvino extra"):
         make_runner(path, runtime="openvino")
+
+
+@pytest.mark.needs_cuda
+def test_torch_runner_on_cuda_matches_cpu(resnet20_onnx):
+    model, _ = resnet20_onnx
+    x = np.random.default_rng(7).standard_normal((2, 1, 28, 28), dtype=np.float32)
+    cpu = make_runner(model).run(x)
+    gpu_runner = make_runner(model, device="cuda")
+    assert gpu_runner.info.settings["device"] == "cuda"
+    np.testing.assert_allclose(gpu_runner.run(x), cpu, rtol=1e-3, atol=1e-4)  # cuDNN/TF32 kernels
+    make_runner(model)  # leave the shared fixture's module back on the CPU for the other tests

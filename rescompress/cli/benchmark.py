@@ -26,7 +26,7 @@ from rescompress.cli.common import (
     resolve_preprocess,
     rows_table,
 )
-from rescompress.cli.evaluate import RuntimeOpt, ThreadsOpt
+from rescompress.cli.evaluate import DeviceOpt, RuntimeOpt, ThreadsOpt
 
 
 def register(app: typer.Typer) -> None:
@@ -46,6 +46,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
         batch: Annotated[str, typer.Option("--batch", help="Comma-separated batch sizes to time.")] = "1,8,32",
         threads: ThreadsOpt = None,
+        device: DeviceOpt = "cpu",
         warmup: Annotated[float, typer.Option("--warmup", help="Warm-up seconds per model and batch.", min=0)] = 1.0,
         iters: Annotated[int, typer.Option("--iters", help="Timed calls per block.", min=1)] = 20,
         rounds: Annotated[int, typer.Option("--rounds", help="Rounds of interleaved blocks.", min=1)] = 5,
@@ -86,7 +87,8 @@ def register(app: typer.Typer) -> None:
         batch_sizes = parse_ints(batch, "--batch")
         if report is not None:
             ensure_not_input(report, [split_model_spec(m)[0] for m in models] + [data])
-        runners = open_runners(models, runtime, threads, spinning=False, arch=arch, trust_pickle=trust_pickle)
+        runners = open_runners(models, runtime, threads, spinning=False, arch=arch, trust_pickle=trust_pickle,
+                               device=device)
         pre = resolve_preprocess(default_preprocess(runners), preset, input_size, channels, mean, std)
 
         def on_block(b: int, r: int, name: str) -> None:

@@ -37,6 +37,9 @@ RuntimeOpt = Annotated[
 ThreadsOpt = Annotated[
     int | None, typer.Option("--threads", help="Intra-op threads for every runtime (default: the runtime's).", min=1)
 ]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="cpu, or cuda (torch on a CUDA GPU; onnxruntime-gpu's CUDA provider).")
+]
 DataOpt = Annotated[
     Path,
     typer.Option(
@@ -56,6 +59,7 @@ def register(app: typer.Typer) -> None:
         batch_size: BatchSizeOpt = 64,
         runtime: RuntimeOpt = "auto",
         threads: ThreadsOpt = None,
+        device: DeviceOpt = "cpu",
         preset: PresetOpt = None,
         input_size: InputSizeOpt = None,
         channels: ChannelsOpt = None,
@@ -71,7 +75,7 @@ def register(app: typer.Typer) -> None:
         from rescompress.measure.benchmark import check_compatible_runners
         from rescompress.runtimes import make_runner
 
-        runner = make_runner(model, runtime, threads, arch=arch, trust_pickle=trust_pickle)
+        runner = make_runner(model, runtime, threads, arch=arch, trust_pickle=trust_pickle, device=device)
         pre = resolve_preprocess(runner.info.preprocess, preset, input_size, channels, mean, std)
         check_compatible_runners({model.name: runner}, pre)
         dataset = open_dataset(data, pre, split="test")

@@ -26,7 +26,7 @@ from rescompress.cli.common import (
     rows_table,
     warn,
 )
-from rescompress.cli.evaluate import DataOpt, RuntimeOpt, ThreadsOpt
+from rescompress.cli.evaluate import DataOpt, DeviceOpt, RuntimeOpt, ThreadsOpt
 
 HELP = "\n\n".join((
     "Check a CANDIDATE model against a reference on labeled data: exit 0 when every check holds, 3 when one "
@@ -72,6 +72,7 @@ def register(app: typer.Typer) -> None:
         batch_size: BatchSizeOpt = 64,
         runtime: RuntimeOpt = "auto",
         threads: ThreadsOpt = None,
+        device: DeviceOpt = "cpu",
         warmup: Annotated[float, typer.Option("--warmup", help="Latency warm-up seconds.", min=0)] = 1.0,
         iters: Annotated[int, typer.Option("--iters", help="Timed calls per latency block.", min=1)] = 20,
         rounds: Annotated[int, typer.Option("--rounds", help="Interleaved latency rounds.", min=1)] = 5,
@@ -105,7 +106,8 @@ def register(app: typer.Typer) -> None:
             ensure_not_input(junit, [save_metrics])
         stored = GateMetrics.load(against) if against is not None else None
         models = [str(baseline), str(candidate)] if baseline is not None else [str(candidate)]
-        runners = open_runners(models, runtime, threads, spinning=False, arch=arch, trust_pickle=trust_pickle)
+        runners = open_runners(models, runtime, threads, spinning=False, arch=arch, trust_pickle=trust_pickle,
+                               device=device)
         values = list(runners.values())
         cand_runner, base_runner = values[-1], (values[0] if baseline is not None else None)
         recorded = default_preprocess(runners)

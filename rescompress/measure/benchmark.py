@@ -113,6 +113,7 @@ def open_runners(
     spinning: bool = False,
     arch: str | None = None,
     trust_pickle: bool = False,
+    device: str = "cpu",
 ) -> dict[str, object]:
     """Labeled runners for model files, baseline first (``FILE@RUNTIME`` overrides ``runtime``)."""
     from rescompress.runtimes import make_runner, resolve_runtime
@@ -125,7 +126,7 @@ def open_runners(
     runners: dict[str, object] = {}
     for label, (path, _), rt in zip(labels, specs, chosen, strict=True):
         runners[label] = make_runner(
-            path, rt, threads, spinning=spinning, arch=arch, trust_pickle=trust_pickle
+            path, rt, threads, spinning=spinning, arch=arch, trust_pickle=trust_pickle, device=device
         )
     return runners
 
