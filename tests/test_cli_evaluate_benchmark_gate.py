@@ -234,11 +234,14 @@ def test_gate_against_stored_metrics_edge_is_inclusive(files, eval_npz):
     assert _last_line(r.stdout) == "FAILED: accuracy_drop_vs_stored"
 
 
-def test_gate_against_other_data_is_an_error(files, eval_npz):
+def test_gate_record_only_then_against_other_data_is_an_error(files, eval_npz):
     metrics = files["dir"] / "m100.json"
-    r = cli.invoke(app, ["gate", "--baseline", str(files["a"]), "--candidate", str(files["a"]), "--data",
-                         str(eval_npz), "--limit", "100", "--save-metrics", str(metrics)])
+    r = cli.invoke(app, ["gate", "--candidate", str(files["a"]), "--data", str(eval_npz), "--limit", "100",
+                         "--threads", "1", "--save-metrics", str(metrics), "--json"])
     assert r.exit_code == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["checks"] == [] and d["verdict"] == "PASSED" and "checked nothing" in r.stderr
+    assert json.loads(metrics.read_text())["n"] == 100
     r = _gate(files, eval_npz, "--against", str(metrics), "--candidate", str(files["a"]))
     assert r.exit_code == 1 and "different images" in r.stderr
 

@@ -42,6 +42,9 @@ HELP = "\n\n".join((
     "baseline model; its checks are accuracy_drop_vs_stored and top1_agreement_vs_stored (the file holds each "
     "image's predicted class). --save-metrics writes the candidate's metrics; --junit writes JUnit XML, one "
     "testcase per check.",
+    "To pin a model's accuracy: rescompress gate --candidate model.pt --data val/ --save-metrics ci/metrics.json "
+    "(no reference: records, checks nothing), commit the file, and in CI run rescompress gate --candidate NEW "
+    "--against ci/metrics.json --data val/ --junit gate.xml.",
 ))
 
 
@@ -96,8 +99,12 @@ def register(app: typer.Typer) -> None:
 
         # Every input problem is found before any work, so an error leaves no file behind.
         thresholds = GateThresholds(max_drop, min_agreement, max_latency_ratio, batch)
-        if baseline is None and against is None:
-            raise RescompressError("the gate needs a reference: --baseline MODEL, --against METRICS.json, or both")
+        record_only = baseline is None and against is None
+        if record_only and save_metrics is None:
+            raise RescompressError(
+                "the gate needs a reference: --baseline MODEL, --against METRICS.json, or both "
+                "(or only --save-metrics to record the candidate's metrics)"
+            )
         inputs = [candidate, baseline, against, data]
         outputs = [p for p in (junit, save_metrics) if p is not None]
         for out in outputs:
@@ -122,8 +129,10 @@ def register(app: typer.Typer) -> None:
         result = run_gate(
             cand_runner, pre, data, baseline=base_runner, stored=stored, stored_source=str(against),
             thresholds=thresholds, limit=limit, eval_batch_size=batch_size, warmup_s=warmup, iters=iters,
-            rounds=rounds, progress=progress, log=info,
+            rounds=rounds, progress=progress, log=info, record_only=record_only,
         )
+        if record_only:
+            info("no reference given: recorded the candidate's metrics, checked nothing")
         for note in result.notes:
             warn(note)
         if save_metrics is not None:

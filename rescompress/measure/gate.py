@@ -10,7 +10,8 @@ A gate compares a candidate model with a reference on labeled data and passes wh
   interleaved in the same run; passes when ``ratio <= max_latency_ratio`` (only when that is given).
 
 The reference is a baseline model run now (``--baseline``), stored metrics from an earlier run
-(``--against m.json``, written by ``--save-metrics``), or both. Stored metrics hold the top-1
+(``--against m.json``, written by ``--save-metrics``), or both; with neither, ``--save-metrics`` alone
+records the candidate's metrics (no checks run) so they can be pinned. Stored metrics hold the top-1
 accuracy and each image's predicted class, so ``accuracy_drop_vs_stored`` and
 ``top1_agreement_vs_stored`` need no baseline model: a repository can pin its accuracy in a small JSON
 file. They are only valid on the same images in the same order, which is checked through a hash of the
@@ -311,13 +312,15 @@ def run_gate(
     rounds: int = 5,
     progress: ProgressFn | None = None,
     log: Callable[[str], None] | None = None,
+    record_only: bool = False,
 ) -> GateResult:
     """Measure ``candidate`` (and ``baseline``) on ``data`` and check ``thresholds``; never raises on a failed check.
 
     ``candidate``/``baseline`` are runners. Raises ``RescompressError`` for input problems: no reference,
-    unlabeled data, class-count mismatch, stored metrics from other data.
+    unlabeled data, class-count mismatch, stored metrics from other data. ``record_only`` allows no
+    reference at all: the candidate is measured (to save its metrics, e.g. to pin them) and no check runs.
     """
-    if baseline is None and stored is None:
+    if baseline is None and stored is None and not record_only:
         raise RescompressError("the gate needs a reference: --baseline MODEL, --against METRICS.json, or both")
     if thresholds.max_latency_ratio is not None and baseline is None:
         raise RescompressError(
