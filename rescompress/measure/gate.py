@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rescompress import __version__
@@ -397,7 +397,5 @@ def run_gate(
 def _with_latency(m: GateMetrics | None, ms: float, batch: int) -> GateMetrics | None:
     if m is None:
         return None
-    from dataclasses import replace
-
     return replace(m, latency_ms=ms, latency_batch=batch)
 
