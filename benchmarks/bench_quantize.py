@@ -1,0 +1,359 @@
+"""INT8 quantization against ONNX Runtime's own quantizer: fidelity, speed and calibration cost, one run each.
+
+Three parts (``--part``), each writing ``benchmarks/results/bench_quantize_<part>.json``:
+
+* ``resnet20`` — the bundled ResNet-20: 512 calibration images from the Fashion-MNIST *train* split
+  (seeded sample, the same images for every quantizer), evaluated on the full 10k test set. Ours with each
+  calibration method (ORT and TensorRT artifacts, the TensorRT file run in ORT) against
+  ``onnxruntime.quantization.quantize_static`` (QDQ, per-channel, u8 activations / s8 weights, MinMax and
+  Entropy): top-1 drop, top-1 agreement, logit SQNR vs FP32; INT8/FP32 latency at batch 1 and 8.
+* ``resnet50`` — torchvision resnet50 at 224x224, random init with BatchNorm statistics re-estimated on
+  Fashion-MNIST images (3-channel, ImageNet preprocessing): INT8/FP32 latency at batch 1 and 8 on ORT CPU
+  (spinning off, runners interleaved), ours vs ORT's quantizer.
+* ``calibration`` — calibration wall time and peak RSS, each run in a fresh subprocess (``ru_maxrss``):
+  ours on resnet50 at 128 and 1024 images (streaming, memory flat) against ORT's MinMax / Entropy
+  calibration at small image counts (their memory grows with the number of images, so the count is kept
+  small on this shared 23 GB machine), and both on ResNet-20 at 128 and 1024 images.
+
+    python benchmarks/bench_quantize.py --part resnet20
+    python benchmarks/bench_quantize.py --part resnet50
+    python benchmarks/bench_quantize.py --part calibration
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_result  # noqa: E402
+
+from rescompress.data import ASSETS, DEBIAN_FASHION_MNIST, open_dataset  # noqa: E402
+from rescompress.spec import get_preset  # noqa: E402
+
+REFERENCE = ASSETS / "resnet20_fashion_mnist.safetensors"
+SEED = 0
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def sample(ds, n: int, seed: int = SEED) -> np.ndarray:
+    import torch
+
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values.tolist()
+    return np.stack([ds[i][0].numpy() for i in idx]).astype(np.float32)
+
+
+def batches(x: np.ndarray, b: int) -> list[np.ndarray]:
+    return [x[i : i + b] for i in range(0, len(x), b)]
+
+
+def ort_quantize(fp32: Path, out: Path, calib: np.ndarray, method: str, batch: int = 32) -> Path:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(batches(calib, batch))
+
+        def get_next(self):
+            b = next(self.it, None)
+            return None if b is None else {"input": b}
+
+    quantize_static(
+        str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy}[method],
+    )
+    return out
+
+
+def session(path_or_model):
+    import onnx
+
+    from rescompress.calibration.collect import make_session
+
+    m = path_or_model if isinstance(path_or_model, onnx.ModelProto) else onnx.load(str(path_or_model))
+    return make_session(m)
+
+
+class Runner:
+    def __init__(self, s) -> None:
+        self.s = s
+        self.inp = s.get_inputs()[0].name
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self.s.run(None, {self.inp: x})[0]
+
+
+def logits_of(s, x: np.ndarray, b: int = 250) -> np.ndarray:
+    r = Runner(s)
+    return np.concatenate([r.run(xb) for xb in batches(x, b)])
+
+
+def latency(runners: dict, shape_fn, batch_sizes=(1, 8), iters=10, rounds=5) -> dict:
+    from rescompress.measure.latency import measure_latency
+
+    rep = measure_latency(runners, shape_fn, batch_sizes, warmup_s=1.0, iters=iters, rounds=rounds)
+    base = next(iter(runners))
+    return {
+        "baseline": base,
+        "speedup_vs_fp32": {
+            name: {str(b): rep.ratio(name, b).speedup for b in batch_sizes} for name in runners if name != base
+        },
+        "median_ms": {name: {str(b): rep.get(name, b).median_ms for b in batch_sizes} for name in runners},
+        "spread": {name: {str(b): rep.get(name, b).spread for b in batch_sizes} for name in runners},
+        "settings": {"iters_per_block": iters, "rounds": rounds, "interleaved": True, "spinning": False},
+    }
+
+
+def fp32_onnx_from_checkpoint(path: Path, out: Path):
+    from rescompress.export import export_onnx
+    from rescompress.folding import fold_batchnorm
+    from rescompress.loading import load_model
+
+    loaded = load_model(path)
+    folded = fold_batchnorm(loaded.module, input_shape=loaded.preprocess.input_shape(8)).model
+    export_onnx(folded, loaded.preprocess, out, arch=loaded.arch, num_classes=loaded.num_classes)
+    return loaded.preprocess
+
+
+def our_artifacts(fp32: Path, calib: np.ndarray, method: str, batch: int = 32) -> tuple[dict, float]:
+    """Our ORT and TensorRT files (in memory) for one method; returns them and the calibration seconds."""
+    import onnx
+
+    from rescompress.calibration.collect import collect_histograms, make_session, suggest_batch_size, with_extra_outputs
+    from rescompress.quantization.calibrate import activation_entries, weight_entries
+    from rescompress.quantization.emit import emit_qdq
+    from rescompress.quantization.placement import GraphIndex, place, prepare_model
+    from rescompress.quantization.plan import Provenance, QuantPlan, model_fingerprint
+
+    base = prepare_model(onnx.load(str(fp32)))
+    pls = {t: place(base, t) for t in ("onnxruntime", "tensorrt")}
+    names = sorted(set(GraphIndex(base).float_activations()) | pls["onnxruntime"].calib_tensors()
+                   | pls["tensorrt"].calib_tensors())
+    t0 = time.perf_counter()
+    s = make_session(with_extra_outputs(base, names))
+    b = suggest_batch_size(s, s.get_inputs()[0].name, (1, *calib.shape[1:]), batch)
+    hists, _ = collect_histograms(base, names, batches(calib, b), session=s)
+    entries = activation_entries(hists, method, 99.99)
+    secs = time.perf_counter() - t0
+    plan = QuantPlan(entries, weight_entries(base, [w for p in pls.values() for w in p.weights]),
+                     Provenance(model_fingerprint(base), None, len(calib), method, 99.99, {}))
+    return {t: emit_qdq(base, plan, p) for t, p in pls.items()}, secs
+
+
+def fidelity(ref: np.ndarray, got: np.ndarray, labels: np.ndarray) -> dict:
+    from rescompress.quantization.fidelity import compare
+
+    f = compare(ref, got, labels)
+    return {"top1": f.top1, "fp32_top1": f.fp32_top1, "top1_drop": f.top1_drop, "top5": f.top5,
+            "top1_agreement": f.top1_agreement, "sqnr_db": f.sqnr_db, "max_abs_diff": f.max_abs_diff, "n": f.n}
+
+
+# ------------------------------------------------------------------------------------------ parts
+def part_resnet20(args) -> None:
+    if not REFERENCE.exists():
+        sys.exit(f"{REFERENCE} is not there yet")
+    pre = get_preset("fashion-mnist")
+    calib = sample(open_dataset(DEBIAN_FASHION_MNIST, pre, split="train"), args.num_images)
+    test_ds = open_dataset(DEBIAN_FASHION_MNIST, pre, split="test")
+    x_test = np.stack([test_ds[i][0].numpy() for i in range(len(test_ds))]).astype(np.float32)
+    y_test = np.array([test_ds._reader(i)[1] for i in range(len(test_ds))])
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        fp32 = tmp / "r20.fp32.onnx"
+        fp32_onnx_from_checkpoint(REFERENCE, fp32)
+        ref = logits_of(session(fp32), x_test)
+        rows, sessions = {}, {"fp32": session(fp32)}
+        for method in ("max", "percentile", "entropy", "mse"):
+            files, secs = our_artifacts(fp32, calib, method)
+            for t, m in files.items():
+                name = f"ours-{method}-{'ort' if t == 'onnxruntime' else 'trt'}"
+                s = session(m)
+                rows[name] = {**fidelity(ref, logits_of(s, x_test), y_test), "calibration_s": secs}
+                if method == args.latency_method and t == "onnxruntime":
+                    sessions[name] = s
+        for method in ("minmax", "entropy"):
+            t0 = time.perf_counter()
+            path = ort_quantize(fp32, tmp / f"ort-{method}.onnx", calib, method)
+            secs = time.perf_counter() - t0
+            s = session(path)
+            rows[f"ort-{method}"] = {**fidelity(ref, logits_of(s, x_test), y_test), "calibration_s": secs}
+            if method == "minmax":
+                sessions["ort-minmax"] = s
+        lat = latency({k: Runner(v) for k, v in sessions.items()}, pre.input_shape, iters=20, rounds=5)
+    write_result("bench_quantize_resnet20", {
+        "model": "bundled ResNet-20 (Fashion-MNIST, 1x28x28)",
+        "calibration": f"{args.num_images} images, seeded sample (seed {SEED}) of the Fashion-MNIST train split",
+        "evaluation": f"full Fashion-MNIST test set ({len(x_test)} images)",
+        "notes": "ours-*-trt is the TensorRT Q/DQ file executed by ONNX Runtime CPU (no TensorRT here); "
+                 "ort-* is onnxruntime.quantization.quantize_static(QDQ, per_channel, QUInt8 act, QInt8 weight) "
+                 "with its defaults (it also quantizes the Gemm output).",
+        "results": rows,
+        "latency_onnxruntime_cpu": lat,
+    })
+
+
+def resnet50_fp32(tmp: Path, n_bn: int = 64) -> tuple[Path, object, np.ndarray]:
+    import torch
+
+    from rescompress.export import export_onnx
+    from rescompress.folding import fold_batchnorm
+    from rescompress.models import build_model
+
+    pre = get_preset("imagenet")
+    ds = open_dataset(DEBIAN_FASHION_MNIST, pre, split="train")
+    torch.manual_seed(0)
+    model = build_model("resnet50", num_classes=10)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the re-estimation batches
+    x = sample(ds, n_bn, seed=1)
+    model.train()
+    with torch.no_grad():
+        for xb in batches(x, 16):
+            model(torch.from_numpy(xb))
+    model.eval()
+    folded = fold_batchnorm(model, input_shape=pre.input_shape(2)).model
+    fp32 = tmp / "r50.fp32.onnx"
+    export_onnx(folded, pre, fp32, arch="resnet50", num_classes=10, probe=torch.from_numpy(x[:2]),
+                check_parity=False)  # random deep net: chaotic logits, the 1e-5 parity bound is for trained ones
+    return fp32, pre, ds
+
+
+def part_resnet50(args) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        fp32, pre, ds = resnet50_fp32(tmp)
+        calib = sample(ds, args.r50_images)
+        files, secs = our_artifacts(fp32, calib, "max", batch=8)
+        ort_path = ort_quantize(fp32, tmp / "ort-minmax.onnx", calib, "minmax", batch=8)
+        x = sample(ds, 32, seed=2)
+        ref = logits_of(session(fp32), x, 8)
+        agree = {
+            "ours-ort": fidelity(ref, logits_of(session(files["onnxruntime"]), x, 8), np.zeros(0, int)),
+            "ort-minmax": fidelity(ref, logits_of(session(ort_path), x, 8), np.zeros(0, int)),
+        }
+        runners = {
+            "fp32": Runner(session(fp32)),
+            "ours-int8-ort": Runner(session(files["onnxruntime"])),
+            "ort-minmax-int8": Runner(session(ort_path)),
+        }
+        lat = latency(runners, pre.input_shape, iters=args.r50_iters, rounds=5)
+    write_result("bench_quantize_resnet50", {
+        "model": "torchvision resnet50, random init, BN statistics re-estimated on 64 Fashion-MNIST images "
+                 "(3x224x224, ImageNet preprocessing)",
+        "calibration": f"{args.r50_images} images, method max (ours) / MinMax (ORT)",
+        "agreement_on_32_images": agree,
+        "latency_onnxruntime_cpu": lat,
+    })
+
+
+def _rss_now_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def calib_child(spec: dict) -> dict:
+    """Runs in a fresh process: one calibration, its wall time and the process's peak RSS."""
+    import onnx  # noqa: F401  (import cost outside the timed region)
+    import onnxruntime  # noqa: F401
+
+    fp32 = Path(spec["fp32"])
+    pre = get_preset(spec["preset"])
+    ds = open_dataset(DEBIAN_FASHION_MNIST, pre, split="train")
+    calib = sample(ds, spec["n"])
+    rss_before = _rss_now_mb()
+    t0 = time.perf_counter()
+    if spec["tool"] == "ours":
+        our_artifacts(fp32, calib, spec["method"], batch=spec["batch"])
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            ort_quantize(fp32, Path(tmp) / "q.onnx", calib, spec["method"], batch=spec["batch"])
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {**spec, "wall_s": wall, "peak_rss_mb": peak, "rss_before_mb": rss_before,
+            "input_bytes_mb": calib.nbytes / 2**20}
+
+
+def run_child(spec: dict, mem_limit_gb: float) -> dict:
+    cmd = [sys.executable, __file__, "--child", json.dumps(spec), "--mem-limit-gb", str(mem_limit_gb)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        return {**spec, "failed": (p.stderr.strip().splitlines() or ["killed"])[-1][:300], "rc": p.returncode}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def part_calibration(args) -> None:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        r50, _, _ = resnet50_fp32(tmp)
+        specs = []
+        if REFERENCE.exists():
+            r20 = tmp / "r20.fp32.onnx"
+            fp32_onnx_from_checkpoint(REFERENCE, r20)
+            for n in (128, 1024):
+                specs += [
+                    {"model": "resnet20", "fp32": str(r20), "preset": "fashion-mnist", "tool": "ours",
+                     "method": "entropy", "n": n, "batch": 32},
+                    {"model": "resnet20", "fp32": str(r20), "preset": "fashion-mnist", "tool": "ort",
+                     "method": "entropy", "n": n, "batch": 32},
+                ]
+        for n in args.r50_calib_sizes:
+            specs.append({"model": "resnet50", "fp32": str(r50), "preset": "imagenet", "tool": "ours",
+                          "method": "entropy", "n": n, "batch": 32})
+        for n in args.ort_r50_sizes:
+            for method in ("minmax", "entropy"):
+                specs.append({"model": "resnet50", "fp32": str(r50), "preset": "imagenet", "tool": "ort",
+                              "method": method, "n": n, "batch": 8})
+        for spec in specs:
+            row = run_child(spec, args.mem_limit_gb)
+            row.pop("fp32", None)
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+    write_result("bench_quantize_calibration", {
+        "notes": "each row is one fresh subprocess; peak_rss_mb is ru_maxrss of that process (includes "
+                 "library imports and the calibration images held as float32: input_bytes_mb); "
+                 f"address-space limit {args.mem_limit_gb} GB per child to protect the shared machine "
+                 "(a failed row means the calibrator needed more).",
+        "runs": rows,
+    })
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=["resnet20", "resnet50", "calibration"])
+    ap.add_argument("--num-images", type=int, default=512)
+    ap.add_argument("--latency-method", default="entropy")
+    ap.add_argument("--r50-images", type=int, default=32)
+    ap.add_argument("--r50-iters", type=int, default=5)
+    ap.add_argument("--r50-calib-sizes", type=int, nargs="*", default=[128, 1024])
+    ap.add_argument("--ort-r50-sizes", type=int, nargs="*", default=[16, 32])
+    ap.add_argument("--mem-limit-gb", type=float, default=12.0)
+    ap.add_argument("--child")
+    args = ap.parse_args()
+    if args.child:
+        lim = int(args.mem_limit_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
+        print(json.dumps(calib_child(json.loads(args.child))))
+        return
+    {"resnet20": part_resnet20, "resnet50": part_resnet50, "calibration": part_calibration}[args.part](args)
+
+
+if __name__ == "__main__":
+    main()
