@@ -34,6 +34,7 @@ from rescompress.quantization.placement import GraphIndex, place, prepare_model
 from rescompress.quantization.plan import (
     Provenance,
     QuantPlan,
+    activation_entry,
     model_fingerprint,
     symmetric_int8,
     symmetric_uint8,
@@ -180,6 +181,22 @@ def test_same_grid_for_both_targets():
     assert symmetric_uint8(2.54).scale == symmetric_int8(2.54).scale == pytest.approx(0.02)
     assert symmetric_uint8(2.54).zero_point == 128 and symmetric_int8(2.54).zero_point == 0
     assert unsigned_uint8(2.55).scale == pytest.approx(0.01) and unsigned_uint8(2.55).zero_point == 0
+
+
+def test_ort_range_modes():
+    # A normalized image: min -0.81, max 2.04 -> asymmetric uses the observed range, same clipping as symmetric.
+    e = activation_entry("x", "max", -0.81, 2.04, 2.04, None, ort_range="asymmetric")
+    p = e.params["onnxruntime"]
+    assert p.scale == pytest.approx(2.85 / 255) and p.zero_point == round(0.81 / (2.85 / 255))
+    assert e.params["tensorrt"] == symmetric_int8(2.04)
+    clipped = activation_entry("x", "entropy", -5.0, 9.0, 4.0, None).params["onnxruntime"]
+    assert clipped.scale == pytest.approx(8.0 / 255) and clipped.zero_point == 128  # both sides clipped at amax
+    relu = activation_entry("r", "max", 0.0, 3.0, 3.0, 2.55, ort_range="unsigned").params["onnxruntime"]
+    assert relu == unsigned_uint8(2.55)
+    assert activation_entry("r", "max", 0.0, 3.0, 3.0, 2.55, ort_range="symmetric").params["onnxruntime"] == (
+        symmetric_uint8(3.0))
+    with pytest.raises(RescompressError, match="ORT range"):
+        activation_entry("x", "max", 0.0, 1.0, 1.0, 1.0, ort_range="wide")
 
 
 # ------------------------------------------------------------------------------------------ TensorRT artifact

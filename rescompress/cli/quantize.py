@@ -73,10 +73,14 @@ def quantize_command(
     latency: Annotated[
         bool, typer.Option("--latency/--no-latency", help="Time FP32 vs INT8 on ONNX Runtime CPU.")
     ] = True,
-    symmetric_ort: Annotated[
-        bool,
-        typer.Option("--symmetric-ort", help="ORT file: symmetric u8 (zero point 128) also for non-negative tensors."),
-    ] = False,
+    ort_range: Annotated[
+        str,
+        typer.Option(
+            "--ort-range",
+            help="ORT file's uint8 grid: asymmetric (observed range), unsigned ([0,amax] for ReLU outputs, "
+            "else zero point 128) or symmetric (zero point 128, TensorRT's grid).",
+        ),
+    ] = "asymmetric",
     arch: ArchOpt = None,
     trust_pickle: TrustPickleOpt = False,
     preset: PresetOpt = None,
@@ -97,7 +101,7 @@ def quantize_command(
     cfg = QuantizeConfig(
         method=method, percentile=percentile, num_images=num_images, batch_size=batch_size, seed=seed,
         targets=TARGET_CHOICES[target], exclude=tuple(exclude or ()), max_drop=max_drop,
-        max_float_layers=max_fallback, unsigned_activations=not symmetric_ort, eval_limit=eval_limit,
+        max_float_layers=max_fallback, ort_range=ort_range, eval_limit=eval_limit,
         latency=latency,
     )
     custom = any(v is not None for v in (preset, input_size, channels, mean, std))

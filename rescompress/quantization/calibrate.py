@@ -30,7 +30,7 @@ def activation_amax(h: StreamingHistogram, method: str, levels: int, percentile:
 
 
 def activation_entries(
-    histograms: dict[str, StreamingHistogram], method: str, percentile: float, unsigned: bool = True
+    histograms: dict[str, StreamingHistogram], method: str, percentile: float, ort_range: str = "asymmetric"
 ) -> dict[str, ActivationEntry]:
     """One entry per tensor with ``method``'s ranges (symmetric, and unsigned where the tensor is >= 0)."""
     out = {}
@@ -39,7 +39,7 @@ def activation_entries(
         amax_u = None
         if h.nonnegative:
             amax_u = amax if method in ("max", "percentile") else activation_amax(h, method, UINT8_LEVELS, percentile)
-        out[name] = activation_entry(name, method, h.min, h.max, amax, amax_u, unsigned_for_ort=unsigned)
+        out[name] = activation_entry(name, method, h.min, h.max, amax, amax_u, ort_range=ort_range)
     return out
 
 

@@ -37,7 +37,7 @@ from rescompress.quantization.emit import emit_qdq, save_model
 from rescompress.quantization.fallback import FallbackResult, rank_layers, search_fallback
 from rescompress.quantization.fidelity import Fidelity, compare, run_sessions, sqnr_db
 from rescompress.quantization.placement import GraphIndex, Placement, place, prepare_model
-from rescompress.quantization.plan import TARGETS, Provenance, QuantPlan, model_fingerprint
+from rescompress.quantization.plan import ORT_RANGES, TARGETS, Provenance, QuantPlan, model_fingerprint
 from rescompress.quantization.trt_cache import DEFAULT_TRT_VERSION, write_cache
 from rescompress.spec import Preprocess
 
@@ -61,7 +61,7 @@ class QuantizeConfig:
     exclude: tuple[str, ...] = ()
     max_drop: float | None = None
     max_float_layers: int | None = None
-    unsigned_activations: bool = True  # ORT: uint8 with zero point 0 on non-negative tensors
+    ort_range: str = "asymmetric"  # ORT grid: asymmetric | unsigned | symmetric (see plan.activation_entry)
     holdout_fraction: float = 0.25  # share of calibration images kept aside to choose the method (auto)
     eval_limit: int | None = None
     latency: bool = True
@@ -75,6 +75,8 @@ class QuantizeConfig:
         bad = [t for t in self.targets if t not in TARGETS]
         if bad or not self.targets:
             raise RescompressError(f"unknown --target {bad or self.targets}; choose onnxruntime, tensorrt or both")
+        if self.ort_range not in ORT_RANGES:
+            raise RescompressError(f"--ort-range must be one of {', '.join(ORT_RANGES)}, got {self.ort_range!r}")
         if not 0.0 < self.percentile <= 100.0:
             raise RescompressError(f"--percentile must be in (0, 100], got {self.percentile}")
         if self.num_images < 1 or self.batch_size < 1:
@@ -372,7 +374,7 @@ def quantize_model(
         )
         methods = METHODS if cfg.method == "auto" else (cfg.method,)
         plans = {
-            m: QuantPlan(activation_entries(histograms, m, cfg.percentile, cfg.unsigned_activations), weights,
+            m: QuantPlan(activation_entries(histograms, m, cfg.percentile, cfg.ort_range), weights,
                          replace(provenance, method=m))
             for m in methods
         }

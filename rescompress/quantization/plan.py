@@ -90,13 +90,36 @@ class ActivationEntry:
         )
 
 
+def asymmetric_uint8(vmin: float, vmax: float, amax: float) -> QParams:
+    """uint8 over the observed ``[min, max]`` clipped to ``[-amax, amax]``: the same clipping as the
+    symmetric grid, but no code is spent on a side the tensor never reaches (e.g. a normalized image
+    in [-0.8, 2.0] gets a 30% finer step)."""
+    lo, hi = max(min(vmin, 0.0), -amax), min(max(vmax, 0.0), amax)
+    if not hi - lo > 0 or not math.isfinite(hi - lo):
+        return QParams(1.0, 128, "uint8")
+    scale = (hi - lo) / UINT8_MAX
+    return QParams(float(scale), int(np.clip(round(-lo / scale), 0, UINT8_MAX)), "uint8")
+
+
+ORT_RANGES: tuple[str, ...] = ("asymmetric", "unsigned", "symmetric")
+
+
 def activation_entry(
     name: str, method: str, vmin: float, vmax: float, amax: float, amax_unsigned: float | None,
-    unsigned_for_ort: bool = True,
+    ort_range: str = "asymmetric",
 ) -> ActivationEntry:
-    """Build the entry and derive each target's parameters from the calibrated ranges."""
-    if unsigned_for_ort and amax_unsigned is not None and vmin >= 0.0:
+    """Build the entry and derive each target's parameters from the calibrated ranges.
+
+    ``ort_range`` picks the ONNX Runtime grid: ``symmetric`` (zero point 128, exactly TensorRT's grid),
+    ``unsigned`` (non-negative tensors use [0, amax] over 255 levels, others symmetric) or
+    ``asymmetric`` (unsigned where non-negative, else the observed range clipped at amax).
+    """
+    if ort_range not in ORT_RANGES:
+        raise RescompressError(f"unknown ORT range mode {ort_range!r}; choose {', '.join(ORT_RANGES)}")
+    if ort_range != "symmetric" and amax_unsigned is not None and vmin >= 0.0:
         ort = unsigned_uint8(amax_unsigned)
+    elif ort_range == "asymmetric":
+        ort = asymmetric_uint8(vmin, vmax, amax)
     else:
         ort = symmetric_uint8(amax)
     return ActivationEntry(
