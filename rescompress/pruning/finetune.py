@@ -131,6 +131,8 @@ def finetune(
     """Train ``model`` in place on labeled batches; distill from ``teacher`` when ``config.distill``."""
     device = device or next(model.parameters()).device
     per_epoch = len(loader)  # type: ignore[arg-type]
+    if per_epoch == 0:
+        raise RescompressError("the fine-tuning data holds fewer images than one batch; lower --batch-size")
     total = max(1, math.ceil(per_epoch * config.epochs))
     if config.max_batches is not None:
         total = min(total, config.max_batches)

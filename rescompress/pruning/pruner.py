@@ -205,11 +205,14 @@ def _is_labeled(data: Dataset) -> bool:
     return int(y) >= 0
 
 
-def _loader(data: Dataset, batch_size: int, shuffle: bool, seed: int, limit: int | None = None):
+def _loader(data: Dataset, batch_size: int, shuffle: bool, seed: int, limit: int | None = None,
+            drop_last: bool = False):
     from rescompress.data import make_loader
 
+    # Training drops a ragged last batch (a batch of one breaks BatchNorm) unless that leaves nothing.
+    drop_last = drop_last and len(data) >= batch_size
     return make_loader(data, batch_size=batch_size, shuffle=shuffle, seed=seed, limit=limit,
-                       sample="random", drop_last=shuffle)
+                       sample="random", drop_last=drop_last)
 
 
 @torch.no_grad()
@@ -382,9 +385,9 @@ def prune_model(
                                    device)
         if per_step_ft is not None:
             work.to(device)
-            ft_report = finetune(work, _loader(data, config.batch_size, True, config.seed + k), per_step_ft,
-                                 teacher=copy.deepcopy(teacher) if per_step_ft.distill else None, device=device,
-                                 progress=progress)
+            loader = _loader(data, config.batch_size, True, config.seed + k, drop_last=True)
+            ft_report = finetune(work, loader, per_step_ft, teacher=copy.deepcopy(teacher) if per_step_ft.distill
+                                 else None, device=device, progress=progress)
         work.cpu().eval()
         steps.append(StepReport(k, ratio, count_macs(work, input_shape), count_params(work), macs_target, recal,
                                 ft_report))

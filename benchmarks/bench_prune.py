@@ -1,0 +1,146 @@
+"""Pruning benchmark: real ORT CPU speed-up per width rounding, and accuracy recovery on Fashion-MNIST.
+
+Parts (``--part``, default all, in this order so the cheap, decisive tables land first):
+
+* ``round_to``: torchvision resnet50 at 224x224 (random init: latency does not depend on the values),
+  pruned to 50% of MACs with round-to 1/8/16/32; FP32 and the four pruned models exported to ONNX and
+  timed interleaved in one ORT CPU run (spinning off) at batch 8. Reports latency ratio vs MACs ratio.
+* ``resnet20``: the bundled ResNet-20 (Fashion-MNIST) at 30/50/70% of MACs removed: top-1 on the full
+  10k test split right after pruning, after BN re-estimation (2048 train images), after one epoch of
+  fine-tuning with distillation on the full 60k train split; ORT CPU latency ratio (interleaved).
+* ``criteria``: the same at 50% for l1 / taylor / random (after BN re-estimation and after fine-tuning).
+
+Writes ``benchmarks/results/prune_<part>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_result  # noqa: E402
+
+from rescompress.data import DEBIAN_FASHION_MNIST, make_loader, open_dataset  # noqa: E402
+from rescompress.models import build_model  # noqa: E402
+from rescompress.pruning import FinetuneConfig, PruneConfig, finetune, prune_model, recalibrate_bn  # noqa: E402
+from rescompress.pruning.pruner import top1_accuracy  # noqa: E402
+from rescompress.pruning.speed import ort_latency  # noqa: E402
+from rescompress.spec import PRESETS  # noqa: E402
+
+REFERENCE = Path(__file__).resolve().parents[1] / "rescompress" / "assets" / "resnet20_fashion_mnist.safetensors"
+
+
+def bench_round_to(args) -> dict:
+    pre = PRESETS["imagenet"]
+    torch.manual_seed(0)
+    base = build_model("resnet50", 1000, 3).eval()
+    models = {"fp32": base}
+    rows = []
+    for rt in args.round_to:
+        t0 = time.time()
+        res = prune_model(base, pre, PruneConfig(target_macs=0.5, round_to=rt, criterion="l1"))
+        models[f"round_to_{rt}"] = res.model
+        rows.append({"round_to": rt, "macs_kept": res.macs_kept, "params_kept": res.after.params / res.before.params,
+                     "prune_s": time.time() - t0})
+        print(f"round-to {rt}: MACs kept {res.macs_kept:.3f}", file=sys.stderr)
+    lat = ort_latency(models, pre.input_shape(1), batch_sizes=(args.batch,), rounds=args.rounds, iters=args.iters)
+    for row in rows:
+        name = f"round_to_{row['round_to']}"
+        ratio = lat.ratio(name, "fp32", args.batch)
+        row.update({"latency_ratio": ratio, "speedup": 1 / ratio, "latency_ratio_over_macs_ratio":
+                    ratio / row["macs_kept"], "median_ms": lat.median_ms[name][args.batch],
+                    "spread": lat.spread[name][args.batch]})
+    return {"model": "torchvision resnet50 (random init)", "input": [3, 224, 224], "target_macs": 0.5,
+            "criterion": "l1", "ranking": "uniform", "batch": args.batch, "runtime": "onnxruntime CPU, spinning off",
+            "fp32_median_ms": lat.median_ms["fp32"][args.batch], "fp32_spread": lat.spread["fp32"][args.batch],
+            "rows": rows, "rounds": args.rounds, "iters": args.iters}
+
+
+def _fmnist(args):
+    pre = PRESETS["fashion-mnist"]
+    train = open_dataset(f"{DEBIAN_FASHION_MNIST}@train", pre, split="train")
+    test = open_dataset(f"{DEBIAN_FASHION_MNIST}@test", pre, split="test")
+    return pre, train, test
+
+
+def _recover(model, teacher, train, test, args) -> dict:
+    """Top-1 right after pruning, after BN re-estimation, after one epoch of distillation fine-tuning."""
+    out = {"top1_pruned": top1_accuracy(model, test)}
+    bn = copy.deepcopy(model)
+    recalibrate_bn(bn, make_loader(train, batch_size=128, shuffle=True, seed=1), args.bn_images)
+    out["top1_bn_recalib"] = top1_accuracy(bn, test)
+    if args.epochs > 0:
+        t0 = time.time()
+        loader = make_loader(train, batch_size=128, shuffle=True, seed=2, drop_last=True, limit=args.train_limit)
+        rep = finetune(bn, loader, FinetuneConfig(epochs=args.epochs, lr=args.lr, distill=True), teacher=teacher)
+        out["top1_finetuned"] = top1_accuracy(bn, test)
+        out["finetune"] = {**rep.to_dict(), "seconds": time.time() - t0}
+    return out, bn
+
+
+def bench_resnet20(args, criteria: tuple[str, ...], removed: tuple[float, ...]) -> dict:
+    from rescompress.checkpoint import load_checkpoint
+
+    teacher, header = load_checkpoint(REFERENCE)
+    pre, train, test = _fmnist(args)
+    base_top1 = top1_accuracy(teacher, test)
+    print(f"reference top-1 {base_top1:.4f}", file=sys.stderr)
+    rows, models = [], {"fp32": teacher}
+    for crit in criteria:
+        for r in removed:
+            data = train if crit == "taylor" else None
+            cfg = PruneConfig(target_macs=1 - r, criterion=crit, bn_recalib=0, round_to=args.r20_round_to)
+            res = prune_model(teacher, pre, cfg, data=data)
+            row = {"criterion": crit, "macs_removed_target": r, "macs_kept": res.macs_kept,
+                   "params_kept": res.after.params / res.before.params, "round_to": res.report.round_to,
+                   "widths": {g.root: g.width_after for g in res.report.groups}}
+            rec, final = _recover(res.model, teacher, train, test, args)
+            row.update(rec)
+            row["top1_drop_points"] = 100 * (base_top1 - row.get("top1_finetuned", row["top1_bn_recalib"]))
+            rows.append(row)
+            models[f"{crit}_{r}"] = final
+            print({k: v for k, v in row.items() if k != "widths"}, file=sys.stderr)
+    lat = ort_latency(models, pre.input_shape(1), batch_sizes=(1, 8), rounds=args.rounds, iters=args.iters * 5)
+    for row in rows:
+        name = f"{row['criterion']}_{row['macs_removed_target']}"
+        row["latency_ratio"] = {str(b): lat.ratio(name, "fp32", b) for b in (1, 8)}
+    return {"model": "bundled ResNet-20 (Fashion-MNIST, 28x28x1)", "reference_top1": base_top1,
+            "test_images": len(test), "train_images": args.train_limit or len(train), "bn_images": args.bn_images,
+            "epochs": args.epochs, "lr": args.lr, "distill": True, "ranking": "uniform", "rows": rows,
+            "fp32_latency_ms": {str(b): lat.median_ms["fp32"][b] for b in (1, 8)}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--part", choices=("all", "round_to", "resnet20", "criteria"), default="all")
+    p.add_argument("--round-to", type=int, nargs="+", default=[1, 8, 16, 32])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--removed", type=float, nargs="+", default=[0.5, 0.3, 0.7])
+    p.add_argument("--criteria", nargs="+", default=["l1", "taylor", "random"])
+    p.add_argument("--r20-round-to", type=int, default=None, help="round-to for ResNet-20 (default: CPU's)")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--bn-images", type=int, default=2048)
+    p.add_argument("--train-limit", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads for pruning and fine-tuning")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.part in ("all", "round_to"):
+        print(write_result("prune_round_to", bench_round_to(args)), file=sys.stderr)
+    if args.part in ("all", "resnet20"):
+        print(write_result("prune_resnet20", bench_resnet20(args, ("l1",), tuple(args.removed))), file=sys.stderr)
+    if args.part in ("all", "criteria"):
+        print(write_result("prune_criteria", bench_resnet20(args, tuple(args.criteria), (0.5,))), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
