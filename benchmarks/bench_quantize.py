@@ -166,7 +166,7 @@ def our_artifacts(fp32: Path, calib: np.ndarray, method: str, batch: int = 32) -
     names = sorted(set(GraphIndex(base).float_activations()) | pls["onnxruntime"].calib_tensors()
                    | pls["tensorrt"].calib_tensors())
     t0 = time.perf_counter()
-    s = make_session(with_extra_outputs(base, names))
+    s = make_session(with_extra_outputs(base, names), arena=False)
     b = suggest_batch_size(s, s.get_inputs()[0].name, (1, *calib.shape[1:]), batch)
     hists, _ = collect_histograms(base, names, batches(calib, b), session=s)
     entries = activation_entries(hists, method, 99.99)

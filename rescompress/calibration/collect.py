@@ -20,7 +20,7 @@ from rescompress.calibration.histogram import DEFAULT_BINS, StreamingHistogram
 from rescompress.errors import RescompressError
 
 log = logging.getLogger("rescompress.calibration")
-DEFAULT_MEMORY_BUDGET = 256 * 1024 * 1024  # bytes of activations held per batch
+DEFAULT_MEMORY_BUDGET = 128 * 1024 * 1024  # bytes of activations held per batch (ORT output copies)
 
 
 @dataclass(frozen=True)
@@ -45,11 +45,16 @@ def with_extra_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.Mod
     return m
 
 
-def make_session(model: onnx.ModelProto, threads: int | None = None):
-    """An ONNX Runtime CPU session on an in-memory model, spinning off (the machine is shared)."""
+def make_session(model: onnx.ModelProto, threads: int | None = None, arena: bool = True):
+    """An ONNX Runtime CPU session on an in-memory model, spinning off (the machine is shared).
+
+    ``arena=False`` returns activation memory after every run instead of keeping ORT's arena at its
+    high-water mark (the calibration session, whose every tensor is an output, wants that).
+    """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    so.enable_cpu_mem_arena = arena
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         so.intra_op_num_threads = threads
@@ -80,7 +85,7 @@ def collect_histograms(
 ) -> tuple[dict[str, StreamingHistogram], CollectStats]:
     """Run ``model`` over ``batches`` (``(x, y)`` pairs or arrays) and histogram each named tensor."""
     if session is None:
-        session = make_session(with_extra_outputs(model, tensor_names))
+        session = make_session(with_extra_outputs(model, tensor_names), arena=False)
     input_name = session.get_inputs()[0].name
     histograms = {name: StreamingHistogram(num_bins) for name in tensor_names}
     n_images = n_batches = 0

@@ -14,6 +14,7 @@ import numpy as np
 from rescompress.errors import RescompressError
 
 DEFAULT_BINS = 2048
+CHUNK = 1 << 20  # values binned at a time: bounds the temporaries to a few MB whatever the tensor size
 
 
 class StreamingHistogram:
@@ -43,27 +44,31 @@ class StreamingHistogram:
         return self.count > 0 and self.min >= 0.0
 
     def collect(self, x: np.ndarray) -> None:
-        x = np.asarray(x)
-        if x.size == 0:
+        flat = np.asarray(x).reshape(-1)
+        if flat.size == 0:
             return
-        a = np.abs(x.reshape(-1).astype(np.float32, copy=False))
-        hi = float(a.max())
-        if not np.isfinite(hi):
+        lo, hi_signed = float(flat.min()), float(flat.max())
+        if not (np.isfinite(lo) and np.isfinite(hi_signed)):
             raise RescompressError("activation values contain NaN or Inf; check the model weights and inputs")
-        self.min = min(self.min, float(x.min()))
-        self.max = max(self.max, float(x.max()))
-        self.zeros += int(a.size - np.count_nonzero(a))
-        self.count += int(a.size)
+        hi = max(abs(lo), abs(hi_signed))
+        self.min = min(self.min, lo)
+        self.max = max(self.max, hi_signed)
+        self.zeros += int(flat.size - np.count_nonzero(flat))
+        self.count += int(flat.size)
         if hi == 0.0 and self.range == 0.0:
-            self.counts[0] += a.size  # all zeros so far: no range yet, but they belong in the first bin
+            self.counts[0] += flat.size  # all zeros so far: no range yet, but they belong in the first bin
             return
         if self.range == 0.0:
             self.range = hi
         while hi > self.range:
             self._double()
-        idx = (a * np.float32(self.num_bins / self.range)).astype(np.int64)
-        np.minimum(idx, self.num_bins - 1, out=idx)
-        self.counts += np.bincount(idx, minlength=self.num_bins)
+        k = np.float32(self.num_bins / self.range)
+        for start in range(0, flat.size, CHUNK):
+            a = np.abs(flat[start : start + CHUNK].astype(np.float32, copy=False))
+            a *= k
+            idx = a.astype(np.int32)
+            np.minimum(idx, self.num_bins - 1, out=idx)
+            self.counts += np.bincount(idx, minlength=self.num_bins)
 
     def _double(self) -> None:
         merged = self.counts.reshape(-1, 2).sum(axis=1)

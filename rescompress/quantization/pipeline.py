@@ -355,7 +355,7 @@ def quantize_model(
             if n < 4:
                 raise DataError(f"--method auto needs at least 4 calibration images, got {n}")
         calib_idx, hold_idx = _calibration_indices(n_avail, n, cfg.seed, holdout)
-        session = make_session(with_extra_outputs(base, calib_names), cfg.threads)
+        session = make_session(with_extra_outputs(base, calib_names), cfg.threads, arena=False)
         batch = suggest_batch_size(session, session.get_inputs()[0].name, pre.input_shape(1), cfg.batch_size)
         if batch < cfg.batch_size:
             say(f"calibration batch size capped at {batch} to bound activation memory")
