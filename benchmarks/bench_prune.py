@@ -84,14 +84,20 @@ def _recover(model, teacher, train, test, args) -> dict:
     return out, bn
 
 
-def bench_resnet20(args, criteria: tuple[str, ...], removed: tuple[float, ...]) -> dict:
+def bench_resnet20(args, name: str, criteria: tuple[str, ...], removed: tuple[float, ...]) -> dict:
     from rescompress.checkpoint import load_checkpoint
 
-    teacher, header = load_checkpoint(REFERENCE)
+    if not args.model.exists():
+        raise SystemExit(f"{args.model} is missing (the reference model is trained by benchmarks/train_reference.py)")
+    teacher, header = load_checkpoint(args.model)
     pre, train, test = _fmnist(args)
     base_top1 = top1_accuracy(teacher, test)
     print(f"reference top-1 {base_top1:.4f}", file=sys.stderr)
     rows, models = [], {"fp32": teacher}
+    head = {"model": f"{header.arch} from {args.model.name} (Fashion-MNIST, 28x28x1)", "reference_top1": base_top1,
+            "test_images": len(test), "train_images": args.train_limit or len(train), "bn_images": args.bn_images,
+            "epochs": args.epochs, "lr": args.lr, "distill": True, "ranking": "uniform",
+            "torch_threads": torch.get_num_threads()}
     for crit in criteria:
         for r in removed:
             data = train if crit == "taylor" else None
@@ -106,14 +112,13 @@ def bench_resnet20(args, criteria: tuple[str, ...], removed: tuple[float, ...]) 
             rows.append(row)
             models[f"{crit}_{r}"] = final
             print({k: v for k, v in row.items() if k != "widths"}, file=sys.stderr)
+            write_result(name, {**head, "rows": rows, "partial": True})  # fine-tuning is slow: keep what is done
     lat = ort_latency(models, pre.input_shape(1), batch_sizes=(1, 8), rounds=args.rounds, iters=args.iters * 5)
     for row in rows:
-        name = f"{row['criterion']}_{row['macs_removed_target']}"
-        row["latency_ratio"] = {str(b): lat.ratio(name, "fp32", b) for b in (1, 8)}
-    return {"model": "bundled ResNet-20 (Fashion-MNIST, 28x28x1)", "reference_top1": base_top1,
-            "test_images": len(test), "train_images": args.train_limit or len(train), "bn_images": args.bn_images,
-            "epochs": args.epochs, "lr": args.lr, "distill": True, "ranking": "uniform", "rows": rows,
-            "fp32_latency_ms": {str(b): lat.median_ms["fp32"][b] for b in (1, 8)}}
+        key = f"{row['criterion']}_{row['macs_removed_target']}"
+        row["latency_ratio"] = {str(b): lat.ratio(key, "fp32", b) for b in (1, 8)}
+    return {**head, "rows": rows, "fp32_latency_ms": {str(b): lat.median_ms["fp32"][b] for b in (1, 8)},
+            "latency_spread_fp32": {str(b): lat.spread["fp32"][b] for b in (1, 8)}}
 
 
 def main() -> None:
@@ -130,6 +135,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--bn-images", type=int, default=2048)
     p.add_argument("--train-limit", type=int, default=None)
+    p.add_argument("--model", type=Path, default=REFERENCE, help="ResNet checkpoint for the Fashion-MNIST parts")
     p.add_argument("--threads", type=int, default=None, help="torch threads for pruning and fine-tuning")
     args = p.parse_args()
     if args.threads:
@@ -137,9 +143,11 @@ def main() -> None:
     if args.part in ("all", "round_to"):
         print(write_result("prune_round_to", bench_round_to(args)), file=sys.stderr)
     if args.part in ("all", "resnet20"):
-        print(write_result("prune_resnet20", bench_resnet20(args, ("l1",), tuple(args.removed))), file=sys.stderr)
+        res = bench_resnet20(args, "prune_resnet20", ("l1",), tuple(args.removed))
+        print(write_result("prune_resnet20", res), file=sys.stderr)
     if args.part in ("all", "criteria"):
-        print(write_result("prune_criteria", bench_resnet20(args, tuple(args.criteria), (0.5,))), file=sys.stderr)
+        res = bench_resnet20(args, "prune_criteria", tuple(args.criteria), (0.5,))
+        print(write_result("prune_criteria", res), file=sys.stderr)
 
 
 if __name__ == "__main__":
