@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -180,7 +180,7 @@ class PruneResult:
     after: ModelStats
     report: PruneReport
     latency: LatencyResult | None = None
-    extra: dict = field(default_factory=dict)
+    config: PruneConfig | None = None
 
     @property
     def macs_kept(self) -> float:
@@ -191,6 +191,7 @@ class PruneResult:
             "before": self.before.to_dict(), "after": self.after.to_dict(), "macs_kept": self.macs_kept,
             "params_kept": self.after.params / self.before.params, "report": self.report.to_dict(),
             "latency": self.latency.to_dict() if self.latency else None,
+            "config": self.config.to_dict() if self.config else None,
         }
 
 
@@ -407,7 +408,7 @@ def prune_model(
         target=target, steps=tuple(steps), groups=tuple(changes.values()), latency_search=tuple(search),
         notes=tuple(notes),
     )
-    return PruneResult(work.eval(), before, after, report, latency)
+    return PruneResult(work.eval(), before, after, report, latency, config)
 
 
 LATENCY_PROBES = (0.7, 0.85, 1.0, 1.15, 1.3)  # MAC fractions tried, as multiples of the latency target
