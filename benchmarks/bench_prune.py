@@ -8,7 +8,7 @@ Parts (``--part``, default all, in this order so the cheap, decisive tables land
 * ``resnet20``: the bundled ResNet-20 (Fashion-MNIST) at 30/50/70% of MACs removed: top-1 on the full
   10k test split right after pruning, after BN re-estimation (2048 train images), after one epoch of
   fine-tuning with distillation on the full 60k train split; ORT CPU latency ratio (interleaved).
-* ``criteria``: the same at 50% for l1 / taylor / random (after BN re-estimation and after fine-tuning).
+* ``criteria``: the same at 50% for l1 / taylor / random, and l1 with global ranking.
 
 Writes ``benchmarks/results/prune_<part>.json``.
 """
@@ -96,21 +96,24 @@ def bench_resnet20(args, name: str, criteria: tuple[str, ...], removed: tuple[fl
     rows, models = [], {"fp32": teacher}
     head = {"model": f"{header.arch} from {args.model.name} (Fashion-MNIST, 28x28x1)", "reference_top1": base_top1,
             "test_images": len(test), "train_images": args.train_limit or len(train), "bn_images": args.bn_images,
-            "epochs": args.epochs, "lr": args.lr, "distill": True, "ranking": "uniform",
+            "epochs": args.epochs, "lr": args.lr, "distill": True,
             "torch_threads": torch.get_num_threads()}
-    for crit in criteria:
+    for entry in criteria:
+        crit, _, ranking = entry.partition(":")  # "l1" or "l1:global"
+        ranking = ranking or "uniform"
         for r in removed:
             data = train if crit == "taylor" else None
-            cfg = PruneConfig(target_macs=1 - r, criterion=crit, bn_recalib=0, round_to=args.r20_round_to)
+            cfg = PruneConfig(target_macs=1 - r, criterion=crit, ranking=ranking, bn_recalib=0,
+                              round_to=args.r20_round_to)
             res = prune_model(teacher, pre, cfg, data=data)
-            row = {"criterion": crit, "macs_removed_target": r, "macs_kept": res.macs_kept,
+            row = {"criterion": entry, "macs_removed_target": r, "macs_kept": res.macs_kept,
                    "params_kept": res.after.params / res.before.params, "round_to": res.report.round_to,
                    "widths": {g.root: g.width_after for g in res.report.groups}}
             rec, final = _recover(res.model, teacher, train, test, args)
             row.update(rec)
             row["top1_drop_points"] = 100 * (base_top1 - row.get("top1_finetuned", row["top1_bn_recalib"]))
             rows.append(row)
-            models[f"{crit}_{r}"] = final
+            models[f"{entry}_{r}"] = final
             print({k: v for k, v in row.items() if k != "widths"}, file=sys.stderr)
             write_result(name, {**head, "rows": rows, "partial": True})  # fine-tuning is slow: keep what is done
     lat = ort_latency(models, pre.input_shape(1), batch_sizes=(1, 8), rounds=args.rounds, iters=args.iters * 5)
@@ -129,7 +132,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--removed", type=float, nargs="+", default=[0.5, 0.3, 0.7])
-    p.add_argument("--criteria", nargs="+", default=["l1", "taylor", "random"])
+    p.add_argument("--criteria", nargs="+", default=["l1", "taylor", "random", "l1:global"],
+                   help="criterion[:global|uniform] entries for the criteria part")
     p.add_argument("--r20-round-to", type=int, default=None, help="round-to for ResNet-20 (default: CPU's)")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=0.01)
