@@ -22,7 +22,7 @@ from rescompress.errors import RescompressError
 
 
 def _hist(x: np.ndarray, bins: int = 2048) -> StreamingHistogram:
-    h = StreamingHistogram(bins)
+    h = StreamingHistogram(bins, max_samples=None)  # exact: these tests check the math, not sampling
     h.collect(x)
     return h
 
@@ -47,7 +47,7 @@ def test_percentile_matches_numpy_within_one_bin(p):
     got = percentile_amax(h.counts, h.range, p)
     expected = float(np.percentile(np.abs(x), p))
     assert abs(got - expected) <= h.range / h.num_bins + 1e-6
-    cal = make_calibrator("percentile", percentile=p)
+    cal = make_calibrator("percentile", percentile=p, histogram=StreamingHistogram(max_samples=None))
     cal.collect(x)
     assert cal.compute_amax() == pytest.approx(got)
 
@@ -113,7 +113,7 @@ def test_streaming_histogram_equals_one_shot():
     rng = np.random.default_rng(7)
     # Later batches are wider, so the range doubles (several times) while streaming.
     batches = [rng.normal(0, s, size=50_000).astype(np.float32) for s in (0.1, 0.3, 2.0, 0.5, 7.0)]
-    h = StreamingHistogram(1024)
+    h = StreamingHistogram(1024, max_samples=None)
     for b in batches:
         h.collect(b)
     allv = np.abs(np.concatenate(batches)).astype(np.float64)
@@ -123,6 +123,19 @@ def test_streaming_histogram_equals_one_shot():
     # Equal bin for bin, up to values lying on a bin edge (float32 vs float64 edge arithmetic).
     assert int(np.abs(h.counts - one_shot).sum()) <= 1e-4 * allv.size
     assert h.counts.shape == (1024,)  # memory does not grow with the data
+
+
+def test_sampled_histogram_keeps_exact_extremes_and_the_shape():
+    x = np.random.default_rng(10).laplace(size=(8, 16, 32, 32)).astype(np.float32)  # 131k values per batch
+    full, sampled = StreamingHistogram(512, max_samples=None), StreamingHistogram(512, max_samples=1 << 12)
+    for b in (x, 2 * x):
+        full.collect(b)
+        sampled.collect(b)
+    assert sampled.min == full.min and sampled.max == full.max and sampled.range == full.range
+    assert sampled.count < full.count / 20
+    p_full = percentile_amax(full.counts, full.range, 99.0)
+    p_samp = percentile_amax(sampled.counts, sampled.range, 99.0)
+    assert p_samp == pytest.approx(p_full, rel=0.05)
 
 
 def test_doubling_merges_adjacent_bins_exactly():

@@ -5,6 +5,11 @@ range, the range doubles (repeatedly if needed) and adjacent bin pairs merge: th
 every other old edge, so the re-binned counts are exactly what a one-shot histogram on the final range
 would hold. Min, max and the count of exact zeros are tracked alongside (zeros matter for the MSE search
 and min >= 0 marks tensors that may use an unsigned range).
+
+Min and max are exact over every value. A batch larger than ``max_samples`` values is binned through a
+strided view (a prime stride, so it does not alias with the rows and columns of NCHW data): over many
+batches that is still millions of samples per tensor, and binning costs as much as running the model.
+``zeros`` and ``count`` are in histogram units (sampled values).
 """
 
 from __future__ import annotations
@@ -15,15 +20,26 @@ from rescompress.errors import RescompressError
 
 DEFAULT_BINS = 2048
 CHUNK = 1 << 20  # values binned at a time: bounds the temporaries to a few MB whatever the tensor size
+DEFAULT_MAX_SAMPLES = 1 << 16  # values binned per tensor per batch
+
+
+def _next_prime(n: int) -> int:
+    def is_prime(k: int) -> bool:
+        return k > 1 and all(k % d for d in range(2, int(k**0.5) + 1))
+
+    while not is_prime(n):
+        n += 1
+    return n
 
 
 class StreamingHistogram:
     """Histogram of absolute values with exact, allocation-free range growth."""
 
-    def __init__(self, num_bins: int = DEFAULT_BINS) -> None:
+    def __init__(self, num_bins: int = DEFAULT_BINS, max_samples: int | None = DEFAULT_MAX_SAMPLES) -> None:
         if num_bins < 2 or num_bins % 2:
             raise RescompressError(f"histogram bin count must be an even number >= 2, got {num_bins}")
         self.num_bins = num_bins
+        self.max_samples = max_samples
         self.reset()
 
     def reset(self) -> None:
@@ -53,6 +69,8 @@ class StreamingHistogram:
         hi = max(abs(lo), abs(hi_signed))
         self.min = min(self.min, lo)
         self.max = max(self.max, hi_signed)
+        if self.max_samples is not None and flat.size > self.max_samples:
+            flat = flat[:: _next_prime(-(-flat.size // self.max_samples))]
         self.zeros += int(flat.size - np.count_nonzero(flat))
         self.count += int(flat.size)
         if hi == 0.0 and self.range == 0.0:
@@ -81,6 +99,6 @@ class StreamingHistogram:
 
     def to_dict(self) -> dict:
         return {
-            "num_bins": self.num_bins, "range": self.range, "min": self.min, "max": self.max,
-            "zeros": self.zeros, "count": self.count,
+            "num_bins": self.num_bins, "max_samples": self.max_samples, "range": self.range, "min": self.min,
+            "max": self.max, "zeros": self.zeros, "count": self.count,
         }
