@@ -105,3 +105,18 @@ def test_not_a_model_is_one_line_error(tmp_path):
     res = runner.invoke(app, ["prune", str(bad), "--ratio", "0.3", "-o", str(tmp_path / "o.safetensors")])
     assert res.exit_code == 1
     assert res.stderr.count("Error:") == 1
+
+
+def test_target_latency_probes_and_prunes(model_file, tmp_path):
+    out = tmp_path / "lat.safetensors"
+    res = runner.invoke(app, ["prune", str(model_file), "--target-latency", "0.7", "--round-to", "4", "--no-latency",
+                              "-o", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    trace = data["report"]["latency_search"]
+    assert len(trace) >= 3 and all(p["latency_ratio"] > 0 for p in trace)
+    found = data["report"]["target"]["macs_fraction_found"]
+    probes = [p["macs_fraction"] for p in trace]
+    assert min(probes) <= found <= max(probes)
+    assert data["macs_kept"] <= found + 1e-9  # then pruned to that MAC fraction
+    assert out.exists()
