@@ -323,9 +323,8 @@ def part_calibration(args) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        r50, _, _ = resnet50_fp32(tmp)
         specs = []
-        if REFERENCE.exists():
+        if "resnet20" in args.models and REFERENCE.exists():
             r20 = tmp / "r20.fp32.onnx"
             fp32_onnx_from_checkpoint(REFERENCE, r20)
             for n in (128, 1024):
@@ -335,10 +334,11 @@ def part_calibration(args) -> None:
                     {"model": "resnet20", "fp32": str(r20), "preset": "fashion-mnist", "tool": "ort",
                      "method": "entropy", "n": n, "batch": 32},
                 ]
-        for n in args.r50_calib_sizes:
+        r50 = resnet50_fp32(tmp)[0] if "resnet50" in args.models else None
+        for n in args.r50_calib_sizes if r50 else ():
             specs.append({"model": "resnet50", "fp32": str(r50), "preset": "imagenet", "tool": "ours",
                           "method": "entropy", "n": n, "batch": 32})
-        for n in args.ort_r50_sizes:
+        for n in args.ort_r50_sizes if r50 else ():
             for method in ("minmax", "entropy"):
                 specs.append({"model": "resnet50", "fp32": str(r50), "preset": "imagenet", "tool": "ort",
                               "method": method, "n": n, "batch": 8})
@@ -347,6 +347,11 @@ def part_calibration(args) -> None:
             row.pop("fp32", None)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
+    # Keep the rows of models not re-run this time (parts of this benchmark run at different times).
+    previous = Path(__file__).resolve().parent / "results" / "bench_quantize_calibration.json"
+    if previous.exists():
+        done = {r["model"] for r in rows}
+        rows = [r for r in json.loads(previous.read_text())["runs"] if r["model"] not in done] + rows
     write_result("bench_quantize_calibration", {
         "notes": "each row is one fresh subprocess; peak_rss_mb is ru_maxrss of that process (includes "
                  "library imports; images are decoded batch by batch for both tools); "
@@ -366,6 +371,7 @@ def main() -> None:
     ap.add_argument("--r50-calib-sizes", type=int, nargs="*", default=[128, 1024])
     ap.add_argument("--ort-r50-sizes", type=int, nargs="*", default=[16, 32])
     ap.add_argument("--mem-limit-gb", type=float, default=12.0)
+    ap.add_argument("--models", nargs="*", default=["resnet20", "resnet50"], help="calibration part: which models")
     ap.add_argument("--child")
     args = ap.parse_args()
     if args.child:

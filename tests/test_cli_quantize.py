@@ -152,3 +152,19 @@ def test_bad_target_and_method_exit_1(checkpoint, calib_npz, tmp_path):
         res = runner.invoke(app, ["quantize", str(checkpoint), "--calib-data", str(calib_npz), *opts, "-o",
                                   str(tmp_path)])
         assert res.exit_code == 1 and msg in res.stderr
+
+
+def test_exclude_keeps_first_conv_float_in_tensorrt_file(first_run, calib_npz, tmp_path):
+    _, out = first_run
+    res = runner.invoke(app, [
+        "quantize", str(out / "r20.fp32.onnx"), "--calib-data", str(calib_npz), "--num-images", "32",
+        "--method", "max", "--target", "tensorrt", "--exclude", "/conv1/*", "-o", str(tmp_path), "--json", *FAST,
+    ])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["float_nodes"] == {"tensorrt": ["/conv1/Conv"]}
+    q = onnx.load(str(tmp_path / "r20.int8.trt.onnx"))
+    first = next(n for n in q.graph.node if n.name == "/conv1/Conv")
+    assert first.input[0] == "input"  # reads the float input directly
+    assert check_trt_qdq(q, allow_float=["/conv1/Conv"]) == []
+    assert not (tmp_path / "r20.int8.ort.onnx").exists() and data["latency"] is None
