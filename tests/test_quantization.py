@@ -281,6 +281,20 @@ def test_plan_json_round_trip(plan, tmp_path, fp32):
         QuantPlan.load(tmp_path / "bad.json")
 
 
+def test_auto_method_choice_ignores_one_image_noise():
+    from rescompress.quantization.fidelity import Fidelity
+    from rescompress.quantization.pipeline import choose_method
+
+    f = {
+        "max": Fidelity(n=100, top1_agreement=99.0, sqnr_db=38.0, max_abs_diff=0.1, top1=91.0, fp32_top1=91.0),
+        "entropy": Fidelity(n=100, top1_agreement=98.0, sqnr_db=30.0, max_abs_diff=0.3, top1=92.0, fp32_top1=91.0),
+        "mse": Fidelity(n=100, top1_agreement=95.0, sqnr_db=41.0, max_abs_diff=0.1, top1=89.0, fp32_top1=91.0),
+    }
+    assert choose_method(f) == "max"  # entropy's one extra correct image does not beat 8 dB of SQNR
+    unlabeled = {k: Fidelity(v.n, v.top1_agreement, v.sqnr_db, v.max_abs_diff) for k, v in f.items()}
+    assert choose_method(unlabeled) == "max"
+
+
 # ------------------------------------------------------------------------------------------ fallback search
 def _ranking(n: int) -> list[LayerSensitivity]:
     return [LayerSensitivity(f"L{i}", float(i)) for i in range(n)]

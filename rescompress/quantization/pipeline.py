@@ -273,8 +273,14 @@ def _layer_sqnr(
     return tuple(sorted(scores, key=lambda s: s.sqnr_db))
 
 
-def _score(f: Fidelity) -> tuple[float, float]:
-    return (f.top1 if f.top1 is not None else f.top1_agreement, f.sqnr_db)
+def choose_method(fids: dict[str, Fidelity]) -> str:
+    """Best top-1 (labeled) or agreement (unlabeled); methods within one image of the best count as tied
+    and the tie goes to the higher logit SQNR (a single image is noise on a small held-out set)."""
+    acc = {m: (f.top1 if f.top1 is not None else f.top1_agreement) for m, f in fids.items()}
+    n = max(f.n for f in fids.values())
+    best = max(acc.values())
+    tied = [m for m in fids if acc[m] >= best - 100.0 / max(n, 1) - 1e-9]
+    return max(tied, key=lambda m: fids[m].sqnr_db)
 
 
 # ------------------------------------------------------------------------------------------ main entry
@@ -386,7 +392,7 @@ def quantize_model(
             logits, labels = run_sessions(_sessions_for({"fp32": base, **cands}, cfg.threads), holdout_batches)
             fids = {m: compare(logits["fp32"], logits[m], labels) for m in cands}
             method_scores = {m: f.to_dict() for m, f in fids.items()}
-            method = max(fids, key=lambda m: _score(fids[m]))
+            method = choose_method(fids)
             say(f"auto: chose {method} on {len(hold_idx)} held-out images ({chooser} file: "
                 f"SQNR {fids[method].sqnr_db:.1f} dB)")
         else:
