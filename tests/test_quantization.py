@@ -334,3 +334,23 @@ def test_fidelity_on_trained_reference(reference_checkpoint, calib_npz, eval_npz
     assert ort_f.top1_agreement >= 99.0 and trt_f.top1_agreement >= 99.0
     assert abs(ort_f.top1_drop) <= 0.5
     assert check_trt_qdq(onnx.load(str(r.artifacts["tensorrt"]))) == []
+
+
+def test_max_drop_returns_sensitive_layers_to_float(fp32, calib_npz, tmp_path):
+    from rescompress.quantization.pipeline import QuantizeConfig, quantize_model
+
+    path = tmp_path / "r20.fp32.onnx"
+    onnx.save(fp32, str(path))
+    # Clipping at the 30th percentile ruins the model; falling back must bring disagreement under 2%.
+    cfg = QuantizeConfig(method="percentile", percentile=30.0, num_images=64, targets=("onnxruntime",),
+                         max_drop=2.0, latency=False)
+    r = quantize_model(path, calib_npz, tmp_path / "out", config=cfg)
+    fb = r.fallback
+    assert fb is not None and fb.metric == "disagreement"  # no --eval-data: agreement with FP32 only
+    assert 1 <= len(fb.float_nodes) < len(r.placements["onnxruntime"].quantized_nodes) + len(fb.float_nodes)
+    assert fb.achieved <= 2.0 and fb.tried[0][0] == 0 and fb.tried[0][1] > 2.0
+    assert set(r.placements["onnxruntime"].float_nodes) == set(fb.float_nodes)
+    assert 100.0 - r.fidelity["onnxruntime"].top1_agreement <= 2.0 + 1e-9
+    q = onnx.load(str(r.artifacts["onnxruntime"]))
+    kept_float = {n.name for n in q.graph.node if n.name in fb.float_nodes}
+    assert kept_float == set(fb.float_nodes)
