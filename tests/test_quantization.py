@@ -281,6 +281,16 @@ def test_plan_json_round_trip(plan, tmp_path, fp32):
         QuantPlan.load(tmp_path / "bad.json")
 
 
+def test_output_names_keep_distinct_models_apart():
+    from pathlib import Path
+
+    from rescompress.quantization.pipeline import output_stem
+
+    assert output_stem(Path("out/r20.fp32.onnx")) == "r20"
+    assert output_stem(Path("r20.pruned.safetensors")) == "r20.pruned"  # must not overwrite r20's files
+    assert output_stem(Path("resnet50.pt")) == "resnet50"
+
+
 def test_auto_method_choice_ignores_one_image_noise():
     from rescompress.quantization.fidelity import Fidelity
     from rescompress.quantization.pipeline import choose_method

@@ -152,6 +152,12 @@ class QuantizeResult:
 PreprocessArg = Preprocess | Callable[[Preprocess | None], Preprocess] | None
 
 
+def output_stem(path: Path) -> str:
+    """``r50.pt`` -> ``r50``, ``r50.fp32.onnx`` -> ``r50``, ``r50.pruned.safetensors`` -> ``r50.pruned``."""
+    stem = path.stem
+    return (stem[: -len(".fp32")] if stem.endswith(".fp32") else stem) or "model"
+
+
 def _resolve(arg: PreprocessArg, default: Preprocess | None) -> Preprocess | None:
     if arg is None:
         return default
@@ -177,7 +183,7 @@ def load_fp32(
     p = Path(model_path)
     if not p.exists():
         raise RescompressError(f"model file {p} does not exist")
-    stem = p.name.split(".")[0] or "model"
+    stem = output_stem(p)
     if is_onnx_path(p):
         info = read_onnx_info(p)
         pre = _resolve(preprocess, info.preprocess)
