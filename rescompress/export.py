@@ -12,11 +12,12 @@ file: from that metadata when the file was made here, else from the graph's shap
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,10 @@ MAX_OPSET = 20
 META_PREFIX = "rescompress."
 PARITY_RTOL = 1e-5
 PARITY_MIN_AGREEMENT = 100.0
+# ORT may be this many times further from the float64 result than torch's float32 result is.
+PARITY_NOISE_FACTOR = 2.0
+# Beyond this, torch's own distance from float64 is not rounding noise (e.g. a model that is not deterministic).
+PARITY_NOISE_CAP = 1e-3
 PROBE_BATCH = 8
 
 # Warnings the legacy exporter always emits in torch >= 2.9; choosing it is deliberate (see module doc).
@@ -55,7 +60,13 @@ class ParityReport:
     """ONNX Runtime (CPU) logits vs torch logits on one probe batch.
 
     ``max_rel_diff`` is ``max|ort - torch| / max|torch|`` (relative to the logit scale); ``top1_agreement``
-    is in percent. ``passed`` applies ``rtol`` and ``min_agreement``.
+    is in percent. Parity passes with full top-1 agreement and ``max_rel_diff <= rtol``. Deep models at
+    large inputs can differ by more than ``rtol`` through float32 rounding alone (torchvision resnet50 at
+    224x224 with real BN statistics: torch's own float32 result is 1.5e-5 from the exact one). So when
+    ``rtol`` is exceeded the model is also run in float64: ``torch_fp64_rel_error`` and
+    ``ort_fp64_rel_error`` are each float32 result's distance from that exact reference, and parity still
+    passes when ONNX Runtime is within ``noise_factor`` times torch's own rounding error (itself at most
+    ``PARITY_NOISE_CAP``: more than that is not rounding).
     """
 
     max_abs_diff: float
@@ -64,10 +75,23 @@ class ParityReport:
     probe_shape: tuple[int, ...]
     rtol: float = PARITY_RTOL
     min_agreement: float = PARITY_MIN_AGREEMENT
+    torch_fp64_rel_error: float | None = None
+    ort_fp64_rel_error: float | None = None
+    noise_factor: float = PARITY_NOISE_FACTOR
+
+    @property
+    def within_float32_noise(self) -> bool:
+        if self.torch_fp64_rel_error is None or self.ort_fp64_rel_error is None:
+            return False
+        if self.torch_fp64_rel_error > PARITY_NOISE_CAP:
+            return False
+        return self.ort_fp64_rel_error <= self.noise_factor * self.torch_fp64_rel_error
 
     @property
     def passed(self) -> bool:
-        return self.max_rel_diff <= self.rtol and self.top1_agreement >= self.min_agreement
+        if self.top1_agreement < self.min_agreement:
+            return False
+        return self.max_rel_diff <= self.rtol or self.within_float32_noise
 
     def to_dict(self) -> dict:
         return {
@@ -77,6 +101,9 @@ class ParityReport:
             "probe_shape": list(self.probe_shape),
             "rtol": self.rtol,
             "min_agreement": self.min_agreement,
+            "torch_fp64_rel_error": self.torch_fp64_rel_error,
+            "ort_fp64_rel_error": self.ort_fp64_rel_error,
+            "noise_factor": self.noise_factor,
             "passed": self.passed,
         }
 
@@ -214,12 +241,16 @@ def export_onnx(
 
     parity = None
     if check_parity:
-        parity = onnx_parity(data, probe, reference.detach().numpy())
+        parity = onnx_parity(data, probe, reference.detach().numpy(), model=model)
         if not parity.passed:
+            noise = (
+                f", ORT {parity.ort_fp64_rel_error:.3g} vs torch {parity.torch_fp64_rel_error:.3g} from float64"
+                if parity.ort_fp64_rel_error is not None and parity.torch_fp64_rel_error is not None
+                else ""
+            )
             raise ExportError(
                 f"ONNX Runtime output differs from torch (max relative diff {parity.max_rel_diff:.3g} > "
-                f"{parity.rtol:g} or top-1 agreement {parity.top1_agreement:.2f}% < "
-                f"{parity.min_agreement:g}%); nothing written"
+                f"{parity.rtol:g}{noise}; top-1 agreement {parity.top1_agreement:.2f}%); nothing written"
             )
 
     with atomic_path(path) as tmp:
@@ -233,8 +264,33 @@ def export_onnx(
     )
 
 
-def onnx_parity(model_bytes: bytes | str | Path, probe: torch.Tensor, reference: np.ndarray) -> ParityReport:
-    """Run ``probe`` through ONNX Runtime (CPU) and compare with ``reference`` logits."""
+def onnx_parity(
+    model_bytes: bytes | str | Path,
+    probe: torch.Tensor,
+    reference: np.ndarray,
+    model: nn.Module | None = None,
+) -> ParityReport:
+    """Run ``probe`` through ONNX Runtime (CPU) and compare with torch's ``reference`` logits.
+
+    With ``model`` given and the plain tolerance exceeded, both results are also measured against a
+    float64 run of ``model`` (see :class:`ParityReport`).
+    """
+    out = ort_logits(model_bytes, probe)
+    parity = compare_to_reference(reference, out, tuple(probe.shape))
+    if parity.passed or model is None:
+        return parity
+    exact = float64_logits(model, probe)
+    if exact is None:
+        return parity
+    scale = float(np.abs(exact).max()) or 1.0
+    return replace(
+        parity,
+        torch_fp64_rel_error=float(np.abs(np.asarray(reference, np.float64) - exact).max()) / scale,
+        ort_fp64_rel_error=float(np.abs(np.asarray(out, np.float64) - exact).max()) / scale,
+    )
+
+
+def ort_logits(model_bytes: bytes | str | Path, probe: torch.Tensor) -> np.ndarray:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -244,8 +300,18 @@ def onnx_parity(model_bytes: bytes | str | Path, probe: torch.Tensor, reference:
     src = model_bytes if isinstance(model_bytes, bytes) else str(model_bytes)
     session = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
-    out = session.run(None, {input_name: probe.numpy().astype(np.float32)})[0]
-    return compare_to_reference(reference, out, tuple(probe.shape))
+    return session.run(None, {input_name: probe.numpy().astype(np.float32)})[0]
+
+
+@torch.no_grad()
+def float64_logits(model: nn.Module, probe: torch.Tensor) -> np.ndarray | None:
+    """Logits of a float64 copy of ``model`` (the exact answer float32 runs approximate); ``None`` if the
+    model cannot run in float64."""
+    try:
+        exact = copy.deepcopy(model).double()(probe.double())
+    except Exception:
+        return None
+    return exact.numpy() if isinstance(exact, torch.Tensor) else None
 
 
 def compare_to_reference(
