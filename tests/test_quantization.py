@@ -364,3 +364,35 @@ def test_max_drop_returns_sensitive_layers_to_float(fp32, calib_npz, tmp_path):
     q = onnx.load(str(r.artifacts["onnxruntime"]))
     kept_float = {n.name for n in q.graph.node if n.name in fb.float_nodes}
     assert kept_float == set(fb.float_nodes)
+
+
+def test_unknown_ops_stay_float_and_are_reported(tmp_path):
+    class Odd(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+            self.fc = torch.nn.Linear(8, 5)
+
+        def forward(self, x):
+            y = torch.sigmoid(self.conv1(x))  # an op the placement rules do not know
+            return self.fc(self.conv2(y).mean(dim=(2, 3)))
+
+    path = tmp_path / "odd.onnx"
+    torch.onnx.export(Odd().eval(), torch.randn(2, 3, 16, 16), str(path), dynamo=False, input_names=["input"],
+                      output_names=["logits"], dynamic_axes={"input": {0: "b"}, "logits": {0: "b"}}, opset_version=17)
+    m = prepare_model(onnx.load(str(path)))
+    for target in ("onnxruntime", "tensorrt"):
+        p = place(m, target)
+        assert any("Sigmoid" in u for u in p.unsupported)
+        assert sum(1 for n in p.quantized_nodes if "conv" in n) == 2
+    x = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    names = GraphIndex(m).float_activations()
+    hists, _ = collect_histograms(m, names, [x])
+    pls = [place(m, "onnxruntime"), place(m, "tensorrt")]
+    plan = QuantPlan(activation_entries(hists, "max", 99.99), weight_entries(m, [w for p in pls for w in p.weights]),
+                     Provenance(model_fingerprint(m), None, 4, "max", None, {}))
+    for p in pls:
+        q = emit_qdq(m, plan, p)
+        onnx.checker.check_model(q)
+        assert sqnr_db(_run(m, x), _run(q, x)) > 25.0
