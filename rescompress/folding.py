@@ -24,6 +24,9 @@ _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Which BatchNorm follows which producer: the channel axis is 1 for all of them when ranks match.
 _BN_FOR_CONV = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
 DEFAULT_PROBE_BATCH = 8
+FOLD_RTOL = 1e-5
+# The folded model may be this many times further from the exact logits than the float32 original is.
+FOLD_NOISE_FACTOR = 2.0
 DEFAULT_PROBE_SIZE = 64
 
 
@@ -82,7 +85,10 @@ class FoldReport:
     """What :func:`fold_batchnorm` did and how much the logits moved on the probe batch.
 
     ``max_rel_diff`` is ``max|folded - original| / max|original|`` over the whole logit tensor (relative
-    to the logit scale, so near-zero logits do not blow it up). ``top1_agreement`` is in percent.
+    to the logit scale, so near-zero logits do not blow it up). ``top1_agreement`` is in percent. Past
+    ``FOLD_RTOL`` (deep models at large inputs get there through float32 rounding alone: torchvision
+    resnet50 at 224x224 moves 2e-5 from its exact float64 logits unfolded) both models are also compared
+    with a float64 run of the original: ``original_fp64_rel_error`` and ``folded_fp64_rel_error``.
     """
 
     folded: tuple[tuple[str, str], ...]
@@ -91,6 +97,19 @@ class FoldReport:
     max_rel_diff: float
     top1_agreement: float
     probe_shape: tuple[int, ...]
+    original_fp64_rel_error: float | None = None
+    folded_fp64_rel_error: float | None = None
+
+    @property
+    def within_tolerance(self) -> bool:
+        """Full top-1 agreement, and a logit difference within ``FOLD_RTOL`` or float32 rounding noise."""
+        if self.top1_agreement < 100.0:
+            return False
+        if self.max_rel_diff <= FOLD_RTOL:
+            return True
+        if self.original_fp64_rel_error is None or self.folded_fp64_rel_error is None:
+            return False
+        return self.folded_fp64_rel_error <= FOLD_NOISE_FACTOR * self.original_fp64_rel_error
 
     def to_dict(self) -> dict:
         return {
@@ -102,6 +121,9 @@ class FoldReport:
             "max_rel_diff": self.max_rel_diff,
             "top1_agreement": self.top1_agreement,
             "probe_shape": list(self.probe_shape),
+            "original_fp64_rel_error": self.original_fp64_rel_error,
+            "folded_fp64_rel_error": self.folded_fp64_rel_error,
+            "within_tolerance": self.within_tolerance,
         }
 
 
@@ -144,7 +166,7 @@ def fold_batchnorm(
         _set_submodule(folded_model, bn_name, nn.Identity())
     folded_model.eval()
 
-    max_abs, max_rel, agreement = _compare(model, folded_model, probe)
+    max_abs, max_rel, agreement, original_err, folded_err = _compare(model, folded_model, probe)
     report = FoldReport(
         folded=tuple(pairs),
         left=tuple(left),
@@ -152,6 +174,8 @@ def fold_batchnorm(
         max_rel_diff=max_rel,
         top1_agreement=agreement,
         probe_shape=tuple(probe.shape),
+        original_fp64_rel_error=original_err,
+        folded_fp64_rel_error=folded_err,
     )
     return FoldResult(folded_model, report)
 
@@ -317,7 +341,9 @@ def _why_not_foldable(
 
 
 @torch.no_grad()
-def _compare(original: nn.Module, folded: nn.Module, probe: torch.Tensor) -> tuple[float, float, float]:
+def _compare(
+    original: nn.Module, folded: nn.Module, probe: torch.Tensor
+) -> tuple[float, float, float, float | None, float | None]:
     ref = _run_probe(original, probe).double()
     out = folded(probe).double()
     diff = (out - ref).abs()
@@ -328,7 +354,18 @@ def _compare(original: nn.Module, folded: nn.Module, probe: torch.Tensor) -> tup
         agreement = float((ref.argmax(dim=-1) == out.argmax(dim=-1)).double().mean() * 100.0)
     else:
         agreement = 100.0
-    return max_abs, max_rel, agreement
+    original_err = folded_err = None
+    if max_rel > FOLD_RTOL:
+        # Over the tolerance: measure both float32 results against the exact (float64) original.
+        try:
+            exact = copy.deepcopy(original).double()(probe.double())
+        except Exception:
+            exact = None
+        if isinstance(exact, torch.Tensor) and exact.shape == ref.shape:
+            exact_scale = float(exact.abs().max()) or 1.0
+            original_err = float((ref - exact).abs().max()) / exact_scale
+            folded_err = float((out - exact).abs().max()) / exact_scale
+    return max_abs, max_rel, agreement, original_err, folded_err
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:

@@ -11,6 +11,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from rescompress.checkpoint import CheckpointHeader, load_checkpoint, save_checkpoint
 from rescompress.folding import (
     FoldError,
+    FoldReport,
     count_batchnorm,
     fold_batchnorm,
     fold_conv_bn_weights,
@@ -188,6 +189,20 @@ def test_fold_reference_model(reference_checkpoint, eval_npz):
     assert count_batchnorm(result.model) == 0
     assert rel_err(ref, out) <= REL_TOL
     assert torch.equal(ref.argmax(1), out.argmax(1))
+
+
+def test_fold_tolerance_rule_uses_float64_only_past_rtol():
+    base = dict(folded=(), left=(), max_abs_diff=4e-5, max_rel_diff=3e-5, top1_agreement=100.0, probe_shape=(8,))
+    assert not FoldReport(**base).within_tolerance
+    # Measured on resnet50 at 224x224: the folded model is nearer the exact logits than the original.
+    assert FoldReport(**base, original_fp64_rel_error=2.0e-5, folded_fp64_rel_error=1.5e-5).within_tolerance
+    assert not FoldReport(**base, original_fp64_rel_error=1e-6, folded_fp64_rel_error=3e-5).within_tolerance
+    assert not FoldReport(**{**base, "max_rel_diff": 1e-7, "top1_agreement": 75.0}).within_tolerance
+
+    # A small model stays within 1e-5, so no float64 run is made.
+    report = fold_batchnorm(randomize_bn(build_model("resnet20", 10, 1)), input_shape=(1, 28, 28)).report
+    assert report.within_tolerance and report.original_fp64_rel_error is None
+    assert report.to_dict()["within_tolerance"] is True
 
 
 def test_folded_checkpoint_round_trip(tmp_path):
