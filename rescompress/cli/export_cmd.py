@@ -100,6 +100,12 @@ def export_command(
                     "parity max |Δlogit|": parity.max_abs_diff,
                     "parity max rel Δlogit": parity.max_rel_diff,
                     "parity top-1 agreement %": parity.top1_agreement,
+                    **(
+                        {"float64 distance ORT / torch": f"{parity.ort_fp64_rel_error:.3g} / "
+                         f"{parity.torch_fp64_rel_error:.3g} (float32 rounding floor)"}
+                        if parity.ort_fp64_rel_error is not None and parity.torch_fp64_rel_error is not None
+                        else {}
+                    ),
                     "parity": "PASSED" if parity.passed else "FAILED",
                 }
             )

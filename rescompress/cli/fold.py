@@ -105,6 +105,12 @@ def fold_command(
                     "max rel Δlogit": report.max_rel_diff,
                     "top-1 agreement %": report.top1_agreement,
                     "probe": "x".join(map(str, report.probe_shape)),
+                    **(
+                        {"float64 distance folded / original": f"{report.folded_fp64_rel_error:.3g} / "
+                         f"{report.original_fp64_rel_error:.3g} (float32 rounding floor)"}
+                        if report.folded_fp64_rel_error is not None and report.original_fp64_rel_error is not None
+                        else {}
+                    ),
                 },
                 title="BatchNorm folding",
             )
