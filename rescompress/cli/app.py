@@ -16,6 +16,7 @@ from rescompress import __version__
 
 # Order here is the order in --help.
 _COMMAND_MODULES: tuple[str, ...] = (
+    "demo",
     "inspect_cmd",
     "doctor",
     "fold",
