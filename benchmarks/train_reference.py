@@ -8,8 +8,10 @@ the saved checkpoint carries the preprocessing the tool will use at evaluation t
     python benchmarks/train_reference.py --arch resnet18 --size 64 --channels 3 \
         --out benchmarks/cache/resnet18_fashion_mnist_64.safetensors   # for quantization benchmarks
 
-Measured run time of the first command: see ``benchmarks/results/train_reference_resnet20.json``
-(``wall_s``), written by this script.
+Run time of the first command on 2 cores (AVX-512): about 100 s per epoch when the machine is otherwise
+idle (epochs 1, 2 and 10 in ``benchmarks/results/train_reference_resnet20.json``), so about 17 minutes for
+the default 10 epochs; the recorded ``wall_s`` of the committed run is longer because other jobs shared the
+machine. Result: 93.01% top-1 on the full 10k Fashion-MNIST test set.
 """
 
 from __future__ import annotations

@@ -112,15 +112,15 @@ def run_demo(config: DemoConfig, notify: Notify | None = None, progress: Progres
     stage("quantize pruned", t, method=qp.method)
 
     runners = {
-        "FP32 torch": make_runner(config.model, "torch", threads=config.threads),
         "FP32 ORT": make_runner(fp32_onnx, "onnxruntime", threads=config.threads),
+        "FP32 torch": make_runner(config.model, "torch", threads=config.threads),
         "INT8 ORT": make_runner(q.artifacts["onnxruntime"], "onnxruntime", threads=config.threads),
         "INT8 TRT-QDQ (in ORT)": make_runner(q.artifacts["tensorrt"], "onnxruntime", threads=config.threads),
         "pruned FP32 ORT": make_runner(qp.fp32_path, "onnxruntime", threads=config.threads),
         "pruned INT8 ORT": make_runner(qp.artifacts["onnxruntime"], "onnxruntime", threads=config.threads),
     }
     files = {
-        "FP32 torch": config.model, "FP32 ORT": fp32_onnx, "INT8 ORT": q.artifacts["onnxruntime"],
+        "FP32 ORT": fp32_onnx, "FP32 torch": config.model, "INT8 ORT": q.artifacts["onnxruntime"],
         "INT8 TRT-QDQ (in ORT)": q.artifacts["tensorrt"], "pruned FP32 ORT": qp.fp32_path,
         "pruned INT8 ORT": qp.artifacts["onnxruntime"],
     }
@@ -153,7 +153,7 @@ def run_demo(config: DemoConfig, notify: Notify | None = None, progress: Progres
     notes = (
         f"evaluated on {bench.data['evaluated'] if bench.data else 0} held-out Fashion-MNIST test images; "
         "calibration and fine-tuning used the separate training slice",
-        "latency: ONNX Runtime / torch on this CPU, interleaved rounds, intra-op spinning off; speed-up vs FP32 torch",
+        "latency: ONNX Runtime / torch on this CPU, interleaved rounds, intra-op spinning off; speed-up vs FP32 ORT",
         "the TensorRT Q/DQ file runs in ONNX Runtime here (TensorRT needs an NVIDIA GPU)",
     )
     return DemoResult(tuple(rows), tuple(stages), {k: str(v) for k, v in files.items()},
