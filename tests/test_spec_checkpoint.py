@@ -85,5 +85,8 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
         raise RuntimeError("boom")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+    with atomic_path(tmp_path / "new.bin") as tmp:
+        tmp.write_bytes(b"ok")
+    assert (tmp_path / "new.bin").stat().st_mode & 0o644 == 0o644  # readable like any other output
     with pytest.raises(RescompressError, match="same file as input"):
         ensure_not_input(target, [tmp_path / "a", target])
