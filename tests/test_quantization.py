@@ -336,13 +336,15 @@ def test_fidelity_on_trained_reference(reference_checkpoint, calib_npz, eval_npz
         pytest.skip("the trained reference model is not bundled yet")
     from rescompress.quantization.pipeline import QuantizeConfig, quantize_model
 
-    cfg = QuantizeConfig(method="entropy", num_images=256, eval_limit=1000, latency=False)
+    # Bounds from measurement (512 images, full slices: ORT 33.7 dB / 99.6%, TRT 28.2 dB / 99.15% with max),
+    # less a margin for the smaller sample here.
+    cfg = QuantizeConfig(method="max", num_images=256, eval_limit=1000, latency=False)
     r = quantize_model(reference_checkpoint, calib_npz, tmp_path, config=cfg, eval_data=eval_npz)
     ort_f, trt_f = r.fidelity["onnxruntime"], r.fidelity["tensorrt"]
-    assert ort_f.n == 1000 and ort_f.fp32_top1 > 80.0
-    assert ort_f.sqnr_db >= 30.0 and trt_f.sqnr_db >= 27.0
-    assert ort_f.top1_agreement >= 99.0 and trt_f.top1_agreement >= 99.0
-    assert abs(ort_f.top1_drop) <= 0.5
+    assert ort_f.n == 1000 and ort_f.fp32_top1 > 85.0
+    assert ort_f.sqnr_db >= 31.0 and trt_f.sqnr_db >= 26.0
+    assert ort_f.top1_agreement >= 99.0 and trt_f.top1_agreement >= 98.5
+    assert abs(ort_f.top1_drop) <= 0.5 and abs(trt_f.top1_drop) <= 0.8
     assert check_trt_qdq(onnx.load(str(r.artifacts["tensorrt"]))) == []
 
 
