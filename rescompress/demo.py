@@ -98,8 +98,8 @@ def run_demo(config: DemoConfig, notify: Notify | None = None, progress: Progres
     say(f"pruning to {config.prune_macs:.0%} of the MACs and fine-tuning {config.finetune_epochs:g} epoch")
     pcfg = PruneConfig(target_macs=config.prune_macs,
                        finetune=FinetuneConfig(epochs=config.finetune_epochs) if config.finetune_epochs else None)
-    pruned = prune_model(loaded.module, pre, pcfg, data=open_dataset(calib, pre, split="train"),
-                         progress=progress or (lambda it, _n, _d: it))
+    prune_progress = {"progress": progress} if progress else {}
+    pruned = prune_model(loaded.module, pre, pcfg, data=open_dataset(calib, pre, split="train"), **prune_progress)
     pruned_path = out / f"{config.model.stem}.pruned.safetensors"
     save_pruned(pruned.model, pruned_path, arch=loaded.arch, num_classes=loaded.num_classes,
                 in_channels=loaded.in_channels, preprocess=pre, summary=pruned.report.to_dict(),
@@ -115,14 +115,14 @@ def run_demo(config: DemoConfig, notify: Notify | None = None, progress: Progres
         "FP32 ORT": make_runner(fp32_onnx, "onnxruntime", threads=config.threads),
         "FP32 torch": make_runner(config.model, "torch", threads=config.threads),
         "INT8 ORT": make_runner(q.artifacts["onnxruntime"], "onnxruntime", threads=config.threads),
-        "INT8 TRT-QDQ (in ORT)": make_runner(q.artifacts["tensorrt"], "onnxruntime", threads=config.threads),
-        "pruned FP32 ORT": make_runner(qp.fp32_path, "onnxruntime", threads=config.threads),
-        "pruned INT8 ORT": make_runner(qp.artifacts["onnxruntime"], "onnxruntime", threads=config.threads),
+        "INT8 TRT-QDQ*": make_runner(q.artifacts["tensorrt"], "onnxruntime", threads=config.threads),
+        "pruned FP32": make_runner(qp.fp32_path, "onnxruntime", threads=config.threads),
+        "pruned INT8": make_runner(qp.artifacts["onnxruntime"], "onnxruntime", threads=config.threads),
     }
     files = {
         "FP32 ORT": fp32_onnx, "FP32 torch": config.model, "INT8 ORT": q.artifacts["onnxruntime"],
-        "INT8 TRT-QDQ (in ORT)": q.artifacts["tensorrt"], "pruned FP32 ORT": qp.fp32_path,
-        "pruned INT8 ORT": qp.artifacts["onnxruntime"],
+        "INT8 TRT-QDQ*": q.artifacts["tensorrt"], "pruned FP32": qp.fp32_path,
+        "pruned INT8": qp.artifacts["onnxruntime"],
     }
     t = time.perf_counter()
     say("benchmarking every artifact against FP32 (accuracy, agreement, interleaved latency)")
@@ -130,31 +130,33 @@ def run_demo(config: DemoConfig, notify: Notify | None = None, progress: Progres
                           rounds=config.rounds, warmup_s=0.5, progress=progress)
     stage("benchmark", t)
     macs = {"FP32 torch": loaded.macs, "FP32 ORT": loaded.macs, "INT8 ORT": loaded.macs,
-            "INT8 TRT-QDQ (in ORT)": loaded.macs, "pruned FP32 ORT": pruned.after.macs,
-            "pruned INT8 ORT": pruned.after.macs}
+            "INT8 TRT-QDQ*": loaded.macs, "pruned FP32": pruned.after.macs,
+            "pruned INT8": pruned.after.macs}
     rows = []
     lat = bench.latency
     for entry in bench.models:
         row = {
             "model": entry.label,
-            "file": Path(files[entry.label]).name,
-            "MB": round(Path(files[entry.label]).stat().st_size / 1e6, 3),
+            "MB": round(Path(files[entry.label]).stat().st_size / 1e6, 2),
             "MMACs": round(macs[entry.label] / 1e6, 1),
-            "top1 %": entry.accuracy.top1 if entry.accuracy else None,
-            "agree %": entry.agreement.top1_agreement if entry.agreement else 100.0,
-            "SQNR dB": entry.agreement.sqnr_db if entry.agreement else None,
+            "top-1": round(entry.accuracy.top1, 2) if entry.accuracy else None,
+            "agree": round(entry.agreement.top1_agreement, 2) if entry.agreement else 100.0,
+            "SQNR": round(entry.agreement.sqnr_db, 1) if entry.agreement else None,
         }
         for b in config.batch_sizes:
-            row[f"ms b{b}"] = round(lat.get(entry.label, b).median_ms, 3) if lat else None
-            row[f"speed-up b{b}"] = (
+            row[f"ms b{b}"] = round(lat.get(entry.label, b).median_ms, 2) if lat else None
+            row[f"x b{b}"] = (
                 1.0 if lat is None or entry.label == lat.baseline else round(lat.ratio(entry.label, b).speedup, 2)
             )
         rows.append(row)
     notes = (
         f"evaluated on {bench.data['evaluated'] if bench.data else 0} held-out Fashion-MNIST test images; "
         "calibration and fine-tuning used the separate training slice",
-        "latency: ONNX Runtime / torch on this CPU, interleaved rounds, intra-op spinning off; speed-up vs FP32 ORT",
-        "the TensorRT Q/DQ file runs in ONNX Runtime here (TensorRT needs an NVIDIA GPU)",
+        "top-1 and agreement with FP32 ORT in percent, SQNR of the logits vs FP32 in dB, MB = file size",
+        "ms bN = median latency at batch N (interleaved rounds, ORT intra-op spinning off); "
+        "x bN = speed-up vs FP32 ORT",
+        "* the TensorRT Q/DQ file, run in ONNX Runtime here for accuracy (TensorRT needs an NVIDIA GPU; ORT does not "
+        "fuse its placement, so its ORT latency says nothing about TensorRT speed)",
     )
     return DemoResult(tuple(rows), tuple(stages), {k: str(v) for k, v in files.items()},
                       bench.data["evaluated"] if bench.data else 0, round(time.perf_counter() - t0, 1), notes)

@@ -26,12 +26,14 @@ def demo(
     from rescompress.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(outdir=output_dir, threads=threads)
-    result = run_demo(cfg, notify=info, progress=lambda it, total, desc: progress(it, total, desc))
+    result = run_demo(cfg, notify=info, progress=progress)
 
     def render(console) -> None:
         console.print(rows_table(result.rows, title="rescompress demo: FP32 vs INT8 vs pruned+INT8"))
         for note in result.notes:
             console.print(f"- {note}", highlight=False)
-        console.print(f"artifacts in {output_dir}/  ({result.wall_s:.0f} s)", highlight=False)
+        for label, path in result.files.items():
+            console.print(f"  {label:14s} {path}", highlight=False)
+        console.print(f"done in {result.wall_s:.0f} s", highlight=False)
 
     Output(as_json).result(result.to_dict(), render)
