@@ -113,7 +113,9 @@ def run_demo(config: DemoConfig, notify: Notify | None = None, progress: Progres
 
     runners = {
         "FP32 ORT": make_runner(fp32_onnx, "onnxruntime", threads=config.threads),
-        "FP32 torch": make_runner(config.model, "torch", threads=config.threads),
+        # One torch thread unless told otherwise: torch's OpenMP workers interleaved with ORT sessions in one
+        # process on a small, busy machine measured up to 100x slower than a single thread.
+        "FP32 torch": make_runner(config.model, "torch", threads=config.threads or 1),
         "INT8 ORT": make_runner(q.artifacts["onnxruntime"], "onnxruntime", threads=config.threads),
         "INT8 TRT-QDQ*": make_runner(q.artifacts["tensorrt"], "onnxruntime", threads=config.threads),
         "pruned FP32": make_runner(qp.fp32_path, "onnxruntime", threads=config.threads),
@@ -153,7 +155,8 @@ def run_demo(config: DemoConfig, notify: Notify | None = None, progress: Progres
         f"evaluated on {bench.data['evaluated'] if bench.data else 0} held-out Fashion-MNIST test images; "
         "calibration and fine-tuning used the separate training slice",
         "top-1 and agreement with FP32 ORT in percent, SQNR of the logits vs FP32 in dB, MB = file size",
-        "ms bN = median latency at batch N (interleaved rounds, ORT intra-op spinning off); "
+        "ms bN = median latency at batch N (interleaved rounds, ORT intra-op spinning off, torch 1 thread "
+        "unless --threads); "
         "x bN = speed-up vs FP32 ORT",
         "* the TensorRT Q/DQ file, run in ONNX Runtime here for accuracy (TensorRT needs an NVIDIA GPU; ORT does not "
         "fuse its placement, so its ORT latency says nothing about TensorRT speed)",
