@@ -9,8 +9,15 @@ Parts (``--part``, default all, in this order so the cheap, decisive tables land
   10k test split right after pruning, after BN re-estimation (2048 train images), after one epoch of
   fine-tuning with distillation on the full 60k train split; ORT CPU latency ratio (interleaved).
 * ``criteria``: the same at 50% for taylor / random, and l1 with global ranking (l1 uniform: ``resnet20``).
+* ``pruned_int8`` (not in ``all``): the issue-4 target "pruned + INT8 >= 6x faster than FP32" on torchvision
+  resnet50 at 224x224 (random init, BN statistics re-estimated on 64 images of the bundled Fashion-MNIST
+  train slice): FP32, pruned FP32 (50% MACs, default round-to), INT8 (``quantize_model``, max calibration on
+  32 slice images) and pruned + INT8, all four timed interleaved in one ORT CPU run (spinning off), batch 1
+  and 8. No fine-tuning: only speed is measured. Writes ``prune_int8_resnet50.json``.
 
 Writes ``benchmarks/results/prune_<part>.json``.
+
+    python benchmarks/bench_prune.py --part pruned_int8 --rounds 5 --iters 5
 """
 
 from __future__ import annotations
@@ -62,6 +69,84 @@ def bench_round_to(args) -> dict:
             "rows": rows, "rounds": args.rounds, "iters": args.iters}
 
 
+SLICE = REFERENCE.parent / "fashion_mnist_train_slice.npz"
+
+
+def bench_pruned_int8(args) -> dict:
+    """FP32 vs pruned vs INT8 vs pruned + INT8 resnet50, ORT CPU, one interleaved run."""
+    import tempfile
+
+    from bench_quantize import batches, sample
+
+    from rescompress.data import open_dataset
+    from rescompress.export import export_onnx
+    from rescompress.folding import fold_batchnorm
+    from rescompress.measure.latency import measure_latency
+    from rescompress.quantization import QuantizeConfig, quantize_model
+    from rescompress.runtimes import make_runner
+
+    pre = PRESETS["imagenet"]
+    ds = open_dataset(SLICE, pre, split="train")
+    torch.manual_seed(0)
+    base = build_model("resnet50", 10, 3)
+    for m in base.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the re-estimation batches
+    x = sample(ds, args.bn_images_r50, seed=1)
+    base.train()
+    with torch.no_grad():
+        for xb in batches(x, 16):
+            base(torch.from_numpy(xb))
+    base.eval()
+    t0 = time.time()
+    res = prune_model(base, pre, PruneConfig(target_macs=0.5))
+    prune_s = time.time() - t0
+    print(f"pruned: MACs kept {res.macs_kept:.3f} (round-to {res.report.round_to}, {prune_s:.0f} s)", file=sys.stderr)
+    qcfg = QuantizeConfig(num_images=args.calib_images, method="max", latency=False, targets=("onnxruntime",))
+    probe = torch.from_numpy(x[:2])
+    files, quant = {}, {}
+    with tempfile.TemporaryDirectory(prefix="bench-prune-int8-") as tmp:
+        tmp = Path(tmp)
+        for name, model in (("fp32", base), ("pruned", res.model)):
+            folded = fold_batchnorm(model, input_shape=pre.input_shape(2)).model
+            files[name] = tmp / f"{name}.onnx"
+            export_onnx(folded, pre, files[name], arch="resnet50", num_classes=10, probe=probe,
+                        check_parity=False)  # random deep net: chaotic logits, the parity bound is for trained ones
+            t0 = time.time()
+            q = quantize_model(files[name], SLICE, tmp / f"q-{name}", config=qcfg)
+            files[f"{name}_int8" if name == "pruned" else "int8"] = q.artifacts["onnxruntime"]
+            quant["pruned_int8" if name == "pruned" else "int8"] = {
+                "seconds": time.time() - t0, "calibration_images": q.calibration.get("num_images"),
+                "agreement_with_own_fp32": {t: f.to_dict() for t, f in q.fidelity.items()},
+                "eval_source": q.eval_source}
+            print(f"quantized {name} in {time.time() - t0:.0f} s", file=sys.stderr)
+        order = ("fp32", "pruned", "int8", "pruned_int8")
+        runners = {k: make_runner(str(files[k]), runtime="onnxruntime", spinning=False) for k in order}
+        bs = tuple(args.r50_batches)
+        rep = measure_latency(runners, pre.input_shape, batch_sizes=bs, warmup_s=1.0, iters=args.iters,
+                              rounds=args.rounds)
+    med = {k: {str(b): rep.get(k, b).median_ms for b in bs} for k in order}
+    spread = {k: {str(b): rep.get(k, b).spread for b in bs} for k in order}
+    speedup = {k: {str(b): rep.get("fp32", b).median_ms / rep.get(k, b).median_ms for b in bs} for k in order[1:]}
+    return {
+        "model": "torchvision resnet50 (random init, 10 classes), BN statistics re-estimated on "
+                 f"{len(x)} images of {SLICE.name} (resized to 224, 3 channels, ImageNet preprocessing)",
+        "input": [3, 224, 224],
+        "pruning": {"target_macs": 0.5, "criterion": "l1", "ranking": "uniform", "round_to": res.report.round_to,
+                    "macs_kept": res.macs_kept, "params_kept": res.after.params / res.before.params,
+                    "seconds": prune_s, "finetuned": False,
+                    "note": "no fine-tuning and no BN re-estimation after pruning: only speed is measured here"},
+        "quantization": {"config": qcfg.to_dict(), "calib_data": SLICE.name, "runs": quant},
+        "runtime": "onnxruntime CPU, intra-op spinning off, default threads, four models interleaved in one "
+                   "measure_latency run",
+        "median_ms": med, "spread": spread, "speedup_vs_fp32": speedup,
+        "target_pruned_int8_speedup": 6.0,
+        "meets_target": {b: speedup["pruned_int8"][b] >= 6.0 for b in speedup["pruned_int8"]},
+        "iters": args.iters, "rounds": args.rounds, "torch_threads": torch.get_num_threads(),
+    }
+
+
 def _fmnist(args):
     pre = PRESETS["fashion-mnist"]
     train = open_dataset(f"{DEBIAN_FASHION_MNIST}@train", pre, split="train")
@@ -82,6 +167,24 @@ def _recover(model, teacher, train, test, args) -> dict:
         out["top1_finetuned"] = top1_accuracy(bn, test)
         out["finetune"] = {**rep.to_dict(), "seconds": time.time() - t0}
     return out, bn
+
+
+def _with_earlier_rows(name: str, rows: list[dict]) -> list[dict]:
+    """Rows of an earlier run of this part that this run did not redo (``--keep-rows``), marked as such.
+
+    Their latency ratios were measured against FP32 in that earlier run (its FP32 milliseconds are copied).
+    """
+    import json
+
+    prev = Path(__file__).resolve().parent / "results" / f"{name}.json"
+    if not prev.exists():
+        return rows
+    old = json.loads(prev.read_text())
+    done = {(r["criterion"], r["macs_removed_target"]) for r in rows}
+    earlier = {"date": old.get("machine", {}).get("date"), "fp32_latency_ms": old.get("fp32_latency_ms")}
+    kept = [{**r, "earlier_run": r.get("earlier_run", earlier)} for r in old.get("rows", [])
+            if (r["criterion"], r["macs_removed_target"]) not in done]
+    return kept + rows
 
 
 def bench_resnet20(args, name: str, criteria: tuple[str, ...], removed: tuple[float, ...]) -> dict:
@@ -115,18 +218,21 @@ def bench_resnet20(args, name: str, criteria: tuple[str, ...], removed: tuple[fl
             rows.append(row)
             models[f"{entry}_{r}"] = final
             print({k: v for k, v in row.items() if k != "widths"}, file=sys.stderr)
-            write_result(name, {**head, "rows": rows, "partial": True})  # fine-tuning is slow: keep what is done
+            shown = _with_earlier_rows(name, rows) if args.keep_rows else rows
+            write_result(name, {**head, "rows": shown, "partial": True})  # fine-tuning is slow: keep what is done
     lat = ort_latency(models, pre.input_shape(1), batch_sizes=(1, 8), rounds=args.rounds, iters=args.iters * 5)
     for row in rows:
         key = f"{row['criterion']}_{row['macs_removed_target']}"
         row["latency_ratio"] = {str(b): lat.ratio(key, "fp32", b) for b in (1, 8)}
+    if args.keep_rows:
+        rows = _with_earlier_rows(name, rows)
     return {**head, "rows": rows, "fp32_latency_ms": {str(b): lat.median_ms["fp32"][b] for b in (1, 8)},
             "latency_spread_fp32": {str(b): lat.spread["fp32"][b] for b in (1, 8)}}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=("all", "round_to", "resnet20", "criteria"), default="all")
+    p.add_argument("--part", choices=("all", "round_to", "resnet20", "criteria", "pruned_int8"), default="all")
     p.add_argument("--round-to", type=int, nargs="+", default=[1, 8, 16, 32])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rounds", type=int, default=5)
@@ -141,6 +247,11 @@ def main() -> None:
     p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--model", type=Path, default=REFERENCE, help="ResNet checkpoint for the Fashion-MNIST parts")
     p.add_argument("--threads", type=int, default=None, help="torch threads for pruning and fine-tuning")
+    p.add_argument("--keep-rows", action="store_true",
+                   help="resnet20/criteria: keep the earlier JSON's rows that this run does not redo")
+    p.add_argument("--bn-images-r50", type=int, default=64, help="pruned_int8: BN re-estimation images")
+    p.add_argument("--calib-images", type=int, default=32, help="pruned_int8: INT8 calibration images")
+    p.add_argument("--r50-batches", type=int, nargs="+", default=[1, 8], help="pruned_int8: batch sizes")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -152,6 +263,8 @@ def main() -> None:
     if args.part in ("all", "criteria"):
         res = bench_resnet20(args, "prune_criteria", tuple(args.criteria), (0.5,))
         print(write_result("prune_criteria", res), file=sys.stderr)
+    if args.part == "pruned_int8":
+        print(write_result("prune_int8_resnet50", bench_pruned_int8(args)), file=sys.stderr)
 
 
 if __name__ == "__main__":
