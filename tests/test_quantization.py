@@ -398,3 +398,42 @@ def test_unknown_ops_stay_float_and_are_reported(tmp_path):
         q = emit_qdq(m, plan, p)
         onnx.checker.check_model(q)
         assert sqnr_db(_run(m, x), _run(q, x)) > 25.0
+
+
+def test_refine_raises_trt_sqnr_on_trained_reference(reference_checkpoint, calib_npz, eval_npz, tmp_path):
+    """Scale refinement on held-out calibration images must raise the TensorRT file's logit SQNR on
+    *other* images (the eval slice), stay within its evaluation budget, and keep the file TensorRT-legal."""
+    if not reference_checkpoint.exists():
+        pytest.skip("the trained reference model is not bundled yet")
+    from rescompress.data import open_dataset
+    from rescompress.quantization.pipeline import _emit_checked, load_fp32
+    from rescompress.quantization.refine import DEFAULT_FACTORS, refine_plan
+
+    src = load_fp32(reference_checkpoint, tmp_path)
+    base = prepare_model(src.proto)
+    cal = open_dataset(calib_npz, src.preprocess)
+    xc = np.stack([cal[i][0].numpy() for i in range(384)])
+    held = np.stack([cal[i][0].numpy() for i in range(384, 512)])
+    ev = open_dataset(eval_npz, src.preprocess)
+    xe = np.stack([ev[i][0].numpy() for i in range(1000)])
+    placements = {t: place(base, t) for t in ("onnxruntime", "tensorrt")}
+    names = sorted(set().union(*(p.calib_tensors() for p in placements.values())))
+    hists, stats = collect_histograms(base, names, [xc[i : i + 64] for i in range(0, len(xc), 64)])
+    prov = Provenance(model_fingerprint(base), "test", stats.num_images, "mse", None, {})
+    weights = weight_entries(base, [w for p in placements.values() for w in p.weights])
+    plan = QuantPlan(activation_entries(hists, "mse", 99.99), weights, prov)
+    ref = _run(base, xe)
+
+    trt = placements["tensorrt"]
+    r = refine_plan(base, plan, trt, held, _emit_checked, max_tensors=6)
+    assert r.evaluations == 1 + 6 * len(DEFAULT_FACTORS)
+    assert r.changed and r.after_db > r.before_db
+    before = sqnr_db(ref, _run(emit_qdq(base, plan, trt), xe))
+    refined = emit_qdq(base, r.plan, trt)
+    after = sqnr_db(ref, _run(refined, xe))
+    assert after >= before + 0.5, (before, after)
+    assert check_trt_qdq(refined) == []
+    # Only the TensorRT parameters moved; the plan still round-trips through JSON.
+    assert all(r.plan.activations[n].params["onnxruntime"] == plan.activations[n].params["onnxruntime"]
+               for n in plan.activations)
+    assert QuantPlan.load(r.plan.save(tmp_path / "p.json")).to_dict() == r.plan.to_dict()

@@ -38,6 +38,7 @@ from rescompress.quantization.fallback import FallbackResult, rank_layers, searc
 from rescompress.quantization.fidelity import Fidelity, compare, run_sessions, sqnr_db
 from rescompress.quantization.placement import GraphIndex, Placement, place, prepare_model
 from rescompress.quantization.plan import ORT_RANGES, TARGETS, Provenance, QuantPlan, model_fingerprint
+from rescompress.quantization.refine import DEFAULT_REFINE_IMAGES, DEFAULT_REFINE_TENSORS, refine_plan
 from rescompress.quantization.trt_cache import DEFAULT_TRT_VERSION, write_cache
 from rescompress.spec import Preprocess
 
@@ -63,6 +64,7 @@ class QuantizeConfig:
     max_float_layers: int | None = None
     ort_range: str = "asymmetric"  # ORT grid: asymmetric | unsigned | symmetric (see plan.activation_entry)
     holdout_fraction: float = 0.25  # share of calibration images kept aside to choose the method (auto)
+    refine_tensors: int = DEFAULT_REFINE_TENSORS  # per-target scale search on the K worst tensors (0: off)
     eval_limit: int | None = None
     latency: bool = True
     latency_batches: tuple[int, ...] = (1, 8)
@@ -79,6 +81,8 @@ class QuantizeConfig:
             raise RescompressError(f"--ort-range must be one of {', '.join(ORT_RANGES)}, got {self.ort_range!r}")
         if not 0.0 < self.percentile <= 100.0:
             raise RescompressError(f"--percentile must be in (0, 100], got {self.percentile}")
+        if self.refine_tensors < 0:
+            raise RescompressError(f"refine_tensors must be >= 0, got {self.refine_tensors}")
         if self.num_images < 1 or self.batch_size < 1:
             raise RescompressError("--num-images and --batch-size must be positive")
         if self.max_drop is not None and (self.max_drop < 0 or not math.isfinite(self.max_drop)):
@@ -404,6 +408,8 @@ def quantize_model(
         else:
             method = cfg.method
         qplan = plans[method]
+        if cfg.refine_tensors and holdout_batches is not None:
+            qplan = _refine(base, qplan, placements, holdout_batches, cfg, calib_stats, say)
 
     # Evaluation data: the given set, else the held-out / calibration images (agreement only).
     if eval_data is not None:
@@ -474,6 +480,29 @@ def quantize_model(
     write_text_atomic(report_json, json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     write_text_atomic(report_md, render_markdown(result))
     return result
+
+
+def _refine(
+    base: onnx.ModelProto, plan: QuantPlan, placements: dict[str, Placement], loader, cfg: QuantizeConfig,
+    calib_stats: dict, say: Notify,
+) -> QuantPlan:
+    """Refine each target's scales on the held-out images (see refine.py); record what changed."""
+    xs, have = [], 0
+    for b in loader:
+        xs.append(b[0].numpy()[: DEFAULT_REFINE_IMAGES - have])
+        have += len(xs[-1])
+        if have >= DEFAULT_REFINE_IMAGES:
+            break
+    x = np.concatenate(xs)
+    t0 = time.perf_counter()
+    report = {}
+    for t, p in placements.items():
+        r = refine_plan(base, plan, p, x, _emit_checked, max_tensors=cfg.refine_tensors, threads=cfg.threads)
+        plan = r.plan
+        report[t] = r.to_dict()
+        say(f"refine ({t}): {len(r.changed)} scale(s) changed, held-out SQNR {r.before_db:.1f} -> {r.after_db:.1f} dB")
+    calib_stats["refine"] = {**report, "images": len(x), "seconds": time.perf_counter() - t0}
+    return plan
 
 
 def _fallback(
