@@ -187,6 +187,18 @@ def _with_earlier_rows(name: str, rows: list[dict]) -> list[dict]:
     return kept + rows
 
 
+def _earlier_runs(name: str) -> list[dict]:
+    """pruned_int8 with ``--keep-rows``: the summary of the earlier JSON's run(s), so noisy runs sit side by side."""
+    import json
+
+    prev = Path(__file__).resolve().parent / "results" / f"{name}.json"
+    if not prev.exists():
+        return []
+    old = json.loads(prev.read_text())
+    keys = ("median_ms", "spread", "speedup_vs_fp32", "iters", "rounds")
+    return [*old.get("earlier_runs", []), {"date": old["machine"]["date"], **{k: old.get(k) for k in keys}}]
+
+
 def bench_resnet20(args, name: str, criteria: tuple[str, ...], removed: tuple[float, ...]) -> dict:
     from rescompress.checkpoint import load_checkpoint
 
@@ -248,7 +260,8 @@ def main() -> None:
     p.add_argument("--model", type=Path, default=REFERENCE, help="ResNet checkpoint for the Fashion-MNIST parts")
     p.add_argument("--threads", type=int, default=None, help="torch threads for pruning and fine-tuning")
     p.add_argument("--keep-rows", action="store_true",
-                   help="resnet20/criteria: keep the earlier JSON's rows that this run does not redo")
+                   help="resnet20/criteria: keep the earlier JSON's rows that this run does not redo; "
+                   "pruned_int8: keep the earlier runs' medians and speed-ups under earlier_runs")
     p.add_argument("--bn-images-r50", type=int, default=64, help="pruned_int8: BN re-estimation images")
     p.add_argument("--calib-images", type=int, default=32, help="pruned_int8: INT8 calibration images")
     p.add_argument("--r50-batches", type=int, nargs="+", default=[1, 8], help="pruned_int8: batch sizes")
@@ -264,7 +277,10 @@ def main() -> None:
         res = bench_resnet20(args, "prune_criteria", tuple(args.criteria), (0.5,))
         print(write_result("prune_criteria", res), file=sys.stderr)
     if args.part == "pruned_int8":
-        print(write_result("prune_int8_resnet50", bench_pruned_int8(args)), file=sys.stderr)
+        res = bench_pruned_int8(args)
+        if args.keep_rows:
+            res["earlier_runs"] = _earlier_runs("prune_int8_resnet50")
+        print(write_result("prune_int8_resnet50", res), file=sys.stderr)
 
 
 if __name__ == "__main__":
