@@ -176,6 +176,43 @@ def our_artifacts(fp32: Path, calib: np.ndarray, method: str, batch: int = 32) -
     return {t: emit_qdq(base, plan, p) for t, p in pls.items()}, secs
 
 
+def our_default_artifacts(fp32: Path, calib: np.ndarray, refine: bool, batch: int = 32) -> tuple[dict, float, str]:
+    """What ``rescompress quantize`` does by default (``--method auto``, then scale refinement): a quarter
+    of the images held out to choose the method and refine the scales. Returns files, seconds, method."""
+    import onnx
+
+    from rescompress.calibration import METHODS
+    from rescompress.calibration.collect import collect_histograms
+    from rescompress.quantization.calibrate import activation_entries, weight_entries
+    from rescompress.quantization.emit import emit_qdq
+    from rescompress.quantization.fidelity import compare
+    from rescompress.quantization.pipeline import _emit_checked, choose_method
+    from rescompress.quantization.placement import GraphIndex, place, prepare_model
+    from rescompress.quantization.plan import Provenance, QuantPlan, model_fingerprint
+    from rescompress.quantization.refine import refine_plan
+
+    base = prepare_model(onnx.load(str(fp32)))
+    pls = {t: place(base, t) for t in ("onnxruntime", "tensorrt")}
+    names = sorted(set(GraphIndex(base).float_activations()) | pls["onnxruntime"].calib_tensors()
+                   | pls["tensorrt"].calib_tensors())
+    hold, rest = calib[: len(calib) // 4], calib[len(calib) // 4 :]
+    t0 = time.perf_counter()
+    hists, _ = collect_histograms(base, names, batches(rest, batch))
+    weights = weight_entries(base, [w for p in pls.values() for w in p.weights])
+    prov = Provenance(model_fingerprint(base), None, len(rest), "auto", 99.99, {})
+    plans = {m: QuantPlan(activation_entries(hists, m, 99.99), weights, prov) for m in METHODS}
+    ref = logits_of(session(base), hold)
+    fids = {m: compare(ref, logits_of(session(emit_qdq(base, p, pls["onnxruntime"])), hold))
+            for m, p in plans.items()}
+    method = choose_method(fids)
+    plan = plans[method]
+    if refine:
+        for p in pls.values():
+            plan = refine_plan(base, plan, p, hold, _emit_checked).plan
+    secs = time.perf_counter() - t0
+    return {t: emit_qdq(base, plan, p) for t, p in pls.items()}, secs, method
+
+
 def fidelity(ref: np.ndarray, got: np.ndarray, labels: np.ndarray) -> dict:
     from rescompress.quantization.fidelity import compare
 
@@ -207,6 +244,12 @@ def part_resnet20(args) -> None:
                 rows[name] = {**fidelity(ref, logits_of(s, x_test), y_test), "calibration_s": secs}
                 if method == args.latency_method and t == "onnxruntime":
                     sessions[name] = s
+        for refine in (False, True):
+            files, secs, chosen = our_default_artifacts(fp32, calib, refine)
+            for t, m in files.items():
+                name = f"ours-auto{'-refined' if refine else ''}-{'ort' if t == 'onnxruntime' else 'trt'}"
+                rows[name] = {**fidelity(ref, logits_of(session(m), x_test), y_test), "calibration_s": secs,
+                              "method": chosen}
         for method in ("minmax", "entropy"):
             t0 = time.perf_counter()
             path = ort_quantize(fp32, tmp / f"ort-{method}.onnx", calib, method)
