@@ -2,7 +2,9 @@
 
 The library entry point behind ``rescompress quantize`` (and ``rescompress demo``). It takes a PyTorch
 model file (loaded safely, BatchNorm folded, exported) or a FP32 ONNX file, streams calibration images
-through it once, turns the statistics into a :class:`QuantPlan` (or reuses one given with ``plan``),
+through it once, turns the statistics into a :class:`QuantPlan` (or reuses one given with ``plan``;
+with ``--method auto`` the held-out images also choose the method and refine the scales of each target's
+most error-prone tensors, see refine.py),
 emits the ONNX Runtime and TensorRT Q/DQ files and the TensorRT calibration cache from that one plan,
 checks the TensorRT file's structure, and measures the INT8 files against FP32 (accuracy, agreement,
 logit SQNR, the worst layers, latency on ORT CPU). Every output is written atomically into ``outdir``.
