@@ -31,6 +31,14 @@ def _trimmed(counts: np.ndarray) -> np.ndarray:
     return counts[: nz[-1] + 1]
 
 
+def _without_zeros(counts: np.ndarray, zeros: float) -> np.ndarray:
+    """Trimmed float64 copy of ``counts`` with ``zeros`` exact zeros taken out of the first bin."""
+    counts = _trimmed(np.asarray(counts, dtype=np.float64)).copy()
+    if len(counts):
+        counts[0] = max(counts[0] - zeros, 0.0)
+    return counts
+
+
 def max_amax(values: np.ndarray) -> float:
     """The largest absolute value (no clipping)."""
     return float(np.max(np.abs(values))) if values.size else 0.0
@@ -83,11 +91,10 @@ def entropy_amax(
     spike at zero would otherwise pull the threshold far down (half-normal data: 1.9 sigma instead of ~4).
     """
     bin_width = hist_range / max(len(counts), 1)
-    counts = _trimmed(np.asarray(counts, dtype=np.float64)).copy()
+    counts = _without_zeros(counts, zeros)
     n = len(counts)
     if n == 0:
         return 0.0
-    counts[0] = max(counts[0] - zeros, 0.0)
     nq = levels + 1
     start = min(max(start_bin, nq), n)
     if n <= nq:
@@ -127,11 +134,10 @@ def mse_amax(
     outputs) are representable without error and are taken out of the first bin.
     """
     bin_width = hist_range / max(len(counts), 1)
-    counts = _trimmed(np.asarray(counts, dtype=np.float64)).copy()
+    counts = _without_zeros(counts, zeros)
     n = len(counts)
     if n == 0:
         return 0.0
-    counts[0] = max(counts[0] - zeros, 0.0)
     centers = (np.arange(n) + 0.5) * bin_width
     start = min(start_bin, n)
     stride = max(1, (n - start) // MAX_CANDIDATES)

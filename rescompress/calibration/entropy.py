@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from rescompress.calibration.amax import INT8_LEVELS, entropy_amax
-from rescompress.calibration.histogram import StreamingHistogram
+from rescompress.calibration.histogram import HistogramCalibrator, StreamingHistogram
 
 
-class EntropyCalibrator:
+class EntropyCalibrator(HistogramCalibrator):
     method = "entropy"
 
     def __init__(self, levels: int = INT8_LEVELS, histogram: StreamingHistogram | None = None) -> None:
+        super().__init__(histogram)
         self.levels = levels
-        self.histogram = histogram if histogram is not None else StreamingHistogram()
-
-    def reset(self) -> None:
-        self.histogram.reset()
-
-    def collect(self, x: np.ndarray) -> None:
-        self.histogram.collect(x)
 
     def compute_amax(self) -> float:
         h = self.histogram

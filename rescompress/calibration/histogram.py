@@ -102,3 +102,21 @@ class StreamingHistogram:
             "num_bins": self.num_bins, "max_samples": self.max_samples, "range": self.range, "min": self.min,
             "max": self.max, "zeros": self.zeros, "count": self.count,
         }
+
+
+class HistogramCalibrator:
+    """The collecting half shared by the histogram calibrators: each adds ``method`` and ``compute_amax``.
+
+    ``histogram`` may be one already collected (and shared between methods); it is used, not copied.
+    """
+
+    method: str
+
+    def __init__(self, histogram: StreamingHistogram | None = None) -> None:
+        self.histogram = histogram if histogram is not None else StreamingHistogram()
+
+    def reset(self) -> None:
+        self.histogram.reset()
+
+    def collect(self, x: np.ndarray) -> None:
+        self.histogram.collect(x)
