@@ -52,6 +52,23 @@ class RunnerInfo:
     threads: int | None = None  # None: the runtime's default
     settings: dict[str, Any] = field(default_factory=dict)  # runtime-specific (spinning, providers, ...)
 
+    @classmethod
+    def from_onnx(
+        cls, runtime: str, path: Path, meta: Any, threads: int | None, settings: dict[str, Any]
+    ) -> RunnerInfo:
+        """Info for a runner of an ONNX file, from its ``OnnxInfo`` (``export.read_onnx_info``)."""
+        return cls(
+            runtime=runtime,
+            source=str(path),
+            num_classes=meta.num_classes,
+            in_channels=meta.in_channels,
+            input_size=tuple(meta.input_size) if meta.input_size else None,
+            preprocess=meta.preprocess,
+            arch=meta.arch,
+            threads=threads,
+            settings=settings,
+        )
+
     def input_shape(self, batch: int, preprocess: Preprocess | None = None) -> tuple[int, int, int, int]:
         """The NCHW shape of a ``batch``-image input (fixed size first, then the given/recorded preprocessing)."""
         pre = preprocess or self.preprocess
@@ -161,6 +178,12 @@ def _tensorrt_factory(model: Any, options: RunnerOptions) -> Runner:
     from rescompress.runtimes.tensorrt_runner import make_tensorrt_runner
 
     return make_tensorrt_runner(model, options.threads)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def classifier_outputs(logits: np.ndarray, source: str) -> np.ndarray:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from rescompress.errors import RescompressError
-from rescompress.runtimes import RunnerInfo, RunnerOptions, classifier_outputs, is_path_like
+from rescompress.runtimes import RunnerInfo, RunnerOptions, classifier_outputs, first_line, is_path_like
 
 SPIN_INTRA = "session.intra_op.allow_spinning"
 SPIN_INTER = "session.inter_op.allow_spinning"
@@ -90,18 +90,13 @@ def create(model: Any, options: RunnerOptions) -> OrtRunner:
     try:
         session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
     except Exception as exc:  # ORT's own message names the unsupported node or the bad graph
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RescompressError(f"onnxruntime cannot load {path}: {first}") from exc
-    info = RunnerInfo(
-        runtime="onnxruntime",
-        source=str(path),
-        num_classes=meta.num_classes,
-        in_channels=meta.in_channels,
-        input_size=tuple(meta.input_size) if meta.input_size else None,
-        preprocess=meta.preprocess,
-        arch=meta.arch,
-        threads=options.threads,
-        settings={
+        raise RescompressError(f"onnxruntime cannot load {path}: {first_line(exc)}") from exc
+    info = RunnerInfo.from_onnx(
+        "onnxruntime",
+        path,
+        meta,
+        options.threads,
+        {
             "providers": session.get_providers(),
             "intra_op_spinning": options.spinning,
             "inter_op_spinning": options.spinning,

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from rescompress.errors import RescompressError
-from rescompress.runtimes import RunnerInfo, RunnerOptions, classifier_outputs, is_path_like
+from rescompress.runtimes import RunnerInfo, RunnerOptions, classifier_outputs, first_line, is_path_like
 
 
 def _import_openvino():
@@ -70,17 +70,9 @@ def create(model: Any, options: RunnerOptions) -> OpenVinoRunner:
         core = ov.Core()
         compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RescompressError(f"openvino cannot compile {path}: {first}") from exc
-    info = RunnerInfo(
-        runtime="openvino",
-        source=str(path),
-        num_classes=meta.num_classes,
-        in_channels=meta.in_channels,
-        input_size=tuple(meta.input_size) if meta.input_size else None,
-        preprocess=meta.preprocess,
-        arch=meta.arch,
-        threads=options.threads,
-        settings={"device": "CPU", **{k: str(v) for k, v in config.items()}, "version": ov.__version__},
+        raise RescompressError(f"openvino cannot compile {path}: {first_line(exc)}") from exc
+    info = RunnerInfo.from_onnx(
+        "openvino", path, meta, options.threads,
+        {"device": "CPU", **{k: str(v) for k, v in config.items()}, "version": ov.__version__},
     )
     return OpenVinoRunner(compiled, info)
