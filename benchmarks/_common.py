@@ -22,7 +22,14 @@ def machine_info() -> dict:
         "cpu_features": cpu_features(),
         "libraries": library_versions(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **_cuda_device(),
     }
+
+
+def _cuda_device() -> dict:
+    import torch
+
+    return {"cuda_device": torch.cuda.get_device_name(0)} if torch.cuda.is_available() else {}
 
 
 def write_result(name: str, payload: dict) -> Path:

@@ -31,6 +31,7 @@ from _common import write_result  # noqa: E402
 from rescompress.checkpoint import CheckpointHeader, save_checkpoint  # noqa: E402
 from rescompress.data import ASSETS, DEBIAN_FASHION_MNIST, open_dataset  # noqa: E402
 from rescompress.models import build_model  # noqa: E402
+from rescompress.pruning.finetune import augment_batch, pick_device  # noqa: E402
 from rescompress.spec import get_preset  # noqa: E402
 
 
@@ -39,20 +40,6 @@ def load_split(split: str, pre) -> tuple[torch.Tensor, torch.Tensor]:
     xs = torch.stack([ds[i][0] for i in range(len(ds))])
     ys = torch.tensor([ds._reader(i)[1] for i in range(len(ds))])
     return xs, ys
-
-
-def augment(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
-    """Random crop with zero-ish padding (edge replicate) and horizontal flip, batched."""
-    n, _, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    out = torch.empty_like(x)
-    for i in range(n):
-        out[i] = padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
-    flip = torch.rand(n, generator=gen) < 0.5
-    out[flip] = out[flip].flip(-1)
-    return out
 
 
 @torch.no_grad()
@@ -75,6 +62,7 @@ def main() -> None:
     ap.add_argument("--wd", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto (results differ in the last digits)")
     ap.add_argument("--out", type=Path, default=ASSETS / "resnet20_fashion_mnist.safetensors")
     ap.add_argument("--result-name", default=None)
     args = ap.parse_args()
@@ -85,8 +73,10 @@ def main() -> None:
     t0 = time.time()
     x_train, y_train = load_split("train", pre)
     x_test, y_test = load_split("test", pre)
+    device = pick_device(args.device)
+    x_train, y_train, x_test, y_test = (t.to(device) for t in (x_train, y_train, x_test, y_test))
     model = build_model(args.arch, num_classes=10, in_channels=args.channels)
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(device, memory_format=torch.channels_last)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     opt = torch.optim.SGD(
@@ -104,12 +94,12 @@ def main() -> None:
     pad = max(2, args.size // 14)
     for epoch in range(args.epochs):
         model.train()
-        perm = torch.randperm(len(x_train), generator=gen)
+        perm = torch.randperm(len(x_train), generator=gen).to(device)
         te = time.time()
         loss_sum, seen = 0.0, 0
         for i in range(0, len(perm), args.batch_size):
             idx = perm[i : i + args.batch_size]
-            xb = augment(x_train[idx], pad, gen).contiguous(memory_format=torch.channels_last)
+            xb = augment_batch(x_train[idx], gen, pad=pad).contiguous(memory_format=torch.channels_last)
             loss = F.cross_entropy(model(xb), y_train[idx], label_smoothing=0.05)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -122,7 +112,8 @@ def main() -> None:
                  "epoch_s": round(time.time() - te, 1)}
         log.append(entry)
         print(entry, flush=True)
-    model = model.to(memory_format=torch.contiguous_format).eval()
+    model = model.to("cpu", memory_format=torch.contiguous_format).eval()
+    x_test, y_test = x_test.cpu(), y_test.cpu()
     final = evaluate(model, x_test, y_test)
     header = CheckpointHeader(args.arch, 10, args.channels, pre,
                               extra={"trained_on": "fashion-mnist train (60000)", "test_top1": round(final, 2)})
@@ -132,6 +123,7 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         "arch": args.arch, "input": pre.to_dict(), "epochs": args.epochs, "batch_size": args.batch_size,
         "lr": args.lr, "weight_decay": args.wd, "seed": args.seed, "threads": args.threads,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "test_set": "fashion-mnist t10k (10000 images)", "test_top1": round(final, 2),
         "wall_s": round(time.time() - t0, 1), "log": log, "weights": str(args.out.name),
     })

@@ -28,7 +28,7 @@ from rescompress.pruning import (
     recalibrate_bn,
     save_pruned,
 )
-from rescompress.pruning.finetune import distillation_loss, finetune
+from rescompress.pruning.finetune import augment_batch, distillation_loss, finetune
 from rescompress.pruning.groups import prune_groups
 from rescompress.pruning.schedule import linear_steps, step_ratio
 from rescompress.pruning.targets import (
@@ -299,6 +299,62 @@ def test_finetune_with_distillation_lowers_loss(calib_npz):
     assert report.batches == 12 and report.images == 192 and report.distill
     assert report.last_loss < report.first_loss
     assert not student.training
+
+
+def _augment_one_by_one(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+    """Reference: the same draws as augment_batch, applied image by image with slicing."""
+    n, _, h, w = x.shape
+    padded = nn.functional.pad(x, (pad, pad, pad, pad), mode="replicate")
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    flip = torch.rand(n, generator=gen) < 0.5
+    out = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+    out[flip] = out[flip].flip(-1)
+    return out
+
+
+def test_augment_batch_matches_per_image_crops_and_flips():
+    x = torch.randn(32, 3, 20, 12)
+    got = augment_batch(x, torch.Generator().manual_seed(5), pad=3)
+    want = _augment_one_by_one(x, 3, torch.Generator().manual_seed(5))
+    assert got.shape == x.shape and got.is_contiguous()
+    assert torch.equal(got, want)
+    # default pad is 1/8 of the shorter side; shifts and flips change some images but keep values in range
+    got = augment_batch(x, torch.Generator().manual_seed(6))
+    assert torch.equal(got, _augment_one_by_one(x, 2, torch.Generator().manual_seed(6)))
+    assert not torch.equal(got, x)
+    assert got.min() >= x.min() and got.max() <= x.max()
+
+
+def test_finetune_with_augmentation_is_seeded(calib_npz):
+    torch.manual_seed(0)
+    teacher = build_model("resnet20", 10, 1).eval()
+    data = open_dataset(calib_npz, TINY)
+    losses = []
+    for _ in range(2):
+        student = prune_model(teacher, TINY, PruneConfig(ratio=0.25, round_to=4)).model
+        torch.manual_seed(1)
+        loader = make_loader(data, batch_size=16, limit=32, shuffle=True, seed=3)
+        rep = finetune(student, loader, FinetuneConfig(epochs=1, lr=0.05, augment=True, seed=9), teacher=teacher)
+        losses.append((rep.first_loss, rep.last_loss))
+    assert rep.batches == 2 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+@pytest.mark.needs_cuda
+def test_prune_and_finetune_on_cuda(calib_npz):
+    model = build_model("resnet20", 10, 1).eval()
+    data = open_dataset(calib_npz, TINY)
+    from torch.utils.data import Subset
+
+    small = Subset(data, range(64))
+    small.info = data.info
+    cfg = PruneConfig(target_macs=0.6, criterion="taylor", bn_recalib=32, taylor_images=32, device="cuda",
+                      finetune=FinetuneConfig(epochs=1, lr=0.02, augment=True), batch_size=16)
+    result = prune_model(model, TINY, cfg, data=small)
+    step = result.report.steps[0]
+    assert step.finetune is not None and step.finetune.device.startswith("cuda") and step.finetune.batches == 4
+    assert next(result.model.parameters()).device.type == "cpu"
+    assert 0.5 <= result.macs_kept <= 0.62
 
 
 def test_prune_with_data_recalibrates_and_finetunes(calib_npz, eval_npz):

@@ -91,6 +91,8 @@ class FinetuneConfig:
     distill: bool = True
     temperature: float = 4.0
     alpha: float = 0.5  # weight of the distillation term; 1 - alpha goes to cross entropy
+    augment: bool = False  # random shifts (up to 1/8 of the side, edges replicated) and horizontal flips
+    seed: int = 0
     max_batches: int | None = None
 
     def to_dict(self) -> dict:
@@ -109,6 +111,29 @@ class FinetuneReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int | None = None,
+                  flip: bool = True) -> torch.Tensor:
+    """Random translation (crop of an edge-replicated padding) and horizontal flip of an (N, C, H, W) batch.
+
+    The usual light augmentation for training image classifiers, done on the batch's own device with one
+    gather, so it costs little next to a training step. ``pad`` defaults to 1/8 of the shorter side;
+    ``generator`` lives on the CPU and draws column shifts, row shifts, then flips, so runs are seeded.
+    """
+    n, _, h, w = x.shape
+    pad = max(1, round(min(h, w) / 8)) if pad is None else pad
+    padded = nn.functional.pad(x, (pad, pad, pad, pad), mode="replicate")
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    rows = dy[:, None] + torch.arange(h, device=x.device)  # (N, H)
+    cols = dx[:, None] + torch.arange(w, device=x.device)  # (N, W)
+    if flip:
+        mirror = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        cols = torch.where(mirror[:, None], cols.flip(1), cols)
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (N, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous()
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -145,6 +170,7 @@ def finetune(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     losses: list[float] = []
     images = 0
+    gen = torch.Generator().manual_seed(config.seed)
 
     def batches() -> Iterator:
         done = 0
@@ -159,6 +185,8 @@ def finetune(
         x, y = x.to(device), y.to(device)
         if bool((y < 0).any()):
             raise RescompressError("fine-tuning needs labels for every image")
+        if config.augment:
+            x = augment_batch(x, gen)
         logits = model(x)
         loss = nn.functional.cross_entropy(logits, y)
         if use_teacher:

@@ -1,0 +1,304 @@
+"""Which pruning criterion and fine-tuning recipe recover most accuracy in one epoch, chosen on held-out data.
+
+The issue-4 accuracy targets (<= 0.2 point top-1 drop at 50% of MACs kept, <= 0.3 at 40%, after one epoch of
+fine-tuning) are judged on the Fashion-MNIST test split, so nothing is chosen on it:
+
+* ``search``: the train split is cut (seeded) into 50k images to fine-tune on and 10k held out. Stage A
+  ranks criteria with the current default recipe; stage B tries fine-tuning recipes (learning rate,
+  distillation weight, augmentation) with the best criterion; stage C tries a smaller batch and a
+  two-step schedule with the best recipe. Everything at 50% and 40% of MACs kept, scored by the mean
+  held-out top-1 of the two.
+* ``final``: the chosen configuration and the previous default (l1, lr 0.01, alpha 0.5, no augmentation),
+  fine-tuned on the full 60k train split and scored on the 10k test split at 50% and 40% kept, several
+  seeds each, plus 70% and 30% kept with the chosen one (seed 0).
+* ``rows``: issue-4 table rows for any Fashion-MNIST checkpoint (e.g. the torchvision resnet18 of
+  ``train_reference.py --arch resnet18 --size 64 --channels 3``): top-1 right after pruning, after BN
+  re-estimation on 2048 images, after one epoch of fine-tuning with distillation, per MACs fraction.
+
+Data live as tensors on the training device (CUDA where present: ``--device``); pruning itself runs on the
+CPU as in the tool. Writes ``benchmarks/results/<name>.json`` after every run, so a cut-off run keeps
+what it finished.
+
+    python benchmarks/bench_prune_recipe.py --part search final --device auto
+    python benchmarks/bench_prune_recipe.py --part rows --model benchmarks/cache/resnet18_fashion_mnist_64.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from torch.utils.data import TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, write_result  # noqa: E402
+
+from rescompress.checkpoint import load_checkpoint  # noqa: E402
+from rescompress.data import DEBIAN_FASHION_MNIST, open_dataset  # noqa: E402
+from rescompress.profile import count_macs  # noqa: E402
+from rescompress.pruning import FinetuneConfig, PruneConfig, finetune, prune_model, recalibrate_bn  # noqa: E402
+from rescompress.pruning.finetune import pick_device  # noqa: E402
+
+REFERENCE = Path(__file__).resolve().parents[1] / "rescompress" / "assets" / "resnet20_fashion_mnist.safetensors"
+
+
+class TensorBatches:
+    """Seeded shuffled batches of in-memory tensors on one device; ``len`` is the batches per epoch."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int = 0, shuffle: bool = True,
+                 drop_last: bool = True) -> None:
+        self.x, self.y, self.batch_size, self.shuffle, self.drop_last = x, y, batch_size, shuffle, drop_last
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        n = len(self.x)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        n = len(self.x)
+        order = torch.randperm(n, generator=self.gen) if self.shuffle else torch.arange(n)
+        order = order.to(self.x.device)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            yield self.x[idx], self.y[idx]
+
+
+@torch.no_grad()
+def top1(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
+    model.eval()
+    correct = sum(int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(x), batch))
+    return correct / len(x)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    criterion: str = "l1"  # "l1" (uniform ranking) or "l1:global"
+    lr: float = 0.01
+    alpha: float = 0.5
+    augment: bool = False
+    batch_size: int = 128
+    steps: int = 1
+    temperature: float = 4.0
+
+    def label(self) -> str:
+        return (f"{self.criterion} lr={self.lr} alpha={self.alpha} aug={int(self.augment)} "
+                f"bs={self.batch_size} steps={self.steps}")
+
+
+OLD_DEFAULT = Recipe()
+DEADLINE: float | None = None  # --deadline-s: no new run starts after it (the results so far are kept)
+
+
+class OutOfTime(Exception):
+    pass
+
+
+def load_split(split: str, pre) -> tuple[torch.Tensor, torch.Tensor]:
+    ds = open_dataset(f"{DEBIAN_FASHION_MNIST}@{split}", pre, split=split)
+    xs = torch.stack([ds[i][0] for i in range(len(ds))])
+    ys = torch.tensor([ds._reader(i)[1] for i in range(len(ds))])
+    return xs, ys
+
+
+def run(teacher, pre, recipe: Recipe, kept: float, fit, held, device, seed: int = 0, bn_images: int = 2048) -> dict:
+    """Prune ``teacher`` to ``kept`` of its MACs, then BN re-estimation and one epoch of fine-tuning."""
+    if DEADLINE is not None and time.time() > DEADLINE:
+        raise OutOfTime
+    crit, _, ranking = recipe.criterion.partition(":")
+    ft = FinetuneConfig(epochs=1.0, lr=recipe.lr, alpha=recipe.alpha, augment=recipe.augment, distill=True,
+                        temperature=recipe.temperature, seed=seed)
+    t0 = time.time()
+    xf, yf = fit
+    cpu_data = TensorDataset(xf[:4096].cpu(), yf[:4096].cpu())  # taylor scores need a few batches
+    cfg = PruneConfig(target_macs=kept, criterion=crit, ranking=ranking or "uniform", bn_recalib=0, seed=seed,
+                      device="cpu")
+    row: dict = {"recipe": asdict(recipe), "label": recipe.label(), "macs_kept_target": kept, "seed": seed}
+    if recipe.steps == 1:
+        res = prune_model(teacher, pre, cfg, data=cpu_data if crit == "taylor" else None)
+        model = res.model.to(device)
+        row["top1_pruned"] = top1(model, *held)
+        recalibrate_bn(model, TensorBatches(xf, yf, 256, seed=seed + 1), bn_images, device)
+        row["top1_bn_recalib"] = top1(model, *held)
+        rep = finetune(model, TensorBatches(xf, yf, recipe.batch_size, seed=seed + 2), ft,
+                       teacher=copy.deepcopy(teacher), device=device)
+    else:
+        # The tool's own iterative schedule: each step prunes, re-estimates BN, fine-tunes 1/steps epoch.
+        data = TensorDataset(xf.cpu(), yf.cpu())
+        cfg = replace(cfg, steps=recipe.steps, bn_recalib=bn_images, finetune=ft, batch_size=recipe.batch_size,
+                      device=str(device))
+        res = prune_model(teacher, pre, cfg, data=data)
+        model = res.model.to(device)
+        rep = res.report.steps[-1].finetune
+        row["top1_pruned"] = row["top1_bn_recalib"] = None  # intermediate states are not kept
+    row["top1_finetuned"] = top1(model, *held)
+    row["macs_kept"] = res.macs_kept
+    row["widths"] = {g.root: g.width_after for g in res.report.groups}
+    row["round_to"] = res.report.round_to
+    row["finetune"] = rep.to_dict() if rep else None
+    row["seconds"] = time.time() - t0
+    model.cpu()
+    return row
+
+
+def _chain(r: dict) -> str:
+    keys = ("top1_pruned", "top1_bn_recalib", "top1_finetuned")
+    return " -> ".join("-" if r[k] is None else f"{r[k]:.4f}" for k in keys)
+
+
+def _score(rows: list[dict]) -> float:
+    return statistics.mean(r["top1_finetuned"] for r in rows)
+
+
+def search(teacher, pre, fit, held, device, log, kept=(0.5, 0.4)) -> Recipe:
+    def trial(stage: str, recipe: Recipe) -> float:
+        rows = [run(teacher, pre, recipe, k, fit, held, device) for k in kept]
+        for r in rows:
+            log.append({"stage": stage, **r})
+            print(f"[{stage}] {r['label']} kept {r['macs_kept_target']}: held-out {_chain(r)} "
+                  f"({r['seconds']:.0f} s)", flush=True)
+        return _score(rows)
+
+    scores = {c: trial("A criterion", replace(OLD_DEFAULT, criterion=c))
+              for c in ("l1", "l1:global", "l2", "bn:global", "taylor", "taylor:global")}
+    crit = max(scores, key=scores.get)
+    recipes = {}
+    for lr in (0.01, 0.03):
+        for alpha in (0.5, 0.9):
+            for aug in (False, True):
+                rec = Recipe(criterion=crit, lr=lr, alpha=alpha, augment=aug)
+                recipes[rec] = scores[crit] if rec == replace(OLD_DEFAULT, criterion=crit) else trial("B recipe", rec)
+    best = max(recipes, key=recipes.get)
+    for rec in (replace(best, batch_size=64), replace(best, steps=2)):
+        recipes[rec] = trial("C schedule", rec)
+    best = max(recipes, key=recipes.get)
+    log.append({"stage": "chosen", "recipe": asdict(best), "label": best.label(), "held_out_score": recipes[best],
+                "criterion_scores": scores, "recipe_scores": {r.label(): s for r, s in recipes.items()}})
+    return best
+
+
+def final(teacher, pre, best: Recipe, train, test, device, base_top1, log, seeds=(0, 1, 2)) -> None:
+    for recipe in (best, OLD_DEFAULT) if best != OLD_DEFAULT else (best,):
+        for kept in (0.5, 0.4):
+            for seed in seeds:
+                r = run(teacher, pre, recipe, kept, train, test, device, seed=seed)
+                r["top1_drop_points"] = 100 * (base_top1 - r["top1_finetuned"])
+                log.append({"stage": "final", "chosen": recipe == best, **r})
+                print(f"[final] {r['label']} kept {kept} seed {seed}: test {r['top1_finetuned']:.4f} "
+                      f"(drop {r['top1_drop_points']:.2f} pt)", flush=True)
+    for kept in (0.7, 0.3):
+        r = run(teacher, pre, best, kept, train, test, device)
+        r["top1_drop_points"] = 100 * (base_top1 - r["top1_finetuned"])
+        log.append({"stage": "final", "chosen": True, **r})
+        print(f"[final] {r['label']} kept {kept}: test {r['top1_finetuned']:.4f}", flush=True)
+
+
+def summarize(log: list[dict], base_top1: float) -> dict:
+    out = {}
+    for chosen in (True, False):
+        for kept in (0.5, 0.4, 0.7, 0.3):
+            rows = [r for r in log if r.get("stage") in ("final", "rows") and r["chosen"] == chosen
+                    and r["macs_kept_target"] == kept]
+            if rows:
+                drops = [r["top1_drop_points"] for r in rows]
+                out[f"{'chosen' if chosen else 'previous_default'}@{kept}"] = {
+                    "label": rows[0]["label"], "seeds": len(rows), "mean_top1": _score(rows),
+                    "mean_drop_points": statistics.mean(drops), "max_drop_points": max(drops),
+                    "min_drop_points": min(drops)}
+    return out
+
+
+def rows_part(teacher, pre, recipe: Recipe, train, test, device, base_top1, log, kept=(0.7, 0.5, 0.4, 0.3)):
+    for k in kept:
+        for rec in (recipe, OLD_DEFAULT) if (recipe != OLD_DEFAULT and k in (0.5, 0.4)) else (recipe,):
+            r = run(teacher, pre, rec, k, train, test, device)
+            r["top1_drop_points"] = 100 * (base_top1 - r["top1_finetuned"])
+            log.append({"stage": "rows", "chosen": rec == recipe, **r})
+            print(f"[rows] {r['label']} kept {k}: {_chain(r)} (drop {r['top1_drop_points']:.2f} pt, "
+                  f"{r['seconds']:.0f} s)", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--part", nargs="+", choices=("search", "final", "rows"), default=["search", "final"])
+    p.add_argument("--model", type=Path, default=REFERENCE)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--recipe", default=None, help="JSON of a Recipe for final/rows (default: the search's choice, "
+                   "else the chosen recipe in prune_recipe_search.json)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--limit", type=int, default=None, help="smoke runs: images per split")
+    p.add_argument("--name", default=None)
+    p.add_argument("--deadline-s", type=float, default=None, help="start no new run after this many seconds")
+    args = p.parse_args()
+    global DEADLINE
+    DEADLINE = None if args.deadline_s is None else time.time() + args.deadline_s
+
+    device = pick_device(args.device)
+    teacher, header = load_checkpoint(args.model)
+    teacher.eval()
+    pre = header.preprocess
+    t0 = time.time()
+    train = load_split("train", pre)
+    test = load_split("test", pre)
+    if args.limit:
+        train = tuple(t[: args.limit] for t in train)
+        test = tuple(t[: args.limit] for t in test)
+    train = tuple(t.to(device) for t in train)
+    test = tuple(t.to(device) for t in test)
+    print(f"data on {device} in {time.time() - t0:.0f} s", flush=True)
+    base_top1 = top1(teacher.to(device), *test)
+    teacher.cpu()
+    name = args.name or ("prune_recipe_search" if "search" in args.part else f"prune_rows_{header.arch}")
+    head = {"command": "python " + " ".join(sys.argv), "model": f"{header.arch} from {args.model.name}",
+            "input": pre.to_dict(), "reference_top1_test": base_top1, "macs": count_macs(teacher, pre.input_shape(1)),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "fine_tuning": "one epoch, SGD nesterov momentum 0.9, cosine, weight decay 1e-4, distillation T=4",
+            "bn_images": 2048, "parts": args.part}
+    log: list[dict] = []
+
+    def save(**extra) -> None:
+        write_result(name, {**head, **extra, "runs": log, "wall_s": time.time() - t0})
+
+    try:
+        run_parts(args, teacher, pre, train, test, device, base_top1, head, log, save)
+    except OutOfTime:
+        print("deadline reached: stopping with the runs done so far", flush=True)
+        save(partial=True, stopped="deadline", summary=summarize(log, base_top1))
+    except Exception as exc:
+        save(partial=True, stopped=f"{type(exc).__name__}: {exc}", summary=summarize(log, base_top1))
+        raise
+
+
+def run_parts(args, teacher, pre, train, test, device, base_top1, head, log, save) -> None:
+    recipe = None
+    if args.recipe:
+        recipe = Recipe(**json.loads(args.recipe))
+    if "search" in args.part:
+        g = torch.Generator().manual_seed(1234)
+        perm = torch.randperm(len(train[0]), generator=g).to(device)
+        cut = len(perm) // 6  # 10k of 60k held out
+        held = tuple(t[perm[:cut]] for t in train)
+        fit = tuple(t[perm[cut:]] for t in train)
+        head["search_split"] = {"fit": len(fit[0]), "held_out": len(held[0]), "seed": 1234}
+        recipe = search(teacher, pre, fit, held, device, log)
+        save(partial=True)
+    if recipe is None:
+        prev = json.loads((RESULTS / "prune_recipe_search.json").read_text())
+        recipe = Recipe(**next(r for r in prev["runs"] if r.get("stage") == "chosen")["recipe"])
+    head["chosen_recipe"] = asdict(recipe)
+    if "final" in args.part:
+        final(teacher, pre, recipe, train, test, device, base_top1, log, seeds=tuple(range(args.seeds)))
+        save(partial=True, summary=summarize(log, base_top1))
+    if "rows" in args.part:
+        rows_part(teacher, pre, recipe, train, test, device, base_top1, log)
+    save(summary=summarize(log, base_top1))
+
+
+if __name__ == "__main__":
+    main()
