@@ -183,7 +183,7 @@ def search(teacher, pre, fit, held, device, log, kept=(0.5, 0.4)) -> Recipe:
     return best
 
 
-def final(teacher, pre, best: Recipe, train, test, device, base_top1, log, seeds=(0, 1, 2)) -> None:
+def final(teacher, pre, best: Recipe, train, test, device, base_top1, log, seeds=(0, 1, 2), extremes=True) -> None:
     for recipe in (best, OLD_DEFAULT) if best != OLD_DEFAULT else (best,):
         for kept in (0.5, 0.4):
             for seed in seeds:
@@ -192,7 +192,7 @@ def final(teacher, pre, best: Recipe, train, test, device, base_top1, log, seeds
                 log.append({"stage": "final", "chosen": recipe == best, **r})
                 print(f"[final] {r['label']} kept {kept} seed {seed}: test {r['top1_finetuned']:.4f} "
                       f"(drop {r['top1_drop_points']:.2f} pt)", flush=True)
-    for kept in (0.7, 0.3):
+    for kept in (0.7, 0.3) if extremes else ():
         r = run(teacher, pre, best, kept, train, test, device)
         r["top1_drop_points"] = 100 * (base_top1 - r["top1_finetuned"])
         log.append({"stage": "final", "chosen": True, **r})
@@ -232,6 +232,7 @@ def main() -> None:
     p.add_argument("--recipe", default=None, help="JSON of a Recipe for final/rows (default: the search's choice, "
                    "else the chosen recipe in prune_recipe_search.json)")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seed-start", type=int, default=0, help="final: first seed (70%%/30%% rows only from seed 0)")
     p.add_argument("--limit", type=int, default=None, help="smoke runs: images per split")
     p.add_argument("--name", default=None)
     p.add_argument("--deadline-s", type=float, default=None, help="start no new run after this many seconds")
@@ -293,7 +294,8 @@ def run_parts(args, teacher, pre, train, test, device, base_top1, head, log, sav
         recipe = Recipe(**next(r for r in prev["runs"] if r.get("stage") == "chosen")["recipe"])
     head["chosen_recipe"] = asdict(recipe)
     if "final" in args.part:
-        final(teacher, pre, recipe, train, test, device, base_top1, log, seeds=tuple(range(args.seeds)))
+        seeds = tuple(range(args.seed_start, args.seed_start + args.seeds))
+        final(teacher, pre, recipe, train, test, device, base_top1, log, seeds=seeds, extremes=args.seed_start == 0)
         save(partial=True, summary=summarize(log, base_top1))
     if "rows" in args.part:
         rows_part(teacher, pre, recipe, train, test, device, base_top1, log)

@@ -228,6 +228,6 @@ def test_torch_runner_on_cuda_matches_cpu(resnet20_onnx):
     x = np.random.default_rng(7).standard_normal((2, 1, 28, 28), dtype=np.float32)
     cpu = make_runner(model).run(x)
     gpu_runner = make_runner(model, device="cuda")
-    assert gpu_runner.info.settings["device"] == "cuda"
-    np.testing.assert_allclose(gpu_runner.run(x), cpu, rtol=1e-3, atol=1e-4)  # cuDNN/TF32 kernels
+    assert gpu_runner.info.settings["device"] == "cuda" and gpu_runner.info.settings["tf32"] is False
+    np.testing.assert_allclose(gpu_runner.run(x), cpu, rtol=1e-4, atol=1e-5)  # FP32 cuDNN kernels, TF32 off
     make_runner(model)  # leave the shared fixture's module back on the CPU for the other tests

@@ -1,12 +1,13 @@
 """The torch runtime: runs an ``nn.Module`` (or a model file through ``load_model``) in inference mode.
 
-The module is put in eval mode and run under ``torch.inference_mode``. ``threads`` calls
-``torch.set_num_threads`` only when given, because that setting is process-wide and would otherwise
-change the thread count of every other torch user in the process.
+The module is put in eval mode and run under ``torch.inference_mode`` (on CUDA with TensorFloat-32
+off). ``threads`` calls ``torch.set_num_threads`` only when given, because that setting is process-wide
+and would otherwise change the thread count of every other torch user in the process.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,24 @@ def module_io(module: nn.Module) -> tuple[int | None, int | None]:
     return (convs[0].in_channels if convs else None, linears[-1].out_features if linears else None)
 
 
+@contextmanager
+def _strict_fp32(device: torch.device):
+    """On CUDA, turn TensorFloat-32 off for the call: the FP32 baseline must be FP32, not 10-bit mantissas.
+
+    cuDNN convolutions use TF32 by default on Ampere and newer GPUs, which moves logits by ~1e-3 relative;
+    the flags are process-wide, so they are restored afterwards.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 class TorchRunner:
     """Runs a module on CPU (or CUDA) and returns float32 numpy logits."""
 
@@ -36,7 +55,7 @@ class TorchRunner:
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), _strict_fp32(self.device):
             out = self.module(x)
         if not isinstance(out, torch.Tensor):
             raise RescompressError(f"{self.info.source} returned {type(out).__name__}, expected a logits tensor")
@@ -50,6 +69,8 @@ def create(model: Any, options: RunnerOptions) -> TorchRunner:
     if options.threads is not None:
         torch.set_num_threads(options.threads)
     settings = {"device": options.device, "inference_mode": True}
+    if options.device == "cuda":
+        settings["tf32"] = False
     if is_path_like(model):
         path = Path(model)
         if path.suffix.lower() == ".onnx":
