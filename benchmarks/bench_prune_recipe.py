@@ -15,12 +15,20 @@ fine-tuning) are judged on the Fashion-MNIST test split, so nothing is chosen on
   ``train_reference.py --arch resnet18 --size 64 --channels 3``): top-1 right after pruning, after BN
   re-estimation on 2048 images, after one epoch of fine-tuning with distillation, per MACs fraction.
 
+* ``latency``: ORT CPU latency ratios for the rows of an earlier ``rows`` run (e.g. one made on a GPU
+  machine), by re-pruning the same checkpoint on this CPU (widths checked equal to the recorded ones).
+
 Data live as tensors on the training device (CUDA where present: ``--device``); pruning itself runs on the
 CPU as in the tool. Writes ``benchmarks/results/<name>.json`` after every run, so a cut-off run keeps
 what it finished.
 
     python benchmarks/bench_prune_recipe.py --part search final --device auto
     python benchmarks/bench_prune_recipe.py --part rows --model benchmarks/cache/resnet18_fashion_mnist_64.safetensors
+    python benchmarks/bench_prune_recipe.py --part latency \
+        --model benchmarks/cache/resnet18_fashion_mnist_64.safetensors
+
+The committed results were made on one NVIDIA H100 (``benchmarks/run_on_cuda.sh`` and ``run_on_cuda_2.sh``);
+the latency part on the 2-core CPU machine.
 """
 
 from __future__ import annotations
@@ -224,9 +232,63 @@ def rows_part(teacher, pre, recipe: Recipe, train, test, device, base_top1, log,
                   f"{r['seconds']:.0f} s)", flush=True)
 
 
+def latency_part(args, teacher, pre, arch: str) -> None:
+    """ORT CPU latency of the pruned models of an earlier ``rows``/``final`` run (e.g. one made on a GPU machine).
+
+    Pruning runs on the CPU in both places and l1/l2 scores are deterministic, so re-pruning the same
+    checkpoint with a row's criterion and MAC target gives the same widths; this is checked, not assumed.
+    Only latency depends on the widths, so the fine-tuned weights are not needed.
+    """
+    from rescompress.pruning.speed import ort_latency
+
+    name = args.name or f"prune_rows_{arch}"
+    path = RESULTS / f"{name}.json"
+    doc = json.loads(path.read_text())
+    models, keys = {"fp32": teacher}, {}
+    for r in doc["runs"]:
+        if r.get("stage") not in ("rows", "final") or "widths" not in r:
+            continue
+        rec = Recipe(**r["recipe"])
+        key = (rec.criterion, r["macs_kept_target"])
+        if key in keys.values():
+            keys[id(r)] = key
+            continue
+        crit, _, ranking = rec.criterion.partition(":")
+        cfg = PruneConfig(target_macs=r["macs_kept_target"], criterion=crit, ranking=ranking or "uniform",
+                          bn_recalib=0, seed=r["seed"], device="cpu")
+        res = prune_model(teacher, pre, cfg)
+        widths = {g.root: g.width_after for g in res.report.groups}
+        if widths != r["widths"]:
+            raise SystemExit(f"re-pruning {key} gave other widths than the recorded run: {widths} vs {r['widths']}")
+        models[f"{rec.criterion}@{r['macs_kept_target']}"] = res.model
+        keys[id(r)] = key
+    batches = (1, 8)
+    lat = ort_latency(models, pre.input_shape(1), batch_sizes=batches, rounds=args.rounds, iters=args.iters)
+    for r in doc["runs"]:
+        if id(r) in keys:
+            crit, kept = keys[id(r)]
+            r["ort_cpu_latency_ratio"] = {str(b): lat.ratio(f"{crit}@{kept}", "fp32", b) for b in batches}
+    doc["ort_cpu_latency"] = {
+        "note": "measured on the CPU machine named in latency_machine after the GPU run, re-pruning the same "
+                "checkpoint (widths checked equal); ORT CPU, spinning off, all models interleaved",
+        "fp32_median_ms": {str(b): lat.median_ms["fp32"][b] for b in batches},
+        "median_ms": {k: {str(b): v[b] for b in batches} for k, v in lat.median_ms.items()},
+        "rounds": args.rounds, "iters": args.iters,
+    }
+    from _common import machine_info
+
+    doc["latency_machine"] = machine_info()
+    from rescompress.fileio import write_text_atomic
+
+    write_text_atomic(path, json.dumps(doc, indent=2) + "\n")
+    print(json.dumps(doc["ort_cpu_latency"]["median_ms"], indent=1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", nargs="+", choices=("search", "final", "rows"), default=["search", "final"])
+    p.add_argument("--part", nargs="+", choices=("search", "final", "rows", "latency"), default=["search", "final"])
+    p.add_argument("--rounds", type=int, default=5, help="latency: interleaved rounds")
+    p.add_argument("--iters", type=int, default=10, help="latency: timed runs per model per round")
     p.add_argument("--model", type=Path, default=REFERENCE)
     p.add_argument("--device", default="auto")
     p.add_argument("--recipe", default=None, help="JSON of a Recipe for final/rows (default: the search's choice, "
@@ -244,6 +306,9 @@ def main() -> None:
     teacher, header = load_checkpoint(args.model)
     teacher.eval()
     pre = header.preprocess
+    if args.part == ["latency"]:
+        latency_part(args, teacher, pre, header.arch)
+        return
     t0 = time.time()
     train = load_split("train", pre)
     test = load_split("test", pre)

@@ -2,11 +2,15 @@
 
 Three parts (``--part``), each writing ``benchmarks/results/bench_quantize_<part>.json``:
 
-* ``resnet20`` — the bundled ResNet-20: 512 calibration images from the Fashion-MNIST *train* split
+* ``resnet20`` / ``fmnist`` — the bundled ResNet-20, or any Fashion-MNIST checkpoint given by ``--model``
+  (e.g. the torchvision resnet18 of ``train_reference.py``; result ``bench_quantize_<arch>_<size>.json``):
+  512 calibration images from the Fashion-MNIST *train* split
   (seeded sample, the same images for every quantizer), evaluated on the full 10k test set. Ours with each
   calibration method (ORT and TensorRT artifacts, the TensorRT file run in ORT) against
   ``onnxruntime.quantization.quantize_static`` (QDQ, per-channel, u8 activations / s8 weights, MinMax and
-  Entropy): top-1 drop, top-1 agreement, logit SQNR vs FP32; INT8/FP32 latency at batch 1 and 8.
+  Entropy, Percentile, and MinMax with the classifier left in float) and torch.ao FX (x86 defaults): top-1
+  drop, top-1 agreement, logit SQNR vs FP32; INT8/FP32 latency at batch 1 and 8; the default files also
+  run in OpenVINO where it is installed.
 * ``resnet50`` — torchvision resnet50 at 224x224, random init with BatchNorm statistics re-estimated on
   Fashion-MNIST images (3-channel, ImageNet preprocessing): INT8/FP32 latency at batch 1 and 8 on ORT CPU
   (spinning off, runners interleaved), ours vs ORT's quantizer.
@@ -16,6 +20,7 @@ Three parts (``--part``), each writing ``benchmarks/results/bench_quantize_<part
   small on this shared 23 GB machine), and both on ResNet-20 at 128 and 1024 images.
 
     python benchmarks/bench_quantize.py --part resnet20
+    python benchmarks/bench_quantize.py --part fmnist --model benchmarks/cache/resnet18_fashion_mnist_64.safetensors
     python benchmarks/bench_quantize.py --part resnet50
     python benchmarks/bench_quantize.py --part calibration
 """
@@ -76,7 +81,8 @@ class LazyImages:
             yield np.stack([self.ds[j][0].numpy() for j in self.idx[i : i + b]]).astype(np.float32)
 
 
-def ort_quantize(fp32: Path, out: Path, calib: np.ndarray, method: str, batch: int = 32) -> Path:
+def ort_quantize(fp32: Path, out: Path, calib: np.ndarray, method: str, batch: int = 32,
+                 exclude: tuple[str, ...] = ()) -> Path:
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -96,7 +102,9 @@ def ort_quantize(fp32: Path, out: Path, calib: np.ndarray, method: str, batch: i
     quantize_static(
         str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-        calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy}[method],
+        calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                          "percentile": CalibrationMethod.Percentile}[method],
+        nodes_to_exclude=list(exclude),
     )
     return out
 
@@ -222,51 +230,122 @@ def fidelity(ref: np.ndarray, got: np.ndarray, labels: np.ndarray) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ parts
-def part_resnet20(args) -> None:
-    if not REFERENCE.exists():
-        sys.exit(f"{REFERENCE} is not there yet")
-    pre = get_preset("fashion-mnist")
+def torch_ao_fx(checkpoint: Path, calib: np.ndarray, x_test: np.ndarray, b: int = 250) -> tuple[np.ndarray, float]:
+    """torch.ao FX post-training INT8 with the x86 backend defaults, calibrated on the same images."""
+    import torch
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    from rescompress.loading import load_model
+
+    torch.backends.quantized.engine = "x86"
+    model = load_model(checkpoint).module.eval()
+    example = (torch.from_numpy(calib[:2]),)
+    t0 = time.perf_counter()
+    prepared = prepare_fx(model, get_default_qconfig_mapping("x86"), example)
+    with torch.no_grad():
+        for xb in batches(calib, 32):
+            prepared(torch.from_numpy(xb))
+    q = convert_fx(prepared)
+    secs = time.perf_counter() - t0
+    with torch.no_grad():
+        out = np.concatenate([q(torch.from_numpy(xb)).numpy() for xb in batches(x_test, b)])
+    return out, secs
+
+
+def openvino_logits(model_path_or_proto, x: np.ndarray, b: int = 250) -> np.ndarray:
+    import onnx
+
+    from rescompress.runtimes import make_runner
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = model_path_or_proto
+        if isinstance(model_path_or_proto, onnx.ModelProto):
+            path = Path(tmp) / "m.onnx"
+            onnx.save(model_path_or_proto, str(path))
+        r = make_runner(str(path), runtime="openvino")
+        return np.concatenate([r.run(xb) for xb in batches(x, b)])
+
+
+def part_fmnist(args) -> None:
+    """ResNet checkpoints trained on Fashion-MNIST (the bundled ResNet-20 or ``--model``): fidelity vs peers."""
+    import importlib.util
+
+    import onnx
+
+    from rescompress.loading import load_model
+
+    ckpt = args.model or REFERENCE
+    if not ckpt.exists():
+        sys.exit(f"{ckpt} is not there (benchmarks/train_reference.py makes it)")
+    loaded = load_model(ckpt)
+    pre, arch = loaded.preprocess, loaded.arch
     calib = sample(open_dataset(DEBIAN_FASHION_MNIST, pre, split="train"), args.num_images)
     test_ds = open_dataset(DEBIAN_FASHION_MNIST, pre, split="test")
     x_test = np.stack([test_ds[i][0].numpy() for i in range(len(test_ds))]).astype(np.float32)
     y_test = np.array([test_ds._reader(i)[1] for i in range(len(test_ds))])
+    with_ov = importlib.util.find_spec("openvino") is not None
+    rows, ov_rows = {}, {}
+    t_start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        fp32 = tmp / "r20.fp32.onnx"
-        fp32_onnx_from_checkpoint(REFERENCE, fp32)
+        fp32 = tmp / f"{arch}.fp32.onnx"
+        fp32_onnx_from_checkpoint(ckpt, fp32)
         ref = logits_of(session(fp32), x_test)
-        rows, sessions = {}, {"fp32": session(fp32)}
-        for method in ("max", "percentile", "entropy", "mse"):
+        sessions = {"fp32": session(fp32)}
+
+        def add(name: str, logits: np.ndarray, **extra) -> None:
+            rows[name] = {**fidelity(ref, logits, y_test), **extra}
+            print(f"{name}: {json.dumps({k: rows[name][k] for k in ('top1_drop', 'top1_agreement', 'sqnr_db')})} "
+                  f"({time.time() - t_start:.0f} s)", file=sys.stderr, flush=True)
+
+        for method in args.methods:
             files, secs = our_artifacts(fp32, calib, method)
             for t, m in files.items():
                 name = f"ours-{method}-{'ort' if t == 'onnxruntime' else 'trt'}"
                 s = session(m)
-                rows[name] = {**fidelity(ref, logits_of(s, x_test), y_test), "calibration_s": secs}
+                add(name, logits_of(s, x_test), calibration_s=secs)
                 if method == args.latency_method and t == "onnxruntime":
                     sessions[name] = s
         for refine in (False, True):
             files, secs, chosen = our_default_artifacts(fp32, calib, refine)
             for t, m in files.items():
                 name = f"ours-auto{'-refined' if refine else ''}-{'ort' if t == 'onnxruntime' else 'trt'}"
-                rows[name] = {**fidelity(ref, logits_of(session(m), x_test), y_test), "calibration_s": secs,
-                              "method": chosen}
-        for method in ("minmax", "entropy"):
+                s = session(m)
+                add(name, logits_of(s, x_test), calibration_s=secs, method=chosen)
+                if refine and t == "onnxruntime":
+                    sessions["ours-default-ort"] = s
+                if refine and with_ov:
+                    ov_rows[name] = fidelity(ref, openvino_logits(m, x_test), y_test)
+        gemm = [n.name for n in onnx.load(str(fp32)).graph.node if n.op_type == "Gemm"]
+        for method, exclude in (("minmax", ()), ("entropy", ()), ("percentile", ()), ("minmax", tuple(gemm))):
             t0 = time.perf_counter()
-            path = ort_quantize(fp32, tmp / f"ort-{method}.onnx", calib, method)
+            name = f"ort-{method}" + ("-fc-float" if exclude else "")
+            path = ort_quantize(fp32, tmp / f"{name}.onnx", calib, method, exclude=exclude)
             secs = time.perf_counter() - t0
             s = session(path)
-            rows[f"ort-{method}"] = {**fidelity(ref, logits_of(s, x_test), y_test), "calibration_s": secs}
-            if method == "minmax":
-                sessions["ort-minmax"] = s
-        lat = latency({k: Runner(v) for k, v in sessions.items()}, pre.input_shape, iters=20, rounds=5)
-    write_result("bench_quantize_resnet20", {
-        "model": "bundled ResNet-20 (Fashion-MNIST, 1x28x28)",
+            add(name, logits_of(s, x_test), calibration_s=secs)
+            if name in ("ort-minmax", "ort-minmax-fc-float"):
+                sessions[name] = s
+        try:
+            logits, secs = torch_ao_fx(ckpt, calib, x_test)
+            add("torch-ao-fx-x86", logits, calibration_s=secs)
+        except Exception as exc:  # the x86 quantized engine needs FBGEMM/oneDNN in this torch build
+            rows["torch-ao-fx-x86"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+        lat = latency({k: Runner(v) for k, v in sessions.items()}, pre.input_shape, iters=args.fm_iters, rounds=5)
+    name = "bench_quantize_resnet20" if ckpt == REFERENCE else f"bench_quantize_{arch}_{pre.size[0]}"
+    write_result(name, {
+        "command": "python " + " ".join(sys.argv),
+        "model": f"{arch} from {ckpt.name} (Fashion-MNIST, {pre.channels}x{pre.size[0]}x{pre.size[1]})",
         "calibration": f"{args.num_images} images, seeded sample (seed {SEED}) of the Fashion-MNIST train split",
         "evaluation": f"full Fashion-MNIST test set ({len(x_test)} images)",
         "notes": "ours-*-trt is the TensorRT Q/DQ file executed by ONNX Runtime CPU (no TensorRT here); "
                  "ort-* is onnxruntime.quantization.quantize_static(QDQ, per_channel, QUInt8 act, QInt8 weight) "
-                 "with its defaults (it also quantizes the Gemm output).",
+                 "with its defaults (it also quantizes the Gemm output); ort-minmax-fc-float excludes the Gemm "
+                 "node (the classifier runs in float); torch-ao-fx-x86 is prepare_fx/convert_fx with "
+                 "get_default_qconfig_mapping('x86'), run in torch. ours-auto-refined is the tool's default.",
         "results": rows,
+        "openvino": ov_rows or "openvino not installed",
         "latency_onnxruntime_cpu": lat,
     })
 
@@ -406,7 +485,11 @@ def part_calibration(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["resnet20", "resnet50", "calibration"])
+    ap.add_argument("--part", choices=["resnet20", "fmnist", "resnet50", "calibration"])
+    ap.add_argument("--model", type=Path, default=None, help="fmnist part: a Fashion-MNIST checkpoint "
+                    "(default: the bundled ResNet-20)")
+    ap.add_argument("--methods", nargs="*", default=["max", "percentile", "entropy", "mse"])
+    ap.add_argument("--fm-iters", type=int, default=20, help="fmnist part: latency iterations per block")
     ap.add_argument("--num-images", type=int, default=512)
     ap.add_argument("--latency-method", default="entropy")
     ap.add_argument("--r50-images", type=int, default=32)
@@ -422,7 +505,9 @@ def main() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
         print(json.dumps(calib_child(json.loads(args.child))))
         return
-    {"resnet20": part_resnet20, "resnet50": part_resnet50, "calibration": part_calibration}[args.part](args)
+    parts = {"resnet20": part_fmnist, "fmnist": part_fmnist, "resnet50": part_resnet50,
+             "calibration": part_calibration}
+    parts[args.part](args)
 
 
 if __name__ == "__main__":

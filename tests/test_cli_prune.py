@@ -120,3 +120,19 @@ def test_target_latency_probes_and_prunes(model_file, tmp_path):
     assert min(probes) <= found <= max(probes)
     assert data["macs_kept"] <= found + 1e-9  # then pruned to that MAC fraction
     assert out.exists()
+
+
+def test_prune_finetunes_with_augmentation(model_file, tmp_path, calib_npz):
+    out = tmp_path / "r20.aug.safetensors"
+    res = runner.invoke(app, [
+        "prune", str(model_file), "--ratio", "0.25", "--round-to", "4", "--finetune-data", str(calib_npz),
+        "--epochs", "0.05", "--augment", "--bn-recalib", "32", "--batch-size", "16", "--no-latency",
+        "-o", str(out), "--json",
+    ])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    ft = data["config"]["finetune"]
+    assert ft["augment"] is True and ft["seed"] == 0 and ft["epochs"] == 0.05
+    step = data["report"]["steps"][0]
+    assert step["finetune"]["batches"] == 7 and step["finetune"]["images"] == 7 * 16  # ceil(128 * 0.05)
+    assert out.exists()

@@ -78,6 +78,10 @@ def prune_command(
     distill: Annotated[
         bool, typer.Option("--distill/--no-distill", help="Distill from the unpruned model while fine-tuning.")
     ] = True,
+    augment: Annotated[
+        bool, typer.Option("--augment/--no-augment", help="Random shifts and horizontal flips while fine-tuning "
+                           "(for runs of several epochs; flips suit natural images, not text or digits).")
+    ] = False,
     bn_recalib: Annotated[
         int, typer.Option("--bn-recalib", help="Images for BatchNorm re-estimation after pruning (0: off).", min=0)
     ] = 1024,
@@ -109,7 +113,8 @@ def prune_command(
         ratio=ratio, target_macs=target_macs, target_latency=target_latency, criterion=criterion,
         ranking="global" if global_ranking else "uniform", max_layer_ratio=max_layer_ratio, round_to=round_to,
         steps=steps, bn_recalib=bn_recalib,
-        finetune=FinetuneConfig(epochs=epochs, lr=lr, distill=distill) if finetune_data and epochs > 0 else None,
+        finetune=FinetuneConfig(epochs=epochs, lr=lr, distill=distill, augment=augment, seed=seed)
+        if finetune_data and epochs > 0 else None,
         batch_size=batch_size, seed=seed, device=device,
     )
     config.validate()  # before the (slow) load, so a bad option fails at once
