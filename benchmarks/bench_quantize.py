@@ -163,20 +163,19 @@ def our_artifacts(fp32: Path, calib: np.ndarray, method: str, batch: int = 32) -
     """Our ORT and TensorRT files (in memory) for one method; returns them and the calibration seconds."""
     import onnx
 
-    from rescompress.calibration.collect import collect_histograms, make_session, suggest_batch_size, with_extra_outputs
+    from rescompress.calibration.collect import calibration_batch_size, collect_histograms, per_image_sizes
     from rescompress.quantization.calibrate import activation_entries, weight_entries
     from rescompress.quantization.emit import emit_qdq
-    from rescompress.quantization.placement import GraphIndex, place, prepare_model
+    from rescompress.quantization.pipeline import calibration_tensors
+    from rescompress.quantization.placement import place, prepare_model
     from rescompress.quantization.plan import Provenance, QuantPlan, model_fingerprint
 
     base = prepare_model(onnx.load(str(fp32)))
     pls = {t: place(base, t) for t in ("onnxruntime", "tensorrt")}
-    names = sorted(set(GraphIndex(base).float_activations()) | pls["onnxruntime"].calib_tensors()
-                   | pls["tensorrt"].calib_tensors())
+    tensors = calibration_tensors(base, pls.values())
     t0 = time.perf_counter()
-    s = make_session(with_extra_outputs(base, names), arena=False)
-    b = suggest_batch_size(s, s.get_inputs()[0].name, (1, *calib.shape[1:]), batch)
-    hists, _ = collect_histograms(base, names, batches(calib, b), session=s)
+    b = calibration_batch_size(per_image_sizes(base, tensors.observed), batch)
+    hists = tensors.complete(collect_histograms(base, tensors.observed, batches(calib, b))[0])
     entries = activation_entries(hists, method, 99.99)
     secs = time.perf_counter() - t0
     plan = QuantPlan(entries, weight_entries(base, [w for p in pls.values() for w in p.weights]),
@@ -194,18 +193,17 @@ def our_default_artifacts(fp32: Path, calib: np.ndarray, refine: bool, batch: in
     from rescompress.quantization.calibrate import activation_entries, weight_entries
     from rescompress.quantization.emit import emit_qdq
     from rescompress.quantization.fidelity import compare
-    from rescompress.quantization.pipeline import _emit_checked, choose_method
-    from rescompress.quantization.placement import GraphIndex, place, prepare_model
+    from rescompress.quantization.pipeline import _emit_checked, calibration_tensors, choose_method
+    from rescompress.quantization.placement import place, prepare_model
     from rescompress.quantization.plan import Provenance, QuantPlan, model_fingerprint
     from rescompress.quantization.refine import refine_plan
 
     base = prepare_model(onnx.load(str(fp32)))
     pls = {t: place(base, t) for t in ("onnxruntime", "tensorrt")}
-    names = sorted(set(GraphIndex(base).float_activations()) | pls["onnxruntime"].calib_tensors()
-                   | pls["tensorrt"].calib_tensors())
+    tensors = calibration_tensors(base, pls.values())
     hold, rest = calib[: len(calib) // 4], calib[len(calib) // 4 :]
     t0 = time.perf_counter()
-    hists, _ = collect_histograms(base, names, batches(rest, batch))
+    hists = tensors.complete(collect_histograms(base, tensors.observed, batches(rest, batch))[0])
     weights = weight_entries(base, [w for p in pls.values() for w in p.weights])
     prov = Provenance(model_fingerprint(base), None, len(rest), "auto", 99.99, {})
     plans = {m: QuantPlan(activation_entries(hists, m, 99.99), weights, prov) for m in METHODS}

@@ -17,7 +17,15 @@ from rescompress.calibration import (
     per_channel_max,
     percentile_amax,
 )
-from rescompress.calibration.collect import collect_histograms, make_session, suggest_batch_size, with_extra_outputs
+from rescompress.calibration.collect import (
+    calibration_batch_size,
+    collect_histograms,
+    make_session,
+    per_image_sizes,
+    suggest_batch_size,
+    with_extra_outputs,
+)
+from rescompress.calibration.histogram import sample_stride
 from rescompress.errors import RescompressError
 
 
@@ -221,3 +229,39 @@ def test_batch_size_is_capped_by_the_memory_budget(tiny_onnx):
     per_image = 8 * 16 * 16 * 4 + 4 * 4  # conv output + logits, float32
     assert suggest_batch_size(sess, "input", (1, 3, 16, 16), 64, budget=per_image * 5) == 5
     assert suggest_batch_size(sess, "input", (1, 3, 16, 16), 4, budget=per_image * 5) == 4
+
+
+def test_in_graph_summaries_match_whole_tensor_histograms(tiny_onnx):
+    """Min/max/sample computed inside the ONNX graph give the histogram that whole tensors give."""
+    conv_out = next(n.output[0] for n in tiny_onnx.graph.node if n.op_type == "Conv")
+    relu_out = next(n.output[0] for n in tiny_onnx.graph.node if n.op_type == "Relu")
+    names = ["input", conv_out, relu_out, tiny_onnx.graph.output[0].name]
+    rng = np.random.default_rng(3)
+    batches = [rng.standard_normal((4, 3, 16, 16)).astype(np.float32) * s for s in (1.0, 3.0, 0.7)]
+    batches.append(batches[0][:2])  # a short last batch keeps the step, yields fewer samples
+    sizes = per_image_sizes(tiny_onnx, names)
+    assert sizes == {"input": 3 * 16 * 16, conv_out: 8 * 16 * 16, relu_out: 8 * 16 * 16,
+                     tiny_onnx.graph.output[0].name: 4}
+    for max_samples in (None, 1000):  # exact, and sampled with a prime step
+        got, stats = collect_histograms(tiny_onnx, names, batches, num_bins=256, max_samples=max_samples)
+        assert stats.num_images == 14 and stats.num_batches == 4
+        sess = make_session(with_extra_outputs(tiny_onnx, names))
+        for name in names:
+            want = StreamingHistogram(256, max_samples=max_samples)
+            for x in batches:
+                step = 1 if max_samples is None else sample_stride(sizes[name] * 4, max_samples)
+                whole = sess.run([name], {"input": x})[0].reshape(-1)
+                want.collect_summary(float(whole.min()), float(whole.max()), whole[::step])
+            h = got[name]
+            assert (h.min, h.max, h.count, h.zeros, h.range) == pytest.approx(
+                (want.min, want.max, want.count, want.zeros, want.range), rel=1e-6)
+            np.testing.assert_array_equal(h.counts, want.counts)
+        assert got[conv_out].count == (14 * 8 * 16 * 16 if max_samples is None else
+                                       sum(-(-len(x) * 2048 // sample_stride(4 * 2048, 1000)) for x in batches))
+
+
+def test_calibration_batch_size_follows_the_largest_tensor():
+    sizes = {"a": 64 * 112 * 112, "b": 10}  # resnet50's stem output, per image
+    assert calibration_batch_size(sizes, 64) == (256 << 20) // (4 * 4 * 64 * 112 * 112)  # 20
+    assert calibration_batch_size(sizes, 8) == 8
+    assert calibration_batch_size({"big": 64 * 1024 * 1024}, 32) == 1

@@ -348,6 +348,31 @@ def test_fidelity_on_trained_reference(reference_checkpoint, calib_npz, eval_npz
     assert check_trt_qdq(onnx.load(str(r.artifacts["tensorrt"]))) == []
 
 
+def test_tensors_read_only_by_relu_share_the_relu_range(fp32, calib_npz, tmp_path):
+    """They are not observed (that would block Conv+Relu fusion); the plan still covers every tensor."""
+    from rescompress.quantization.pipeline import QuantizeConfig, quantize_model
+    from rescompress.quantization.placement import GraphIndex, prepare_model
+
+    base = prepare_model(fp32)
+    index = GraphIndex(base)
+    shared = index.relu_only_inputs()
+    relus = [n for n in base.graph.node if n.op_type == "Relu"]
+    assert shared and len(shared) <= len(relus)
+    for t, r in shared.items():
+        assert [n.op_type for n, _ in index.consumers[t]] == ["Relu"] and index.producer[r].op_type == "Relu"
+    path = tmp_path / "r20.fp32.onnx"
+    onnx.save(fp32, str(path))
+    cfg = QuantizeConfig(method="max", num_images=64, latency=False)
+    r = quantize_model(path, calib_npz, tmp_path / "out", config=cfg)
+    plan = r.plan
+    assert set(index.float_activations()) <= set(plan.activations)
+    placed = set().union(*(p.calib_tensors() for p in r.placements.values()))
+    skipped = [t for t in shared if t not in placed]
+    assert skipped and r.calibration["tensors_observed"] == r.calibration["tensors"] - len(skipped)
+    for t in skipped:
+        assert plan.activations[t].to_dict() | {"name": None} == plan.activations[shared[t]].to_dict() | {"name": None}
+
+
 def test_max_drop_returns_sensitive_layers_to_float(fp32, calib_npz, tmp_path):
     from rescompress.quantization.pipeline import QuantizeConfig, quantize_model
 

@@ -1,9 +1,13 @@
 """Stream a FP32 ONNX model over calibration data and feed every chosen activation to its histogram.
 
-The tensors to calibrate become extra graph outputs of an in-memory copy of the model; ONNX Runtime runs
-it batch by batch and each batch's tensors update one :class:`StreamingHistogram` per tensor, then are
-dropped. Peak memory is one batch of activations (the batch size is capped from a one-image probe so it
-stays under a budget), whatever the number of images.
+Each tensor to calibrate gets a small summary inside an in-memory copy of the model: its exact minimum
+and maximum (``ReduceMin``/``ReduceMax`` over the flattened tensor) and a strided sample of at most
+``max_samples`` values per batch (a ``Slice`` with a prime step, the same sampling the histogram applies
+to a whole tensor). ONNX Runtime runs the copy batch by batch and returns only the summaries, which
+update one :class:`StreamingHistogram` per tensor and are dropped. So the activations never leave the
+runtime (copying every intermediate tensor out cost more than running the model), peak memory is the
+runtime's own working set for one batch (the batch size is capped from the largest tensor's size), and it
+does not grow with the number of images.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from rescompress.calibration.histogram import DEFAULT_BINS, StreamingHistogram
+from rescompress.calibration.histogram import DEFAULT_BINS, DEFAULT_MAX_SAMPLES, StreamingHistogram, sample_stride
 from rescompress.errors import RescompressError
 
 log = logging.getLogger("rescompress.calibration")
 DEFAULT_MEMORY_BUDGET = 128 * 1024 * 1024  # bytes of activations held per batch (ORT output copies)
+WORKING_SET_BUDGET = 256 * 1024 * 1024  # bytes: ~4 live copies of the largest activation, for one batch
+INT64_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -74,20 +80,123 @@ def suggest_batch_size(
     return max(1, min(requested, budget // max(per_image, 1)))
 
 
+def per_image_sizes(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, int]:
+    """Elements per image of each named tensor: from ONNX shape inference, else from a one-image run."""
+    names = list(dict.fromkeys(names))
+    sizes: dict[str, int] = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+        infos = list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)
+    except Exception:  # shape inference is a shortcut; the probe below always works
+        infos = []
+    for vi in infos:
+        dims = vi.type.tensor_type.shape.dim
+        if vi.name in sizes or not dims or not all(d.HasField("dim_value") for d in dims[1:]):
+            continue
+        sizes[vi.name] = int(np.prod([d.dim_value for d in dims[1:]], dtype=np.int64))
+    unknown = [n for n in names if n not in sizes]
+    if unknown:
+        session = make_session(with_extra_outputs(model, unknown), arena=False)
+        inp = session.get_inputs()[0]
+        shape = [d if isinstance(d, int) else 1 for d in inp.shape]
+        shape[0] = 1
+        for name, value in zip(unknown, session.run(unknown, {inp.name: np.zeros(shape, np.float32)}), strict=True):
+            sizes[name] = int(value.size // max(1, value.shape[0] if value.ndim else 1))
+    return {n: sizes[n] for n in names}
+
+
+def tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Rank of every tensor ONNX shape inference can tell (empty when it cannot run)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        return {}
+    infos = list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)
+    return {vi.name: len(vi.type.tensor_type.shape.dim) for vi in infos if vi.type.tensor_type.HasField("shape")}
+
+
+def _reduce(op: str, src: str, dst: str, axes: list[int] | None, opset: int, graph, name: str):
+    """ReduceMin/ReduceMax over ``axes`` (all when None), keepdims=0, in the opset's spelling of axes."""
+    from onnx import helper, numpy_helper
+
+    if axes is None:
+        return helper.make_node(op, [src], [dst], name=name, keepdims=0)
+    if opset >= 18:  # axes became an input
+        graph.initializer.append(numpy_helper.from_array(np.array(axes, np.int64), f"{name}_axes"))
+        return helper.make_node(op, [src, f"{name}_axes"], [dst], name=name, keepdims=0)
+    return helper.make_node(op, [src], [dst], name=name, keepdims=0, axes=axes)
+
+
+def calibration_batch_size(sizes: dict[str, int], requested: int, budget: int = WORKING_SET_BUDGET) -> int:
+    """Cap ``requested`` so that about four copies of the largest activation of one batch fit ``budget``."""
+    largest = max(sizes.values(), default=1) * 4  # float32 bytes per image
+    return max(1, min(requested, budget // (4 * max(largest, 1))))
+
+
+def with_summary_outputs(
+    model: onnx.ModelProto, sizes: dict[str, int], batch_size: int, max_samples: int | None = DEFAULT_MAX_SAMPLES
+) -> tuple[onnx.ModelProto, dict[str, tuple[str, str, str]]]:
+    """A copy of ``model`` that outputs, per named tensor, (min, max, strided sample) of each batch.
+
+    The sample step is chosen for a batch of ``batch_size`` images (a smaller last batch gets fewer
+    samples, never a different step). Returns the model and, per tensor, its three output names.
+    """
+    from onnx import helper, numpy_helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 13)
+    ranks = tensor_ranks(model)
+    flat_shape = "rescompress_summary_flat_shape"
+    g.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), flat_shape))
+    outputs: dict[str, tuple[str, str, str]] = {}
+    for i, (name, size) in enumerate(sizes.items()):
+        tag = f"rescompress_summary_{i}"
+        flat, lo, hi, sample = (f"{tag}_flat", f"{tag}_min", f"{tag}_max", f"{tag}_sample")
+        nodes = [helper.make_node("Reshape", [name, flat_shape], [flat], name=f"{tag}_Reshape")]
+        rank = ranks.get(name)
+        for op, out in (("ReduceMin", lo), ("ReduceMax", hi)):
+            if rank is not None and rank >= 3:
+                # Reducing the spatial axes first runs multi-threaded in ONNX Runtime; one reduction over
+                # a whole tensor runs on one thread and cost more than the model itself.
+                part = f"{out}_spatial"
+                nodes.append(_reduce(op, name, part, list(range(2, rank)), opset, g, f"{tag}_{op}_spatial"))
+                nodes.append(_reduce(op, part, out, None, opset, g, f"{tag}_{op}"))
+            else:
+                nodes.append(_reduce(op, flat, out, None, opset, g, f"{tag}_{op}"))
+        step = 1 if max_samples is None else sample_stride(size * batch_size, max_samples)
+        if step > 1:
+            consts = {f"{tag}_{k}": v for k, v in (("starts", 0), ("ends", INT64_MAX), ("axes", 0), ("steps", step))}
+            g.initializer.extend(numpy_helper.from_array(np.array([v], np.int64), k) for k, v in consts.items())
+            nodes.append(helper.make_node("Slice", [flat, *consts], [sample], name=f"{tag}_Slice"))
+        else:
+            sample = flat
+        g.node.extend(nodes)
+        for out in (lo, hi, sample):
+            g.output.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
+        outputs[name] = (lo, hi, sample)
+    return m, outputs
+
+
 def collect_histograms(
     model: onnx.ModelProto,
     tensor_names: list[str],
     batches: Iterable,
     *,
     num_bins: int = DEFAULT_BINS,
-    session=None,
+    max_samples: int | None = DEFAULT_MAX_SAMPLES,
+    threads: int | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> tuple[dict[str, StreamingHistogram], CollectStats]:
-    """Run ``model`` over ``batches`` (``(x, y)`` pairs or arrays) and histogram each named tensor."""
-    if session is None:
-        session = make_session(with_extra_outputs(model, tensor_names), arena=False)
-    input_name = session.get_inputs()[0].name
-    histograms = {name: StreamingHistogram(num_bins) for name in tensor_names}
+    """Run ``model`` over ``batches`` (``(x, y)`` pairs or arrays) and histogram each named tensor.
+
+    The sample step is set from the first batch's size, so pass batches of one size (a short last one
+    is fine). ``max_samples=None`` bins every value (exact histograms, for tests and small models).
+    """
+    names = list(dict.fromkeys(tensor_names))
+    histograms = {name: StreamingHistogram(num_bins, max_samples=max_samples) for name in names}
+    session = outputs = None
     n_images = n_batches = 0
     t0 = time.perf_counter()
     for batch in batches:
@@ -96,10 +205,16 @@ def collect_histograms(
         x = np.ascontiguousarray(x, dtype=np.float32)
         if not np.isfinite(x).all():
             raise RescompressError("calibration inputs contain NaN or Inf; check the data and preprocessing")
-        outputs = session.run(tensor_names, {input_name: x})
-        for name, value in zip(tensor_names, outputs, strict=True):
+        if session is None:
+            summary, outputs = with_summary_outputs(model, per_image_sizes(model, names), len(x), max_samples)
+            session = make_session(summary, threads)
+            input_name = session.get_inputs()[0].name
+            fetch = [o for name in names for o in outputs[name]]
+        values = session.run(fetch, {input_name: x})
+        for k, name in enumerate(names):
+            lo, hi, sample = values[3 * k : 3 * k + 3]
             try:
-                histograms[name].collect(value)
+                histograms[name].collect_summary(float(lo), float(hi), sample)
             except RescompressError:
                 raise RescompressError(
                     f"tensor {name!r} holds NaN or Inf during calibration; check the model weights"
@@ -111,5 +226,5 @@ def collect_histograms(
     if n_images == 0:
         raise RescompressError("no calibration images were read; check --calib-data")
     stats = CollectStats(n_images, n_batches, time.perf_counter() - t0)
-    log.info("calibrated %d tensors on %d images in %.1f s", len(tensor_names), n_images, stats.seconds)
+    log.info("calibrated %d tensors on %d images in %.1f s", len(names), n_images, stats.seconds)
     return histograms, stats

@@ -32,6 +32,11 @@ def _next_prime(n: int) -> int:
     return n
 
 
+def sample_stride(size: int, max_samples: int) -> int:
+    """The stride that keeps at most about ``max_samples`` of ``size`` values: 1, or a prime."""
+    return 1 if size <= max_samples else _next_prime(-(-size // max_samples))
+
+
 class StreamingHistogram:
     """Histogram of absolute values with exact, allocation-free range growth."""
 
@@ -64,13 +69,25 @@ class StreamingHistogram:
         if flat.size == 0:
             return
         lo, hi_signed = float(flat.min()), float(flat.max())
-        if not (np.isfinite(lo) and np.isfinite(hi_signed)):
+        if self.max_samples is not None and flat.size > self.max_samples:
+            flat = flat[:: sample_stride(flat.size, self.max_samples)]
+        self.collect_summary(lo, hi_signed, flat)
+
+    def collect_summary(self, lo: float, hi_signed: float, sample: np.ndarray) -> None:
+        """Add one batch given as its exact min and max and a (strided) sample of its values.
+
+        :meth:`collect` computes these itself; the calibration collector gets them from the model run
+        (``ReduceMin``/``ReduceMax`` and a strided ``Slice`` inside the graph), so whole activation
+        tensors never leave ONNX Runtime.
+        """
+        flat = np.asarray(sample).reshape(-1)
+        if not (np.isfinite(lo) and np.isfinite(hi_signed)) or not np.isfinite(flat.sum(dtype=np.float64)):
             raise RescompressError("activation values contain NaN or Inf; check the model weights and inputs")
+        if flat.size == 0:
+            return
         hi = max(abs(lo), abs(hi_signed))
         self.min = min(self.min, lo)
         self.max = max(self.max, hi_signed)
-        if self.max_samples is not None and flat.size > self.max_samples:
-            flat = flat[:: _next_prime(-(-flat.size // self.max_samples))]
         self.zeros += int(flat.size - np.count_nonzero(flat))
         self.count += int(flat.size)
         if hi == 0.0 and self.range == 0.0:

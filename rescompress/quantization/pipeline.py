@@ -26,9 +26,10 @@ import onnx
 
 from rescompress.calibration import DEFAULT_PERCENTILE, METHODS
 from rescompress.calibration.collect import (
+    calibration_batch_size,
     collect_histograms,
     make_session,
-    suggest_batch_size,
+    per_image_sizes,
     with_extra_outputs,
 )
 from rescompress.errors import DataError, RescompressError
@@ -49,6 +50,38 @@ ProgressFn = Callable[[Iterable, int | None, str], Iterable]
 Notify = Callable[[str], None]
 SENSITIVITY_IMAGES = 256  # images used to rank layers for fallback (one short run per layer)
 LAYER_SQNR_IMAGES = 64  # images used for the per-layer SQNR table
+
+
+@dataclass(frozen=True)
+class CalibrationTensors:
+    """Which activations get a range (``names``) and which of them are observed while calibrating."""
+
+    names: list[str]
+    observed: list[str]
+    shared: dict[str, str]  # tensor -> the Relu output whose histogram it takes
+
+    def complete(self, histograms: dict) -> dict:
+        """``histograms`` of the observed tensors, plus the shared ones (the same objects)."""
+        out = dict(histograms)
+        for t, r in self.shared.items():
+            while r in self.shared:  # Relu -> Relu chains
+                r = self.shared[r]
+            out[t] = histograms[r]
+        return out
+
+
+def calibration_tensors(base: onnx.ModelProto, placements) -> CalibrationTensors:
+    """Every float activation gets a range: the TensorRT cache wants them all, and accuracy fallback or a
+    later ``--plan`` run with other ``--exclude`` patterns may move Q/DQ pairs onto tensors a placement
+    skips. Tensors read only by a Relu (about half of a ResNet's) are not observed but share their Relu
+    output's histogram (see :meth:`GraphIndex.relu_only_inputs`): observing them kept ONNX Runtime from
+    fusing Conv+Relu and made calibration about twice as slow.
+    """
+    index = GraphIndex(base)
+    placed = set().union(*(p.calib_tensors() for p in placements))
+    names = sorted(placed | set(index.float_activations()))
+    shared = {t: r for t, r in index.relu_only_inputs().items() if t not in placed and r in names}
+    return CalibrationTensors(names, [n for n in names if n not in shared], shared)
 
 
 @dataclass(frozen=True)
@@ -337,11 +370,10 @@ def quantize_model(
             warnings.append(f"{t}: left in float (op type not quantized): {', '.join(p.unsupported[:8])}")
         if not p.quantized_nodes:
             raise RescompressError(f"nothing to quantize for {t}: no Conv/Gemm/MatMul layer with constant weights")
-    # Every activation gets a range: the TensorRT cache wants them all, and accuracy fallback or a later
-    # --plan run with other --exclude patterns may move Q/DQ pairs onto tensors this placement skips.
     all_tensors = GraphIndex(base).float_activations()
     cache_tensors = all_tensors if "tensorrt" in want else []
-    calib_names = sorted(set().union(*(p.calib_tensors() for p in placements.values())) | set(all_tensors))
+    tensors = calibration_tensors(base, placements.values())
+    calib_names = tensors.names
 
     holdout_batches = None
     calib_stats: dict = {}
@@ -373,17 +405,17 @@ def quantize_model(
             if n < 4:
                 raise DataError(f"--method auto needs at least 4 calibration images, got {n}")
         calib_idx, hold_idx = _calibration_indices(n_avail, n, cfg.seed, holdout)
-        session = make_session(with_extra_outputs(base, calib_names), cfg.threads, arena=False)
-        batch = suggest_batch_size(session, session.get_inputs()[0].name, pre.input_shape(1), cfg.batch_size)
+        batch = calibration_batch_size(per_image_sizes(base, tensors.observed), cfg.batch_size)
         if batch < cfg.batch_size:
             say(f"calibration batch size capped at {batch} to bound activation memory")
         batches = _HashingBatches(_loader(dataset, calib_idx, batch))
         t0 = time.perf_counter()
         histograms, stats = collect_histograms(
-            base, calib_names, prog(batches, len(batches), "calibrating"), session=session,
+            base, tensors.observed, prog(batches, len(batches), "calibrating"), threads=cfg.threads,
         )
-        del session
-        calib_stats = {**stats.to_dict(), "batch_size": batch, "tensors": len(calib_names), "holdout": holdout}
+        histograms = tensors.complete(histograms)
+        calib_stats = {**stats.to_dict(), "batch_size": batch, "tensors": len(calib_names),
+                       "tensors_observed": len(tensors.observed), "holdout": holdout}
         data_fp = batches.sha.hexdigest()
         weights = weight_entries(base, [w for p in placements.values() for w in p.weights])
         provenance = Provenance(

@@ -109,6 +109,20 @@ class GraphIndex:
     def is_activation(self, tensor: str) -> bool:
         return bool(tensor) and tensor not in self.constants
 
+    def relu_only_inputs(self) -> dict[str, str]:
+        """Tensors read by nothing but one Relu (and not graph outputs) -> that Relu's output.
+
+        Such a tensor's range below zero never matters: whatever quantizes it, the Relu zeroes the negative
+        part. So it can take its Relu output's range instead of being observed during calibration, which
+        would keep ONNX Runtime from fusing the Relu into the producing convolution.
+        """
+        out = {}
+        for t, uses in self.consumers.items():
+            only_relu = len(uses) == 1 and uses[0][0].op_type == "Relu"
+            if only_relu and t not in self.graph_outputs and self.is_activation(t):
+                out[t] = uses[0][0].output[0]
+        return out
+
     def float_activations(self) -> list[str]:
         """Every activation tensor (graph input and node outputs), for a full calibration cache."""
         names = list(self.graph_inputs)
