@@ -439,6 +439,26 @@ def run_child(spec: dict, mem_limit_gb: float) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def _calibration_summary(rows: list[dict]) -> dict:
+    """Median wall time and peak RSS per (model, tool, method, images), and ours vs ORT at equal images."""
+    import statistics
+
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if "wall_s" in r:
+            groups.setdefault(f"{r['model']}/{r['tool']}-{r['method']}/{r['n']}", []).append(r)
+    out = {k: {"median_wall_s": statistics.median(r["wall_s"] for r in v), "runs": len(v),
+               "max_peak_rss_mb": max(r["peak_rss_mb"] for r in v)} for k, v in groups.items()}
+    for k, v in list(out.items()):
+        model, tool, n = k.split("/")
+        if tool.startswith("ours-"):
+            for other in ("ort-entropy", "ort-minmax"):
+                ref = out.get(f"{model}/{other}/{n}")
+                if ref:
+                    v[f"speedup_vs_{other.replace('-', '_')}"] = ref["median_wall_s"] / v["median_wall_s"]
+    return out
+
+
 def part_calibration(args) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -462,17 +482,21 @@ def part_calibration(args) -> None:
             for method in ("minmax", "entropy"):
                 specs.append({"model": "resnet50", "fp32": str(r50), "preset": "imagenet", "tool": "ort",
                               "method": method, "n": n, "batch": 8})
-        for spec in specs:
-            row = run_child(spec, args.mem_limit_gb)
-            row.pop("fp32", None)
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr)
+        for repeat in range(args.repeats):  # interleaved: every spec once per round
+            for spec in specs:
+                row = {**run_child(spec, args.mem_limit_gb), "repeat": repeat}
+                row.pop("fp32", None)
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr)
     # Keep the rows of models not re-run this time (parts of this benchmark run at different times).
     previous = Path(__file__).resolve().parent / "results" / "bench_quantize_calibration.json"
     if previous.exists():
         done = {r["model"] for r in rows}
         rows = [r for r in json.loads(previous.read_text())["runs"] if r["model"] not in done] + rows
+    summary = _calibration_summary(rows)
     write_result("bench_quantize_calibration", {
+        "command": "python " + " ".join(sys.argv),
+        "summary": summary,
         "notes": "each row is one fresh subprocess; peak_rss_mb is ru_maxrss of that process (includes "
                  "library imports; images are decoded batch by batch for both tools); "
                  f"address-space limit {args.mem_limit_gb} GB per child to protect the shared machine "
@@ -495,6 +519,7 @@ def main() -> None:
     ap.add_argument("--r50-calib-sizes", type=int, nargs="*", default=[128, 1024])
     ap.add_argument("--ort-r50-sizes", type=int, nargs="*", default=[16, 32])
     ap.add_argument("--mem-limit-gb", type=float, default=12.0)
+    ap.add_argument("--repeats", type=int, default=1, help="calibration part: interleaved rounds (medians)")
     ap.add_argument("--models", nargs="*", default=["resnet20", "resnet50"], help="calibration part: which models")
     ap.add_argument("--child")
     args = ap.parse_args()
