@@ -163,7 +163,12 @@ def our_artifacts(fp32: Path, calib: np.ndarray, method: str, batch: int = 32) -
     """Our ORT and TensorRT files (in memory) for one method; returns them and the calibration seconds."""
     import onnx
 
-    from rescompress.calibration.collect import calibration_batch_size, collect_histograms, per_image_sizes
+    from rescompress.calibration.collect import (
+        calibration_batch_size,
+        collect_histograms,
+        per_image_sizes,
+        tensor_shapes,
+    )
     from rescompress.quantization.calibrate import activation_entries, weight_entries
     from rescompress.quantization.emit import emit_qdq
     from rescompress.quantization.pipeline import calibration_tensors
@@ -174,8 +179,9 @@ def our_artifacts(fp32: Path, calib: np.ndarray, method: str, batch: int = 32) -
     pls = {t: place(base, t) for t in ("onnxruntime", "tensorrt")}
     tensors = calibration_tensors(base, pls.values())
     t0 = time.perf_counter()
-    b = calibration_batch_size(per_image_sizes(base, tensors.observed), batch)
-    hists = tensors.complete(collect_histograms(base, tensors.observed, batches(calib, b))[0])
+    shapes = tensor_shapes(base)
+    b = calibration_batch_size(per_image_sizes(base, tensors.observed, shapes), batch)
+    hists = tensors.complete(collect_histograms(base, tensors.observed, batches(calib, b), shapes=shapes)[0])
     entries = activation_entries(hists, method, 99.99)
     secs = time.perf_counter() - t0
     plan = QuantPlan(entries, weight_entries(base, [w for p in pls.values() for w in p.weights]),

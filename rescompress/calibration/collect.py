@@ -70,20 +70,33 @@ def make_session(model: onnx.ModelProto, threads: int | None = None, arena: bool
         raise RescompressError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") from exc
 
 
-def per_image_sizes(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, int]:
-    """Elements per image of each named tensor: from ONNX shape inference, else from a one-image run."""
-    names = list(dict.fromkeys(names))
-    sizes: dict[str, int] = {}
+def tensor_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Shape of every tensor ONNX shape inference can tell (``None`` for a symbolic dimension).
+
+    Run once per model and pass the result on: on a large model inference costs about half a second.
+    """
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
-        infos = list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)
-    except Exception:  # shape inference is a shortcut; the probe below always works
-        infos = []
-    for vi in infos:
-        dims = vi.type.tensor_type.shape.dim
-        if vi.name in sizes or not dims or not all(d.HasField("dim_value") for d in dims[1:]):
-            continue
-        sizes[vi.name] = int(np.prod([d.dim_value for d in dims[1:]], dtype=np.int64))
+    except Exception:  # shape inference is a shortcut; per_image_sizes falls back to a probe run
+        return {}
+    infos = list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)
+    return {
+        vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+        for vi in infos if vi.type.tensor_type.HasField("shape")
+    }
+
+
+def per_image_sizes(
+    model: onnx.ModelProto, names: Iterable[str], shapes: dict[str, list[int | None]] | None = None
+) -> dict[str, int]:
+    """Elements per image of each named tensor: from ONNX shape inference, else from a one-image run."""
+    names = list(dict.fromkeys(names))
+    shapes = tensor_shapes(model) if shapes is None else shapes
+    sizes: dict[str, int] = {}
+    for name in names:
+        dims = shapes.get(name)
+        if dims and all(d is not None for d in dims[1:]):
+            sizes[name] = int(np.prod(dims[1:], dtype=np.int64))
     unknown = [n for n in names if n not in sizes]
     if unknown:
         session = make_session(with_extra_outputs(model, unknown), arena=False)
@@ -93,16 +106,6 @@ def per_image_sizes(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, i
         for name, value in zip(unknown, session.run(unknown, {inp.name: np.zeros(shape, np.float32)}), strict=True):
             sizes[name] = int(value.size // max(1, value.shape[0] if value.ndim else 1))
     return {n: sizes[n] for n in names}
-
-
-def tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
-    """Rank of every tensor ONNX shape inference can tell (empty when it cannot run)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:
-        return {}
-    infos = list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)
-    return {vi.name: len(vi.type.tensor_type.shape.dim) for vi in infos if vi.type.tensor_type.HasField("shape")}
 
 
 def _reduce(op: str, src: str, dst: str, axes: list[int] | None, opset: int, graph, name: str):
@@ -128,7 +131,11 @@ def calibration_batch_size(sizes: dict[str, int], requested: int, budget: int = 
 
 
 def with_summary_outputs(
-    model: onnx.ModelProto, sizes: dict[str, int], batch_size: int, max_samples: int | None = DEFAULT_MAX_SAMPLES
+    model: onnx.ModelProto,
+    sizes: dict[str, int],
+    batch_size: int,
+    max_samples: int | None = DEFAULT_MAX_SAMPLES,
+    shapes: dict[str, list[int | None]] | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, tuple[str, str, str]]]:
     """A copy of ``model`` that outputs, per named tensor, (min, max, strided sample) of each batch.
 
@@ -141,7 +148,7 @@ def with_summary_outputs(
     m.CopyFrom(model)
     g = m.graph
     opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 13)
-    ranks = tensor_ranks(model)
+    shapes = tensor_shapes(model) if shapes is None else shapes
     flat_shape = "rescompress_summary_flat_shape"
     g.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), flat_shape))
     outputs: dict[str, tuple[str, str, str]] = {}
@@ -149,7 +156,7 @@ def with_summary_outputs(
         tag = f"rescompress_summary_{i}"
         flat, lo, hi, sample = (f"{tag}_flat", f"{tag}_min", f"{tag}_max", f"{tag}_sample")
         nodes = [helper.make_node("Reshape", [name, flat_shape], [flat], name=f"{tag}_Reshape")]
-        rank = ranks.get(name)
+        rank = len(shapes[name]) if name in shapes else None
         for op, out in (("ReduceMin", lo), ("ReduceMax", hi)):
             if rank is not None and rank >= 3:
                 # Reducing the spatial axes first runs multi-threaded in ONNX Runtime; one reduction over
@@ -182,11 +189,13 @@ def collect_histograms(
     max_samples: int | None = DEFAULT_MAX_SAMPLES,
     threads: int | None = None,
     on_batch: Callable[[int], None] | None = None,
+    shapes: dict[str, list[int | None]] | None = None,
 ) -> tuple[dict[str, StreamingHistogram], CollectStats]:
     """Run ``model`` over ``batches`` (``(x, y)`` pairs or arrays) and histogram each named tensor.
 
     The sample step is set from the first batch's size, so pass batches of one size (a short last one
     is fine). ``max_samples=None`` bins every value (exact histograms, for tests and small models).
+    ``shapes`` (from :func:`tensor_shapes`) saves a second shape inference when the caller has one.
     """
     names = list(dict.fromkeys(tensor_names))
     histograms = {name: StreamingHistogram(num_bins, max_samples=max_samples) for name in names}
@@ -200,7 +209,9 @@ def collect_histograms(
         if not np.isfinite(x).all():
             raise RescompressError("calibration inputs contain NaN or Inf; check the data and preprocessing")
         if session is None:
-            summary, outputs = with_summary_outputs(model, per_image_sizes(model, names), len(x), max_samples)
+            shapes = tensor_shapes(model) if shapes is None else shapes
+            sizes = per_image_sizes(model, names, shapes)
+            summary, outputs = with_summary_outputs(model, sizes, len(x), max_samples, shapes)
             session = make_session(summary, threads)
             input_name = session.get_inputs()[0].name
             fetch = [o for name in names for o in outputs[name]]

@@ -34,11 +34,16 @@ def activation_entries(
 ) -> dict[str, ActivationEntry]:
     """One entry per tensor with ``method``'s ranges (symmetric, and unsigned where the tensor is >= 0)."""
     out = {}
+    done: dict[int, tuple[float, float | None]] = {}  # tensors sharing one histogram share its ranges
     for name, h in histograms.items():
-        amax = activation_amax(h, method, INT8_LEVELS, percentile)
-        amax_u = None
-        if h.nonnegative:
-            amax_u = amax if method in ("max", "percentile") else activation_amax(h, method, UINT8_LEVELS, percentile)
+        if id(h) not in done:
+            amax = activation_amax(h, method, INT8_LEVELS, percentile)
+            amax_u = None
+            if h.nonnegative:
+                amax_u = amax if method in ("max", "percentile") else activation_amax(
+                    h, method, UINT8_LEVELS, percentile)
+            done[id(h)] = (amax, amax_u)
+        amax, amax_u = done[id(h)]
         out[name] = activation_entry(name, method, h.min, h.max, amax, amax_u, ort_range=ort_range)
     return out
 

@@ -30,6 +30,7 @@ from rescompress.calibration.collect import (
     collect_histograms,
     make_session,
     per_image_sizes,
+    tensor_shapes,
     with_extra_outputs,
 )
 from rescompress.errors import DataError, RescompressError
@@ -405,13 +406,14 @@ def quantize_model(
             if n < 4:
                 raise DataError(f"--method auto needs at least 4 calibration images, got {n}")
         calib_idx, hold_idx = _calibration_indices(n_avail, n, cfg.seed, holdout)
-        batch = calibration_batch_size(per_image_sizes(base, tensors.observed), cfg.batch_size)
+        shapes = tensor_shapes(base)
+        batch = calibration_batch_size(per_image_sizes(base, tensors.observed, shapes), cfg.batch_size)
         if batch < cfg.batch_size:
             say(f"calibration batch size capped at {batch} to bound activation memory")
         batches = _HashingBatches(_loader(dataset, calib_idx, batch))
         t0 = time.perf_counter()
         histograms, stats = collect_histograms(
-            base, tensors.observed, prog(batches, len(batches), "calibrating"), threads=cfg.threads,
+            base, tensors.observed, prog(batches, len(batches), "calibrating"), threads=cfg.threads, shapes=shapes,
         )
         histograms = tensors.complete(histograms)
         calib_stats = {**stats.to_dict(), "batch_size": batch, "tensors": len(calib_names),
