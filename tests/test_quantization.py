@@ -462,3 +462,30 @@ def test_refine_raises_trt_sqnr_on_trained_reference(reference_checkpoint, calib
     assert all(r.plan.activations[n].params["onnxruntime"] == plan.activations[n].params["onnxruntime"]
                for n in plan.activations)
     assert QuantPlan.load(r.plan.save(tmp_path / "p.json")).to_dict() == r.plan.to_dict()
+
+
+def test_refine_budget_scales_images_then_tensors():
+    from rescompress.quantization.refine import MIN_REFINE_IMAGES, REFINE_MAC_BUDGET, refine_budget
+
+    small = refine_budget(31_000_000, held_out=128, tensors=12, targets=2)
+    assert (small.images, small.tensors, small.note) == (128, 12, "")
+    # runs = 2 * (12 * 5 + 2) = 124: a model where 64 images fit exactly
+    mid = refine_budget(int(REFINE_MAC_BUDGET // (124 * 64)), held_out=128, tensors=12, targets=2)
+    assert (mid.images, mid.tensors) == (64, 12) and "compute budget" in mid.note
+    big = refine_budget(4_087_000_000, held_out=128, tensors=12, targets=2)  # resnet50 at 224x224
+    assert big.images == MIN_REFINE_IMAGES and big.tensors == 1
+    assert big.images * 4_087_000_000 * 2 * (big.tensors * 5 + 2) <= REFINE_MAC_BUDGET
+    huge = refine_budget(40_000_000_000, held_out=128, tensors=12, targets=2)
+    assert huge.tensors == 0 and huge.note.startswith("skipped")
+    assert refine_budget(31_000_000, held_out=128, tensors=0, targets=2).tensors == 0
+
+
+def test_onnx_macs_match_the_torch_count(fp32):
+    from rescompress.calibration.collect import tensor_shapes
+    from rescompress.models import build_model
+    from rescompress.profile import count_macs
+    from rescompress.quantization.refine import onnx_macs
+
+    torch_macs = count_macs(build_model("resnet20", 10, 1), (1, 1, 28, 28))
+    got = onnx_macs(fp32, tensor_shapes(fp32))
+    assert got == pytest.approx(torch_macs, rel=0.02)

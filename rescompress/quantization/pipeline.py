@@ -42,7 +42,7 @@ from rescompress.quantization.fallback import FallbackResult, rank_layers, searc
 from rescompress.quantization.fidelity import Fidelity, compare, run_sessions, sqnr_db
 from rescompress.quantization.placement import GraphIndex, Placement, place, prepare_model
 from rescompress.quantization.plan import ORT_RANGES, TARGETS, Provenance, QuantPlan, model_fingerprint
-from rescompress.quantization.refine import DEFAULT_REFINE_IMAGES, DEFAULT_REFINE_TENSORS, refine_plan
+from rescompress.quantization.refine import DEFAULT_REFINE_TENSORS, onnx_macs, refine_budget, refine_plan
 from rescompress.quantization.trt_cache import DEFAULT_TRT_VERSION, write_cache
 from rescompress.spec import Preprocess
 
@@ -522,22 +522,36 @@ def _refine(
     base: onnx.ModelProto, plan: QuantPlan, placements: dict[str, Placement], loader, cfg: QuantizeConfig,
     calib_stats: dict, say: Notify,
 ) -> QuantPlan:
-    """Refine each target's scales on the held-out images (see refine.py); record what changed."""
+    """Refine each target's scales on the held-out images (see refine.py); record what changed.
+
+    The work is capped by a compute budget (``refine_budget``): large models refine on fewer images, then
+    fewer tensors, so the default run time stays bounded whatever the model.
+    """
+    dataset = getattr(loader, "dataset", None)
+    held = len(dataset) if dataset is not None else sum(len(b[0]) for b in loader)
+    budget = refine_budget(onnx_macs(base, tensor_shapes(base)), held, cfg.refine_tensors, len(placements))
+    if budget.tensors == 0:
+        calib_stats["refine"] = {"skipped": budget.note}
+        say(f"refine: {budget.note}")
+        return plan
     xs, have = [], 0
     for b in loader:
-        xs.append(b[0].numpy()[: DEFAULT_REFINE_IMAGES - have])
+        xs.append(b[0].numpy()[: budget.images - have])
         have += len(xs[-1])
-        if have >= DEFAULT_REFINE_IMAGES:
+        if have >= budget.images:
             break
     x = np.concatenate(xs)
     t0 = time.perf_counter()
     report = {}
+    if budget.note:
+        say(f"refine: {budget.note}")
     for t, p in placements.items():
-        r = refine_plan(base, plan, p, x, _emit_checked, max_tensors=cfg.refine_tensors, threads=cfg.threads)
+        r = refine_plan(base, plan, p, x, _emit_checked, max_tensors=budget.tensors, threads=cfg.threads)
         plan = r.plan
         report[t] = r.to_dict()
         say(f"refine ({t}): {len(r.changed)} scale(s) changed, held-out SQNR {r.before_db:.1f} -> {r.after_db:.1f} dB")
-    calib_stats["refine"] = {**report, "images": len(x), "seconds": time.perf_counter() - t0}
+    calib_stats["refine"] = {**report, "images": len(x), "tensors": budget.tensors, "budget_note": budget.note,
+                             "seconds": time.perf_counter() - t0}
     return plan
 
 

@@ -27,6 +27,11 @@ DEFAULT_REFINE_TENSORS = 12
 DEFAULT_FACTORS: tuple[float, ...] = (0.6, 0.75, 0.875, 1.15, 1.35)
 MIN_GAIN_DB = 0.1  # a change must beat the current logit SQNR by this much (guards against noise)
 DEFAULT_REFINE_IMAGES = 256
+# Multiply-accumulates the refinement may spend (all targets): what 128 images x 12 tensors x 5 factors
+# x 2 targets cost on a torchvision resnet18 at 64x64 (about a minute on 2 cores). Bigger models get
+# fewer images (at least MIN_REFINE_IMAGES), then fewer tensors, so the default stays bounded.
+REFINE_MAC_BUDGET = 2.5e12
+MIN_REFINE_IMAGES = 32
 
 Emit = Callable[[onnx.ModelProto, QuantPlan, Placement], onnx.ModelProto]
 
@@ -50,6 +55,48 @@ class RefineResult:
 def _run(model: onnx.ModelProto, x: np.ndarray, threads: int | None, names: Sequence[str] | None = None):
     s = make_session(model if names is None else with_extra_outputs(model, names), threads)
     return s.run(None if names is None else [model.graph.output[0].name, *names], {s.get_inputs()[0].name: x})
+
+
+def onnx_macs(model: onnx.ModelProto, shapes: dict[str, list[int | None]]) -> int:
+    """Multiply-accumulates per image of the Conv and Gemm/MatMul nodes with constant weights."""
+    inits = {i.name: i for i in model.graph.initializer}
+    total = 0
+    for n in model.graph.node:
+        if n.op_type not in ("Conv", "Gemm", "MatMul") or len(n.input) < 2 or n.input[1] not in inits:
+            continue
+        w = int(np.prod(inits[n.input[1]].dims, dtype=np.int64))
+        out = shapes.get(n.output[0]) or []
+        spatial = int(np.prod([d or 1 for d in out[2:]], dtype=np.int64)) if n.op_type == "Conv" else 1
+        total += w * spatial
+    return total
+
+
+@dataclass(frozen=True)
+class RefineBudget:
+    images: int
+    tensors: int
+    note: str = ""
+
+
+def refine_budget(macs_per_image: int, held_out: int, tensors: int, targets: int,
+                  factors: int = len(DEFAULT_FACTORS), budget: float = REFINE_MAC_BUDGET) -> RefineBudget:
+    """Images and tensors for the refinement so that its model runs stay within ``budget`` MACs."""
+    images = min(held_out, DEFAULT_REFINE_IMAGES)
+    if tensors <= 0 or images <= 0:
+        return RefineBudget(images, 0, "off")
+    runs = targets * (tensors * factors + 2)  # + the starting score and the ranking run, per target
+    cost = max(macs_per_image, 1)
+    fit = int(budget // (runs * cost))
+    if fit >= images:
+        return RefineBudget(images, tensors)
+    if fit >= MIN_REFINE_IMAGES:
+        return RefineBudget(fit, tensors, f"{fit} of {images} held-out images (compute budget)")
+    images = min(images, MIN_REFINE_IMAGES)
+    fit_tensors = int((budget // (images * cost) // targets - 2) // factors)
+    if fit_tensors < 1:
+        return RefineBudget(images, 0, "skipped: the model is too large for the refinement's compute budget")
+    return RefineBudget(images, min(tensors, fit_tensors),
+                        f"{images} images, {min(tensors, fit_tensors)} of {tensors} tensors (compute budget)")
 
 
 def rank_tensors(
