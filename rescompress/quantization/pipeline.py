@@ -43,6 +43,7 @@ from rescompress.quantization.fidelity import Fidelity, compare, run_sessions, s
 from rescompress.quantization.placement import GraphIndex, Placement, place, prepare_model
 from rescompress.quantization.plan import ORT_RANGES, TARGETS, Provenance, QuantPlan, model_fingerprint
 from rescompress.quantization.refine import DEFAULT_REFINE_TENSORS, onnx_macs, refine_budget, refine_plan
+from rescompress.quantization.rounding import with_rounded_weights
 from rescompress.quantization.trt_cache import DEFAULT_TRT_VERSION, write_cache
 from rescompress.spec import Preprocess
 
@@ -51,6 +52,9 @@ ProgressFn = Callable[[Iterable, int | None, str], Iterable]
 Notify = Callable[[str], None]
 SENSITIVITY_IMAGES = 256  # images used to rank layers for fallback (one short run per layer)
 LAYER_SQNR_IMAGES = 64  # images used for the per-layer SQNR table
+
+
+WEIGHT_ROUNDINGS = ("nearest", "hessian")
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,8 @@ class QuantizeConfig:
     ort_range: str = "asymmetric"  # ORT grid: asymmetric | unsigned | symmetric (see plan.activation_entry)
     holdout_fraction: float = 0.25  # share of calibration images kept aside to choose the method (auto)
     refine_tensors: int = DEFAULT_REFINE_TENSORS  # per-target scale search on the K worst tensors (0: off)
+    weight_rounding: str = "nearest"  # nearest | hessian (GPTQ-style error feedback, see rounding.py)
+    rounding_images: int = 128
     eval_limit: int | None = None
     latency: bool = True
     latency_batches: tuple[int, ...] = (1, 8)
@@ -117,6 +123,9 @@ class QuantizeConfig:
             raise RescompressError(f"--ort-range must be one of {', '.join(ORT_RANGES)}, got {self.ort_range!r}")
         if not 0.0 < self.percentile <= 100.0:
             raise RescompressError(f"--percentile must be in (0, 100], got {self.percentile}")
+        if self.weight_rounding not in WEIGHT_ROUNDINGS:
+            raise RescompressError(f"--weight-rounding must be one of {', '.join(WEIGHT_ROUNDINGS)}, "
+                                   f"got {self.weight_rounding!r}")
         if self.refine_tensors < 0:
             raise RescompressError(f"refine_tensors must be >= 0, got {self.refine_tensors}")
         if self.num_images < 1 or self.batch_size < 1:
@@ -444,8 +453,16 @@ def quantize_model(
         else:
             method = cfg.method
         qplan = plans[method]
-        if cfg.refine_tensors and holdout_batches is not None:
-            qplan = _refine(base, qplan, placements, holdout_batches, cfg, calib_stats, say)
+
+    rounded: dict = {}  # initializer -> Hessian-rounded float weight; ``base`` stays the FP32 reference
+    if cfg.weight_rounding == "hessian":
+        rounded = _round_weights(base, qplan, placements, calib_data, pre, cfg, calib_stats, say)
+
+    def emit(plan_: QuantPlan, placement_: Placement) -> onnx.ModelProto:
+        return _emit_checked(with_rounded_weights(base, rounded, placement_), plan_, placement_)
+
+    if plan is None and cfg.refine_tensors and holdout_batches is not None:
+        qplan = _refine(base, qplan, placements, holdout_batches, cfg, calib_stats, say, emit)
 
     # Evaluation data: the given set, else the held-out / calibration images (agreement only).
     if eval_data is not None:
@@ -470,7 +487,7 @@ def quantize_model(
     if cfg.max_drop is not None:
         if eval_loader is None:
             raise RescompressError("--max-drop needs --eval-data (or --calib-data to measure agreement)")
-        fallback = _fallback(base, qplan, placements, cfg, eval_loader, use_labels, say)
+        fallback = _fallback(base, qplan, placements, cfg, eval_loader, use_labels, say, emit)
         placements = {t: place(base, t, cfg.exclude + fallback.float_nodes) for t in want}
 
     # Emit the artifacts.
@@ -480,7 +497,7 @@ def quantize_model(
     suffix = {"onnxruntime": "ort", "tensorrt": "trt"}
     inputs = [model, calib_data, eval_data, plan if not isinstance(plan, QuantPlan) else None]
     for t in want:
-        qmodels[t] = _emit_checked(base, qplan, placements[t])
+        qmodels[t] = emit(qplan, placements[t])
         path = out / f"{src.stem}.int8.{suffix[t]}.onnx"
         ensure_not_input(path, inputs)
         save_model(qmodels[t], path)
@@ -518,15 +535,38 @@ def quantize_model(
     return result
 
 
+def _round_weights(
+    base: onnx.ModelProto, plan: QuantPlan, placements: dict[str, Placement], calib_data, pre, cfg: QuantizeConfig,
+    calib_stats: dict, say: Notify,
+) -> dict:
+    """Hessian-aware weight rounding on the first ``rounding_images`` calibration images (rounding.py)."""
+    from rescompress.data import open_dataset
+    from rescompress.quantization.rounding import round_weights
+
+    if calib_data is None:
+        raise RescompressError("--weight-rounding hessian needs --calib-data (layer inputs come from images)")
+    dataset = open_dataset(calib_data, pre, split="train")
+    n = min(cfg.rounding_images, len(dataset))
+    idx, _ = _calibration_indices(len(dataset), n, cfg.seed, 0)
+    batches = [b[0].numpy() for b in _loader(dataset, idx, cfg.batch_size)]
+    t0 = time.perf_counter()
+    rounded, report = round_weights(base, plan, placements.values(), batches, cfg.threads)
+    calib_stats["weight_rounding"] = {**report.to_dict(), "seconds": time.perf_counter() - t0}
+    say(f"weight rounding (hessian): {report.layers} layer(s) on {report.images} images"
+        + (f", {len(report.skipped)} left to nearest rounding" if report.skipped else ""))
+    return rounded
+
+
 def _refine(
     base: onnx.ModelProto, plan: QuantPlan, placements: dict[str, Placement], loader, cfg: QuantizeConfig,
-    calib_stats: dict, say: Notify,
+    calib_stats: dict, say: Notify, emit=None,
 ) -> QuantPlan:
     """Refine each target's scales on the held-out images (see refine.py); record what changed.
 
     The work is capped by a compute budget (``refine_budget``): large models refine on fewer images, then
     fewer tensors, so the default run time stays bounded whatever the model.
     """
+    emit = emit or _default_emit(base)
     dataset = getattr(loader, "dataset", None)
     held = len(dataset) if dataset is not None else sum(len(b[0]) for b in loader)
     budget = refine_budget(onnx_macs(base, tensor_shapes(base)), held, cfg.refine_tensors, len(placements))
@@ -546,7 +586,8 @@ def _refine(
     if budget.note:
         say(f"refine: {budget.note}")
     for t, p in placements.items():
-        r = refine_plan(base, plan, p, x, _emit_checked, max_tensors=budget.tensors, threads=cfg.threads)
+        r = refine_plan(base, plan, p, x, lambda _m, plan_, placement_: emit(plan_, placement_),
+                        max_tensors=budget.tensors, threads=cfg.threads)
         plan = r.plan
         report[t] = r.to_dict()
         say(f"refine ({t}): {len(r.changed)} scale(s) changed, held-out SQNR {r.before_db:.1f} -> {r.after_db:.1f} dB")
@@ -555,11 +596,16 @@ def _refine(
     return plan
 
 
+def _default_emit(base: onnx.ModelProto):
+    return lambda plan_, placement_: _emit_checked(base, plan_, placement_)
+
+
 def _fallback(
     base: onnx.ModelProto, plan: QuantPlan, placements: dict[str, Placement], cfg: QuantizeConfig,
-    loader, use_labels: bool, say: Notify,
+    loader, use_labels: bool, say: Notify, emit=None,
 ) -> FallbackResult:
     """Rank layers on a few images, then search the fewest to keep in float (see fallback.py)."""
+    emit = emit or _default_emit(base)
     target = "onnxruntime" if "onnxruntime" in placements else "tensorrt"
     layers = [n for n in placements[target].quantized_nodes]
     fp_session = make_session(base, cfg.threads)
@@ -576,7 +622,7 @@ def _fallback(
 
     def only(node: str) -> float:
         others = tuple(n for n in layers if n != node)
-        q = _emit_checked(base, plan, place(base, target, cfg.exclude + others))
+        q = emit(plan, place(base, target, cfg.exclude + others))
         got = run_sessions({"q": make_session(q, cfg.threads)}, small)[0]["q"]
         return sqnr_db(ref_small, got)
 
@@ -584,7 +630,7 @@ def _fallback(
     ranking = rank_layers(layers, only)
 
     def measure(float_nodes: tuple[str, ...]) -> float:
-        q = _emit_checked(base, plan, place(base, target, cfg.exclude + float_nodes))
+        q = emit(plan, place(base, target, cfg.exclude + float_nodes))
         got = run_sessions({"q": make_session(q, cfg.threads)}, loader)[0]["q"]
         f = compare(logits_fp, got, labels)
         return f.top1_drop if f.top1_drop is not None else 100.0 - f.top1_agreement
