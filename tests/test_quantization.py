@@ -489,3 +489,69 @@ def test_onnx_macs_match_the_torch_count(fp32):
     torch_macs = count_macs(build_model("resnet20", 10, 1), (1, 1, 28, 28))
     got = onnx_macs(fp32, tensor_shapes(fp32))
     assert got == pytest.approx(torch_macs, rel=0.02)
+
+
+def test_hessian_rounding_beats_nearest_on_layer_output_error():
+    """Error feedback lowers the output error (w - q)^T H (w - q) that nearest rounding leaves."""
+    from rescompress.quantization.rounding import hessian_round
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 48, generator=g, dtype=torch.float64) @ torch.randn(48, 48, generator=g, dtype=torch.float64)
+    h = x.T @ x  # correlated inputs, as in a real layer
+    w = torch.randn(16, 48, generator=g, dtype=torch.float64)
+    s = w.abs().amax(1) / 127
+    nearest = torch.clamp(torch.round(w / s[:, None]), -127, 127)
+    fed = hessian_round(w, s, h)
+    assert fed.dtype == torch.float64 and fed.shape == w.shape
+    assert torch.all(fed == fed.round()) and fed.abs().max() <= 127
+    assert (fed - nearest).abs().max() <= 3  # a few levels at most: same grid, other choices
+
+    def out_err(q: torch.Tensor) -> float:
+        return float(((x @ (w - q * s[:, None]).T) ** 2).sum())
+
+    assert out_err(fed) < 0.6 * out_err(nearest)
+
+
+def test_hessian_rounding_in_the_pipeline(fp32, calib_npz, tmp_path):
+    from rescompress.quantization.pipeline import QuantizeConfig, quantize_model
+    from rescompress.quantization.rounding import with_rounded_weights
+
+    path = tmp_path / "r20.fp32.onnx"
+    onnx.save(fp32, str(path))
+    cfg = QuantizeConfig(method="max", num_images=128, latency=False, weight_rounding="hessian",
+                         rounding_images=64, refine_tensors=0)
+    r = quantize_model(path, calib_npz, tmp_path / "out", config=cfg)
+    rep = r.calibration["weight_rounding"]
+    convs = [n for n in fp32.graph.node if n.op_type in ("Conv", "Gemm")]
+    assert rep["layers"] == len(convs) and rep["images"] == 64 and rep["skipped"] == []
+    # The emitted int8 weights differ from nearest rounding somewhere, by at most a few levels.
+    near = quantize_model(path, calib_npz, tmp_path / "near", config=QuantizeConfig(
+        method="max", num_images=128, latency=False, refine_tensors=0))
+    qa, qb = (onnx.load(str(x.artifacts["tensorrt"])) for x in (r, near))
+    wa = {i.name: onnx.numpy_helper.to_array(i) for i in qa.graph.initializer if i.data_type == onnx.TensorProto.INT8}
+    wb = {i.name: onnx.numpy_helper.to_array(i) for i in qb.graph.initializer if i.data_type == onnx.TensorProto.INT8}
+    weights = [k for k in wa if k.endswith("_quantized") and wa[k].ndim >= 2]
+    assert weights and set(weights) <= set(wb)
+    diffs = [np.abs(wa[k].astype(int) - wb[k].astype(int)) for k in weights]
+    assert sum(int((d > 0).sum()) for d in diffs) > 0 and max(int(d.max()) for d in diffs) <= 8
+    # A layer the placement keeps in float keeps its FP32 weights.
+    p = r.placements["onnxruntime"]
+    fake = {p.weights[0].initializer: onnx.numpy_helper.from_array(np.zeros(1, np.float32), p.weights[0].initializer)}
+    from dataclasses import replace as dc_replace
+
+    untouched = with_rounded_weights(fp32, fake, dc_replace(p, weights=()))
+    assert untouched is fp32
+
+
+def test_hessian_rounding_needs_calibration_data(fp32, calib_npz, tmp_path):
+    from rescompress.quantization.pipeline import QuantizeConfig, quantize_model
+
+    path = tmp_path / "r20.fp32.onnx"
+    onnx.save(fp32, str(path))
+    first = quantize_model(path, calib_npz, tmp_path / "a", config=QuantizeConfig(method="max", num_images=32,
+                                                                                 latency=False, refine_tensors=0))
+    with pytest.raises(RescompressError, match="needs --calib-data"):
+        quantize_model(path, None, tmp_path / "b", plan=first.artifacts["plan"],
+                       config=QuantizeConfig(weight_rounding="hessian", latency=False))
+    with pytest.raises(RescompressError, match="--weight-rounding"):
+        QuantizeConfig(weight_rounding="adaround")

@@ -144,12 +144,15 @@ def _input_dim(model: onnx.ModelProto, layer: _Layer) -> int:
 def hessian_round(w: torch.Tensor, scales: torch.Tensor, h: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
     """Integer levels (out, D) for ``w`` (out, D) with per-row ``scales``, error fed forward through ``h``."""
     w = w.double().clone()
+    w0 = w.clone()
     s = scales.double().reshape(-1, 1)
-    h = h.double().clone()
+    h0 = h.double()
+    h = h0.clone()
     diag = torch.diagonal(h)
-    dead = diag <= 0  # inputs that were always zero: their weights never matter
+    # Inputs that were always zero on the calibration images (dead ReLU channels): nothing to learn about
+    # them, so they take nearest rounding (a unit diagonal and no coupling keep the feedback away).
+    dead = diag <= 0
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
     h += damping * float(diag[~dead].mean() if (~dead).any() else 1.0) * torch.eye(len(diag), dtype=torch.float64)
     try:
         u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
@@ -162,7 +165,16 @@ def hessian_round(w: torch.Tensor, scales: torch.Tensor, h: torch.Tensor, dampin
         q[:, i] = qi
         err = (col - qi * s[:, 0]) / u[i, i]
         w[:, i + 1 :] -= err[:, None] * u[i, i + 1 :][None, :]
-    return q
+    # Keep a row's feedback rounding only where it lowers that output channel's error on the collected
+    # inputs: clamping at +-127 or a nearly singular H can make the feedback overshoot.
+    nearest = torch.clamp(torch.round(w0 / s), -127, 127)
+
+    def row_error(levels: torch.Tensor) -> torch.Tensor:
+        d = w0 - levels * s
+        return ((d @ h0) * d).sum(1)
+
+    better = row_error(q) <= row_error(nearest)
+    return torch.where(better[:, None], q, nearest)
 
 
 def round_weights(
