@@ -52,8 +52,11 @@ def test_quantize_writes_every_artifact(first_run):
     names = {p.split("/")[-1] for p in data["artifacts"].values()}
     assert names == {
         "r20.fp32.onnx", "r20.int8.ort.onnx", "r20.int8.trt.onnx", "r20.int8.trt.cache", "r20.plan.json",
-        "r20.quantize.json", "r20.quantize.md",
+        "r20.quantize.json", "r20.quantize.md", "r20.weights.npz",
     }
+    plan = json.loads((out / "r20.plan.json").read_text())
+    assert plan["rounding"]["method"] == "hessian" and plan["rounding"]["file"] == "r20.weights.npz"
+    assert data["calibration"]["weight_rounding"]["layers"] == 22  # every conv and the fc
     assert all((out / n).exists() for n in names)
     assert data["method"] in ("max", "percentile", "entropy", "mse")
     assert set(data["method_scores"]) == {"max", "percentile", "entropy", "mse"}
@@ -83,6 +86,23 @@ def test_plan_reuse_skips_calibration(first_run, checkpoint, tmp_path):
     ib = {i.name: numpy_helper.to_array(i) for i in b.graph.initializer}
     assert ia.keys() == ib.keys() and all(np.array_equal(ia[k], ib[k]) for k in ia)
     assert not (tmp_path / "r20.int8.trt.onnx").exists()
+    assert data["calibration"]["weight_rounding"]["reused"] is True
+    assert (tmp_path / "r20.weights.npz").read_bytes() == (out / "r20.weights.npz").read_bytes()
+
+
+def test_plan_with_missing_or_altered_rounded_weights_is_refused(first_run, checkpoint, tmp_path):
+    _, out = first_run
+    plan_dir = tmp_path / "p"
+    plan_dir.mkdir()
+    (plan_dir / "r20.plan.json").write_bytes((out / "r20.plan.json").read_bytes())
+    res = runner.invoke(app, ["quantize", str(checkpoint), "--plan", str(plan_dir / "r20.plan.json"),
+                              "-o", str(tmp_path / "o1"), *FAST])
+    assert res.exit_code == 1 and "are missing" in res.stderr and res.stderr.count("Error:") == 1
+    (plan_dir / "r20.weights.npz").write_bytes((out / "r20.weights.npz").read_bytes() + b"x")
+    res = runner.invoke(app, ["quantize", str(checkpoint), "--plan", str(plan_dir / "r20.plan.json"),
+                              "-o", str(tmp_path / "o2"), *FAST])
+    assert res.exit_code == 1 and "does not match the plan" in res.stderr
+    assert not list((tmp_path / "o2").glob("*int8*")) and not list((tmp_path / "o2").glob(".*tmp"))
 
 
 def test_plan_for_another_model_is_refused(first_run, calib_npz, tmp_path):

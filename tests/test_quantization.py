@@ -526,7 +526,8 @@ def test_hessian_rounding_in_the_pipeline(fp32, calib_npz, tmp_path):
     assert rep["layers"] == len(convs) and rep["images"] == 64 and rep["skipped"] == []
     # The emitted int8 weights differ from nearest rounding somewhere, by at most a few levels.
     near = quantize_model(path, calib_npz, tmp_path / "near", config=QuantizeConfig(
-        method="max", num_images=128, latency=False, refine_tensors=0))
+        method="max", num_images=128, latency=False, refine_tensors=0, weight_rounding="nearest"))
+    assert "weight_rounding" not in near.calibration
     qa, qb = (onnx.load(str(x.artifacts["tensorrt"])) for x in (r, near))
     wa = {i.name: onnx.numpy_helper.to_array(i) for i in qa.graph.initializer if i.data_type == onnx.TensorProto.INT8}
     wb = {i.name: onnx.numpy_helper.to_array(i) for i in qb.graph.initializer if i.data_type == onnx.TensorProto.INT8}
@@ -548,10 +549,15 @@ def test_hessian_rounding_needs_calibration_data(fp32, calib_npz, tmp_path):
 
     path = tmp_path / "r20.fp32.onnx"
     onnx.save(fp32, str(path))
-    first = quantize_model(path, calib_npz, tmp_path / "a", config=QuantizeConfig(method="max", num_images=32,
-                                                                                 latency=False, refine_tensors=0))
+    fast = {"method": "max", "num_images": 32, "latency": False, "refine_tensors": 0}
+    first = quantize_model(path, calib_npz, tmp_path / "a", config=QuantizeConfig(weight_rounding="nearest", **fast))
+    assert first.plan.rounding is None and "weights" not in first.artifacts
     with pytest.raises(RescompressError, match="needs --calib-data"):
         quantize_model(path, None, tmp_path / "b", plan=first.artifacts["plan"],
                        config=QuantizeConfig(weight_rounding="hessian", latency=False))
+    # The default (auto) says so when there are no images to round from.
+    again = quantize_model(path, None, tmp_path / "c", plan=first.artifacts["plan"],
+                           config=QuantizeConfig(latency=False))
+    assert again.calibration["weight_rounding"].startswith("nearest (no --calib-data")
     with pytest.raises(RescompressError, match="--weight-rounding"):
         QuantizeConfig(weight_rounding="adaround")

@@ -55,6 +55,11 @@ def quantize_command(
     num_images: Annotated[int, typer.Option("--num-images", help="Calibration images (seeded sample).", min=1)] = 512,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch.", min=1)] = 32,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the calibration sample.")] = 0,
+    weight_rounding: Annotated[
+        str, typer.Option("--weight-rounding", help="hessian: round int8 weights to minimize each layer's output "
+                          "error on calibration images (no speed cost); nearest: plain rounding; auto: hessian "
+                          "when --calib-data is given.")
+    ] = "auto",
     refine_tensors: Annotated[
         int, typer.Option("--refine-tensors", min=0, help="With --method auto: rescale the K worst tensors' ranges "
                           "on held-out images (0: off; large models get fewer, within a compute budget).")
@@ -106,7 +111,7 @@ def quantize_command(
         method=method, percentile=percentile, num_images=num_images, batch_size=batch_size, seed=seed,
         targets=TARGET_CHOICES[target], exclude=tuple(exclude or ()), max_drop=max_drop,
         max_float_layers=max_fallback, ort_range=ort_range, eval_limit=eval_limit,
-        latency=latency, refine_tensors=refine_tensors,
+        latency=latency, refine_tensors=refine_tensors, weight_rounding=weight_rounding,
     )
     custom = any(v is not None for v in (preset, input_size, channels, mean, std))
 

@@ -43,7 +43,7 @@ from rescompress.quantization.fidelity import Fidelity, compare, run_sessions, s
 from rescompress.quantization.placement import GraphIndex, Placement, place, prepare_model
 from rescompress.quantization.plan import ORT_RANGES, TARGETS, Provenance, QuantPlan, model_fingerprint
 from rescompress.quantization.refine import DEFAULT_REFINE_TENSORS, onnx_macs, refine_budget, refine_plan
-from rescompress.quantization.rounding import with_rounded_weights
+from rescompress.quantization.rounding import load_levels, rounding_images, save_levels, with_rounded_weights
 from rescompress.quantization.trt_cache import DEFAULT_TRT_VERSION, write_cache
 from rescompress.spec import Preprocess
 
@@ -54,7 +54,7 @@ SENSITIVITY_IMAGES = 256  # images used to rank layers for fallback (one short r
 LAYER_SQNR_IMAGES = 64  # images used for the per-layer SQNR table
 
 
-WEIGHT_ROUNDINGS = ("nearest", "hessian")
+WEIGHT_ROUNDINGS = ("auto", "hessian", "nearest")
 
 
 @dataclass(frozen=True)
@@ -105,8 +105,8 @@ class QuantizeConfig:
     ort_range: str = "asymmetric"  # ORT grid: asymmetric | unsigned | symmetric (see plan.activation_entry)
     holdout_fraction: float = 0.25  # share of calibration images kept aside to choose the method (auto)
     refine_tensors: int = DEFAULT_REFINE_TENSORS  # per-target scale search on the K worst tensors (0: off)
-    weight_rounding: str = "nearest"  # nearest | hessian (GPTQ-style error feedback, see rounding.py)
-    rounding_images: int = 128
+    weight_rounding: str = "auto"  # hessian (GPTQ-style, rounding.py) | nearest | auto: hessian given images
+    rounding_images: int = 128  # at most; large models get fewer (rounding.rounding_images)
     eval_limit: int | None = None
     latency: bool = True
     latency_batches: tuple[int, ...] = (1, 8)
@@ -455,8 +455,20 @@ def quantize_model(
         qplan = plans[method]
 
     rounded: dict = {}  # initializer -> Hessian-rounded float weight; ``base`` stays the FP32 reference
-    if cfg.weight_rounding == "hessian":
+    reuse = plan is not None and qplan.rounding and cfg.weight_rounding != "nearest"
+    if reuse:
+        src_plan = Path(plan) if not isinstance(plan, QuantPlan) else None
+        if src_plan is None:
+            raise RescompressError("a plan with rounded weights must be given as a file (its weights sit beside it)")
+        rounded = load_levels(src_plan.parent / qplan.rounding["file"], qplan.rounding["sha256"], qplan)
+        calib_stats["weight_rounding"] = {**qplan.rounding, "reused": True}
+        say(f"weight rounding: reused {qplan.rounding['file']}")
+    elif cfg.weight_rounding == "hessian" or (cfg.weight_rounding == "auto" and calib_data is not None):
         rounded = _round_weights(base, qplan, placements, calib_data, pre, cfg, calib_stats, say)
+    elif cfg.weight_rounding == "auto":
+        calib_stats["weight_rounding"] = "nearest (no --calib-data to collect layer statistics from)"
+    if not rounded:
+        qplan = replace(qplan, rounding=None)
 
     def emit(plan_: QuantPlan, placement_: Placement) -> onnx.ModelProto:
         return _emit_checked(with_rounded_weights(base, rounded, placement_), plan_, placement_)
@@ -505,6 +517,25 @@ def quantize_model(
     if "tensorrt" in want:
         scales = {n: qplan.activation(n).params["tensorrt"].scale for n in cache_tensors}
         artifacts["trt_cache"] = write_cache(out / f"{src.stem}.int8.trt.cache", scales, cfg.trt_version)
+    if rounded and not reuse:
+        weights_file = out / f"{src.stem}.weights.npz"
+        ensure_not_input(weights_file, inputs)
+        sha = save_levels(weights_file, rounded, qplan)
+        qplan = replace(qplan, rounding={"method": "hessian", "file": weights_file.name, "sha256": sha,
+                                         "images": calib_stats["weight_rounding"]["images"]})
+        artifacts["weights"] = weights_file
+    elif rounded:  # reused: the plan's weights file goes beside the new plan, byte for byte
+        import shutil
+
+        from rescompress.fileio import atomic_path
+
+        src_file = Path(plan).parent / qplan.rounding["file"]
+        weights_file = out / qplan.rounding["file"]
+        if weights_file.resolve() != src_file.resolve():
+            ensure_not_input(weights_file, inputs)
+            with atomic_path(weights_file) as tmp:
+                shutil.copyfile(src_file, tmp)
+        artifacts["weights"] = weights_file
     artifacts["plan"] = qplan.save(out / f"{src.stem}.plan.json")
 
     # Measure.
@@ -546,9 +577,13 @@ def _round_weights(
     if calib_data is None:
         raise RescompressError("--weight-rounding hessian needs --calib-data (layer inputs come from images)")
     dataset = open_dataset(calib_data, pre, split="train")
-    n = min(cfg.rounding_images, len(dataset))
+    shapes = tensor_shapes(base)
+    layer_inputs = {n.input[0] for n in base.graph.node for p in placements.values() for w in p.weights
+                    if n.name == w.node}
+    n = min(rounding_images(onnx_macs(base, shapes), cfg.rounding_images), len(dataset))
+    batch = calibration_batch_size(per_image_sizes(base, sorted(layer_inputs), shapes), cfg.batch_size)
     idx, _ = _calibration_indices(len(dataset), n, cfg.seed, 0)
-    batches = [b[0].numpy() for b in _loader(dataset, idx, cfg.batch_size)]
+    batches = [b[0].numpy() for b in _loader(dataset, idx, batch)]
     t0 = time.perf_counter()
     rounded, report = round_weights(base, plan, placements.values(), batches, cfg.threads)
     calib_stats["weight_rounding"] = {**report.to_dict(), "seconds": time.perf_counter() - t0}

@@ -178,6 +178,8 @@ class QuantPlan:
     activations: dict[str, ActivationEntry]
     weights: dict[str, WeightEntry]
     provenance: Provenance
+    # Hessian weight rounding: {"method", "file" (beside the plan: int8 levels per weight), "sha256", "images"}
+    rounding: dict | None = None
 
     def activation(self, name: str) -> ActivationEntry:
         try:
@@ -204,6 +206,7 @@ class QuantPlan:
             "provenance": self.provenance.to_dict(),
             "activations": {k: v.to_dict() for k, v in sorted(self.activations.items())},
             "weights": {k: v.to_dict() for k, v in sorted(self.weights.items())},
+            **({"rounding": self.rounding} if self.rounding else {}),
         }
 
     @classmethod
@@ -214,6 +217,7 @@ class QuantPlan:
             activations={k: ActivationEntry.from_dict(v) for k, v in d["activations"].items()},
             weights={k: WeightEntry.from_dict(v) for k, v in d["weights"].items()},
             provenance=Provenance.from_dict(d["provenance"]),
+            rounding=dict(d["rounding"]) if d.get("rounding") else None,
         )
 
     def save(self, path: Path | str) -> Path:
