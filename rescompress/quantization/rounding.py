@@ -28,6 +28,7 @@ from rescompress.calibration.collect import make_session, with_extra_outputs
 from rescompress.quantization.placement import Placement, QuantizedWeight
 from rescompress.quantization.plan import QuantPlan
 
+BLOCK = 128  # columns whose feedback is applied together (the result is the same as one at a time)
 DAMPING = 0.01  # fraction of the mean diagonal added to H: keeps the Cholesky factorization stable
 HESSIAN_BUDGET = 32 * 1024 * 1024  # float64 entries of H held at once (256 MB); more layers take more passes
 # Image x multiply-accumulate budget of the statistics pass: 128 images of a resnet18 at 64x64 fit; a
@@ -106,14 +107,14 @@ def _layers(model: onnx.ModelProto, weights: Iterable[QuantizedWeight]) -> tuple
 
 
 def _columns(layer: _Layer, x: np.ndarray) -> torch.Tensor:
-    """The layer's input as columns (D, samples) in the order of the flattened weight rows."""
+    """The layer's input as float32 columns (D, samples) in the order of the flattened weight rows."""
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     if layer.kind == "dense":
-        return t.reshape(-1, t.shape[-1]).T.double()
+        return t.reshape(-1, t.shape[-1]).T
     top, left, bottom, right = layer.pads
     t = torch.nn.functional.pad(t, (left, right, top, bottom))
     cols = torch.nn.functional.unfold(t, layer.kernel, dilation=layer.dilations, stride=layer.strides)  # N, D, L
-    return cols.permute(1, 0, 2).reshape(cols.shape[1], -1).double()
+    return cols.permute(1, 0, 2).reshape(cols.shape[1], -1)
 
 
 def collect_hessians(model: onnx.ModelProto, layers: list[_Layer], batches: list[np.ndarray],
@@ -137,7 +138,7 @@ def collect_hessians(model: onnx.ModelProto, layers: list[_Layer], batches: list
             values = dict(zip(names, session.run(names, {session.get_inputs()[0].name: x}), strict=True))
             for layer in group:
                 cols = _columns(layer, values[layer.input])
-                h = cols @ cols.T
+                h = (cols @ cols.T).double()  # float32 product per batch, float64 sum over batches
                 acc[layer.key] = acc[layer.key] + h if layer.key in acc else h
         hessians.update(acc)
     return hessians, len(groups)
@@ -169,12 +170,19 @@ def hessian_round(w: torch.Tensor, scales: torch.Tensor, h: torch.Tensor, dampin
     except RuntimeError:  # not positive definite even after damping: nearest rounding
         return torch.clamp(torch.round(w / s), -127, 127)
     q = torch.empty_like(w)
-    for i in range(w.shape[1]):
-        col = w[:, i]
-        qi = torch.clamp(torch.round(col / s[:, 0]), -127, 127)
-        q[:, i] = qi
-        err = (col - qi * s[:, 0]) / u[i, i]
-        w[:, i + 1 :] -= err[:, None] * u[i, i + 1 :][None, :]
+    d = w.shape[1]
+    for start in range(0, d, BLOCK):  # lazy batch updates: in-block feedback, then one product for the rest
+        end = min(start + BLOCK, d)
+        errs = torch.empty((w.shape[0], end - start), dtype=torch.float64)
+        for i in range(start, end):
+            col = w[:, i]
+            qi = torch.clamp(torch.round(col / s[:, 0]), -127, 127)
+            q[:, i] = qi
+            err = (col - qi * s[:, 0]) / u[i, i]
+            w[:, i + 1 : end] -= err[:, None] * u[i, i + 1 : end][None, :]
+            errs[:, i - start] = err
+        if end < d:
+            w[:, end:] -= errs @ u[start:end, end:]
     # Keep a row's feedback rounding only where it lowers that output channel's error on the collected
     # inputs: clamping at +-127 or a nearly singular H can make the feedback overshoot.
     nearest = torch.clamp(torch.round(w0 / s), -127, 127)
