@@ -384,6 +384,7 @@ def quantize_model(
     cache_tensors = all_tensors if "tensorrt" in want else []
     tensors = calibration_tensors(base, placements.values())
     calib_names = tensors.names
+    shapes = tensor_shapes(base)  # one shape inference serves calibration, rounding and refinement
 
     holdout_batches = None
     calib_stats: dict = {}
@@ -415,7 +416,6 @@ def quantize_model(
             if n < 4:
                 raise DataError(f"--method auto needs at least 4 calibration images, got {n}")
         calib_idx, hold_idx = _calibration_indices(n_avail, n, cfg.seed, holdout)
-        shapes = tensor_shapes(base)
         batch = calibration_batch_size(per_image_sizes(base, tensors.observed, shapes), cfg.batch_size)
         if batch < cfg.batch_size:
             say(f"calibration batch size capped at {batch} to bound activation memory")
@@ -464,7 +464,7 @@ def quantize_model(
         calib_stats["weight_rounding"] = {**qplan.rounding, "reused": True}
         say(f"weight rounding: reused {qplan.rounding['file']}")
     elif cfg.weight_rounding == "hessian" or (cfg.weight_rounding == "auto" and calib_data is not None):
-        rounded = _round_weights(base, qplan, placements, calib_data, pre, cfg, calib_stats, say)
+        rounded = _round_weights(base, qplan, placements, calib_data, pre, cfg, calib_stats, say, shapes)
     elif cfg.weight_rounding == "auto":
         calib_stats["weight_rounding"] = "nearest (no --calib-data to collect layer statistics from)"
     if not rounded:
@@ -474,7 +474,7 @@ def quantize_model(
         return _emit_checked(with_rounded_weights(base, rounded, placement_), plan_, placement_)
 
     if plan is None and cfg.refine_tensors and holdout_batches is not None:
-        qplan = _refine(base, qplan, placements, holdout_batches, cfg, calib_stats, say, emit)
+        qplan = _refine(base, qplan, placements, holdout_batches, cfg, calib_stats, say, emit, shapes)
 
     # Evaluation data: the given set, else the held-out / calibration images (agreement only).
     if eval_data is not None:
@@ -568,7 +568,7 @@ def quantize_model(
 
 def _round_weights(
     base: onnx.ModelProto, plan: QuantPlan, placements: dict[str, Placement], calib_data, pre, cfg: QuantizeConfig,
-    calib_stats: dict, say: Notify,
+    calib_stats: dict, say: Notify, shapes: dict,
 ) -> dict:
     """Hessian-aware weight rounding on the first ``rounding_images`` calibration images (rounding.py)."""
     from rescompress.data import open_dataset
@@ -577,7 +577,6 @@ def _round_weights(
     if calib_data is None:
         raise RescompressError("--weight-rounding hessian needs --calib-data (layer inputs come from images)")
     dataset = open_dataset(calib_data, pre, split="train")
-    shapes = tensor_shapes(base)
     layer_inputs = {n.input[0] for n in base.graph.node for p in placements.values() for w in p.weights
                     if n.name == w.node}
     n = min(rounding_images(onnx_macs(base, shapes), cfg.rounding_images), len(dataset))
@@ -594,7 +593,7 @@ def _round_weights(
 
 def _refine(
     base: onnx.ModelProto, plan: QuantPlan, placements: dict[str, Placement], loader, cfg: QuantizeConfig,
-    calib_stats: dict, say: Notify, emit=None,
+    calib_stats: dict, say: Notify, emit=None, shapes: dict | None = None,
 ) -> QuantPlan:
     """Refine each target's scales on the held-out images (see refine.py); record what changed.
 
@@ -604,7 +603,8 @@ def _refine(
     emit = emit or _default_emit(base)
     dataset = getattr(loader, "dataset", None)
     held = len(dataset) if dataset is not None else sum(len(b[0]) for b in loader)
-    budget = refine_budget(onnx_macs(base, tensor_shapes(base)), held, cfg.refine_tensors, len(placements))
+    shapes = tensor_shapes(base) if shapes is None else shapes
+    budget = refine_budget(onnx_macs(base, shapes), held, cfg.refine_tensors, len(placements))
     if budget.tensors == 0:
         calib_stats["refine"] = {"skipped": budget.note}
         say(f"refine: {budget.note}")
