@@ -22,6 +22,7 @@ Three parts (``--part``), each writing ``benchmarks/results/bench_quantize_<part
     python benchmarks/bench_quantize.py --part resnet20
     python benchmarks/bench_quantize.py --part fmnist --model benchmarks/cache/resnet18_fashion_mnist_64.safetensors
     python benchmarks/bench_quantize.py --part resnet50
+    python benchmarks/bench_quantize.py --part resnet50_tool   # the CLI's defaults on resnet50, stage times
     python benchmarks/bench_quantize.py --part calibration
 """
 
@@ -415,6 +416,36 @@ def resnet50_fp32(tmp: Path, n_bn: int = 64) -> tuple[Path, object, np.ndarray]:
     return fp32, pre, ds
 
 
+def part_resnet50_tool(args) -> None:
+    """``quantize_model`` with default settings on resnet50 at 224x224: where its time goes, stage by stage."""
+    from rescompress.quantization.pipeline import QuantizeConfig, quantize_model
+
+    slice_npz = ASSETS / "fashion_mnist_train_slice.npz"
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        fp32, pre, _ = resnet50_fp32(tmp)
+        t0 = time.perf_counter()
+        r = quantize_model(fp32, slice_npz, tmp / "out", config=QuantizeConfig(latency=False),
+                           preprocess=pre)
+        total = time.perf_counter() - t0
+    cal = r.calibration
+    write_result("bench_quantize_resnet50_tool", {
+        "command": "python " + " ".join(sys.argv),
+        "model": "torchvision resnet50 (random init, BN re-estimated), 224x224, FP32 ONNX",
+        "calib_data": f"{slice_npz.name} (resized to 224, 3 channels, ImageNet preprocessing)",
+        "config": "QuantizeConfig(latency=False): the CLI defaults (512 images, --method auto with a quarter "
+                  "held out, refinement, --weight-rounding auto), no --eval-data (agreement on held-out images)",
+        "total_s": total,
+        "calibration_s": cal.get("seconds"), "ranges_s": cal.get("ranges_seconds"),
+        "weight_rounding": cal.get("weight_rounding"), "refine": cal.get("refine"),
+        "method": r.method, "fidelity_vs_fp32": {t: f.to_dict() for t, f in r.fidelity.items()},
+        "note": "random-init network: its logits are chaotic, so SQNR here says nothing about trained models",
+    })
+    print(json.dumps({"total_s": total, "calibration_s": cal.get("seconds"),
+                      "rounding_s": (cal.get("weight_rounding") or {}).get("seconds"),
+                      "refine_s": (cal.get("refine") or {}).get("seconds")}), file=sys.stderr)
+
+
 def part_resnet50(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -546,7 +577,7 @@ def part_calibration(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["resnet20", "fmnist", "resnet50", "calibration"])
+    ap.add_argument("--part", choices=["resnet20", "fmnist", "resnet50", "resnet50_tool", "calibration"])
     ap.add_argument("--model", type=Path, default=None, help="fmnist part: a Fashion-MNIST checkpoint "
                     "(default: the bundled ResNet-20)")
     ap.add_argument("--methods", nargs="*", default=["max", "percentile", "entropy", "mse"])
@@ -570,6 +601,7 @@ def main() -> None:
         print(json.dumps(calib_child(json.loads(args.child))))
         return
     parts = {"resnet20": part_fmnist, "fmnist": part_fmnist, "resnet50": part_resnet50,
+             "resnet50_tool": part_resnet50_tool,
              "calibration": part_calibration}
     parts[args.part](args)
 
