@@ -15,6 +15,17 @@ from rescompress.data import DEBIAN_FASHION_MNIST
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): on the
+    shared, oversubscribed 2-core machine two OpenMP threads wait at barriers for descheduled peers and small
+    convs / deep models ran ~10x slower. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _has(mod: str) -> bool:
     return importlib.util.find_spec(mod) is not None
 

@@ -24,14 +24,7 @@ from rescompress.spec import get_preset
 REL_TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread for this module: on the shared, oversubscribed 2-core machine two OpenMP threads
-    wait at barriers for descheduled peers and the deep models here ran ~10x slower. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def randomize_bn(model: nn.Module, seed: int = 1) -> nn.Module:
