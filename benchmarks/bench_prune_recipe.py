@@ -47,9 +47,9 @@ from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, write_result  # noqa: E402
+from train_reference import load_split  # noqa: E402
 
 from rescompress.checkpoint import load_checkpoint  # noqa: E402
-from rescompress.data import DEBIAN_FASHION_MNIST, open_dataset  # noqa: E402
 from rescompress.profile import count_macs  # noqa: E402
 from rescompress.pruning import FinetuneConfig, PruneConfig, finetune, prune_model, recalibrate_bn  # noqa: E402
 from rescompress.pruning.finetune import pick_device  # noqa: E402
@@ -106,13 +106,6 @@ DEADLINE: float | None = None  # --deadline-s: no new run starts after it (the r
 
 class OutOfTime(Exception):
     pass
-
-
-def load_split(split: str, pre) -> tuple[torch.Tensor, torch.Tensor]:
-    ds = open_dataset(f"{DEBIAN_FASHION_MNIST}@{split}", pre, split=split)
-    xs = torch.stack([ds[i][0] for i in range(len(ds))])
-    ys = torch.tensor([ds._reader(i)[1] for i in range(len(ds))])
-    return xs, ys
 
 
 def run(teacher, pre, recipe: Recipe, kept: float, fit, held, device, seed: int = 0, bn_images: int = 2048) -> dict:

@@ -242,15 +242,12 @@ def save_levels(path, rounded: dict[str, onnx.TensorProto], plan: QuantPlan) -> 
     import hashlib
 
     from rescompress.fileio import atomic_path
+    from rescompress.quantization.emit import quantize_weight
 
     levels = {}
     for name, tensor in rounded.items():
-        w = numpy_helper.to_array(tensor).astype(np.float64)
-        entry = plan.weight(name)
-        shape = [1] * w.ndim
-        shape[entry.axis] = -1
-        levels[name] = np.clip(np.rint(w / np.asarray(entry.scales, np.float64).reshape(shape)), -127, 127).astype(
-            np.int8)
+        entry = plan.weight(name)  # the same rounding emit applies: rounded weights sit exactly on the grid
+        levels[name] = quantize_weight(numpy_helper.to_array(tensor), entry.scales, entry.axis)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez_compressed(f, **levels)
