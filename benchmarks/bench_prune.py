@@ -11,13 +11,14 @@ Parts (``--part``, default all, in this order so the cheap, decisive tables land
 * ``criteria``: the same at 50% for taylor / random, and l1 with global ranking (l1 uniform: ``resnet20``).
 * ``pruned_int8`` (not in ``all``): the issue-4 target "pruned + INT8 >= 6x faster than FP32" on torchvision
   resnet50 at 224x224 (random init, BN statistics re-estimated on 64 images of the bundled Fashion-MNIST
-  train slice): FP32, pruned FP32 (50% MACs, default round-to), INT8 (``quantize_model``, max calibration on
-  32 slice images) and pruned + INT8, all four timed interleaved in one ORT CPU run (spinning off), batch 1
-  and 8. No fine-tuning: only speed is measured. Writes ``prune_int8_resnet50.json``.
+  train slice): FP32, INT8 (``quantize_model``, max calibration on 32 slice images), and for each
+  ``--r50-configs`` entry (MACs kept[:round-to], default ``0.5`` with the CPU's round-to) pruned FP32 and
+  pruned + INT8, all timed interleaved in one ORT CPU run (spinning off), batch 1 and 8. No fine-tuning:
+  only speed is measured. Writes ``prune_int8_resnet50.json``.
 
 Writes ``benchmarks/results/prune_<part>.json``.
 
-    python benchmarks/bench_prune.py --part pruned_int8 --rounds 5 --iters 5
+    python benchmarks/bench_prune.py --part pruned_int8 --rounds 5 --iters 5 --r50-configs 0.5 0.5:32 0.4
 """
 
 from __future__ import annotations
@@ -99,29 +100,36 @@ def bench_pruned_int8(args) -> dict:
         for xb in batches(x, 16):
             base(torch.from_numpy(xb))
     base.eval()
-    t0 = time.time()
-    res = prune_model(base, pre, PruneConfig(target_macs=0.5))
-    prune_s = time.time() - t0
-    print(f"pruned: MACs kept {res.macs_kept:.3f} (round-to {res.report.round_to}, {prune_s:.0f} s)", file=sys.stderr)
+    configs = [_int8_config(c) for c in args.r50_configs]
+    pruned, prune_rows = {}, {}
+    for tm, rt in configs:
+        key = _config_key(tm, rt)
+        t0 = time.time()
+        res = prune_model(base, pre, PruneConfig(target_macs=tm, round_to=rt))
+        pruned[key] = res.model
+        prune_rows[key] = {"target_macs": tm, "round_to": res.report.round_to, "macs_kept": res.macs_kept,
+                           "params_kept": res.after.params / res.before.params, "seconds": time.time() - t0}
+        print(f"pruned {key}: MACs kept {res.macs_kept:.3f} (round-to {res.report.round_to})", file=sys.stderr)
     qcfg = QuantizeConfig(num_images=args.calib_images, method="max", latency=False, targets=("onnxruntime",))
     probe = torch.from_numpy(x[:2])
     files, quant = {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-prune-int8-") as tmp:
         tmp = Path(tmp)
-        for name, model in (("fp32", base), ("pruned", res.model)):
+        for name, model in (("fp32", base), *((f"pruned{k}", m) for k, m in pruned.items())):
             folded = fold_batchnorm(model, input_shape=pre.input_shape(2)).model
             files[name] = tmp / f"{name}.onnx"
             export_onnx(folded, pre, files[name], arch="resnet50", num_classes=10, probe=probe,
                         check_parity=False)  # random deep net: chaotic logits, the parity bound is for trained ones
             t0 = time.time()
             q = quantize_model(files[name], SLICE, tmp / f"q-{name}", config=qcfg)
-            files[f"{name}_int8" if name == "pruned" else "int8"] = q.artifacts["onnxruntime"]
-            quant["pruned_int8" if name == "pruned" else "int8"] = {
+            qname = "int8" if name == "fp32" else f"{name}_int8"
+            files[qname] = q.artifacts["onnxruntime"]
+            quant[qname] = {
                 "seconds": time.time() - t0, "calibration_images": q.calibration.get("num_images"),
                 "agreement_with_own_fp32": {t: f.to_dict() for t, f in q.fidelity.items()},
                 "eval_source": q.eval_source}
             print(f"quantized {name} in {time.time() - t0:.0f} s", file=sys.stderr)
-        order = ("fp32", "pruned", "int8", "pruned_int8")
+        order = ("fp32", "int8", *(f"pruned{k}{s}" for k in pruned for s in ("", "_int8")))
         runners = {k: make_runner(str(files[k]), runtime="onnxruntime", spinning=False) for k in order}
         bs = tuple(args.r50_batches)
         rep = measure_latency(runners, pre.input_shape, batch_sizes=bs, warmup_s=1.0, iters=args.iters,
@@ -133,18 +141,27 @@ def bench_pruned_int8(args) -> dict:
         "model": "torchvision resnet50 (random init, 10 classes), BN statistics re-estimated on "
                  f"{len(x)} images of {SLICE.name} (resized to 224, 3 channels, ImageNet preprocessing)",
         "input": [3, 224, 224],
-        "pruning": {"target_macs": 0.5, "criterion": "l1", "ranking": "uniform", "round_to": res.report.round_to,
-                    "macs_kept": res.macs_kept, "params_kept": res.after.params / res.before.params,
-                    "seconds": prune_s, "finetuned": False,
-                    "note": "no fine-tuning and no BN re-estimation after pruning: only speed is measured here"},
+        "pruning": {"criterion": "l1", "ranking": "uniform", "configs": prune_rows, "finetuned": False,
+                    "note": "keys: pruned<MACs kept>_rt<round-to> ('auto' = the CPU's default); no fine-tuning "
+                            "and no BN re-estimation after pruning: only speed is measured here"},
         "quantization": {"config": qcfg.to_dict(), "calib_data": SLICE.name, "runs": quant},
-        "runtime": "onnxruntime CPU, intra-op spinning off, default threads, four models interleaved in one "
+        "runtime": "onnxruntime CPU, intra-op spinning off, default threads, all models interleaved in one "
                    "measure_latency run",
         "median_ms": med, "spread": spread, "speedup_vs_fp32": speedup,
         "target_pruned_int8_speedup": 6.0,
-        "meets_target": {b: speedup["pruned_int8"][b] >= 6.0 for b in speedup["pruned_int8"]},
+        "meets_target": {k: {b: v[b] >= 6.0 for b in v} for k, v in speedup.items() if k.endswith("_int8")},
         "iters": args.iters, "rounds": args.rounds, "torch_threads": torch.get_num_threads(),
     }
+
+
+def _int8_config(text: str) -> tuple[float, int | None]:
+    """``"0.5"`` or ``"0.5:32"`` -> (MACs kept, round-to or None for the CPU's default)."""
+    tm, _, rt = text.partition(":")
+    return float(tm), (int(rt) if rt else None)
+
+
+def _config_key(tm: float, rt: int | None) -> str:
+    return f"{tm:g}_rt{rt if rt is not None else 'auto'}"
 
 
 def _fmnist(args):
@@ -265,6 +282,8 @@ def main() -> None:
     p.add_argument("--bn-images-r50", type=int, default=64, help="pruned_int8: BN re-estimation images")
     p.add_argument("--calib-images", type=int, default=32, help="pruned_int8: INT8 calibration images")
     p.add_argument("--r50-batches", type=int, nargs="+", default=[1, 8], help="pruned_int8: batch sizes")
+    p.add_argument("--r50-configs", nargs="+", default=["0.5"],
+                   help="pruned_int8: MACs kept[:round-to] per pruned model, e.g. 0.5 0.5:32 0.4")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
