@@ -1,0 +1,235 @@
+"""Where INT8 time and INT8 error go: the evidence behind the speed and agreement figures.
+
+Two parts (``--part``), each writing ``benchmarks/results/analyze_int8_<part>.json``:
+
+* ``time`` — torchvision resnet50 at 224x224 (random init, BN statistics re-estimated, as in
+  ``bench_quantize.py --part resnet50``): our ORT INT8 file and the FP32 file run under ONNX Runtime's
+  profiler (2 threads, spinning off). Reports the op types of the graph ORT actually runs (after its
+  optimizations) and the kernel time per op type, so one can see whether anything but integer kernels is
+  left and how much of the INT8 time the convolutions themselves take.
+* ``error`` — a Fashion-MNIST checkpoint (``--model``, e.g. the resnet18 of ``train_reference.py``)
+  quantized by ``quantize_model`` with the CLI's defaults, then on the full test split: the logit error
+  split into its weight part (activation Q/DQ pairs bypassed) and its activation part (FP32 weights
+  restored), the FP32 top-1/top-2 margins of the images whose top-1 changes, and, on ``--noise-images``
+  images, each activation Q/DQ pair's share of the logit noise when it alone is active.
+
+    python benchmarks/analyze_int8.py --part time
+    python benchmarks/analyze_int8.py --part error --model benchmarks/cache/resnet18_fashion_mnist_64.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_result  # noqa: E402
+from bench_quantize import our_artifacts, resnet50_fp32, sample  # noqa: E402
+
+from rescompress.data import DEBIAN_FASHION_MNIST, open_dataset  # noqa: E402
+
+
+def _profiled(model_path: Path, x: np.ndarray, runs: int, optimized: Path) -> tuple[dict, dict, float]:
+    """(kernel ms per op type per run, op-type counts of the optimized graph, wall ms per run)."""
+    import time
+
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(optimized)
+    so.enable_profiling = True
+    so.profile_file_prefix = str(optimized.with_suffix(""))
+    s = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+    name = s.get_inputs()[0].name
+    s.run(None, {name: x})  # warm-up, not counted below
+    t0 = time.perf_counter()
+    for _ in range(runs):
+        s.run(None, {name: x})
+    wall = (time.perf_counter() - t0) / runs * 1e3
+    events = json.loads(Path(s.end_profiling()).read_text())
+    per_op: collections.Counter = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            per_op[e["args"]["op_name"]] += e["dur"]
+    total_runs = runs + 1
+    ms = {op: us / total_runs / 1e3 for op, us in per_op.most_common()}
+    graph = onnx.load(str(optimized), load_external_data=False)
+    counts = dict(collections.Counter(n.op_type for n in graph.graph.node).most_common())
+    return ms, counts, wall
+
+
+def part_time(args) -> dict:
+    import onnx
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        fp32, _, ds = resnet50_fp32(tmp)
+        files, _ = our_artifacts(fp32, sample(ds, 32), "max", batch=8)
+        int8 = tmp / "r50.int8.ort.onnx"
+        onnx.save(files["onnxruntime"], str(int8))
+        x8 = sample(ds, 8, seed=2)
+        for b in args.batches:
+            row = {}
+            for label, path in (("fp32", fp32), ("int8_ort", int8)):
+                ms, counts, wall = _profiled(path, x8[:b], args.runs, tmp / f"{label}_b{b}.opt.onnx")
+                total = sum(ms.values())
+                row[label] = {"kernel_ms_per_op_type": ms, "kernel_share": {k: v / total for k, v in ms.items()},
+                              "optimized_graph_op_types": counts, "wall_ms_profiled": wall}
+            row["conv_kernel_speedup"] = (row["fp32"]["kernel_ms_per_op_type"].get("Conv", 0.0)
+                                          / row["int8_ort"]["kernel_ms_per_op_type"].get("QLinearConv", np.inf))
+            out[str(b)] = row
+            print(b, json.dumps({k: row[k]["kernel_ms_per_op_type"] for k in ("fp32", "int8_ort")}), file=sys.stderr)
+    return {
+        "model": "torchvision resnet50 (random init, BN re-estimated), 224x224; INT8 = our ORT file, max calibration "
+                 "on 32 images (the ranges do not change the kernels)",
+        "runtime": "onnxruntime CPU, 2 intra-op threads, spinning off, ORT_ENABLE_ALL, profiler on (the profiler "
+                   "adds per-node overhead: use bench_quantize.py for latency ratios)",
+        "runs_per_batch": args.runs, "batches": out,
+    }
+
+
+def _bypass_activations(m):
+    """Copy of a Q/DQ model in which every activation Q->DQ pair is skipped (weights stay int8)."""
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(m)
+    producer = {o: n for n in out.graph.node for o in n.output}
+    skip = {}
+    for n in out.graph.node:
+        p = producer.get(n.input[0]) if n.op_type == "DequantizeLinear" else None
+        if p is not None and p.op_type == "QuantizeLinear":
+            skip[n.output[0]] = p.input[0]
+    for n in out.graph.node:
+        for i, t in enumerate(n.input):
+            if t in skip:
+                n.input[i] = skip[t]
+    return out, skip
+
+
+def _float_weights(m, fp32):
+    """Copy of a Q/DQ model whose weight and bias inputs are the FP32 model's (activations stay quantized)."""
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(m)
+    fp_nodes = {n.name: n for n in fp32.graph.node}
+    fp_inits = {i.name: i for i in fp32.graph.initializer}
+    added = set()
+    for n in out.graph.node:
+        ref = fp_nodes.get(n.name)
+        if ref is None or n.op_type not in ("Conv", "Gemm", "MatMul"):
+            continue
+        for i in (1, 2):
+            if i < len(n.input) and i < len(ref.input) and n.input[i] != ref.input[i] and ref.input[i] in fp_inits:
+                name = ref.input[i] + "__fp32"
+                if name not in added:
+                    t = onnx.TensorProto()
+                    t.CopyFrom(fp_inits[ref.input[i]])
+                    t.name = name
+                    out.graph.initializer.append(t)
+                    added.add(name)
+                n.input[i] = name
+    return out, len(added)
+
+
+def _only(m, keep: str, pairs: dict):
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(m)
+    for n in out.graph.node:
+        for i, t in enumerate(n.input):
+            if t in pairs and t != keep:
+                n.input[i] = pairs[t]
+    return out
+
+
+def part_error(args) -> dict:
+    import onnx
+    from bench_quantize import logits_of, session
+
+    from rescompress.quantization.fidelity import sqnr_db
+    from rescompress.quantization.pipeline import QuantizeConfig, load_fp32, quantize_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        r = quantize_model(args.model, f"{DEBIAN_FASHION_MNIST}@train", Path(tmp) / "o",
+                           config=QuantizeConfig(latency=False), eval_data=f"{DEBIAN_FASHION_MNIST}@test")
+        fp32_path = next((Path(tmp) / "o").glob("*.fp32.onnx"))
+        fp32 = onnx.load(str(fp32_path))
+        preprocess = load_fp32(fp32_path, Path(tmp) / "x").preprocess
+        qmodels = {t: onnx.load(str(r.artifacts[t])) for t in ("onnxruntime", "tensorrt") if t in r.artifacts}
+    test = open_dataset(f"{DEBIAN_FASHION_MNIST}@test", preprocess, split="test")
+    x = np.stack([test[i][0].numpy() for i in range(len(test))]).astype(np.float32)
+    ref = logits_of(session(fp32), x)
+    top = np.sort(ref, axis=1)
+    margin = top[:, -1] - top[:, -2]
+
+    def stats(q):
+        flips = np.flatnonzero(q.argmax(1) != ref.argmax(1))
+        return {"sqnr_db": float(sqnr_db(ref, q)), "top1_agreement": float(100 * (1 - len(flips) / len(ref))),
+                "flips": int(len(flips)), "fp32_margin_of_flips": sorted(round(float(m), 4) for m in margin[flips])}
+
+    out = {}
+    for target, qm in qmodels.items():
+        wonly, pairs = _bypass_activations(qm)
+        aonly, restored = _float_weights(qm, fp32)
+        row = {"full": stats(logits_of(session(qm), x)), "weights_only": stats(logits_of(session(wonly), x)),
+               "activations_only": stats(logits_of(session(aonly), x)), "activation_pairs": len(pairs),
+               "fp32_initializers_restored": restored}
+        xs = x[: args.noise_images]
+        ref_s = ref[: args.noise_images]
+        noise = {}
+        for dq, src in pairs.items():
+            q = logits_of(session(_only(qm, dq, pairs)), xs)
+            noise[f"{src} -> {dq}"] = float(((q - ref_s) ** 2).sum())
+        total = sum(noise.values())
+        signal = float((ref_s**2).sum())
+        row["noise_by_pair"] = [{"pair": k, "share": v / total, "alone_sqnr_db": float(10 * np.log10(signal / v))}
+                                for k, v in sorted(noise.items(), key=lambda kv: -kv[1])[: args.top]]
+        row["noise_images"] = len(xs)
+        out[target] = row
+        print(target, json.dumps({k: row[k]["sqnr_db"] for k in ("full", "weights_only", "activations_only")}),
+              file=sys.stderr)
+    return {
+        "model": str(args.model), "quantize": "quantize_model with the CLI defaults (512 calibration images of the "
+        "train split, --method auto, refinement, Hessian rounding)", "method": r.method,
+        "test_images": len(x), "fp32_margin_quantiles": {str(q): float(np.quantile(margin, q))
+                                                         for q in (0.001, 0.002, 0.005, 0.01)},
+        "targets": out,
+        "notes": "weights_only: activation Q/DQ pairs bypassed (int8 weights kept); activations_only: FP32 weights "
+                 "and biases restored (activation Q/DQ kept). noise_by_pair: logit noise power with that pair alone "
+                 "active, as a share of the sum over pairs (pairs that quantize the same values, e.g. before and "
+                 "after a MaxPool, count twice).",
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=("time", "error"), required=True)
+    ap.add_argument("--model", type=Path, default=None, help="error part: a Fashion-MNIST checkpoint")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="time part: batch sizes")
+    ap.add_argument("--runs", type=int, default=10, help="time part: profiled runs per batch size")
+    ap.add_argument("--noise-images", type=int, default=1000, help="error part: images for the per-pair split")
+    ap.add_argument("--top", type=int, default=12, help="error part: pairs listed")
+    args = ap.parse_args()
+    if args.part == "error" and args.model is None:
+        ap.error("--part error needs --model")
+    res = part_time(args) if args.part == "time" else part_error(args)
+    print(write_result(f"analyze_int8_{args.part}", {"command": "python " + " ".join(sys.argv), **res}),
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
