@@ -187,13 +187,14 @@ def load_model(
     arch: str | None = None,
     trust_pickle: bool = False,
     *,
-    input_size: int | None = None,
+    input_size: int | tuple[int, int] | None = None,
 ) -> LoadedModel:
     """Load any accepted model file as an eval-mode CPU module with its architecture and input spec.
 
     ``arch`` overrides the inferred architecture (an arch the weights do not fit is an error).
     ``trust_pickle`` allows an arbitrary pickle (it can run code) after a warning. ``input_size``
-    replaces the default preprocessing's square input size (MACs are counted at that size).
+    replaces the default preprocessing's input size, square (an int) or (height, width); MACs are counted
+    at that size.
     """
     p = Path(path)
     _check_file(p)
@@ -779,7 +780,7 @@ def _default_preprocess(arch_or_family: str, in_channels: int) -> Preprocess:
     return get_preset("imagenet").with_overrides(channels=in_channels)
 
 
-def _finish(part: _Partial, input_size: int | None) -> LoadedModel:
+def _finish(part: _Partial, input_size: int | tuple[int, int] | None) -> LoadedModel:
     family = "cifar" if (part.spec is not None and part.spec.family == "cifar") or part.arch in CIFAR_ARCHS else ""
     pre = part.preprocess or _default_preprocess(family or part.arch, part.in_channels)
     if pre.channels != part.in_channels:
@@ -869,7 +870,7 @@ class OnnxSummary:
         }
 
 
-def onnx_summary(path: Path | str, input_size: int | None = None) -> OnnxSummary:
+def onnx_summary(path: Path | str, input_size: int | tuple[int, int] | None = None) -> OnnxSummary:
     """Read an ONNX classifier's graph (no inference session): shapes, opset, params, MACs, Q/DQ count.
 
     The I/O contract comes from :func:`rescompress.export.read_onnx_info`. MACs (Conv, Gemm, MatMul) are
@@ -901,7 +902,9 @@ def onnx_summary(path: Path | str, input_size: int | None = None) -> OnnxSummary
             for d in t.dims:
                 n *= d
             params += n if n > 1 else 0
-    size = (input_size, input_size) if input_size else info.input_size
+    if isinstance(input_size, int):
+        input_size = (input_size, input_size)
+    size = tuple(input_size) if input_size else info.input_size
     macs = _onnx_macs(proto, inp.name, info.in_channels, size) if size else None
     return OnnxSummary(
         path=p, opset=info.opset, ir_version=int(proto.ir_version), producer=proto.producer_name,

@@ -78,7 +78,7 @@ class Preprocess:
             hw = (size, size) if isinstance(size, int) else tuple(size)
             changes["size"] = hw
             # A preset's resize-then-crop ratio only makes sense at its own size.
-            changes["resize"] = None if self.resize is None else round(self.resize * hw[0] / self.size[0])
+            changes["resize"] = None if self.resize is None else round(self.resize * max(hw) / max(self.size))
         if channels is not None and channels != self.channels:
             changes["channels"] = channels
             if mean is None:

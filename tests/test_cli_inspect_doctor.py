@@ -57,6 +57,12 @@ def test_inspect_json_and_input_size(r20_path):
     assert d56["macs"] == count_macs(model, (1, 1, 56, 56)) == 4 * d["macs"] - 3 * 64 * 10
     assert d56["preprocess"]["size"] == [56, 56]
 
+    result = runner.invoke(app, ["inspect", str(r20_path), "--input-size", "28x40", "--json"])
+    assert result.exit_code == 0, result.output
+    wide = json.loads(result.stdout)  # height x width
+    assert wide["preprocess"]["size"] == [28, 40] and wide["input_shape"] == [1, 1, 28, 40]
+    assert wide["macs"] == count_macs(model, (1, 1, 28, 40))
+
 
 def test_inspect_onnx_reads_graph(tmp_path):
     from rescompress.export import export_onnx
@@ -142,6 +148,9 @@ def test_inspect_wrong_arch_is_error_and_usage_errors_exit_2(r20_path):
     assert result.exit_code == 1 and "do not fit --arch resnet50" in result.stderr
     assert runner.invoke(app, ["inspect"]).exit_code == 2
     assert runner.invoke(app, ["inspect", str(r20_path), "--input-size", "abc"]).exit_code == 2
+    for bad in ("3x0", "2x3x4", "-5"):
+        result = runner.invoke(app, ["inspect", str(r20_path), "--input-size", bad])
+        assert result.exit_code == 2 and "HxW" in result.output, bad
     assert runner.invoke(app, ["inspect", str(r20_path), "--no-such-flag"]).exit_code == 2
 
 

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from rescompress.checkpoint import CheckpointHeader, save_checkpoint
 from rescompress.cli.app import app
 from rescompress.models import build_model
+from rescompress.profile import count_macs
 from rescompress.quantization.checker import check_trt_qdq
 from rescompress.spec import get_preset
 
@@ -188,3 +189,22 @@ def test_exclude_keeps_first_conv_float_in_tensorrt_file(first_run, calib_npz, t
     assert first.input[0] == "input"  # reads the float input directly
     assert check_trt_qdq(q, allow_float=["/conv1/Conv"]) == []
     assert not (tmp_path / "r20.int8.ort.onnx").exists() and data["latency"] is None
+
+
+def test_prune_then_quantize_at_a_non_square_size(checkpoint, calib_npz, tmp_path):
+    """``--input-size HxW``: the pruned file records the size and quantize builds its graphs at it."""
+    pruned = tmp_path / "wide.safetensors"
+    res = runner.invoke(app, ["prune", str(checkpoint), "--target-macs", "0.6", "--input-size", "24x40",
+                              "--no-latency", "-o", str(pruned), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["before"]["macs"] == count_macs(build_model("resnet20", 10, 1), (1, 1, 24, 40))
+    out = tmp_path / "q"
+    res = runner.invoke(app, ["quantize", str(pruned), "--calib-data", str(calib_npz), "--num-images", "32",
+                              "--weight-rounding", "nearest", "--refine-tensors", "0", "-o", str(out), "--json", *FAST])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    for target, name in (("onnxruntime", "wide.int8.ort.onnx"), ("tensorrt", "wide.int8.trt.onnx")):
+        m = onnx.load(str(out / name))
+        dims = [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim[1:]]
+        assert dims == [1, 24, 40], (target, dims)
+        assert data["fidelity"][target]["sqnr_db"] > 20.0

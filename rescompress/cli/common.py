@@ -48,7 +48,18 @@ PresetOpt = Annotated[
     str | None,
     typer.Option("--preset", help="Preprocessing preset: imagenet, cifar, fashion-mnist (default: the model's)."),
 ]
-InputSizeOpt = Annotated[int | None, typer.Option("--input-size", help="Square input size override, e.g. 64.")]
+def _check_size(value: str | None) -> str | None:
+    try:
+        parse_size(value)
+    except RescompressError as exc:
+        raise typer.BadParameter(str(exc).removeprefix("--input-size ")) from None
+    return value
+
+
+InputSizeOpt = Annotated[
+    str | None,
+    typer.Option("--input-size", help="Input size override: 64 (square) or HxW, e.g. 192x256.", callback=_check_size),
+]
 ChannelsOpt = Annotated[int | None, typer.Option("--channels", help="Input channels override (1 or 3).")]
 MeanOpt = Annotated[str | None, typer.Option("--mean", help="Comma-separated per-channel mean override.")]
 StdOpt = Annotated[str | None, typer.Option("--std", help="Comma-separated per-channel std override.")]
@@ -75,8 +86,24 @@ def parse_ints(text: str, option: str) -> tuple[int, ...]:
     return values
 
 
+def parse_size(text: str | None) -> tuple[int, int] | None:
+    """``--input-size``: ``"224"`` -> (224, 224), ``"192x256"`` -> (192, 256) (height x width)."""
+    if text is None:
+        return None
+    parts = text.lower().replace("*", "x").split("x")
+    try:
+        hw = tuple(int(v) for v in parts)
+    except ValueError:
+        hw = ()
+    if len(hw) == 1:
+        hw = (hw[0], hw[0])
+    if len(hw) != 2 or min(hw) < 1:
+        raise RescompressError(f"--input-size expects a positive size like 224 or 192x256 (HxW), got {text!r}")
+    return hw
+
+
 def resolve_preprocess(
-    default, preset: str | None, input_size: int | None, channels: int | None, mean: str | None, std: str | None
+    default, preset: str | None, input_size: str | None, channels: int | None, mean: str | None, std: str | None
 ):
     """The model's preprocessing, or a named preset, with command-line overrides applied."""
     from rescompress.spec import get_preset
@@ -85,7 +112,8 @@ def resolve_preprocess(
     if base is None:
         raise RescompressError("the model does not record its preprocessing; pass --preset")
     return base.with_overrides(
-        size=input_size, channels=channels, mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std")
+        size=parse_size(input_size), channels=channels, mean=parse_floats(mean, "--mean"),
+        std=parse_floats(std, "--std"),
     )
 
 

@@ -26,6 +26,7 @@ from rescompress.cli.common import (
     handle_errors,
     info,
     key_value_table,
+    parse_size,
     resolve_preprocess,
 )
 from rescompress.errors import RescompressError
@@ -59,7 +60,7 @@ def export_command(
     from rescompress.loading import load_model
 
     ensure_not_input(output, [model])
-    loaded = load_model(model, arch=arch, trust_pickle=trust_pickle, input_size=input_size)
+    loaded = load_model(model, arch=arch, trust_pickle=trust_pickle, input_size=parse_size(input_size))
     pre = resolve_preprocess(loaded.preprocess, preset, input_size, channels, mean, std)
     if pre.channels != loaded.in_channels:
         raise RescompressError(

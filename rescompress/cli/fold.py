@@ -26,6 +26,7 @@ from rescompress.cli.common import (
     handle_errors,
     info,
     key_value_table,
+    parse_size,
     resolve_preprocess,
     rows_table,
     warn,
@@ -60,7 +61,7 @@ def fold_command(
     if output.suffix.lower() == ".onnx":
         raise RescompressError("fold writes a rescompress checkpoint (.safetensors); for ONNX use `rescompress export`")
     ensure_not_input(output, [model])
-    loaded = load_model(model, arch=arch, trust_pickle=trust_pickle, input_size=input_size)
+    loaded = load_model(model, arch=arch, trust_pickle=trust_pickle, input_size=parse_size(input_size))
     if loaded.arch not in ARCH_NAMES:
         # A checkpoint is rebuilt from its architecture name on load; without a builder it could not reload.
         raise RescompressError(

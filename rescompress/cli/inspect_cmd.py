@@ -3,7 +3,7 @@
 For PyTorch files (state_dict, pickled ResNet, TorchScript, safetensors, rescompress checkpoint) it shows
 the inferred architecture, source format, class count, input channels, default preprocessing, params and
 MACs; for an ONNX file the graph's input/output shapes, opset, Q/DQ node count, params, MACs and the
-metadata the exporter recorded. ``--input-size`` counts MACs at another square input size.
+metadata the exporter recorded. ``--input-size`` counts MACs at another input size (224 or HxW).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from rescompress.cli.common import (
     TrustPickleOpt,
     handle_errors,
     key_value_table,
+    parse_size,
 )
 
 
@@ -44,19 +45,17 @@ def inspect_command(
     from rescompress.errors import RescompressError
     from rescompress.loading import is_onnx_path, load_model, onnx_summary
 
-    if input_size is not None and input_size < 1:
-        raise RescompressError(f"--input-size must be a positive integer, got {input_size}")
     out = Output(as_json)
     if model.is_file() and is_onnx_path(model):
         if arch is not None:
             raise RescompressError("--arch applies to PyTorch files; an ONNX file records its own architecture")
-        summary = onnx_summary(model, input_size=input_size)
+        summary = onnx_summary(model, input_size=parse_size(input_size))
         data = summary.to_dict()
         data["params_human"] = human_count(summary.params)
         data["macs_human"] = human_count(summary.macs) if summary.macs is not None else None
         out.result(data, lambda console: _render_onnx(console, data))
         return
-    loaded = load_model(model, arch=arch, trust_pickle=trust_pickle, input_size=input_size)
+    loaded = load_model(model, arch=arch, trust_pickle=trust_pickle, input_size=parse_size(input_size))
     data = loaded.to_dict()
     data["input_shape"] = list(loaded.preprocess.input_shape(1))
     data["params_human"] = human_count(loaded.params)

@@ -28,6 +28,7 @@ from rescompress.cli.common import (
     TrustPickleOpt,
     handle_errors,
     info,
+    parse_size,
     progress,
     resolve_preprocess,
     rows_table,
@@ -118,7 +119,7 @@ def prune_command(
         batch_size=batch_size, seed=seed, device=device,
     )
     config.validate()  # before the (slow) load, so a bad option fails at once
-    loaded = load_model(model, arch=arch, trust_pickle=trust_pickle, input_size=input_size)
+    loaded = load_model(model, arch=arch, trust_pickle=trust_pickle, input_size=parse_size(input_size))
     pre = resolve_preprocess(loaded.preprocess, preset, input_size, channels, mean, std)
     if pre.channels != loaded.in_channels:
         raise RescompressError(

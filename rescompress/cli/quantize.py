@@ -16,6 +16,7 @@ from rich.console import Console
 from rescompress.cli.common import (
     ArchOpt,
     ChannelsOpt,
+    InputSizeOpt,
     JsonOpt,
     MeanOpt,
     Output,
@@ -93,7 +94,7 @@ def quantize_command(
     arch: ArchOpt = None,
     trust_pickle: TrustPickleOpt = False,
     preset: PresetOpt = None,
-    input_size: Annotated[int | None, typer.Option("--input-size", help="Square input size override.")] = None,
+    input_size: InputSizeOpt = None,
     channels: ChannelsOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
