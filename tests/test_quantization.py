@@ -425,6 +425,38 @@ def test_unknown_ops_stay_float_and_are_reported(tmp_path):
         assert sqnr_db(_run(m, x), _run(q, x)) > 25.0
 
 
+@pytest.mark.parametrize("dynamo,keepdim", [(True, True), (False, False)])
+def test_spatial_mean_becomes_global_average_pool(tmp_path, dynamo, keepdim):
+    """``x.mean((2, 3))`` (ReduceMean; axes as an input from opset 18) is rewritten to GlobalAveragePool,
+    so ORT runs it as QLinearGlobalAveragePool; a mean over channels is left alone."""
+
+    class Head(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = torch.nn.Linear(8, 5)
+
+        def forward(self, x):
+            y = torch.relu(self.conv(x))
+            y = y + y.mean(dim=1, keepdim=True)  # channel mean: not a pooling
+            return self.fc(y.mean(dim=(-1, -2), keepdim=keepdim).flatten(1))
+
+    torch.manual_seed(0)
+    path = tmp_path / "head.onnx"
+    torch.onnx.export(Head().eval(), (torch.randn(2, 3, 12, 12),), str(path), dynamo=dynamo, input_names=["input"],
+                      output_names=["logits"], dynamic_axes={"input": {0: "b"}, "logits": {0: "b"}},
+                      **({} if dynamo else {"opset_version": 17}))
+    original = onnx.load(str(path))
+    m = prepare_model(original)
+    ops = Counter(n.op_type for n in m.graph.node)
+    assert ops["GlobalAveragePool"] == 1 and ops["ReduceMean"] == 1  # the channel mean stays
+    x = np.random.default_rng(0).standard_normal((3, 3, 12, 12)).astype(np.float32)
+    np.testing.assert_allclose(_run(m, x), _run(original, x), rtol=1e-5, atol=1e-6)
+    pl = place(m, "onnxruntime")
+    gap = next(n for n in m.graph.node if n.op_type == "GlobalAveragePool")
+    assert gap.name in pl.quantized_nodes and not any("GlobalAveragePool" in u for u in pl.unsupported)
+
+
 def test_refine_raises_trt_sqnr_on_trained_reference(reference_checkpoint, calib_npz, eval_npz, tmp_path):
     """Scale refinement on held-out calibration images must raise the TensorRT file's logit SQNR on
     *other* images (the eval slice), stay within its evaluation budget, and keep the file TensorRT-legal."""

@@ -12,7 +12,9 @@ Two rule sets over the same graph (DESIGN decision 3):
   other input comes from a Conv, so TensorRT fuses Conv+Add(+ReLU) in INT8.
 
 Weights are quantized per output channel on both targets. Nodes matched by ``exclude`` patterns stay in
-float; op types the rules do not know are left float and reported.
+float; op types the rules do not know are left float and reported. :func:`prepare_model` first rewrites a
+``ReduceMean`` over both spatial axes (how PyTorch's dynamo exporter writes global average pooling) as
+``GlobalAveragePool``, so such files get the same placement as the ones this project exports.
 """
 
 from __future__ import annotations
@@ -147,7 +149,52 @@ def prepare_model(model: onnx.ModelProto) -> onnx.ModelProto:
         if not n.name or n.name in seen:
             n.name = f"{n.op_type}_{i}"
         seen.add(n.name)
+    _spatial_means_to_gap(m)
     return m
+
+
+def _spatial_means_to_gap(m: onnx.ModelProto) -> None:
+    """Rewrite ``ReduceMean`` over both spatial axes of a 4-D tensor as ``GlobalAveragePool`` (in place).
+
+    PyTorch's dynamo exporter writes ``x.mean((2, 3))`` and torchvision's ``AdaptiveAvgPool2d(1)`` that way;
+    as a GlobalAveragePool it gets an integer kernel in ORT (QLinearGlobalAveragePool) instead of staying
+    float. ``keepdims=0`` becomes GlobalAveragePool + Flatten. The result is the same mean.
+    """
+    from onnx import helper, numpy_helper
+
+    candidates = [n for n in m.graph.node if n.op_type == "ReduceMean"]
+    if not candidates:
+        return
+    try:
+        ranks = {v.name: len(v.type.tensor_type.shape.dim)
+                 for v in onnx.shape_inference.infer_shapes(m).graph.value_info if v.type.HasField("tensor_type")}
+    except Exception:  # shape inference is a convenience here: without it nothing is rewritten
+        return
+    ranks.update({v.name: len(v.type.tensor_type.shape.dim) for v in m.graph.input})
+    consts = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    for n in m.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    new_nodes = []
+    for n in m.graph.node:
+        if n.op_type != "ReduceMean" or ranks.get(n.input[0]) != 4:
+            new_nodes.append(n)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        axes = attrs.get("axes")
+        if axes is None and len(n.input) > 1 and n.input[1] in consts:
+            axes = consts[n.input[1]].tolist()
+        if axes is None or sorted(a % 4 for a in axes) != [2, 3]:
+            new_nodes.append(n)
+            continue
+        if attrs.get("keepdims", 1):
+            new_nodes.append(helper.make_node("GlobalAveragePool", [n.input[0]], [n.output[0]], name=n.name))
+        else:
+            pooled = f"{n.output[0]}_pooled"
+            new_nodes.append(helper.make_node("GlobalAveragePool", [n.input[0]], [pooled], name=n.name))
+            new_nodes.append(helper.make_node("Flatten", [pooled], [n.output[0]], name=f"{n.name}_flatten", axis=1))
+    del m.graph.node[:]
+    m.graph.node.extend(new_nodes)
 
 
 def matches(node: onnx.NodeProto, patterns: Iterable[str], constants: Iterable[str] = ()) -> bool:
