@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 SOURCE_FORMATS = ("state_dict", "pickled_module", "torchscript", "checkpoint", "pickle")
 
 #: Commands that take an ONNX file directly (shown when an .onnx file reaches :func:`load_model`).
-ONNX_COMMANDS = ("inspect", "evaluate", "benchmark", "gate", "build-engine")
+ONNX_COMMANDS = ("inspect", "quantize", "evaluate", "benchmark", "gate", "build-engine")
 
 ACCEPTED = (
     "accepted: a torchvision-style ResNet state_dict or pickled ResNet (.pt/.pth), a TorchScript archive, "

@@ -403,7 +403,7 @@ def test_bad_files_each_get_a_clear_error(tmp_path):
         st_trunc: "corrupt or truncated safetensors",
         not_resnet: r"not a torchvision-style ResNet .*'encoder.weight'",
         random_dict: r"holds a dict with keys \['epoch', 'lr'\]",
-        onnx_path: "is an ONNX model.*inspect, evaluate, benchmark",
+        onnx_path: "is an ONNX model.*inspect, quantize, evaluate, benchmark",
         onnx_renamed: "is an ONNX model",
     }
     for path, message in cases.items():

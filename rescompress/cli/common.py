@@ -157,7 +157,9 @@ def rows_table(rows: Sequence[dict[str, Any]], columns: Iterable[str] | None = N
     cols = list(columns) if columns is not None else (list(rows[0]) if rows else [])
     table = Table(title=title)
     for c in cols:
-        table.add_column(c, justify="left" if not rows or isinstance(rows[0].get(c), str) else "right")
+        text = not rows or isinstance(rows[0].get(c), str)
+        # Names (file names, tensors) fold onto more lines rather than lose their distinguishing end.
+        table.add_column(c, justify="left" if text else "right", overflow="fold" if text else "ellipsis")
     for r in rows:
         table.add_row(*(_fmt(r.get(c)) for c in cols))
     return table
