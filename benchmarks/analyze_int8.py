@@ -5,8 +5,8 @@ Two parts (``--part``), each writing ``benchmarks/results/analyze_int8_<part>.js
 * ``time`` — torchvision resnet50 at 224x224 (random init, BN statistics re-estimated, as in
   ``bench_quantize.py --part resnet50``): our ORT INT8 file and the FP32 file run under ONNX Runtime's
   profiler (2 threads, spinning off). Reports the op types of the graph ORT actually runs (after its
-  optimizations) and the kernel time per op type, so one can see whether anything but integer kernels is
-  left and how much of the INT8 time the convolutions themselves take.
+  optimizations), the kernel time per op type and the slowest nodes, so one can see whether anything but
+  integer kernels is left and how much of the INT8 time the convolutions themselves take.
 * ``error`` — a Fashion-MNIST checkpoint (``--model``, e.g. the resnet18 of ``train_reference.py``)
   quantized by ``quantize_model`` with the CLI's defaults, then on the full test split: the logit error
   split into its weight part (activation Q/DQ pairs bypassed) and its activation part (FP32 weights
@@ -58,14 +58,20 @@ def _profiled(model_path: Path, x: np.ndarray, runs: int, optimized: Path) -> tu
     wall = (time.perf_counter() - t0) / runs * 1e3
     events = json.loads(Path(s.end_profiling()).read_text())
     per_op: collections.Counter = collections.Counter()
+    per_node: dict[str, list] = {}
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
             per_op[e["args"]["op_name"]] += e["dur"]
+            row = per_node.setdefault(e["name"][: -len("_kernel_time")],
+                                      [e["args"]["op_name"], e["args"].get("output_type_shape"), 0.0])
+            row[2] += e["dur"]
     total_runs = runs + 1
     ms = {op: us / total_runs / 1e3 for op, us in per_op.most_common()}
+    slowest = [{"node": k, "op": op, "output": shape, "ms": us / total_runs / 1e3}
+               for k, (op, shape, us) in sorted(per_node.items(), key=lambda kv: -kv[1][2])[:8]]
     graph = onnx.load(str(optimized), load_external_data=False)
     counts = dict(collections.Counter(n.op_type for n in graph.graph.node).most_common())
-    return ms, counts, wall
+    return ms, counts, wall, slowest
 
 
 def part_time(args) -> dict:
@@ -82,10 +88,10 @@ def part_time(args) -> dict:
         for b in args.batches:
             row = {}
             for label, path in (("fp32", fp32), ("int8_ort", int8)):
-                ms, counts, wall = _profiled(path, x8[:b], args.runs, tmp / f"{label}_b{b}.opt.onnx")
+                ms, counts, wall, slowest = _profiled(path, x8[:b], args.runs, tmp / f"{label}_b{b}.opt.onnx")
                 total = sum(ms.values())
                 row[label] = {"kernel_ms_per_op_type": ms, "kernel_share": {k: v / total for k, v in ms.items()},
-                              "optimized_graph_op_types": counts, "wall_ms_profiled": wall}
+                              "optimized_graph_op_types": counts, "wall_ms_profiled": wall, "slowest_nodes": slowest}
             row["conv_kernel_speedup"] = (row["fp32"]["kernel_ms_per_op_type"].get("Conv", 0.0)
                                           / row["int8_ort"]["kernel_ms_per_op_type"].get("QLinearConv", np.inf))
             out[str(b)] = row
