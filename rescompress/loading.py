@@ -311,8 +311,7 @@ def _load_safetensors(p: Path, arch: str | None) -> _Partial:
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise UnsupportedModelError(f"{p} is a corrupt or truncated safetensors file ({exc})") from None
-    module, spec, pruned = build_from_state_dict(state, arch, what=str(p))
-    return _from_spec(module, spec, pruned, "state_dict", p, arch)
+    return _from_state(state, arch, "state_dict", p)
 
 
 def _load_torch_pickle(p: Path, arch: str | None, trust_pickle: bool) -> _Partial:
@@ -320,8 +319,16 @@ def _load_torch_pickle(p: Path, arch: str | None, trust_pickle: bool) -> _Partia
     module, state = _unwrap(obj, p)
     if module is not None:
         return _from_module(module, p, arch, "pickle" if trusted else "pickled_module")
+    return _from_state(state, arch, "pickle" if trusted else "state_dict", p)
+
+
+def _from_state(state: dict[str, torch.Tensor], arch: str | None, source: str, p: Path) -> _Partial:
+    state, head_note = plain_head(strip_prefixes(state))
     module, spec, pruned = build_from_state_dict(state, arch, what=str(p))
-    return _from_spec(module, spec, pruned, "pickle" if trusted else "state_dict", p, arch)
+    part = _from_spec(module, spec, pruned, source, p, arch)
+    if head_note:
+        part.notes.append(head_note)
+    return part
 
 
 def _torch_load_safe(p: Path, trust_pickle: bool) -> tuple[object, bool]:
@@ -437,7 +444,7 @@ def _load_torchscript(p: Path, arch: str | None) -> _Partial:
             f"{p} looks like a TorchScript archive but torch.jit.load failed: {str(exc).splitlines()[0]}"
         ) from None
     script.eval()
-    state = {k: v for k, v in script.state_dict().items()}
+    state, head_note = plain_head(strip_prefixes(dict(script.state_dict())))
     try:
         eager, spec, pruned = build_from_state_dict(state, arch, what=str(p))
     except UnsupportedModelError:
@@ -457,6 +464,8 @@ def _load_torchscript(p: Path, arch: str | None) -> _Partial:
                 and torch.allclose(ref, got, rtol=1e-4, atol=1e-5 * max(1.0, float(ref.abs().max())))):
             part = _from_spec(eager, spec, pruned, "torchscript", p, arch)
             part.notes.append("rebuilt as an eager module from the TorchScript weights (outputs checked equal)")
+            if head_note:
+                part.notes.append(head_note)
             return part
         log.info("TorchScript forward differs from an eager %s; keeping the scripted module", spec.name)
     in_channels = _first_conv_in_channels(state)
@@ -515,6 +524,34 @@ def _unwrap(obj: object, p: Path) -> tuple[nn.Module | None, dict[str, torch.Ten
             )
         break
     raise UnsupportedModelError(f"{p} holds a {type(obj).__module__}.{type(obj).__qualname__}; {ACCEPTED}")
+
+
+_HEAD_KEY = re.compile(r"^fc\.(\d+)\.(weight|bias)$")
+
+
+def plain_head(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str | None]:
+    """Map a ``fc = Sequential(Dropout, Linear)``-style head onto a plain ``fc`` Linear: (state, note).
+
+    Only when the Sequential holds exactly one parameterized layer, a Linear (one 2-D weight, maybe a bias):
+    the parameter-free layers before it (Dropout, Flatten, a ReLU on the non-negative pooled features) do
+    nothing at inference. A head with more than one such layer is left as it is (and will not load).
+    """
+    if "fc.weight" in state:
+        return state, None
+    head = {k: _HEAD_KEY.match(k) for k in state if k.startswith("fc.")}
+    if not head or any(m is None for m in head.values()) or len({m.group(1) for m in head.values()}) != 1:
+        return state, None
+    index = next(iter(head.values())).group(1)
+    weight = state.get(f"fc.{index}.weight")
+    if weight is None or weight.ndim != 2:
+        return state, None
+    out = {}
+    for k, v in state.items():
+        m = head.get(k)
+        out[f"fc.{m.group(2)}" if m is not None else k] = v
+    return out, (f"classifier head fc.{index} (the only layer with weights in a Sequential) loaded as a plain fc; "
+                 "parameter-free layers around it (e.g. Dropout) are dropped, which is exact at inference unless "
+                 "the head ends in an activation such as Softmax (then load the whole module with --trust-pickle)")
 
 
 def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -439,9 +439,20 @@ def test_dataparallel_and_custom_head_pickles_load_without_trust(tmp_path):
     loaded = load_model(head, input_size=32)
     assert (loaded.arch, loaded.num_classes) == ("resnet18", 7)
     assert any("custom classifier head" in n for n in loaded.notes)
+    # The same head as a state_dict (torch.save, or safetensors with a DataParallel prefix): the one Linear
+    # becomes a plain fc, which computes exactly what the Sequential does at inference.
     torch.save(model.state_dict(), tmp_path / "head_sd.pt")
-    with pytest.raises(UnsupportedModelError, match=r"unexpected keys \['fc.1.bias', 'fc.1.weight'\]"):
-        load_model(tmp_path / "head_sd.pt")
+    save_file({f"module.{k}": v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "head_sd.safetensors")
+    for name in ("head_sd.pt", "head_sd.safetensors"):
+        loaded = load_model(tmp_path / name, input_size=32)
+        assert (loaded.arch, loaded.num_classes, loaded.source_format) == ("resnet18", 7, "state_dict")
+        assert isinstance(loaded.module.fc, nn.Linear) and any("loaded as a plain fc" in n for n in loaded.notes)
+        torch.testing.assert_close(_logits(loaded.module, (2, 3, 32, 32)), _logits(model, (2, 3, 32, 32)))
+
+    model.fc = nn.Sequential(nn.Linear(512, 64), nn.ReLU(), nn.Linear(64, 7))  # an MLP head: no plain fc
+    torch.save(model.state_dict(), tmp_path / "mlp_sd.pt")
+    with pytest.raises(UnsupportedModelError, match=r"unexpected keys \['fc.0.bias', 'fc.0.weight', 'fc.2.bias'"):
+        load_model(tmp_path / "mlp_sd.pt")
 
 
 def test_folded_checkpoint_loads_with_note(tmp_path, r20):
