@@ -290,13 +290,13 @@ def onnx_parity(
     )
 
 
-def ort_logits(model_bytes: bytes | str | Path, probe: torch.Tensor) -> np.ndarray:
+def ort_logits(model_bytes: bytes | str | Path, probe: torch.Tensor, log_level: int = 3) -> np.ndarray:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     # Intra-op spinning off: this check runs beside other work on shared cores (DESIGN decision 6).
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
+    opts.log_severity_level = log_level
     src = model_bytes if isinstance(model_bytes, bytes) else str(model_bytes)
     session = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
@@ -534,3 +534,47 @@ def _channels_from_graph(graph) -> int | None:
                 return shape[1] * group
             return None
     return None
+
+
+# ------------------------------------------------------------------------------------------ fixed batch
+def dynamic_batch_copy(proto, what: str = "the ONNX model"):
+    """(model, fixed batch) for a file exported with a fixed batch size: a copy whose batch is dynamic.
+
+    Returns ``(proto, None)`` when the batch is already dynamic. The copy is checked in ONNX Runtime
+    against the original on random inputs (at the fixed batch, and per image at other batch sizes); a
+    graph that bakes the batch into a Reshape fails that check and is refused with how to re-export.
+    """
+    import onnx
+
+    inits = {i.name for i in proto.graph.initializer}
+    inp = next(i for i in proto.graph.input if i.name not in inits)
+    dims = inp.type.tensor_type.shape.dim
+    if not dims or not dims[0].HasField("dim_value") or any(not d.HasField("dim_value") for d in dims[1:]):
+        return proto, None
+    fixed = int(dims[0].dim_value)
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    m_inp = next(i for i in m.graph.input if i.name == inp.name)
+    m_inp.type.tensor_type.shape.dim[0].dim_param = BATCH_DIM
+    for out in m.graph.output:
+        odims = out.type.tensor_type.shape.dim
+        if odims and odims[0].HasField("dim_value") and odims[0].dim_value == fixed:
+            odims[0].dim_param = BATCH_DIM
+    del m.graph.value_info[:]  # inferred shapes carry the fixed batch; ORT re-infers them
+    shape = [int(d.dim_value) for d in dims[1:]]
+    x = np.random.default_rng(0).standard_normal((fixed + 1, *shape)).astype(np.float32)
+    refuse = (f"{what} has a fixed batch size of {fixed} and its graph depends on it; re-export it with a "
+              "dynamic batch, e.g. torch.onnx.export(..., dynamic_axes={'input': {0: 'batch'}})")
+    try:
+        ref = ort_logits(proto.SerializeToString(), torch.from_numpy(x[:fixed]))
+        # log level 4: a graph that cannot take another batch fails here on purpose; ORT need not print it
+        runs = [(ort_logits(m.SerializeToString(), torch.from_numpy(x[:n]), log_level=4), n)
+                for n in (fixed, 1, fixed + 1)]
+    except Exception:
+        raise RescompressError(refuse) from None
+    tol = 1e-4 * max(1.0, float(np.abs(ref).max()))
+    for got, n in runs:
+        k = min(n, fixed)
+        if got.shape[0] != n or not np.allclose(got[:k], ref[:k], rtol=1e-4, atol=tol):
+            raise RescompressError(refuse)
+    return m, fixed

@@ -457,6 +457,31 @@ def test_spatial_mean_becomes_global_average_pool(tmp_path, dynamo, keepdim):
     assert gap.name in pl.quantized_nodes and not any("GlobalAveragePool" in u for u in pl.unsupported)
 
 
+def test_weights_written_as_identity_or_constant_are_quantized(tmp_path):
+    """PyTorch's TorchScript exporter writes a weight equal to an earlier one as an Identity of it, and other
+    exporters write weights as Constant nodes: every conv must still get its own quantized weight."""
+    torch.manual_seed(0)
+    path = tmp_path / "r20.onnx"
+    torch.onnx.export(build_model("resnet20", 10, 1).eval(), (torch.randn(2, 1, 28, 28),), str(path), dynamo=False,
+                      input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "b"}},
+                      opset_version=17)
+    original = onnx.load(str(path))
+    assert any(n.op_type == "Identity" for n in original.graph.node)  # default BatchNorms: equal zero biases
+    # Move one conv weight into a Constant node as well.
+    conv = next(n for n in original.graph.node if n.op_type == "Conv" and n.input[1] in
+                {i.name for i in original.graph.initializer})
+    weight = next(i for i in original.graph.initializer if i.name == conv.input[1])
+    original.graph.initializer.remove(weight)
+    original.graph.node.insert(0, helper.make_node("Constant", [], [conv.input[1]], value=weight))
+    m = prepare_model(original)
+    assert not any(n.op_type in ("Identity", "Constant") for n in m.graph.node)
+    x = np.random.default_rng(0).standard_normal((3, 1, 28, 28)).astype(np.float32)
+    np.testing.assert_allclose(_run(m, x), _run(original, x), rtol=1e-6, atol=1e-6)
+    for target in ("onnxruntime", "tensorrt"):
+        p = place(m, target)
+        assert len(p.weights) == 22 and len({w.initializer for w in p.weights}) == 22  # 21 convs + fc
+
+
 def test_refine_raises_trt_sqnr_on_trained_reference(reference_checkpoint, calib_npz, eval_npz, tmp_path):
     """Scale refinement on held-out calibration images must raise the TensorRT file's logit SQNR on
     *other* images (the eval slice), stay within its evaluation budget, and keep the file TensorRT-legal."""

@@ -145,7 +145,7 @@ class Fp32Model:
     num_classes: int
     arch: str | None
     stem: str
-    exported: bool  # True when this run folded and exported it from a PyTorch file
+    exported: bool  # True when this run wrote it (folded and exported a PyTorch file, or made the batch dynamic)
 
 
 @dataclass(frozen=True)
@@ -226,7 +226,7 @@ def load_fp32(
 
     ``preprocess`` replaces the model's own preprocessing, or (a callable) maps it to the one to use.
     """
-    from rescompress.export import export_onnx, read_onnx_info
+    from rescompress.export import dynamic_batch_copy, export_onnx, read_onnx_info
     from rescompress.loading import is_onnx_path, load_model
 
     p = Path(model_path)
@@ -246,7 +246,20 @@ def load_fp32(
             raise RescompressError(
                 f"{p} still has BatchNormalization nodes; fold them first (rescompress fold / export)"
             )
-        return Fp32Model(p, proto, pre, info.num_classes, info.arch, stem, exported=False)
+        dynamic, fixed = dynamic_batch_copy(proto, str(p))
+        if fixed is None:
+            return Fp32Model(p, proto, pre, info.num_classes, info.arch, stem, exported=False)
+        # Calibration and evaluation run in batches, and users want INT8 files that take any batch.
+        from rescompress.quantization.emit import save_model
+
+        fp32_path = outdir / f"{stem}.fp32.onnx"
+        ensure_not_input(fp32_path, [p])
+        outdir.mkdir(parents=True, exist_ok=True)
+        save_model(dynamic, fp32_path)
+        if notify:
+            notify(f"{p.name} has a fixed batch of {fixed}; using a copy with a dynamic batch ({fp32_path.name}, "
+                   "outputs checked equal)")
+        return Fp32Model(fp32_path, dynamic, pre, info.num_classes, info.arch, stem, exported=True)
     from rescompress.folding import fold_batchnorm
 
     loaded = load_model(p, arch=arch, trust_pickle=trust_pickle)

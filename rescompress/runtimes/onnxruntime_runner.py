@@ -64,17 +64,28 @@ def read_model_info(path: Path):
 class OrtRunner:
     """Runs an ONNX file in one ``InferenceSession``; input and output names come from the graph."""
 
-    def __init__(self, session, info: RunnerInfo, input_name: str, output_name: str) -> None:
+    def __init__(self, session, info: RunnerInfo, input_name: str, output_name: str,
+                 fixed_batch: int | None = None) -> None:
         self.name = "onnxruntime"
         self.info = info
         self.session = session
         self.input_name = input_name
         self.output_name = output_name
+        self.fixed_batch = fixed_batch  # the file only takes batches of this size: others run in chunks
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(batch, dtype=np.float32)
-        (out,) = self.session.run([self.output_name], {self.input_name: x})
-        return classifier_outputs(out, self.info.source)
+        n = self.fixed_batch
+        if n is None or len(x) == n:
+            (out,) = self.session.run([self.output_name], {self.input_name: x})
+            return classifier_outputs(out, self.info.source)
+        outs = []
+        for i in range(0, len(x), n):
+            chunk = x[i : i + n]
+            if len(chunk) < n:  # zero-pad the last chunk; the padding rows are dropped
+                chunk = np.concatenate([chunk, np.zeros((n - len(chunk), *x.shape[1:]), np.float32)])
+            outs.append(self.session.run([self.output_name], {self.input_name: chunk})[0][: len(x) - i])
+        return classifier_outputs(np.concatenate(outs), self.info.source)
 
 
 def create(model: Any, options: RunnerOptions) -> OrtRunner:
@@ -91,6 +102,21 @@ def create(model: Any, options: RunnerOptions) -> OrtRunner:
         session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
     except Exception as exc:  # ORT's own message names the unsupported node or the bad graph
         raise RescompressError(f"onnxruntime cannot load {path}: {first_line(exc)}") from exc
+    fixed, chunked = None, None
+    if isinstance(session.get_inputs()[0].shape[0], int):
+        # Exported with a fixed batch: run a dynamic-batch copy (checked equal), or, when the graph depends
+        # on its batch size, the file itself in chunks of that size.
+        import onnx
+
+        from rescompress.export import dynamic_batch_copy
+
+        try:
+            dynamic, fixed = dynamic_batch_copy(onnx.load(str(path)), str(path))
+        except RescompressError:
+            fixed = chunked = int(session.get_inputs()[0].shape[0])
+        else:
+            if fixed is not None:
+                session = ort.InferenceSession(dynamic.SerializeToString(), sess_options=so, providers=providers)
     info = RunnerInfo.from_onnx(
         "onnxruntime",
         path,
@@ -102,6 +128,10 @@ def create(model: Any, options: RunnerOptions) -> OrtRunner:
             "inter_op_spinning": options.spinning,
             "graph_optimization": "all",
             "optimized_model_path": str(options.optimized_model_path) if options.optimized_model_path else None,
+            "fixed_batch_in_file": fixed,
+            "fixed_batch_handling": None if fixed is None else (
+                "sequential calls of the fixed batch (its graph depends on it)" if chunked
+                else "dynamic-batch copy, checked equal at load"),
         },
     )
-    return OrtRunner(session, info, meta.input_name, meta.output_name)
+    return OrtRunner(session, info, meta.input_name, meta.output_name, fixed_batch=chunked)

@@ -1,0 +1,101 @@
+"""ONNX files exported with a fixed batch size: a checked dynamic-batch copy, or chunked runs when the graph
+depends on its batch (a Reshape to [1, ...]); quantize writes the copy and INT8 files that take any batch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from rescompress.cli.app import app
+from rescompress.errors import RescompressError
+from rescompress.export import dynamic_batch_copy, ort_logits
+from rescompress.models import build_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+class _BatchOneHead(torch.nn.Module):
+    """ResNet-20 whose classifier input is reshaped to a hard-coded [1, 64]: it only runs at batch 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = build_model("resnet20", 10, 1).eval()
+
+    def forward(self, x):
+        n = self.net
+        y = n.layer3(n.layer2(n.layer1(torch.relu(n.bn1(n.conv1(x))))))
+        return n.fc(torch.nn.functional.adaptive_avg_pool2d(y, 1).reshape(1, 64))
+
+
+def _export_static(model: torch.nn.Module, path, batch: int = 1) -> None:
+    torch.onnx.export(model.eval(), (torch.randn(batch, 1, 28, 28),), str(path), input_names=["input"],
+                      output_names=["logits"], dynamo=False, opset_version=17)
+
+
+@pytest.fixture(scope="module")
+def static_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("static")
+    torch.manual_seed(0)
+    _export_static(build_model("resnet20", 10, 1), d / "batch1.onnx")
+    _export_static(build_model("resnet20", 10, 1), d / "batch4.onnx", batch=4)
+    _export_static(_BatchOneHead(), d / "reshape1.onnx")
+    return d
+
+
+@pytest.mark.parametrize("name,fixed", [("batch1.onnx", 1), ("batch4.onnx", 4)])
+def test_dynamic_copy_matches_the_fixed_file(static_files, name, fixed):
+    proto = onnx.load(str(static_files / name))
+    copy, got_fixed = dynamic_batch_copy(proto)
+    assert got_fixed == fixed
+    assert copy.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((9, 1, 28, 28)).astype(np.float32))
+    ref = np.concatenate([ort_logits(proto.SerializeToString(), x[i : i + fixed]) for i in (0, fixed)])
+    got = ort_logits(copy.SerializeToString(), x)  # any batch size now
+    assert got.shape == (9, 10)
+    np.testing.assert_allclose(got[: 2 * fixed], ref, rtol=1e-5, atol=1e-5)
+    again, none = dynamic_batch_copy(copy)  # already dynamic: returned as it is
+    assert none is None and again is copy
+
+
+def test_graph_tied_to_its_batch_is_refused_with_how_to_re_export(static_files):
+    with pytest.raises(RescompressError, match=r"fixed batch size of 1 .* dynamic_axes"):
+        dynamic_batch_copy(onnx.load(str(static_files / "reshape1.onnx")), "reshape1.onnx")
+
+
+def test_runner_runs_a_batch_tied_file_in_chunks(static_files):
+    from rescompress.runtimes import make_runner
+
+    runner = make_runner(str(static_files / "reshape1.onnx"), runtime="onnxruntime")
+    x = np.random.default_rng(2).standard_normal((3, 1, 28, 28)).astype(np.float32)
+    got = runner.run(x)
+    per_image = np.concatenate([runner.run(x[i : i + 1]) for i in range(3)])
+    assert got.shape == (3, 10)
+    np.testing.assert_array_equal(got, per_image)
+    assert runner.info.settings["fixed_batch_in_file"] == 1
+
+
+def test_quantize_a_fixed_batch_file(static_files, calib_npz, tmp_path):
+    out = tmp_path / "q"
+    res = CliRunner().invoke(app, [
+        "quantize", str(static_files / "batch1.onnx"), "--calib-data", str(calib_npz), "--preset", "fashion-mnist",
+        "--num-images", "32", "--weight-rounding", "nearest", "--refine-tensors", "0", "--no-latency",
+        "-o", str(out), "--json",
+    ])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["artifacts"]["fp32"].endswith("q/batch1.fp32.onnx")  # the copy; the input is left alone
+    for name in ("batch1.fp32.onnx", "batch1.int8.ort.onnx", "batch1.int8.trt.onnx"):
+        dim = onnx.load(str(out / name)).graph.input[0].type.tensor_type.shape.dim[0]
+        assert dim.dim_param == "batch", name
+    assert data["fidelity"]["onnxruntime"]["sqnr_db"] > 20.0
+    res = CliRunner().invoke(app, [
+        "quantize", str(static_files / "reshape1.onnx"), "--calib-data", str(calib_npz), "--preset", "fashion-mnist",
+        "--no-latency", "-o", str(tmp_path / "r"),
+    ])
+    assert res.exit_code == 1 and "fixed batch size of 1" in res.output
+    assert not (tmp_path / "r").exists()
