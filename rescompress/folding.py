@@ -372,3 +372,71 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
+
+
+# ------------------------------------------------------------------------------------------ ONNX graphs
+def fold_onnx_batchnorm(model):
+    """(model, folded count): a copy of an ONNX graph with each ``Conv -> BatchNormalization`` pair folded.
+
+    For files exported without constant folding (``torch.onnx.export(..., do_constant_folding=False)``)
+    or in training mode. A pair folds when the BatchNormalization runs in inference mode, reads the Conv's
+    output and is its only reader, and the weights and statistics are constants; the same float64 formula
+    as :func:`fold_conv_bn_weights`. Other BatchNormalization nodes are left (and counted by the caller).
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from rescompress.quantization.placement import constants_to_initializers
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    constants_to_initializers(m)
+    g = m.graph
+    inits = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    readers: dict[str, int] = {}
+    for n in g.node:
+        for t in n.input:
+            readers[t] = readers.get(t, 0) + 1
+    outputs = {o.name for o in g.output}
+
+    def const(name: str) -> torch.Tensor | None:
+        return torch.from_numpy(numpy_helper.to_array(inits[name]).copy()) if name in inits else None
+
+    drop: set[int] = set()
+    for i, bn in enumerate(g.node):
+        if bn.op_type != "BatchNormalization" or len(bn.output) != 1 or len(bn.input) != 5:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in bn.attribute}
+        conv = producer.get(bn.input[0])
+        if (attrs.get("training_mode", 0) or conv is None or conv.op_type != "Conv" or len(conv.input) < 2
+                or readers.get(bn.input[0], 0) != 1 or bn.input[0] in outputs
+                or any(const(t) is None for t in bn.input[1:]) or const(conv.input[1]) is None
+                or (len(conv.input) > 2 and conv.input[2] and const(conv.input[2]) is None)):
+            continue
+        gamma, beta, mean, var = (const(t) for t in bn.input[1:])
+        bias = const(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
+        w, b = fold_conv_bn_weights(const(conv.input[1]), bias, mean, var, float(attrs.get("epsilon", 1e-5)),
+                                    gamma, beta)
+        stem = conv.name or conv.output[0]
+        names = (f"{stem}_bn_folded_weight", f"{stem}_bn_folded_bias")
+        g.initializer.extend([numpy_helper.from_array(w.numpy(), names[0]),
+                              numpy_helper.from_array(b.numpy(), names[1])])
+        x = conv.input[0]
+        del conv.input[:]
+        conv.input.extend([x, *names])
+        conv.output[0] = bn.output[0]
+        drop.add(i)
+    if drop:
+        kept = [n for i, n in enumerate(g.node) if i not in drop]
+        del g.node[:]
+        g.node.extend(kept)
+        used = {t for n in g.node for t in n.input}
+        live = [t for t in g.initializer if t.name in used]
+        del g.initializer[:]
+        g.initializer.extend(live)
+        graph_inputs = [v for v in g.input if v.name in used or v.name not in inits]
+        del g.input[:]
+        g.input.extend(graph_inputs)
+        del g.value_info[:]
+    return m, len(drop)

@@ -242,24 +242,34 @@ def load_fp32(
             proto = onnx.load(str(p))
         except Exception as exc:
             raise RescompressError(f"cannot read ONNX model {p}: {exc}") from exc
+        changes = []
         if any(n.op_type == "BatchNormalization" for n in proto.graph.node):
-            raise RescompressError(
-                f"{p} still has BatchNormalization nodes; fold them first (rescompress fold / export)"
-            )
-        dynamic, fixed = dynamic_batch_copy(proto, str(p))
-        if fixed is None:
+            from rescompress.folding import fold_onnx_batchnorm
+
+            folded, count = fold_onnx_batchnorm(proto)
+            if any(n.op_type == "BatchNormalization" for n in folded.graph.node):
+                raise RescompressError(
+                    f"{p} has BatchNormalization nodes that do not follow a convolution with constant weights; "
+                    "re-export in eval mode with constant folding (torch.onnx.export(model.eval(), ...)) or "
+                    "pass the PyTorch model"
+                )
+            _check_same_function(proto, folded, pre, f"{p} with its BatchNorms folded")
+            proto = folded
+            changes.append(f"{count} BatchNormalization folded into the convolutions")
+        proto, fixed = dynamic_batch_copy(proto, str(p))
+        if fixed is not None:  # calibration runs in batches, and users want INT8 files that take any batch
+            changes.append(f"its fixed batch of {fixed} made dynamic")
+        if not changes:
             return Fp32Model(p, proto, pre, info.num_classes, info.arch, stem, exported=False)
-        # Calibration and evaluation run in batches, and users want INT8 files that take any batch.
         from rescompress.quantization.emit import save_model
 
         fp32_path = outdir / f"{stem}.fp32.onnx"
         ensure_not_input(fp32_path, [p])
         outdir.mkdir(parents=True, exist_ok=True)
-        save_model(dynamic, fp32_path)
+        save_model(proto, fp32_path)
         if notify:
-            notify(f"{p.name} has a fixed batch of {fixed}; using a copy with a dynamic batch ({fp32_path.name}, "
-                   "outputs checked equal)")
-        return Fp32Model(fp32_path, dynamic, pre, info.num_classes, info.arch, stem, exported=True)
+            notify(f"{p.name}: {'; '.join(changes)} (outputs checked equal), written as {fp32_path.name}")
+        return Fp32Model(fp32_path, proto, pre, info.num_classes, info.arch, stem, exported=True)
     from rescompress.folding import fold_batchnorm
 
     loaded = load_model(p, arch=arch, trust_pickle=trust_pickle)
@@ -278,6 +288,21 @@ def load_fp32(
         folded.model, pre, fp32_path, arch=loaded.arch, num_classes=loaded.num_classes, source=p, folded=True,
     )
     return Fp32Model(fp32_path, onnx.load(str(fp32_path)), pre, loaded.num_classes, loaded.arch, stem, exported=True)
+
+
+def _check_same_function(before: onnx.ModelProto, after: onnx.ModelProto, pre: Preprocess, what: str) -> None:
+    """Raise unless two graphs give the same logits (float32 rounding aside) on a random batch."""
+    import torch
+
+    from rescompress.export import ort_logits
+
+    inits = {i.name for i in before.graph.initializer}
+    dims = next(i for i in before.graph.input if i.name not in inits).type.tensor_type.shape.dim
+    batch = dims[0].dim_value if dims and dims[0].HasField("dim_value") else 2
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal(pre.input_shape(batch)).astype(np.float32))
+    a, b = ort_logits(before.SerializeToString(), x), ort_logits(after.SerializeToString(), x)
+    if a.shape != b.shape or not np.allclose(a, b, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(a).max()))):
+        raise RescompressError(f"{what} does not compute what the file does; pass the PyTorch model instead")
 
 
 # ------------------------------------------------------------------------------------------ data

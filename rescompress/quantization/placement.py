@@ -149,12 +149,12 @@ def prepare_model(model: onnx.ModelProto) -> onnx.ModelProto:
         if not n.name or n.name in seen:
             n.name = f"{n.op_type}_{i}"
         seen.add(n.name)
-    _constants_to_initializers(m)
+    constants_to_initializers(m)
     _spatial_means_to_gap(m)
     return m
 
 
-def _constants_to_initializers(m: onnx.ModelProto) -> None:
+def constants_to_initializers(m: onnx.ModelProto) -> None:
     """Make every constant a node reads an initializer of its own (in place).
 
     Exporters write some weights as ``Constant`` nodes, and PyTorch's TorchScript exporter writes a weight

@@ -1,5 +1,6 @@
-"""ONNX files exported with a fixed batch size: a checked dynamic-batch copy, or chunked runs when the graph
-depends on its batch (a Reshape to [1, ...]); quantize writes the copy and INT8 files that take any batch."""
+"""ONNX files as users export them. A fixed batch size: a checked dynamic-batch copy, or chunked runs when
+the graph depends on its batch (a Reshape to [1, ...]); quantize writes the copy and INT8 files that take any
+batch. BatchNormalization left in the graph (``do_constant_folding=False``): folded on the ONNX graph."""
 
 from __future__ import annotations
 
@@ -99,3 +100,48 @@ def test_quantize_a_fixed_batch_file(static_files, calib_npz, tmp_path):
     ])
     assert res.exit_code == 1 and "fixed batch size of 1" in res.output
     assert not (tmp_path / "r").exists()
+
+
+@pytest.fixture(scope="module")
+def unfolded_bn(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10, 1).eval()
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):  # non-trivial statistics, so a wrong fold shows
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    path = tmp_path_factory.mktemp("bn") / "bn.onnx"
+    torch.onnx.export(model, (torch.randn(2, 1, 28, 28),), str(path), input_names=["input"], output_names=["logits"],
+                      dynamo=False, opset_version=17, do_constant_folding=False, dynamic_axes={"input": {0: "b"}})
+    return path
+
+
+def test_batchnorm_folded_on_the_onnx_graph(unfolded_bn):
+    from rescompress.folding import fold_onnx_batchnorm
+
+    proto = onnx.load(str(unfolded_bn))
+    assert sum(n.op_type == "BatchNormalization" for n in proto.graph.node) == 21
+    folded, count = fold_onnx_batchnorm(proto)
+    assert count == 21 and not any(n.op_type == "BatchNormalization" for n in folded.graph.node)
+    assert sum(n.op_type == "Conv" for n in folded.graph.node) == 21
+    x = torch.from_numpy(np.random.default_rng(3).standard_normal((4, 1, 28, 28)).astype(np.float32))
+    ref = ort_logits(proto.SerializeToString(), x)
+    np.testing.assert_allclose(ort_logits(folded.SerializeToString(), x), ref, rtol=1e-5,
+                               atol=1e-5 * float(np.abs(ref).max()))
+
+
+def test_quantize_folds_batchnorm_of_an_onnx_file(unfolded_bn, calib_npz, tmp_path):
+    out = tmp_path / "q"
+    res = CliRunner().invoke(app, [
+        "quantize", str(unfolded_bn), "--calib-data", str(calib_npz), "--preset", "fashion-mnist", "--num-images",
+        "32", "--weight-rounding", "nearest", "--refine-tensors", "0", "--no-latency", "-o", str(out), "--json",
+    ])
+    assert res.exit_code == 0, res.output
+    assert "21 BatchNormalization folded" in res.stderr
+    data = json.loads(res.stdout)
+    assert data["artifacts"]["fp32"].endswith("q/bn.fp32.onnx")
+    assert not any(n.op_type == "BatchNormalization" for n in onnx.load(str(out / "bn.fp32.onnx")).graph.node)
+    assert data["fidelity"]["onnxruntime"]["sqnr_db"] > 20.0
