@@ -126,6 +126,31 @@ def test_empty_calibration_folder_exits_1(checkpoint, tmp_path):
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())  # nothing written
 
 
+def test_failure_after_export_leaves_nothing_behind(checkpoint, calib_npz, tmp_path):
+    """An unreadable image is found only while calibrating, after the FP32 export was written: the run
+    fails with one line and removes what it wrote; files already in the output folder stay."""
+    from PIL import Image
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    x = np.load(calib_npz)["x"]
+    for i in range(8):
+        Image.fromarray(np.asarray(x[i]).squeeze().astype(np.uint8)).save(calib / f"{i}.png")
+    (calib / "zz_broken.png").write_text("not an image")
+    for out, existing in ((tmp_path / "new", None), (tmp_path / "old", "notes.txt")):
+        if existing:
+            out.mkdir()
+            (out / existing).write_text("mine")
+        res = runner.invoke(app, ["quantize", str(checkpoint), "--calib-data", str(calib), "-o", str(out), *FAST])
+        assert res.exit_code == 1
+        errors = [ln for ln in res.stderr.splitlines() if ln.startswith("Error:")]
+        assert len(errors) == 1 and "zz_broken.png" in errors[0]
+        if existing:
+            assert [f.name for f in out.iterdir()] == [existing] and (out / existing).read_text() == "mine"
+        else:
+            assert not out.exists()
+
+
 def test_nan_weights_exit_1(first_run, calib_npz, tmp_path):
     _, out = first_run
     m = onnx.load(str(out / "r20.fp32.onnx"))

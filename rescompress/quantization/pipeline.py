@@ -391,7 +391,42 @@ def quantize_model(
     progress: ProgressFn | None = None,
     notify: Notify | None = None,
 ) -> QuantizeResult:
-    """Quantize ``model`` to INT8 artifacts in ``outdir``; see the module docstring for the stages."""
+    """Quantize ``model`` to INT8 artifacts in ``outdir``; see the module docstring for the stages.
+
+    On any failure the files this run created in ``outdir`` (an exported FP32 model, artifacts written
+    before the error) are removed again, and ``outdir`` too when this run created it: a failed run leaves
+    nothing behind. Files that were there before are not touched.
+    """
+    out = Path(outdir)
+    existed = out.exists()
+    before = {f for f in out.iterdir()} if out.is_dir() else set()
+    try:
+        return _quantize_model(model, calib_data, out, config=config, eval_data=eval_data, plan=plan, arch=arch,
+                               trust_pickle=trust_pickle, preprocess=preprocess, progress=progress, notify=notify)
+    except BaseException:
+        if out.is_dir():
+            for f in out.iterdir():
+                if f not in before and f.is_file():
+                    f.unlink(missing_ok=True)
+            if not existed and not any(out.iterdir()):
+                out.rmdir()
+        raise
+
+
+def _quantize_model(
+    model: Path | str,
+    calib_data: Path | str | None,
+    outdir: Path,
+    *,
+    config: QuantizeConfig | None = None,
+    eval_data: Path | str | None = None,
+    plan: Path | str | QuantPlan | None = None,
+    arch: str | None = None,
+    trust_pickle: bool = False,
+    preprocess: PreprocessArg = None,
+    progress: ProgressFn | None = None,
+    notify: Notify | None = None,
+) -> QuantizeResult:
     from rescompress.data import check_compatible, describe_source, open_dataset
     from rescompress.system import library_versions
 
