@@ -12,6 +12,7 @@ logit SQNR, the worst layers, latency on ORT CPU). Every output is written atomi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -377,6 +378,31 @@ def choose_method(fids: dict[str, Fidelity]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ main entry
+def _nothing_left_on_failure(run):
+    """On any failure, remove the files a quantize run created in its output folder (an exported FP32 model,
+    artifacts written before the error), and the folder when the run created it; files that were there
+    before stay."""
+
+    @functools.wraps(run)
+    def wrapper(model, calib_data, outdir="out", **kwargs):
+        out = Path(outdir)
+        existed = out.exists()
+        before = set(out.iterdir()) if out.is_dir() else set()
+        try:
+            return run(model, calib_data, out, **kwargs)
+        except BaseException:
+            if out.is_dir():
+                for f in out.iterdir():
+                    if f not in before and f.is_file():
+                        f.unlink(missing_ok=True)
+                if not existed and not any(out.iterdir()):
+                    out.rmdir()
+            raise
+
+    return wrapper
+
+
+@_nothing_left_on_failure
 def quantize_model(
     model: Path | str,
     calib_data: Path | str | None,
@@ -393,40 +419,8 @@ def quantize_model(
 ) -> QuantizeResult:
     """Quantize ``model`` to INT8 artifacts in ``outdir``; see the module docstring for the stages.
 
-    On any failure the files this run created in ``outdir`` (an exported FP32 model, artifacts written
-    before the error) are removed again, and ``outdir`` too when this run created it: a failed run leaves
-    nothing behind. Files that were there before are not touched.
+    A run that fails leaves nothing behind in ``outdir`` (see :func:`_nothing_left_on_failure`).
     """
-    out = Path(outdir)
-    existed = out.exists()
-    before = {f for f in out.iterdir()} if out.is_dir() else set()
-    try:
-        return _quantize_model(model, calib_data, out, config=config, eval_data=eval_data, plan=plan, arch=arch,
-                               trust_pickle=trust_pickle, preprocess=preprocess, progress=progress, notify=notify)
-    except BaseException:
-        if out.is_dir():
-            for f in out.iterdir():
-                if f not in before and f.is_file():
-                    f.unlink(missing_ok=True)
-            if not existed and not any(out.iterdir()):
-                out.rmdir()
-        raise
-
-
-def _quantize_model(
-    model: Path | str,
-    calib_data: Path | str | None,
-    outdir: Path,
-    *,
-    config: QuantizeConfig | None = None,
-    eval_data: Path | str | None = None,
-    plan: Path | str | QuantPlan | None = None,
-    arch: str | None = None,
-    trust_pickle: bool = False,
-    preprocess: PreprocessArg = None,
-    progress: ProgressFn | None = None,
-    notify: Notify | None = None,
-) -> QuantizeResult:
     from rescompress.data import check_compatible, describe_source, open_dataset
     from rescompress.system import library_versions
 
