@@ -145,3 +145,23 @@ def test_quantize_folds_batchnorm_of_an_onnx_file(unfolded_bn, calib_npz, tmp_pa
     assert data["artifacts"]["fp32"].endswith("q/bn.fp32.onnx")
     assert not any(n.op_type == "BatchNormalization" for n in onnx.load(str(out / "bn.fp32.onnx")).graph.node)
     assert data["fidelity"]["onnxruntime"]["sqnr_db"] > 20.0
+
+
+def test_quantize_converts_an_old_opset(calib_npz, tmp_path):
+    """Files exported at opset 11 (common in older projects) are converted to opset 17, checked equal."""
+    old = tmp_path / "op11.onnx"
+    torch.manual_seed(0)
+    torch.onnx.export(build_model("resnet20", 10, 1).eval(), (torch.randn(2, 1, 28, 28),), str(old),
+                      input_names=["input"], output_names=["logits"], dynamo=False, opset_version=11,
+                      dynamic_axes={"input": {0: "b"}})
+    assert onnx.load(str(old)).opset_import[0].version == 11
+    out = tmp_path / "q"
+    res = CliRunner().invoke(app, [
+        "quantize", str(old), "--calib-data", str(calib_npz), "--preset", "fashion-mnist", "--num-images", "32",
+        "--weight-rounding", "nearest", "--refine-tensors", "0", "--no-latency", "-o", str(out), "--json",
+    ])
+    assert res.exit_code == 0, res.output
+    assert "opset 11 converted to 17" in res.stderr
+    for name in ("op11.fp32.onnx", "op11.int8.ort.onnx", "op11.int8.trt.onnx"):
+        assert onnx.load(str(out / name)).opset_import[0].version >= 17, name
+    assert json.loads(res.stdout)["fidelity"]["onnxruntime"]["sqnr_db"] > 20.0

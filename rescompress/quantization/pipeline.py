@@ -227,7 +227,7 @@ def load_fp32(
 
     ``preprocess`` replaces the model's own preprocessing, or (a callable) maps it to the one to use.
     """
-    from rescompress.export import dynamic_batch_copy, export_onnx, read_onnx_info
+    from rescompress.export import MIN_OPSET, dynamic_batch_copy, export_onnx, read_onnx_info
     from rescompress.loading import is_onnx_path, load_model
 
     p = Path(model_path)
@@ -244,6 +244,18 @@ def load_fp32(
         except Exception as exc:
             raise RescompressError(f"cannot read ONNX model {p}: {exc}") from exc
         changes = []
+        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+        if 0 < opset < MIN_QDQ_OPSET:  # per-channel Q/DQ needs opset 13: convert older exports
+            from onnx import version_converter
+
+            try:
+                converted = version_converter.convert_version(proto, MIN_OPSET)
+            except Exception:
+                converted = None
+            if converted is not None:
+                _check_same_function(proto, converted, pre, f"{p} converted to opset {MIN_OPSET}")
+                proto = converted
+                changes.append(f"opset {opset} converted to {MIN_OPSET}")
         if any(n.op_type == "BatchNormalization" for n in proto.graph.node):
             from rescompress.folding import fold_onnx_batchnorm
 
@@ -262,8 +274,6 @@ def load_fp32(
             changes.append(f"its fixed batch of {fixed} made dynamic")
         if not changes:
             return Fp32Model(p, proto, pre, info.num_classes, info.arch, stem, exported=False)
-        from rescompress.quantization.emit import save_model
-
         fp32_path = outdir / f"{stem}.fp32.onnx"
         ensure_not_input(fp32_path, [p])
         outdir.mkdir(parents=True, exist_ok=True)
@@ -289,6 +299,9 @@ def load_fp32(
         folded.model, pre, fp32_path, arch=loaded.arch, num_classes=loaded.num_classes, source=p, folded=True,
     )
     return Fp32Model(fp32_path, onnx.load(str(fp32_path)), pre, loaded.num_classes, loaded.arch, stem, exported=True)
+
+
+MIN_QDQ_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear
 
 
 def _check_same_function(before: onnx.ModelProto, after: onnx.ModelProto, pre: Preprocess, what: str) -> None:
