@@ -165,3 +165,22 @@ def test_quantize_converts_an_old_opset(calib_npz, tmp_path):
     for name in ("op11.fp32.onnx", "op11.int8.ort.onnx", "op11.int8.trt.onnx"):
         assert onnx.load(str(out / name)).opset_import[0].version >= 17, name
     assert json.loads(res.stdout)["fidelity"]["onnxruntime"]["sqnr_db"] > 20.0
+
+
+def test_quantize_takes_weights_out_of_the_graph_inputs(calib_npz, tmp_path):
+    """keep_initializers_as_inputs=True lists every weight as a graph input, which keeps ONNX Runtime from
+    optimizing the FP32 baseline; the FP32 copy lists only the image input."""
+    src = tmp_path / "kin.onnx"
+    torch.onnx.export(build_model("resnet20", 10, 1).eval(), (torch.randn(2, 1, 28, 28),), str(src),
+                      input_names=["input"], output_names=["logits"], dynamo=False, opset_version=17,
+                      keep_initializers_as_inputs=True, dynamic_axes={"input": {0: "b"}})
+    assert len(onnx.load(str(src)).graph.input) > 1
+    out = tmp_path / "q"
+    res = CliRunner().invoke(app, [
+        "quantize", str(src), "--calib-data", str(calib_npz), "--preset", "fashion-mnist", "--num-images", "32",
+        "--weight-rounding", "nearest", "--refine-tensors", "0", "--no-latency", "-o", str(out),
+    ])
+    assert res.exit_code == 0, res.output
+    assert "weights taken out of the graph inputs" in res.stderr
+    assert [i.name for i in onnx.load(str(out / "kin.fp32.onnx")).graph.input] == ["input"]
+    assert [i.name for i in onnx.load(str(out / "kin.int8.ort.onnx")).graph.input] == ["input"]

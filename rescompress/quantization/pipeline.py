@@ -243,7 +243,7 @@ def load_fp32(
             proto = onnx.load(str(p))
         except Exception as exc:
             raise RescompressError(f"cannot read ONNX model {p}: {exc}") from exc
-        changes = []
+        given, changes = proto, []
         opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
         if 0 < opset < MIN_QDQ_OPSET:  # per-channel Q/DQ needs opset 13: convert older exports
             from onnx import version_converter
@@ -253,7 +253,6 @@ def load_fp32(
             except Exception:
                 converted = None
             if converted is not None:
-                _check_same_function(proto, converted, pre, f"{p} converted to opset {MIN_OPSET}")
                 proto = converted
                 changes.append(f"opset {opset} converted to {MIN_OPSET}")
         if any(n.op_type == "BatchNormalization" for n in proto.graph.node):
@@ -266,14 +265,20 @@ def load_fp32(
                     "re-export in eval mode with constant folding (torch.onnx.export(model.eval(), ...)) or "
                     "pass the PyTorch model"
                 )
-            _check_same_function(proto, folded, pre, f"{p} with its BatchNorms folded")
             proto = folded
             changes.append(f"{count} BatchNormalization folded into the convolutions")
+        init_names = {i.name for i in proto.graph.initializer}
+        if any(i.name in init_names for i in proto.graph.input):
+            # keep_initializers_as_inputs=True: ORT treats such weights as replaceable and optimizes around
+            # them (no constant folding, no NCHWc convolutions), which would slow the FP32 baseline.
+            proto = _without_initializer_inputs(proto)
+            changes.append("its weights taken out of the graph inputs")
         proto, fixed = dynamic_batch_copy(proto, str(p))
         if fixed is not None:  # calibration runs in batches, and users want INT8 files that take any batch
             changes.append(f"its fixed batch of {fixed} made dynamic")
         if not changes:
             return Fp32Model(p, proto, pre, info.num_classes, info.arch, stem, exported=False)
+        _check_same_function(given, proto, pre, f"the rewritten copy of {p} ({'; '.join(changes)})")
         fp32_path = outdir / f"{stem}.fp32.onnx"
         ensure_not_input(fp32_path, [p])
         outdir.mkdir(parents=True, exist_ok=True)
@@ -302,6 +307,16 @@ def load_fp32(
 
 
 MIN_QDQ_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear
+
+
+def _without_initializer_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inits = {i.name for i in m.graph.initializer}
+    kept = [i for i in m.graph.input if i.name not in inits]
+    del m.graph.input[:]
+    m.graph.input.extend(kept)
+    return m
 
 
 def _check_same_function(before: onnx.ModelProto, after: onnx.ModelProto, pre: Preprocess, what: str) -> None:
