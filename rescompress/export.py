@@ -290,7 +290,12 @@ def onnx_parity(
     )
 
 
-def ort_logits(model_bytes: bytes | str | Path, probe: torch.Tensor, log_level: int = 3) -> np.ndarray:
+def ort_logits(model_bytes: bytes | str | Path, probe: torch.Tensor | np.ndarray) -> np.ndarray:
+    return _first_output(_check_session(model_bytes), probe)
+
+
+def _check_session(model_bytes: bytes | str | Path, log_level: int = 3):
+    """A CPU session for the checks in this module."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -298,9 +303,12 @@ def ort_logits(model_bytes: bytes | str | Path, probe: torch.Tensor, log_level: 
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = log_level
     src = model_bytes if isinstance(model_bytes, bytes) else str(model_bytes)
-    session = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
-    return session.run(None, {input_name: probe.numpy().astype(np.float32)})[0]
+    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+
+
+def _first_output(session, probe: torch.Tensor | np.ndarray) -> np.ndarray:
+    x = probe.numpy() if isinstance(probe, torch.Tensor) else probe
+    return session.run(None, {session.get_inputs()[0].name: x.astype(np.float32)})[0]
 
 
 @torch.no_grad()
@@ -566,10 +574,10 @@ def dynamic_batch_copy(proto, what: str = "the ONNX model"):
     refuse = (f"{what} has a fixed batch size of {fixed} and its graph depends on it; re-export it with a "
               "dynamic batch, e.g. torch.onnx.export(..., dynamic_axes={'input': {0: 'batch'}})")
     try:
-        ref = ort_logits(proto.SerializeToString(), torch.from_numpy(x[:fixed]))
+        ref = ort_logits(proto.SerializeToString(), x[:fixed])
         # log level 4: a graph that cannot take another batch fails here on purpose; ORT need not print it
-        runs = [(ort_logits(m.SerializeToString(), torch.from_numpy(x[:n]), log_level=4), n)
-                for n in (fixed, 1, fixed + 1)]
+        copy = _check_session(m.SerializeToString(), log_level=4)
+        runs = [(_first_output(copy, x[:n]), n) for n in (fixed, 1, fixed + 1)]
     except Exception:
         raise RescompressError(refuse) from None
     tol = 1e-4 * max(1.0, float(np.abs(ref).max()))
