@@ -12,9 +12,10 @@ Two rule sets over the same graph (DESIGN decision 3):
   other input comes from a Conv, so TensorRT fuses Conv+Add(+ReLU) in INT8.
 
 Weights are quantized per output channel on both targets. Nodes matched by ``exclude`` patterns stay in
-float; op types the rules do not know are left float and reported. :func:`prepare_model` first rewrites a
-``ReduceMean`` over both spatial axes (how PyTorch's dynamo exporter writes global average pooling) as
-``GlobalAveragePool``, so such files get the same placement as the ones this project exports.
+float; op types the rules do not know are left float and reported. :func:`prepare_model` first turns
+constants written as ``Constant`` or ``Identity`` nodes into initializers and rewrites a ``ReduceMean`` over
+both spatial axes (how PyTorch's dynamo exporter writes global average pooling) as ``GlobalAveragePool``, so
+files from other exporters get the same placement as the ones this project exports.
 """
 
 from __future__ import annotations
@@ -202,10 +203,7 @@ def _spatial_means_to_gap(m: onnx.ModelProto) -> None:
     except Exception:  # shape inference is a convenience here: without it nothing is rewritten
         return
     ranks.update({v.name: len(v.type.tensor_type.shape.dim) for v in m.graph.input})
-    consts = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
-    for n in m.graph.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    consts = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}  # Constant nodes are gone by now
     new_nodes = []
     for n in m.graph.node:
         if n.op_type != "ReduceMean" or ranks.get(n.input[0]) != 4:
