@@ -146,7 +146,7 @@ class Fp32Model:
     num_classes: int
     arch: str | None
     stem: str
-    exported: bool  # True when this run wrote it (folded and exported a PyTorch file, or made the batch dynamic)
+    exported: bool  # True when this run wrote it (a PyTorch file folded and exported, or a rewritten ONNX file)
 
 
 @dataclass(frozen=True)
@@ -227,7 +227,7 @@ def load_fp32(
 
     ``preprocess`` replaces the model's own preprocessing, or (a callable) maps it to the one to use.
     """
-    from rescompress.export import MIN_OPSET, dynamic_batch_copy, export_onnx, read_onnx_info
+    from rescompress.export import export_onnx, read_onnx_info
     from rescompress.loading import is_onnx_path, load_model
 
     p = Path(model_path)
@@ -243,39 +243,8 @@ def load_fp32(
             proto = onnx.load(str(p))
         except Exception as exc:
             raise RescompressError(f"cannot read ONNX model {p}: {exc}") from exc
-        given, changes = proto, []
-        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-        if 0 < opset < MIN_QDQ_OPSET:  # per-channel Q/DQ needs opset 13: convert older exports
-            from onnx import version_converter
-
-            try:
-                converted = version_converter.convert_version(proto, MIN_OPSET)
-            except Exception:
-                converted = None
-            if converted is not None:
-                proto = converted
-                changes.append(f"opset {opset} converted to {MIN_OPSET}")
-        if any(n.op_type == "BatchNormalization" for n in proto.graph.node):
-            from rescompress.folding import fold_onnx_batchnorm
-
-            folded, count = fold_onnx_batchnorm(proto)
-            if any(n.op_type == "BatchNormalization" for n in folded.graph.node):
-                raise RescompressError(
-                    f"{p} has BatchNormalization nodes that do not follow a convolution with constant weights; "
-                    "re-export in eval mode with constant folding (torch.onnx.export(model.eval(), ...)) or "
-                    "pass the PyTorch model"
-                )
-            proto = folded
-            changes.append(f"{count} BatchNormalization folded into the convolutions")
-        init_names = {i.name for i in proto.graph.initializer}
-        if any(i.name in init_names for i in proto.graph.input):
-            # keep_initializers_as_inputs=True: ORT treats such weights as replaceable and optimizes around
-            # them (no constant folding, no NCHWc convolutions), which would slow the FP32 baseline.
-            proto = _without_initializer_inputs(proto)
-            changes.append("its weights taken out of the graph inputs")
-        proto, fixed = dynamic_batch_copy(proto, str(p))
-        if fixed is not None:  # calibration runs in batches, and users want INT8 files that take any batch
-            changes.append(f"its fixed batch of {fixed} made dynamic")
+        given = proto
+        proto, changes = _normalized_onnx(proto, p)
         if not changes:
             return Fp32Model(p, proto, pre, info.num_classes, info.arch, stem, exported=False)
         _check_same_function(given, proto, pre, f"the rewritten copy of {p} ({'; '.join(changes)})")
@@ -307,6 +276,50 @@ def load_fp32(
 
 
 MIN_QDQ_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear
+
+
+def _normalized_onnx(proto: onnx.ModelProto, p: Path) -> tuple[onnx.ModelProto, list[str]]:
+    """A user's FP32 ONNX graph made quantizable, and what was changed (each change keeps the function).
+
+    Files below opset 13 are converted to opset 17; Conv -> BatchNormalization pairs are folded; weights
+    listed as graph inputs are taken out of them; a fixed batch size becomes dynamic.
+    """
+    from rescompress.export import MIN_OPSET, dynamic_batch_copy
+
+    changes: list[str] = []
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if 0 < opset < MIN_QDQ_OPSET:  # per-channel Q/DQ needs opset 13: convert older exports
+        from onnx import version_converter
+
+        try:
+            converted = version_converter.convert_version(proto, MIN_OPSET)
+        except Exception:
+            converted = None
+        if converted is not None:
+            proto = converted
+            changes.append(f"opset {opset} converted to {MIN_OPSET}")
+    if any(n.op_type == "BatchNormalization" for n in proto.graph.node):
+        from rescompress.folding import fold_onnx_batchnorm
+
+        folded, count = fold_onnx_batchnorm(proto)
+        if any(n.op_type == "BatchNormalization" for n in folded.graph.node):
+            raise RescompressError(
+                f"{p} has BatchNormalization nodes that do not follow a convolution with constant weights; "
+                "re-export in eval mode with constant folding (torch.onnx.export(model.eval(), ...)) or "
+                "pass the PyTorch model"
+            )
+        proto = folded
+        changes.append(f"{count} BatchNormalization folded into the convolutions")
+    init_names = {i.name for i in proto.graph.initializer}
+    if any(i.name in init_names for i in proto.graph.input):
+        # keep_initializers_as_inputs=True: ORT treats such weights as replaceable and optimizes around
+        # them (no constant folding, no NCHWc convolutions), which would slow the FP32 baseline.
+        proto = _without_initializer_inputs(proto)
+        changes.append("its weights taken out of the graph inputs")
+    proto, fixed = dynamic_batch_copy(proto, str(p))
+    if fixed is not None:  # calibration runs in batches, and users want INT8 files that take any batch
+        changes.append(f"its fixed batch of {fixed} made dynamic")
+    return proto, changes
 
 
 def _without_initializer_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
