@@ -378,8 +378,9 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 def fold_onnx_batchnorm(model):
     """(model, folded count): a copy of an ONNX graph with each ``Conv -> BatchNormalization`` pair folded.
 
-    For files exported without constant folding (``torch.onnx.export(..., do_constant_folding=False)``)
-    or in training mode. A pair folds when the BatchNormalization runs in inference mode, reads the Conv's
+    For files exported without constant folding (``torch.onnx.export(..., do_constant_folding=False)``
+    or ``training=TrainingMode.PRESERVE`` on an eval-mode model). A pair folds when the BatchNormalization
+    runs in inference mode (not ``training_mode=1``), reads the Conv's
     output and is its only reader, and the weights and statistics are constants; the same float64 formula
     as :func:`fold_conv_bn_weights`. Other BatchNormalization nodes are left (and counted by the caller).
     """
