@@ -90,6 +90,7 @@ def test_quantize_a_fixed_batch_file(static_files, calib_npz, tmp_path):
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert data["artifacts"]["fp32"].endswith("q/batch1.fp32.onnx")  # the copy; the input is left alone
+    assert data["fp32_rewrites"] == ["its fixed batch of 1 made dynamic"]
     for name in ("batch1.fp32.onnx", "batch1.int8.ort.onnx", "batch1.int8.trt.onnx"):
         dim = onnx.load(str(out / name)).graph.input[0].type.tensor_type.shape.dim[0]
         assert dim.dim_param == "batch", name
@@ -142,6 +143,8 @@ def test_quantize_folds_batchnorm_of_an_onnx_file(unfolded_bn, calib_npz, tmp_pa
     assert res.exit_code == 0, res.output
     assert "21 BatchNormalization folded" in res.stderr
     data = json.loads(res.stdout)
+    assert data["fp32_rewrites"] == ["21 BatchNormalization folded into the convolutions"]
+    assert "the given file with 21 BatchNormalization folded" in (out / "bn.quantize.md").read_text()
     assert data["artifacts"]["fp32"].endswith("q/bn.fp32.onnx")
     assert not any(n.op_type == "BatchNormalization" for n in onnx.load(str(out / "bn.fp32.onnx")).graph.node)
     assert data["fidelity"]["onnxruntime"]["sqnr_db"] > 20.0

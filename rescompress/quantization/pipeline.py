@@ -147,6 +147,7 @@ class Fp32Model:
     arch: str | None
     stem: str
     exported: bool  # True when this run wrote it (a PyTorch file folded and exported, or a rewritten ONNX file)
+    rewrites: tuple[str, ...] = ()  # what was changed in a given ONNX file (each change checked equal in ORT)
 
 
 @dataclass(frozen=True)
@@ -175,11 +176,13 @@ class QuantizeResult:
     calibration: dict
     warnings: tuple[str, ...] = ()
     config: QuantizeConfig = field(default_factory=QuantizeConfig)
+    fp32_rewrites: tuple[str, ...] = ()  # changes made to a given ONNX file before quantizing (see load_fp32)
 
     def to_dict(self) -> dict:
         return {
             "model": str(self.model),
             "fp32": str(self.fp32_path),
+            "fp32_rewrites": list(self.fp32_rewrites),
             "artifacts": {k: str(v) for k, v in self.artifacts.items()},
             "method": self.method,
             "method_scores": self.method_scores,
@@ -254,7 +257,8 @@ def load_fp32(
         save_model(proto, fp32_path)
         if notify:
             notify(f"{p.name}: {'; '.join(changes)} (outputs checked equal), written as {fp32_path.name}")
-        return Fp32Model(fp32_path, proto, pre, info.num_classes, info.arch, stem, exported=True)
+        return Fp32Model(fp32_path, proto, pre, info.num_classes, info.arch, stem, exported=True,
+                         rewrites=tuple(changes))
     from rescompress.folding import fold_batchnorm
 
     loaded = load_model(p, arch=arch, trust_pickle=trust_pickle)
@@ -661,7 +665,7 @@ def quantize_model(
         model=Path(model), fp32_path=src.path, artifacts=artifacts, plan=qplan, method=method,
         method_scores=method_scores, fidelity=fidelity, eval_source=eval_source, worst_layers=worst,
         placements=placements, fallback=fallback, latency=latency, calibration=calib_stats,
-        warnings=tuple(warnings), config=cfg,
+        warnings=tuple(warnings), config=cfg, fp32_rewrites=src.rewrites,
     )
     report_json = out / f"{src.stem}.quantize.json"
     report_md = out / f"{src.stem}.quantize.md"
@@ -830,6 +834,9 @@ def render_markdown(r: QuantizeResult) -> str:
         f"- evaluated on: {r.eval_source}",
         f"- artifacts: {', '.join(f'`{p.name}`' for k, p in r.artifacts.items() if k != 'fp32')}", "",
     ]
+    if r.fp32_rewrites:
+        lines[-1:-1] = [f"- FP32 reference `{r.fp32_path.name}`: the given file with "
+                        f"{'; '.join(r.fp32_rewrites)} (outputs checked equal in ONNX Runtime)"]
     if r.fidelity:
         lines += [
             "| file | top-1 | top-5 | FP32 top-1 | top-1 drop | agreement % | logit SQNR dB |",
