@@ -261,3 +261,15 @@ def test_calibration_batch_size_follows_the_activation_volume():
     assert calibration_batch_size(sizes, 256) == (256 << 20) // per_image == 41
     assert calibration_batch_size(sizes, 8) == 8
     assert calibration_batch_size({"big": 64 * 1024 * 1024}, 32) == 1  # 256 MB per image: one at a time
+
+
+def test_entropy_threshold_of_degenerate_histograms_is_finite():
+    """A tensor whose values all fall in the top bin (a saturated Softmax output, a constant) leaves every
+    narrower candidate with no mass: KL is infinite there, not NaN, and the full range is kept."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a 0/0 inside the KL search used to warn and yield NaN
+        assert entropy_amax(np.r_[np.zeros(2047), 5.0], 1.0) == 1.0
+        assert entropy_amax(np.zeros(2048), 1.0) == 0.0
+        assert 0 < entropy_amax(np.r_[100.0, np.zeros(2047)], 1.0) < 0.01

@@ -187,3 +187,17 @@ def test_quantize_takes_weights_out_of_the_graph_inputs(calib_npz, tmp_path):
     assert "weights taken out of the graph inputs" in res.stderr
     assert [i.name for i in onnx.load(str(out / "kin.fp32.onnx")).graph.input] == ["input"]
     assert [i.name for i in onnx.load(str(out / "kin.int8.ort.onnx")).graph.input] == ["input"]
+
+
+def test_probability_head_stays_float_without_a_warning(tmp_path):
+    """Models exported with their Softmax: it stays float (like the logits) and is not reported."""
+    from rescompress.quantization.placement import place, prepare_model
+
+    path = tmp_path / "smx.onnx"
+    model = torch.nn.Sequential(build_model("resnet20", 10, 1), torch.nn.Softmax(dim=1)).eval()
+    torch.onnx.export(model, (torch.randn(2, 1, 28, 28),), str(path), input_names=["input"], output_names=["probs"],
+                      dynamo=False, opset_version=17, dynamic_axes={"input": {0: "b"}})
+    m = prepare_model(onnx.load(str(path)))
+    for target in ("onnxruntime", "tensorrt"):
+        p = place(m, target)
+        assert p.unsupported == () and len(p.weights) == 22, target

@@ -66,6 +66,10 @@ def percentile_amax(counts: np.ndarray, hist_range: float, percentile: float) ->
 def _kl_divergence(p: np.ndarray, q: np.ndarray, eps: float = 1e-4) -> float:
     """KL(p || q) of two histograms; empty ``q`` bins where ``p`` has mass get ``eps`` of the mean bin
     mass (the outlier bin of a sparse tail would otherwise make every such threshold infinitely bad)."""
+    if p.sum() <= 0:
+        return 0.0  # nothing observed: every threshold is as good
+    if q.sum() <= 0:
+        return float("inf")  # the candidate keeps no mass at all
     p = p / p.sum()
     mask = p > 0
     q = np.where(mask & (q <= 0), eps * q.sum() / max(len(q), 1), q)

@@ -32,6 +32,7 @@ WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
 ORT_OUTPUT_OPS = ("Conv", "Add", "GlobalAveragePool", "AveragePool")
 PASS_THROUGH_OPS = ("MaxPool", "Flatten", "Reshape")
 FLOAT_OK_OPS = ("Relu", "Identity", "Constant", "Shape", "Gather", "Unsqueeze", "Concat", "Squeeze")
+OUTPUT_HEAD_OPS = ("Softmax", "LogSoftmax", "Sigmoid")  # float without a warning when they give a graph output
 ALL_CONSUMERS = "*"
 
 
@@ -290,8 +291,12 @@ def place(model: onnx.ModelProto, target: str, exclude: Iterable[str] = ()) -> P
 
 
 def _unsupported(idx: GraphIndex, known: tuple[str, ...]) -> tuple[str, ...]:
+    """Nodes left in float that are worth reporting: not a known op, not a float-by-design one, and not the
+    probability head (Softmax and the like) some models end with, which belongs in float like the logits."""
     return tuple(
-        f"{n.name} ({n.op_type})" for n in idx.nodes if n.op_type not in known + FLOAT_OK_OPS
+        f"{n.name} ({n.op_type})" for n in idx.nodes
+        if n.op_type not in known + FLOAT_OK_OPS
+        and not (n.op_type in OUTPUT_HEAD_OPS and all(o in idx.graph_outputs for o in n.output))
     )
 
 
