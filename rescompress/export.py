@@ -395,6 +395,37 @@ def _remove_identity_nodes(graph) -> None:
     graph.value_info.extend(kept_info)
 
 
+def constants_to_initializers(m) -> None:
+    """Make every constant a node reads an initializer of its own (in place).
+
+    Exporters write some weights as ``Constant`` nodes, and PyTorch's TorchScript exporter writes a weight
+    equal to another (e.g. the zero biases of folded BatchNorms) as an ``Identity`` of the first one. The
+    placement quantizes initializers per layer, so both become plain initializers; a copy keeps each
+    layer's weight its own (unlike :func:`_remove_identity_nodes`, which the exporter uses to share one).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in m.graph.initializer}
+    kept = []
+    for n in m.graph.node:
+        if n.op_type == "Identity" and n.input and n.input[0] in inits and n.output[0] not in inits:
+            t = onnx.TensorProto()
+            t.CopyFrom(inits[n.input[0]])
+            t.name = n.output[0]
+        elif (n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value"
+              and n.output[0] not in inits):
+            t = numpy_helper.from_array(numpy_helper.to_array(n.attribute[0].t), n.output[0])
+        else:
+            kept.append(n)
+            continue
+        m.graph.initializer.append(t)
+        inits[t.name] = t
+    if len(kept) != len(m.graph.node):
+        del m.graph.node[:]
+        m.graph.node.extend(kept)
+
+
 def _refuse_training_batchnorm(graph) -> None:
     for node in graph.node:
         if node.op_type == "BatchNormalization":

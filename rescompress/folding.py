@@ -387,7 +387,7 @@ def fold_onnx_batchnorm(model):
     import onnx
     from onnx import helper, numpy_helper
 
-    from rescompress.quantization.placement import constants_to_initializers
+    from rescompress.export import constants_to_initializers
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -401,8 +401,8 @@ def fold_onnx_batchnorm(model):
             readers[t] = readers.get(t, 0) + 1
     outputs = {o.name for o in g.output}
 
-    def const(name: str) -> torch.Tensor | None:
-        return torch.from_numpy(numpy_helper.to_array(inits[name]).copy()) if name in inits else None
+    def const(name: str) -> torch.Tensor:
+        return torch.from_numpy(numpy_helper.to_array(inits[name]).copy())
 
     drop: set[int] = set()
     for i, bn in enumerate(g.node):
@@ -411,13 +411,14 @@ def fold_onnx_batchnorm(model):
         attrs = {a.name: helper.get_attribute_value(a) for a in bn.attribute}
         conv = producer.get(bn.input[0])
         if (attrs.get("training_mode", 0) or conv is None or conv.op_type != "Conv" or len(conv.input) < 2
-                or readers.get(bn.input[0], 0) != 1 or bn.input[0] in outputs
-                or any(const(t) is None for t in bn.input[1:]) or const(conv.input[1]) is None
-                or (len(conv.input) > 2 and conv.input[2] and const(conv.input[2]) is None)):
+                or readers.get(bn.input[0], 0) != 1 or bn.input[0] in outputs):
             continue
-        gamma, beta, mean, var = (const(t) for t in bn.input[1:])
-        bias = const(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
-        w, b = fold_conv_bn_weights(const(conv.input[1]), bias, mean, var, float(attrs.get("epsilon", 1e-5)),
+        has_bias = len(conv.input) > 2 and bool(conv.input[2])
+        names_in = [*bn.input[1:], conv.input[1], *([conv.input[2]] if has_bias else [])]
+        if any(t not in inits for t in names_in):
+            continue
+        gamma, beta, mean, var, weight, *bias = (const(t) for t in names_in)
+        w, b = fold_conv_bn_weights(weight, bias[0] if bias else None, mean, var, float(attrs.get("epsilon", 1e-5)),
                                     gamma, beta)
         stem = conv.name or conv.output[0]
         names = (f"{stem}_bn_folded_weight", f"{stem}_bn_folded_bias")

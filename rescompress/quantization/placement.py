@@ -151,39 +151,11 @@ def prepare_model(model: onnx.ModelProto) -> onnx.ModelProto:
         if not n.name or n.name in seen:
             n.name = f"{n.op_type}_{i}"
         seen.add(n.name)
+    from rescompress.export import constants_to_initializers
+
     constants_to_initializers(m)
     _spatial_means_to_gap(m)
     return m
-
-
-def constants_to_initializers(m: onnx.ModelProto) -> None:
-    """Make every constant a node reads an initializer of its own (in place).
-
-    Exporters write some weights as ``Constant`` nodes, and PyTorch's TorchScript exporter writes a weight
-    equal to another (e.g. the zero biases of folded BatchNorms) as an ``Identity`` of the first one. The
-    placement quantizes initializers per layer, so both become plain initializers; a copy keeps each
-    layer's weight its own.
-    """
-    from onnx import numpy_helper
-
-    inits = {i.name: i for i in m.graph.initializer}
-    kept = []
-    for n in m.graph.node:
-        if n.op_type == "Identity" and n.input and n.input[0] in inits and n.output[0] not in inits:
-            t = onnx.TensorProto()
-            t.CopyFrom(inits[n.input[0]])
-            t.name = n.output[0]
-        elif (n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value"
-              and n.output[0] not in inits):
-            t = numpy_helper.from_array(numpy_helper.to_array(n.attribute[0].t), n.output[0])
-        else:
-            kept.append(n)
-            continue
-        m.graph.initializer.append(t)
-        inits[t.name] = t
-    if len(kept) != len(m.graph.node):
-        del m.graph.node[:]
-        m.graph.node.extend(kept)
 
 
 def _spatial_means_to_gap(m: onnx.ModelProto) -> None:
