@@ -246,11 +246,9 @@ def load_fp32(
             proto = onnx.load(str(p))
         except Exception as exc:
             raise RescompressError(f"cannot read ONNX model {p}: {exc}") from exc
-        given = proto
-        proto, changes = _normalized_onnx(proto, p)
+        proto, changes = _normalized_onnx(proto, p, pre)
         if not changes:
             return Fp32Model(p, proto, pre, info.num_classes, info.arch, stem, exported=False)
-        _check_same_function(given, proto, pre, f"the rewritten copy of {p} ({'; '.join(changes)})")
         fp32_path = outdir / f"{stem}.fp32.onnx"
         ensure_not_input(fp32_path, [p])
         outdir.mkdir(parents=True, exist_ok=True)
@@ -282,12 +280,14 @@ def load_fp32(
 MIN_QDQ_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear
 
 
-def _normalized_onnx(proto: onnx.ModelProto, p: Path) -> tuple[onnx.ModelProto, list[str]]:
-    """A user's FP32 ONNX graph made quantizable, and what was changed (each change keeps the function).
+def _normalized_onnx(proto: onnx.ModelProto, p: Path, pre: Preprocess) -> tuple[onnx.ModelProto, list[str]]:
+    """A user's FP32 ONNX graph made quantizable, and what was changed (checked to keep the function).
 
     Files below opset 13 are converted to opset 17; Conv -> BatchNormalization pairs are folded; weights
-    listed as graph inputs are taken out of them; a fixed batch size becomes dynamic.
+    listed as graph inputs are taken out of them; a fixed batch size becomes dynamic. The first three are
+    checked together against the given graph in ORT; ``dynamic_batch_copy`` checks its own step.
     """
+    given = proto
     from rescompress.export import MIN_OPSET, dynamic_batch_copy
 
     changes: list[str] = []
@@ -320,6 +320,8 @@ def _normalized_onnx(proto: onnx.ModelProto, p: Path) -> tuple[onnx.ModelProto, 
         # them (no constant folding, no NCHWc convolutions), which would slow the FP32 baseline.
         proto = _without_initializer_inputs(proto)
         changes.append("its weights taken out of the graph inputs")
+    if changes:
+        _check_same_function(given, proto, pre, f"the rewritten copy of {p} ({'; '.join(changes)})")
     proto, fixed = dynamic_batch_copy(proto, str(p))
     if fixed is not None:  # calibration runs in batches, and users want INT8 files that take any batch
         changes.append(f"its fixed batch of {fixed} made dynamic")
