@@ -6,13 +6,15 @@ tensor shapes *are* the widths, and :func:`load_state_dict_resizing` rebuilds ev
 stored shape differs from the freshly built architecture. A per-layer width summary is still written to
 the header for people and tools that read it. A BN-folded model (``folded`` in the header) is stored as
 it runs: convs carry a bias and the folded BatchNorms are ``nn.Identity``; :func:`load_checkpoint` gives
-the rebuilt architecture that same structure before loading the weights.
+the rebuilt architecture that same structure before loading the weights. A torchvision ResNet whose stem
+differs from torchvision's (e.g. 3x3 stride 1 without the max-pool, for small images) has it recorded as
+``stem`` and rebuilt the same way.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,9 +23,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from rescompress import __version__
-from rescompress.errors import UnsupportedModelError
+from rescompress.errors import RescompressError, UnsupportedModelError
 from rescompress.fileio import atomic_path
-from rescompress.models import build_model
+from rescompress.models import Stem, build_model, stem_of
 from rescompress.spec import Preprocess
 
 FORMAT_NAME = "rescompress.checkpoint"
@@ -39,6 +41,7 @@ class CheckpointHeader:
     pruned: bool = False
     extra: dict | None = None
     folded: bool = False
+    stem: Stem | None = None  # recorded only when it is not torchvision's
 
     def to_metadata(self, widths: dict[str, int]) -> dict[str, str]:
         meta = {
@@ -56,6 +59,8 @@ class CheckpointHeader:
             meta["preprocess"] = self.preprocess.to_json()
         if self.extra:
             meta["extra"] = json.dumps(self.extra, sort_keys=True)
+        if self.stem is not None and not self.stem.standard:
+            meta["stem"] = json.dumps(self.stem.to_dict(), sort_keys=True)
         return meta
 
     @classmethod
@@ -69,6 +74,7 @@ class CheckpointHeader:
             pruned=meta.get("pruned") == "1",
             extra=json.loads(meta["extra"]) if meta.get("extra") else None,
             folded=meta.get("folded") == "1",
+            stem=Stem.from_dict(json.loads(meta["stem"])) if meta.get("stem") else None,
         )
 
 
@@ -84,7 +90,13 @@ def layer_widths(module: nn.Module) -> dict[str, int]:
 
 
 def save_checkpoint(module: nn.Module, path: Path | str, header: CheckpointHeader) -> Path:
-    """Write ``module``'s state_dict and ``header`` to ``path`` atomically (safetensors format)."""
+    """Write ``module``'s state_dict and ``header`` to ``path`` atomically (safetensors format).
+
+    The stem is read from ``module`` itself, so a modified one is recorded whoever builds the header.
+    """
+    stem = stem_of(module)
+    if stem is not None and not stem.standard:
+        header = replace(header, stem=stem)
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header.to_metadata(layer_widths(module)))
@@ -111,7 +123,10 @@ def load_checkpoint(path: Path | str) -> tuple[nn.Module, CheckpointHeader]:
     with safe_open(str(path), framework="pt") as f:
         for key in f.keys():
             state[key] = f.get_tensor(key)
-    model = build_model(header.arch, header.num_classes, header.in_channels)
+    try:
+        model = build_model(header.arch, header.num_classes, header.in_channels, stem=header.stem)
+    except RescompressError as exc:
+        raise UnsupportedModelError(f"{path}: {exc}") from None
     if header.folded:
         apply_folded_structure(model, state)
     load_state_dict_resizing(model, state)
@@ -129,7 +144,11 @@ def load_state_dict_resizing(model: nn.Module, state: dict[str, torch.Tensor]) -
         replacement = _resized_like(m, shape, has_bias=f"{name}.bias" in state)
         if replacement is not None:
             _set_submodule(model, name, replacement)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that resizing cannot explain (e.g. a kernel size)
+        detail = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc).splitlines()[0])
+        raise UnsupportedModelError(f"weights do not match the architecture: {detail}") from None
     if missing or unexpected:
         raise UnsupportedModelError(
             f"weights do not match the architecture: missing {sorted(missing)[:5]}, "

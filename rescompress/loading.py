@@ -18,7 +18,7 @@ import re
 import struct
 import warnings
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -26,7 +26,16 @@ from torch import nn
 from torchvision.models import resnet as tv_resnet
 
 from rescompress.errors import RescompressError, UnsupportedModelError
-from rescompress.models import CIFAR_ARCHS, TORCHVISION_ARCHS, CifarResNet, build_model
+from rescompress.models import (
+    CIFAR_ARCHS,
+    TORCHVISION_ARCHS,
+    CifarResNet,
+    Stem,
+    build_model,
+    set_stem,
+    stem_candidates,
+    stem_of,
+)
 from rescompress.profile import count_macs, count_params
 from rescompress.spec import Preprocess, get_preset
 
@@ -95,8 +104,9 @@ _UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 class ResNetSpec:
     """The structure of a ResNet as read from its state_dict keys and shapes.
 
-    ``family`` is ``"torchvision"`` (7x7 stem, max-pool, four stages) or ``"cifar"`` (3x3 stem, three
-    stages). ``arch`` is the matching builder name when the structure is a known one, else ``None``.
+    ``family`` is ``"torchvision"`` (four stages; torchvision's 7x7 stem and max-pool unless ``stem`` says
+    otherwise) or ``"cifar"`` (3x3 stem, three stages). ``arch`` is the matching builder name when the
+    structure is a known one, else ``None``.
     """
 
     family: str
@@ -107,6 +117,7 @@ class ResNetSpec:
     num_classes: int
     in_channels: int
     arch: str | None
+    stem: Stem = Stem()  # torchvision family only
 
     @property
     def name(self) -> str:
@@ -123,7 +134,7 @@ class ResNetSpec:
         return {
             "family": self.family, "block": self.block, "layers": list(self.layers), "groups": self.groups,
             "width_per_group": self.width_per_group, "num_classes": self.num_classes,
-            "in_channels": self.in_channels, "arch": self.arch,
+            "in_channels": self.in_channels, "arch": self.arch, "stem": self.stem.to_dict(),
         }
 
 
@@ -305,6 +316,8 @@ def _load_safetensors(p: Path, arch: str | None) -> _Partial:
         )
         if getattr(header, "folded", False):
             part.notes.append("BatchNorm folded into the convolutions")
+        if header.stem is not None and not header.stem.standard:
+            part.notes.append(f"stem: {header.stem.describe()}")
         return part
     try:
         with safe_open(str(p), framework="pt") as f:
@@ -323,11 +336,15 @@ def _load_torch_pickle(p: Path, arch: str | None, trust_pickle: bool) -> _Partia
 
 
 def _from_state(state: dict[str, torch.Tensor], arch: str | None, source: str, p: Path) -> _Partial:
-    state, head_note = plain_head(strip_prefixes(state))
+    state, prefix_note = select_resnet(state, str(p))
+    state, head_note = plain_head(state)
     module, spec, pruned = build_from_state_dict(state, arch, what=str(p))
     part = _from_spec(module, spec, pruned, source, p, arch)
-    if head_note:
-        part.notes.append(head_note)
+    part.notes += [n for n in (prefix_note, head_note) if n]
+    if spec.family == "torchvision" and not spec.stem.standard:
+        part.notes.append(f"conv1 is {spec.stem.kernel}x{spec.stem.kernel}, and a state_dict does not record the "
+                          f"stem's stride or max-pool: assumed a {spec.stem.describe()} (the usual small-image "
+                          "variant); if that is wrong, save the whole module or a TorchScript archive instead")
     return part
 
 
@@ -450,23 +467,29 @@ def _load_torchscript(p: Path, arch: str | None) -> _Partial:
     except UnsupportedModelError:
         if arch is not None:
             raise
-        eager = None
+        eager, spec = None, None
     if eager is not None:
         # Prefer an eager copy (pruning, folding and export need one) when it computes what the archive does.
-        # A private generator: loading a file must not move the caller's global RNG.
-        probe = torch.randn(2, spec.in_channels, *_probe_size(spec), generator=torch.Generator().manual_seed(0))
-        try:
-            with torch.no_grad():
-                ref, got = script(probe), eager(probe)
-        except Exception:
-            ref = got = None
-        if (ref is not None and isinstance(ref, torch.Tensor) and ref.shape == got.shape
-                and torch.allclose(ref, got, rtol=1e-4, atol=1e-5 * max(1.0, float(ref.abs().max())))):
-            part = _from_spec(eager, spec, pruned, "torchscript", p, arch)
-            part.notes.append("rebuilt as an eager module from the TorchScript weights (outputs checked equal)")
-            if head_note:
-                part.notes.append(head_note)
-            return part
+        # A state_dict does not record the stem's stride or max-pool: the archive's own forward decides.
+        others = [] if spec.family != "torchvision" else [
+            s for s in stem_candidates(spec.stem.kernel) if s != spec.stem]
+        while not _same_outputs(script, eager, spec):
+            eager = None
+            while others and eager is None:
+                spec = replace(spec, stem=others.pop(0))
+                try:
+                    eager, pruned = _load_into(spec, state)
+                except _DoesNotFit:
+                    eager = None
+            if eager is None:
+                break
+    if eager is not None:
+        part = _from_spec(eager, spec, pruned, "torchscript", p, arch)
+        part.notes.append("rebuilt as an eager module from the TorchScript weights (outputs checked equal)")
+        if head_note:
+            part.notes.append(head_note)
+        return part
+    if spec is not None:
         log.info("TorchScript forward differs from an eager %s; keeping the scripted module", spec.name)
     in_channels = _first_conv_in_channels(state)
     if in_channels is None:
@@ -487,6 +510,19 @@ def _load_torchscript(p: Path, arch: str | None) -> _Partial:
 
 def _probe_size(spec: ResNetSpec) -> tuple[int, int]:
     return (32, 32) if spec.family == "cifar" else (64, 64)
+
+
+def _same_outputs(script: nn.Module, eager: nn.Module, spec: ResNetSpec) -> bool:
+    """True when ``eager`` computes what ``script`` does on a random probe."""
+    # A private generator: loading a file must not move the caller's global RNG.
+    probe = torch.randn(2, spec.in_channels, *_probe_size(spec), generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            ref, got = script(probe), eager(probe)
+    except Exception:
+        return False
+    return (isinstance(ref, torch.Tensor) and ref.shape == got.shape
+            and torch.allclose(ref, got, rtol=1e-4, atol=1e-5 * max(1.0, float(ref.abs().max()))))
 
 
 def _first_conv_in_channels(state: dict[str, torch.Tensor]) -> int | None:
@@ -514,6 +550,9 @@ def _unwrap(obj: object, p: Path) -> tuple[nn.Module | None, dict[str, torch.Ten
             return None, strip_prefixes(obj)
         if isinstance(obj, dict):
             inner = next((obj[k] for k in WRAPPER_KEYS if k in obj), None)
+            if inner is None:  # e.g. {"ema_state_dict": ..., "epoch": 3}: the one entry that holds weights
+                found = [v for v in obj.values() if isinstance(v, nn.Module) or _is_tensor_dict(v)]
+                inner = found[0] if len(found) == 1 else None
             if inner is not None:
                 obj = inner
                 continue
@@ -555,7 +594,8 @@ def plain_head(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
 
 
 def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove ``module.`` / ``_orig_mod.`` / ``model.`` prefixes that every key shares (repeatedly)."""
+    """Remove ``module.`` / ``_orig_mod.`` / ``model.`` prefixes that every key shares (repeatedly), and any
+    other prefix every key shares when the ResNet's keys sit under it (``net.``, ``backbone.`` ...)."""
     changed = True
     while changed:
         changed = False
@@ -563,7 +603,33 @@ def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             if state and all(k.startswith(prefix) for k in state):
                 state = {k[len(prefix):]: v for k, v in state.items()}
                 changed = True
+    prefixes = resnet_prefixes(state)
+    if len(prefixes) == 1 and prefixes[0] and all(k.startswith(prefixes[0]) for k in state):
+        state = {k[len(prefixes[0]):]: v for k, v in state.items()}
     return state
+
+
+def resnet_prefixes(state: dict[str, torch.Tensor]) -> list[str]:
+    """The key prefixes under which a torchvision-style ResNet sits (``""`` for one at the top level)."""
+    return sorted(k[: -len("conv1.weight")] for k in state
+                  if k.endswith("conv1.weight") and f"{k[: -len('conv1.weight')]}layer1.0.conv1.weight" in state)
+
+
+def select_resnet(state: dict[str, torch.Tensor], what: str) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The ResNet's keys when a state_dict also holds other things, e.g. a Lightning module's ``net.*``
+    beside its loss's buffers: (state, note). Several ResNets (a teacher and a student) are refused."""
+    state = strip_prefixes(state)
+    prefixes = resnet_prefixes(state)
+    if "" in prefixes or not prefixes:
+        return state, None
+    if len(prefixes) > 1:
+        raise UnsupportedModelError(
+            f"{what} holds {len(prefixes)} ResNets (under {', '.join(repr(q) for q in prefixes[:4])}); save the "
+            "state_dict of the one to compress on its own"
+        )
+    prefix = prefixes[0]
+    kept = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return kept, f"loaded the ResNet under {prefix!r}; {len(state) - len(kept)} other key(s) ignored"
 
 
 # ------------------------------------------------------------------------------------------ inference
@@ -612,28 +678,33 @@ def infer_resnet_spec(state: dict[str, torch.Tensor], what: str = "state_dict") 
         return ResNetSpec("cifar", block, tuple(layers), 1, 16, num_classes, in_channels, name)
     if len(stages) == 4:
         name = _TORCHVISION_TABLE.get((block, tuple(layers), groups, width))
-        return ResNetSpec("torchvision", block, tuple(layers), groups, width, num_classes, in_channels, name)
+        stems = stem_candidates(int(stem.shape[-1])) if stem.shape[-1] == stem.shape[-2] else []
+        if not stems:
+            raise UnsupportedModelError(f"{what}: conv1 has a non-square kernel {tuple(stem.shape[-2:])}")
+        return ResNetSpec("torchvision", block, tuple(layers), groups, width, num_classes, in_channels, name,
+                          stems[0])
     raise UnsupportedModelError(
         f"{what}: a ResNet with {len(stages)} stages and a {tuple(stem.shape[-2:])} stem is neither torchvision "
         "(4 stages, 7x7 stem) nor CIFAR-style (3 stages, 3x3 stem)"
     )
 
 
-def spec_for_arch(arch: str, num_classes: int, in_channels: int) -> ResNetSpec:
-    """The structure a named architecture has."""
+def spec_for_arch(arch: str, num_classes: int, in_channels: int, stem: Stem = Stem()) -> ResNetSpec:
+    """The structure a named architecture has (``stem``: for torchvision ones)."""
     if arch in CIFAR_ARCHS:
         n = next(k for k, v in _CIFAR_TABLE.items() if v == arch)
         return ResNetSpec("cifar", "basic", (n, n, n), 1, 16, num_classes, in_channels, arch)
     for (block, layers, groups, width), name in _TORCHVISION_TABLE.items():
         if name == arch:
-            return ResNetSpec("torchvision", block, layers, groups, width, num_classes, in_channels, arch)
+            return ResNetSpec("torchvision", block, layers, groups, width, num_classes, in_channels, arch, stem)
     raise UnsupportedModelError(f"unknown architecture {arch!r}")
 
 
 def build_from_spec(spec: ResNetSpec) -> nn.Module:
     """An untrained module with ``spec``'s structure (standard widths)."""
     if spec.arch is not None:
-        return build_model(spec.arch, spec.num_classes, spec.in_channels)
+        return build_model(spec.arch, spec.num_classes, spec.in_channels,
+                           stem=spec.stem if spec.family == "torchvision" else None)
     if spec.family == "cifar":
         if len(set(spec.layers)) != 1:
             raise UnsupportedModelError(f"CIFAR-style ResNet with unequal stages {spec.layers} is not supported")
@@ -645,8 +716,8 @@ def build_from_spec(spec: ResNetSpec) -> nn.Module:
         block, list(spec.layers), num_classes=spec.num_classes, groups=spec.groups,
         width_per_group=spec.width_per_group,
     )
-    if spec.in_channels != 3:
-        model.conv1 = nn.Conv2d(spec.in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    if spec.in_channels != 3 or not spec.stem.standard:
+        set_stem(model, spec.stem, spec.in_channels)
     return model
 
 
@@ -661,7 +732,7 @@ def _candidates(spec: ResNetSpec) -> list[ResNetSpec]:
         for (block, layers, groups, width), name in _TORCHVISION_TABLE.items():
             if block == spec.block and layers == spec.layers and groups == spec.groups:
                 out.append(ResNetSpec("torchvision", block, layers, groups, width, spec.num_classes,
-                                      spec.in_channels, name))
+                                      spec.in_channels, name, spec.stem))
         out.sort(key=lambda s: s.width_per_group)
     return out
 
@@ -683,7 +754,8 @@ def build_from_state_dict(
             inferred: ResNetSpec | None = infer_resnet_spec(state, what)
         except UnsupportedModelError:
             inferred = None
-        specs = [spec_for_arch(arch, int(fc.shape[0]), int(stem.shape[1]))]
+        specs = [spec_for_arch(arch, int(fc.shape[0]), int(stem.shape[1]),
+                               inferred.stem if inferred is not None else Stem())]
     else:
         inferred = infer_resnet_spec(state, what)
         specs = [inferred] if inferred.arch is not None else []
@@ -717,6 +789,9 @@ def _load_into(spec: ResNetSpec, state: dict[str, torch.Tensor]) -> tuple[nn.Mod
         model = build_from_spec(spec)
         pruned = _fit_shapes(model, state)
     expected = set(model.state_dict())
+    # BatchNorm's step counter is not used at inference; old PyTorch versions and some converters omit it.
+    state = {**{k: torch.tensor(0, dtype=torch.long) for k in expected - set(state)
+                if k.endswith(".num_batches_tracked")}, **state}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise _DoesNotFit(f"missing keys {missing[:4]}, unexpected keys {unexpected[:4]}")
@@ -779,6 +854,12 @@ def _from_module(module: nn.Module, p: Path, arch: str | None, source: str) -> _
         spec: ResNetSpec | None = infer_resnet_spec(state, str(p))
     except UnsupportedModelError:
         spec = None
+    if spec is not None and spec.family == "torchvision":
+        stem = stem_of(module)
+        if stem is None:
+            spec = None  # a stem no builder makes: keep the module, but nothing can be rebuilt from a spec
+        else:
+            spec = replace(spec, stem=stem)
     if spec is not None:
         if arch is not None and spec.arch is not None and spec.arch != arch:
             raise UnsupportedModelError(f"{p} holds a {spec.arch}, not {arch}; drop --arch")
@@ -818,7 +899,10 @@ def _default_preprocess(arch_or_family: str, in_channels: int) -> Preprocess:
 
 
 def _finish(part: _Partial, input_size: int | tuple[int, int] | None) -> LoadedModel:
-    family = "cifar" if (part.spec is not None and part.spec.family == "cifar") or part.arch in CIFAR_ARCHS else ""
+    spec = part.spec
+    small = spec is not None and (spec.family == "cifar" or (spec.stem.stride == 1 and not spec.stem.maxpool))
+    # A stride-1 stem without the max-pool is made for small images: CIFAR-sized defaults, not 224x224.
+    family = "cifar" if small or part.arch in CIFAR_ARCHS else ""
     pre = part.preprocess or _default_preprocess(family or part.arch, part.in_channels)
     if pre.channels != part.in_channels:
         pre = pre.with_overrides(channels=part.in_channels)

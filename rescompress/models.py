@@ -9,6 +9,7 @@ which keeps the graph a plain torchvision graph (no padding lambdas) and exports
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -92,13 +93,88 @@ TORCHVISION_ARCHS: tuple[str, ...] = (
 ARCH_NAMES: tuple[str, ...] = tuple(CIFAR_ARCHS) + TORCHVISION_ARCHS
 
 
-def build_model(arch: str, num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
-    """Build an untrained model by architecture name (see ``ARCH_NAMES``)."""
+@dataclass(frozen=True)
+class Stem:
+    """The stem of a torchvision-style ResNet: ``conv1``'s square kernel, stride and padding, and whether
+    the 3x3 stride-2 max-pool follows it.
+
+    torchvision's is 7x7 stride 2 with the max-pool. Models trained on small images (CIFAR-sized) often
+    replace it with a 3x3 stride-1 convolution and drop the max-pool (:data:`SMALL_IMAGE_STEM`); the
+    state_dict keeps only the kernel size, so files that do not record the rest get that assumption.
+    """
+
+    kernel: int = 7
+    stride: int = 2
+    padding: int = 3
+    maxpool: bool = True
+
+    @property
+    def standard(self) -> bool:
+        return self == Stem()
+
+    def describe(self) -> str:
+        k = self.kernel
+        return f"{k}x{k} stride-{self.stride} stem {'with' if self.maxpool else 'without'} max-pool"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Stem:
+        return cls(int(d["kernel"]), int(d["stride"]), int(d["padding"]), bool(d["maxpool"]))
+
+
+SMALL_IMAGE_STEM = Stem(kernel=3, stride=1, padding=1, maxpool=False)
+
+
+def stem_candidates(kernel: int) -> list[Stem]:
+    """Stems a ``kernel``-sized ``conv1`` may belong to, the likeliest first (state_dicts store no stride)."""
+    if kernel == 7:
+        return [Stem()]
+    pad = kernel // 2
+    return [Stem(kernel, 1, pad, False), Stem(kernel, 1, pad, True), Stem(kernel, 2, pad, True),
+            Stem(kernel, 2, pad, False)]
+
+
+def stem_of(model: nn.Module) -> Stem | None:
+    """The stem of a torchvision-style ResNet module; ``None`` for other modules or an unusual stem."""
+    conv, pool = getattr(model, "conv1", None), getattr(model, "maxpool", None)
+    if not isinstance(conv, nn.Conv2d) or pool is None:
+        return None
+    k, s, p = conv.kernel_size, conv.stride, conv.padding
+    if isinstance(p, str) or len({*k}) != 1 or len({*s}) != 1 or len({*p}) != 1 or conv.dilation != (1, 1):
+        return None
+    if isinstance(pool, nn.Identity):
+        maxpool = False
+    elif isinstance(pool, nn.MaxPool2d) and _pair(pool.kernel_size) == (3, 3) and _pair(pool.stride) == (2, 2) \
+            and _pair(pool.padding) == (1, 1) and _pair(pool.dilation) == (1, 1) and not pool.ceil_mode:
+        maxpool = True
+    else:
+        return None
+    return Stem(k[0], s[0], p[0], maxpool)
+
+
+def _pair(v) -> tuple:
+    return tuple(v) if isinstance(v, tuple | list) else (v, v)
+
+
+def set_stem(model: nn.Module, stem: Stem, in_channels: int) -> nn.Module:
+    """Give a freshly built torchvision ResNet ``stem`` (a new, untrained ``conv1``; the max-pool or none)."""
+    model.conv1 = nn.Conv2d(in_channels, model.conv1.out_channels, kernel_size=stem.kernel, stride=stem.stride,
+                            padding=stem.padding, bias=False)
+    model.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if stem.maxpool else nn.Identity()
+    return model
+
+
+def build_model(arch: str, num_classes: int = 1000, in_channels: int = 3, stem: Stem | None = None) -> nn.Module:
+    """Build an untrained model by architecture name (see ``ARCH_NAMES``); ``stem`` replaces torchvision's."""
     if arch in CIFAR_ARCHS:
+        if stem is not None and not stem.standard:
+            raise RescompressError(f"{arch} has a fixed 3x3 stem; a stem cannot be given")
         return CIFAR_ARCHS[arch](num_classes=num_classes, in_channels=in_channels)
     if arch in TORCHVISION_ARCHS:
         model = getattr(tv_resnet, arch)(weights=None, num_classes=num_classes)
-        if in_channels != 3:
-            model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        if in_channels != 3 or (stem is not None and not stem.standard):
+            set_stem(model, stem or Stem(), in_channels)
         return model
     raise RescompressError(f"unknown architecture {arch!r}; known: {', '.join(ARCH_NAMES)}")

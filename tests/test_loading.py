@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from torchvision.models import resnet as torchvision_resnet
 
 from rescompress.checkpoint import CheckpointHeader, save_checkpoint
 from rescompress.errors import UnsupportedModelError
@@ -26,7 +27,7 @@ from rescompress.loading import (
     strip_prefixes,
     unsafe_globals,
 )
-from rescompress.models import ARCH_NAMES, build_model
+from rescompress.models import ARCH_NAMES, Stem, build_model
 from rescompress.profile import count_macs, count_params
 from rescompress.spec import get_preset
 
@@ -491,3 +492,87 @@ def test_bundled_reference_model(reference_checkpoint):
     assert (loaded.arch, loaded.num_classes, loaded.in_channels) == ("resnet20", 10, 1)
     assert loaded.source_format == "checkpoint" and loaded.preprocess.preset == "fashion-mnist"
     assert loaded.macs == count_macs(build_model("resnet20", 10, 1), loaded.preprocess.input_shape(1))
+
+
+# ------------------------------------------------------------------------------------------ stems and wrappers
+def _small_image_resnet18(maxpool: bool = False) -> nn.Module:
+    """torchvision resnet18 adapted to 32x32 images the usual way: 3x3 stride-1 conv1, max-pool removed."""
+    model = build_model("resnet18", 10, 3)
+    model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    if not maxpool:
+        model.maxpool = nn.Identity()
+    return _randomize_bn(model)
+
+
+def test_small_image_stem_state_dict_loads_with_assumption_noted(tmp_path):
+    model = _small_image_resnet18()
+    torch.save(model.state_dict(), tmp_path / "m.pth")
+    loaded = load_model(tmp_path / "m.pth")
+    assert loaded.arch == "resnet18" and not loaded.pruned
+    assert loaded.spec.stem == Stem(3, 1, 1, False)
+    assert any("assumed a 3x3 stride-1 stem without max-pool" in n for n in loaded.notes)
+    assert loaded.preprocess.size == (32, 32)  # small-image defaults, not 224x224
+    assert isinstance(loaded.module.maxpool, nn.Identity)
+    assert torch.equal(_logits(loaded.module, (2, 3, 32, 32)), _logits(model, (2, 3, 32, 32)))
+
+
+def test_small_image_stem_from_module_and_torchscript_is_the_real_one(tmp_path):
+    """A pickled module or a TorchScript archive shows the real stem: one with a max-pool is found too."""
+    for maxpool in (False, True):
+        model = _small_image_resnet18(maxpool)
+        torch.save(model, tmp_path / "full.pt")
+        torch.jit.script(model).save(str(tmp_path / "ts.pt"))
+        for name in ("full.pt", "ts.pt"):
+            loaded = load_model(tmp_path / name)
+            assert loaded.spec.stem == Stem(3, 1, 1, maxpool), name
+            assert not loaded.pruned
+            assert isinstance(loaded.module, torchvision_resnet.ResNet)
+            assert torch.equal(_logits(loaded.module, (2, 3, 32, 32)), _logits(model, (2, 3, 32, 32)))
+
+
+def test_small_image_stem_survives_pruned_checkpoint_round_trip(tmp_path):
+    from rescompress.pruning.save import save_pruned
+
+    model = _small_image_resnet18()
+    model.layer1[0].conv1 = nn.Conv2d(64, 48, 3, 1, 1, bias=False)  # a pruned width
+    model.layer1[0].bn1 = _randomize_bn(nn.BatchNorm2d(48))
+    model.layer1[0].conv2 = nn.Conv2d(48, 64, 3, 1, 1, bias=False)
+    save_pruned(model.eval(), tmp_path / "p.safetensors", arch="resnet18", num_classes=10, in_channels=3,
+                preprocess=get_preset("cifar"))
+    loaded = load_model(tmp_path / "p.safetensors")
+    assert loaded.pruned and loaded.module.conv1.stride == (1, 1)
+    assert isinstance(loaded.module.maxpool, nn.Identity)
+    assert any("3x3 stride-1 stem without max-pool" in n for n in loaded.notes)
+    assert torch.equal(_logits(loaded.module, (2, 3, 32, 32)), _logits(model, (2, 3, 32, 32)))
+
+
+def test_state_dict_under_any_prefix_and_beside_other_keys(tmp_path):
+    model = _model("resnet18")
+    sd = model.state_dict()
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in sd.items()}, "epoch": 3}, tmp_path / "a.ckpt")
+    a = load_model(tmp_path / "a.ckpt")
+    # A Lightning module's state_dict: the network plus a loss's buffer.
+    mixed = {**{f"net.{k}": v for k, v in sd.items()}, "criterion.weight": torch.ones(10)}
+    torch.save({"state_dict": mixed}, tmp_path / "b.ckpt")
+    b = load_model(tmp_path / "b.ckpt")
+    assert any("under 'net.'; 1 other key(s) ignored" in n for n in b.notes)
+    for loaded in (a, b):
+        assert loaded.arch == "resnet18"
+        assert torch.equal(_logits(loaded.module, (1, 3, 32, 32)), _logits(model, (1, 3, 32, 32)))
+    two = {**{f"teacher.{k}": v for k, v in sd.items()}, **{f"student.{k}": v for k, v in sd.items()}}
+    torch.save(two, tmp_path / "two.pth")
+    with pytest.raises(UnsupportedModelError, match=r"holds 2 ResNets \(under 'student.', 'teacher.'\)"):
+        load_model(tmp_path / "two.pth")
+
+
+def test_single_weights_entry_under_any_key_and_missing_step_counters(tmp_path):
+    model = _model("resnet18")
+    sd = model.state_dict()
+    torch.save({"ema_state_dict": sd, "epoch": 7, "best_acc": 0.9}, tmp_path / "ema.pth")
+    no_counters = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    assert len(no_counters) < len(sd)
+    torch.save(no_counters, tmp_path / "old.pth")
+    for name in ("ema.pth", "old.pth"):
+        loaded = load_model(tmp_path / name)
+        assert loaded.arch == "resnet18"
+        assert torch.equal(_logits(loaded.module, (1, 3, 32, 32)), _logits(model, (1, 3, 32, 32)))

@@ -24,6 +24,7 @@ from rescompress.cli.common import (
     key_value_table,
     parse_size,
 )
+from rescompress.models import Stem
 
 
 def register(app: typer.Typer) -> None:
@@ -102,6 +103,9 @@ def _render_torch(console: Console, d: dict[str, Any]) -> None:
             f"{spec['family']}, {spec['block']} blocks {tuple(spec['layers'])}, groups {spec['groups']}, "
             f"width/group {spec['width_per_group']}"
         )
+        stem = spec.get("stem")
+        if spec["family"] == "torchvision" and stem and not Stem.from_dict(stem).standard:
+            rows["structure"] += f"; {Stem.from_dict(stem).describe()}"
     for i, note in enumerate(d.get("notes") or []):
         rows[f"note {i + 1}" if len(d["notes"]) > 1 else "note"] = note
     console.print(key_value_table(rows))
