@@ -126,10 +126,16 @@ class _FileReader:
         return img, (UNLABELED if self.labels is None else self.labels[i])
 
 
-def _list_images(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
+def _list_images(folder: Path, recursive: bool = False) -> list[Path]:
+    """Image files in ``folder`` (and, ``recursive``, its sub-folders), sorted; hidden entries skipped."""
+    if not recursive:
+        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                      and not p.name.startswith("."))
+    out = []
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out += [Path(root) / n for n in names if Path(n).suffix.lower() in IMAGE_EXTENSIONS and not n.startswith(".")]
+    return sorted(out)
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -223,15 +229,17 @@ def describe_source(path: Path | str, split: str = "test") -> tuple[SourceInfo, 
             int(y.max()) + 1 if y is not None and len(y) else None,
         )
         return info, _ArrayReader(x, None if y is None else y.astype(np.int64))
+    # ImageFolder: every (non-hidden) sub-folder is a class, numbered in sorted order as torchvision's
+    # ImageFolder does, images searched recursively. A class folder without images keeps its number, so
+    # the labels after it still match the model's outputs.
     subdirs = sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
-    class_dirs = [d for d in subdirs if _list_images(d)]
-    if class_dirs:
+    per_class = [_list_images(d, recursive=True) for d in subdirs]
+    if any(per_class):
         files, labels = [], []
-        for idx, d in enumerate(class_dirs):
-            for f in _list_images(d):
-                files.append(f)
-                labels.append(idx)
-        classes = tuple(d.name for d in class_dirs)
+        for idx, found in enumerate(per_class):
+            files += found
+            labels += [idx] * len(found)
+        classes = tuple(d.name for d in subdirs)
         info = SourceInfo(str(p), "imagefolder", None, len(files), True, len(classes), classes)
         return info, _FileReader(files, labels)
     files = _list_images(p)

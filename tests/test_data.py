@@ -89,6 +89,32 @@ def test_image_folder_and_flat_folder(tmp_path, images):
     torch.testing.assert_close(flat_ds[0][0], arr_ds[0][0], rtol=0, atol=1e-6)
 
 
+def test_image_folder_numbers_classes_like_torchvision(tmp_path, images):
+    """An empty class folder keeps its number (a validation subset without some class must not shift the
+    labels of the classes after it); images in nested folders count; hidden files and folders do not."""
+    x, _ = images
+    tree = tmp_path / "tree"
+    for name in ("a_cat", "b_empty", "c_dog/nested/deeper"):
+        (tree / name).mkdir(parents=True)
+    Image.fromarray(x[0], mode="L").save(tree / "a_cat" / "0.png")
+    Image.fromarray(x[1], mode="L").save(tree / "c_dog" / "1.png")
+    Image.fromarray(x[2], mode="L").save(tree / "c_dog" / "nested" / "deeper" / "2.png")
+    (tree / "c_dog" / ".hidden.png").write_bytes(b"not an image")
+    (tree / ".ipynb_checkpoints").mkdir()
+    Image.fromarray(x[3], mode="L").save(tree / ".ipynb_checkpoints" / "3.png")
+    (tree / "notes.txt").write_text("not a class")
+    ds = open_dataset(tree, get_preset("fashion-mnist"))
+    assert ds.info.classes == ("a_cat", "b_empty", "c_dog") and ds.info.num_classes == 3
+    assert len(ds) == 3
+    assert [ds[i][1] for i in range(3)] == [0, 2, 2]
+    torch.testing.assert_close(ds[2][0], open_dataset(_npz(tmp_path, x[2:3]), get_preset("fashion-mnist"))[0][0], rtol=0, atol=1e-6)
+
+
+def _npz(tmp_path, x):
+    np.savez(tmp_path / "one.npz", x=x)
+    return tmp_path / "one.npz"
+
+
 def test_imagenet_preset_resizes_and_replicates_channels(images):
     x, _ = images
     pre = get_preset("imagenet")
