@@ -107,7 +107,8 @@ def test_image_folder_numbers_classes_like_torchvision(tmp_path, images):
     assert ds.info.classes == ("a_cat", "b_empty", "c_dog") and ds.info.num_classes == 3
     assert len(ds) == 3
     assert [ds[i][1] for i in range(3)] == [0, 2, 2]
-    torch.testing.assert_close(ds[2][0], open_dataset(_npz(tmp_path, x[2:3]), get_preset("fashion-mnist"))[0][0], rtol=0, atol=1e-6)
+    same = open_dataset(_npz(tmp_path, x[2:3]), get_preset("fashion-mnist"))[0][0]
+    torch.testing.assert_close(ds[2][0], same, rtol=0, atol=1e-6)
 
 
 def _npz(tmp_path, x):

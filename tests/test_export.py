@@ -334,3 +334,29 @@ def test_cli_fold_writes_a_reloadable_folded_checkpoint(model_files, tmp_path):
     assert res.exit_code == 1 and "rescompress export" in res.stderr
     res = runner.invoke(app, ["fold", str(ckpt)])
     assert res.exit_code == 2
+
+
+def test_unwritable_outputs_get_one_line_errors(tmp_path):
+    """An output that is a folder, under a file, or an output folder that is a file: exit 1, one line
+    naming the path asked for (not a temporary name), and nothing written."""
+    model = build_model("resnet20", num_classes=10, in_channels=1).eval()
+    header = CheckpointHeader("resnet20", 10, 1, get_preset("fashion-mnist"))
+    src = save_checkpoint(model, tmp_path / "m.safetensors", header)
+    (tmp_path / "a_folder").mkdir()
+    (tmp_path / "a_file").write_text("keep")
+    runner = CliRunner()
+    cases = [
+        (["export", str(src), "-o", str(tmp_path / "a_folder")], "it is a folder"),
+        (["export", str(src), "-o", str(tmp_path / "a_file" / "m.onnx")],
+         f"cannot write {tmp_path / 'a_file' / 'm.onnx'}"),
+        (["quantize", str(src), "--calib-data", str(tmp_path), "-o", str(tmp_path / "a_file")],
+         "exists and is not a folder"),
+    ]
+    for args, message in cases:
+        r = runner.invoke(app, args)
+        assert r.exit_code == 1, (args, r.output)
+        assert message in r.output and "Traceback" not in r.output
+        assert ".tmp" not in r.output
+    assert (tmp_path / "a_file").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "a_folder", "m.safetensors"]
+    assert not any((tmp_path / "a_folder").iterdir())

@@ -232,6 +232,12 @@ def handle_errors(func: Callable) -> Callable:
         except KeyboardInterrupt:
             stderr.print("Error: interrupted", markup=False)
             raise typer.Exit(130) from None
+        except OSError as exc:  # a path that cannot be read or written: say which, without a traceback
+            if debug_enabled():
+                raise
+            where = f": {exc.filename}" if exc.filename else ""
+            stderr.print(f"Error: {exc.strerror or exc}{where}", markup=False, highlight=False)
+            raise typer.Exit(EXIT_ERROR) from None
         except Exception as exc:  # an unexpected failure: still one line, traceback on request
             if debug_enabled():
                 raise

@@ -431,6 +431,8 @@ def _nothing_left_on_failure(run):
     @functools.wraps(run)
     def wrapper(model, calib_data, outdir="out", **kwargs):
         out = Path(outdir)
+        if out.exists() and not out.is_dir():
+            raise RescompressError(f"the output folder {out} exists and is not a folder; choose another -o")
         existed = out.exists()
         before = set(out.iterdir()) if out.is_dir() else set()
         try:
