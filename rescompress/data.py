@@ -108,6 +108,18 @@ class _ArrayReader:
         return img, (UNLABELED if self.y is None else int(self.y[i]))
 
 
+def _grey_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+    """A 16-bit / 32-bit integer or float grey image scaled to 8 bits (PIL's own conversion clips at 255,
+    which turns a 16-bit image white). Integer images are taken as 16-bit, float ones as [0, 1] unless their
+    values exceed 1 (then [0, 255])."""
+    a = a.astype(np.float64)
+    if mode == "F":
+        scale = 255.0 if a.size and np.nanmax(a) <= 1.0 else 1.0
+    else:
+        scale = 255.0 / 65535.0
+    return np.clip(np.rint(np.nan_to_num(a) * scale), 0, 255).astype(np.uint8)
+
+
 class _FileReader:
     def __init__(self, files: list[Path], labels: list[int] | None) -> None:
         self.files = files
@@ -119,8 +131,10 @@ class _FileReader:
         path = self.files[i]
         try:
             with Image.open(path) as im:
-                im = im.convert("L" if im.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB")
-                img = TF.pil_to_tensor(im)
+                if im.mode.startswith("I") or im.mode == "F":
+                    img = torch.from_numpy(_grey_to_uint8(np.asarray(im), im.mode))
+                else:
+                    img = TF.pil_to_tensor(im.convert("L" if im.mode in ("1", "L", "LA") else "RGB"))
         except Exception as exc:
             raise DataError(f"cannot read image {path}: {exc}") from exc
         return img, (UNLABELED if self.labels is None else self.labels[i])

@@ -227,3 +227,17 @@ def test_debian_fashion_mnist_splits():
     train = open_dataset(f"{DEBIAN_FASHION_MNIST}@train", pre)
     assert (len(test), len(train)) == (10000, 60000)
     assert test.info.num_classes == train.info.num_classes == 10
+
+
+def test_sixteen_bit_grey_png_is_scaled_not_clipped(tmp_path, images):
+    """PIL's own conversion clips 16-bit grey at 255 (a white image); the reader scales it to 8 bits."""
+    x, _ = images
+    wide, narrow = tmp_path / "wide", tmp_path / "narrow"
+    wide.mkdir()
+    narrow.mkdir()
+    Image.fromarray(x[0].astype(np.uint16) * 257).save(wide / "0.png")  # 16-bit PNG: mode I;16
+    Image.fromarray(x[0], mode="L").save(narrow / "0.png")
+    with Image.open(wide / "0.png") as im:
+        assert im.mode.startswith("I")
+    pre = get_preset("fashion-mnist")
+    torch.testing.assert_close(open_dataset(wide, pre)[0][0], open_dataset(narrow, pre)[0][0], rtol=0, atol=0)
