@@ -481,6 +481,14 @@ def read_onnx_info(path: Path | str) -> OnnxInfo:
             f"{'of unknown rank' if out_dims is None else f'{len(out_dims)}-D'}, expected 2-D (batch, classes)"
         )
 
+    if in_dims[3] in (1, 3) and in_dims[1] not in (1, 3):
+        # (N, H, W, C): a TensorFlow/Keras export. Every stage feeds NCHW arrays to the graph.
+        shown = ", ".join("?" if d is None else str(d) for d in in_dims)
+        raise RescompressError(
+            f"{path} takes channels-last input {inp.name!r} ({shown}); rescompress feeds NCHW images: re-export "
+            "it with an NCHW input (tf2onnx: --inputs-as-nchw)"
+        )
+
     preprocess = None
     if meta.get(META_PREFIX + "preprocess"):
         try:

@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from rescompress.cli.app import app
+from rescompress.data import bundled_data
 from rescompress.errors import RescompressError
 from rescompress.export import dynamic_batch_copy, ort_logits
 from rescompress.models import build_model
@@ -201,3 +202,28 @@ def test_probability_head_stays_float_without_a_warning(tmp_path):
     for target in ("onnxruntime", "tensorrt"):
         p = place(m, target)
         assert p.unsupported == () and len(p.weights) == 22, target
+
+
+class _ChannelsLast(torch.nn.Module):
+    """ResNet-20 taking (N, H, W, C) images, as TensorFlow/Keras exports do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = build_model("resnet20", 10, 1).eval()
+
+    def forward(self, x):
+        return self.net(x.permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("command", ["inspect", "evaluate", "quantize"])
+def test_channels_last_input_refused_with_how_to_reexport(tmp_path, command):
+    path = tmp_path / "nhwc.onnx"
+    torch.onnx.export(_ChannelsLast(), (torch.randn(2, 28, 28, 1),), str(path), input_names=["image"],
+                      output_names=["logits"], dynamic_axes={"image": {0: "n", 1: "h", 2: "w"}}, dynamo=False)
+    data = str(bundled_data("test"))
+    args = {"inspect": [], "evaluate": ["--data", data],
+            "quantize": ["--calib-data", data, "-o", str(tmp_path / "out")]}[command]
+    r = CliRunner().invoke(app, [command, str(path), *args])
+    assert r.exit_code == 1
+    assert "takes channels-last input 'image' (?, ?, ?, 1)" in r.output and "--inputs-as-nchw" in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nhwc.onnx"]
