@@ -220,7 +220,7 @@ def test_channels_last_input_refused_with_how_to_reexport(tmp_path, command):
     path = tmp_path / "nhwc.onnx"
     torch.onnx.export(_ChannelsLast(), (torch.randn(2, 28, 28, 1),), str(path), input_names=["image"],
                       output_names=["logits"], dynamic_axes={"image": {0: "n", 1: "h", 2: "w"}}, dynamo=False)
-    data = str(bundled_data("test"))
+    data = str(bundled_data("eval"))
     args = {"inspect": [], "evaluate": ["--data", data],
             "quantize": ["--calib-data", data, "-o", str(tmp_path / "out")]}[command]
     r = CliRunner().invoke(app, [command, str(path), *args])
