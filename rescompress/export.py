@@ -481,6 +481,14 @@ def read_onnx_info(path: Path | str) -> OnnxInfo:
             f"{'of unknown rank' if out_dims is None else f'{len(out_dims)}-D'}, expected 2-D (batch, classes)"
         )
 
+    elem = inp.type.tensor_type.elem_type
+    if elem != onnx.TensorProto.FLOAT:
+        kind = onnx.helper.tensor_dtype_to_np_dtype(elem).name if elem else "untyped"
+        raise RescompressError(
+            f"{path} takes {kind} input {inp.name!r}; rescompress feeds normalized float32 images: export the "
+            "model with a float32 input" + (" and its preprocessing outside the graph (--mean/--std, --preset "
+                                            "describe it here)" if kind.startswith(("uint", "int")) else "")
+        )
     if in_dims[3] in (1, 3) and in_dims[1] not in (1, 3):
         # (N, H, W, C): a TensorFlow/Keras export. Every stage feeds NCHW arrays to the graph.
         shown = ", ".join("?" if d is None else str(d) for d in in_dims)

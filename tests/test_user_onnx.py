@@ -227,3 +227,28 @@ def test_channels_last_input_refused_with_how_to_reexport(tmp_path, command):
     assert r.exit_code == 1
     assert "takes channels-last input 'image' (?, ?, ?, 1)" in r.output and "--inputs-as-nchw" in r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nhwc.onnx"]
+
+
+class _Uint8Input(torch.nn.Module):
+    """ResNet-20 with its preprocessing in the graph: raw uint8 pixels in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = build_model("resnet20", 10, 1).eval()
+
+    def forward(self, x):
+        return self.net((x.float() / 255.0 - 0.286) / 0.353)
+
+
+def test_integer_input_refused_with_what_to_export(tmp_path):
+    path = tmp_path / "u8.onnx"
+    torch.onnx.export(_Uint8Input(), (torch.randint(0, 255, (2, 1, 28, 28), dtype=torch.uint8),), str(path),
+                      input_names=["pixels"], output_names=["logits"], dynamic_axes={"pixels": {0: "n"}},
+                      dynamo=False)
+    data = str(bundled_data("eval"))
+    for args in (["evaluate", str(path), "--data", data, "--limit", "8"],
+                 ["quantize", str(path), "--calib-data", data, "-o", str(tmp_path / "out")]):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 1, r.output
+        assert "takes uint8 input 'pixels'" in r.output and "float32 input" in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["u8.onnx"]
