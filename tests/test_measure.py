@@ -117,6 +117,15 @@ def test_topk_and_counter_by_hand():
     few = AccuracyCounter()
     few.update(np.array([[0.0, 1.0], [1.0, 0.0]]), np.array([1, 1]))
     assert few.result().top5 is None and few.result().top1 == 50.0
+    five = AccuracyCounter()  # five classes: top-5 would be 100% by construction
+    five.update(np.eye(5)[[0, 1]], np.array([1, 1]))
+    assert five.result().top5 is None and five.result().top1 == 50.0
+    from rescompress.quantization.fidelity import compare
+
+    fid = compare(np.eye(5)[[0, 1]], np.eye(5)[[0, 0]], np.array([1, 1]))
+    assert fid.top5 is None and fid.fp32_top5 is None and fid.top1 == 0.0 and fid.fp32_top1 == 50.0
+    fid6 = compare(np.eye(6)[[0, 1]], np.eye(6)[[0, 0]], np.array([1, 1]))
+    assert fid6.top5 == 100.0
     with pytest.raises(DataError, match="labeled"):
         AccuracyCounter().update(np.zeros((1, 3)), np.array([-1]))
     with pytest.raises(DataError, match="out of range"):

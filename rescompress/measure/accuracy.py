@@ -4,7 +4,7 @@
 keeps the logits when a caller needs them. ``evaluate_runners`` sends every batch through several
 runners at once, so the data is decoded once and the agreement of each candidate with the first runner
 (the baseline) is accumulated in the same pass. Accuracies are percentages; ``top5`` is ``None`` for
-models with fewer than five classes, where it would be 100% by construction. Ties in the logits go to
+models with five classes or fewer, where it would be 100% by construction. Ties in the logits go to
 the lowest class index (numpy's argmax), for top-1 and for agreement alike.
 """
 
@@ -63,13 +63,13 @@ class AccuracyCounter:
         self.classes = classes
         self.n += len(labels)
         self.correct1 += topk_correct(logits, labels, 1)
-        if classes >= 5:
+        if classes > 5:
             self.correct5 += topk_correct(logits, labels, 5)
 
     def result(self) -> AccuracyResult:
         if self.n == 0:
             raise DataError("no labeled images were evaluated; the data is empty")
-        has5 = self.classes is not None and self.classes >= 5
+        has5 = self.classes is not None and self.classes > 5
         return AccuracyResult(
             top1=100.0 * self.correct1 / self.n,
             top5=100.0 * self.correct5 / self.n if has5 else None,

@@ -59,10 +59,9 @@ def compare(fp32: np.ndarray, cand: np.ndarray, labels: np.ndarray | None = None
     agreement = float(np.mean(fp32.argmax(1) == cand.argmax(1)) * 100.0) if len(fp32) else 0.0
     kw = {}
     if labels is not None and len(labels) and np.all(labels >= 0):
-        kw = {
-            "top1": topk_accuracy(cand, labels, 1), "top5": topk_accuracy(cand, labels, 5),
-            "fp32_top1": topk_accuracy(fp32, labels, 1), "fp32_top5": topk_accuracy(fp32, labels, 5),
-        }
+        kw = {"top1": topk_accuracy(cand, labels, 1), "fp32_top1": topk_accuracy(fp32, labels, 1)}
+        if fp32.shape[1] > 5:  # with five classes or fewer, top-5 is 100% by construction
+            kw |= {"top5": topk_accuracy(cand, labels, 5), "fp32_top5": topk_accuracy(fp32, labels, 5)}
     return Fidelity(
         n=len(fp32), top1_agreement=agreement, sqnr_db=sqnr_db(fp32, cand),
         max_abs_diff=float(np.max(np.abs(fp32 - cand))) if len(fp32) else 0.0, **kw,
