@@ -124,8 +124,9 @@ def test_topk_and_counter_by_hand():
 
     fid = compare(np.eye(5)[[0, 1]], np.eye(5)[[0, 0]], np.array([1, 1]))
     assert fid.top5 is None and fid.fp32_top5 is None and fid.top1 == 0.0 and fid.fp32_top1 == 50.0
-    fid6 = compare(np.eye(6)[[0, 1]], np.eye(6)[[0, 0]], np.array([1, 1]))
-    assert fid6.top5 == 100.0
+    ranked = np.array([[5.0, 4, 3, 2, 1, 0], [0.0, 1, 2, 3, 4, 5]])  # label 1: 2nd, then 5th largest
+    fid6 = compare(ranked, ranked[::-1], np.array([1, 1]))
+    assert fid6.top5 == 100.0 and fid6.top1 == 0.0
     with pytest.raises(DataError, match="labeled"):
         AccuracyCounter().update(np.zeros((1, 3)), np.array([-1]))
     with pytest.raises(DataError, match="out of range"):
