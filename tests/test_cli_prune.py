@@ -101,6 +101,25 @@ def test_not_a_model_is_one_line_error(tmp_path):
     assert res.stderr.count("Error:") == 1
 
 
+class _NotResNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+        self.head = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def test_scripted_non_resnet_is_refused_with_what_to_prune(tmp_path):
+    torch.jit.script(_NotResNet().eval()).save(str(tmp_path / "ts.pt"))
+    res = runner.invoke(app, ["prune", str(tmp_path / "ts.pt"), "--ratio", "0.3", "--no-latency", "--input-size",
+                              "28", "-o", str(tmp_path / "o.safetensors")])
+    assert res.exit_code == 1
+    assert "cannot prune a TorchScript archive" in res.stderr and res.stderr.count("Error:") == 1
+    assert not (tmp_path / "o.safetensors").exists()
+
+
 def test_target_latency_probes_and_prunes(model_file, tmp_path):
     out = tmp_path / "lat.safetensors"
     res = runner.invoke(app, ["prune", str(model_file), "--target-latency", "0.7", "--round-to", "4", "--no-latency",

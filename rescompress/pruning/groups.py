@@ -67,6 +67,11 @@ def build_graph(model: nn.Module, example_input: torch.Tensor):
     """Trace ``model`` into a Torch-Pruning ``DependencyGraph`` (raises :class:`PruningGraphError`)."""
     import torch_pruning as tp
 
+    if isinstance(model, torch.jit.ScriptModule):
+        raise PruningGraphError(
+            "cannot prune a TorchScript archive that does not rebuild as an eager torchvision-style ResNet; "
+            "prune the eager model (its state_dict or a rescompress checkpoint) instead"
+        )
     was_training = model.training
     model.eval()
     try:
