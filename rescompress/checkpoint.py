@@ -8,7 +8,10 @@ the header for people and tools that read it. A BN-folded model (``folded`` in t
 it runs: convs carry a bias and the folded BatchNorms are ``nn.Identity``; :func:`load_checkpoint` gives
 the rebuilt architecture that same structure before loading the weights. A torchvision ResNet whose stem
 differs from torchvision's (e.g. 3x3 stride 1 without the max-pool, for small images) has it recorded as
-``stem`` and rebuilt the same way.
+``stem``, and a classifier head other than one ``Linear`` (e.g. ``Sequential(Linear, ReLU, Dropout,
+Linear)``) as ``head``; both are rebuilt the same way. Every save is checked by loading the written file
+and comparing its outputs with the module's: a structure the header cannot describe is refused, never
+written as a file that loads as another model.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch import nn
 from rescompress import __version__
 from rescompress.errors import RescompressError, UnsupportedModelError
 from rescompress.fileio import atomic_path
-from rescompress.models import Stem, build_model, stem_of
+from rescompress.models import ARCH_NAMES, Stem, build_model, stem_of
 from rescompress.spec import Preprocess
 
 FORMAT_NAME = "rescompress.checkpoint"
@@ -42,6 +45,8 @@ class CheckpointHeader:
     extra: dict | None = None
     folded: bool = False
     stem: Stem | None = None  # recorded only when it is not torchvision's
+    head: tuple[dict, ...] | None = None  # the layers of an ``fc`` that is not a single biased Linear
+    structure: dict | None = None  # block, layers, groups, width of a ResNet no builder is named after
 
     def to_metadata(self, widths: dict[str, int]) -> dict[str, str]:
         meta = {
@@ -61,6 +66,10 @@ class CheckpointHeader:
             meta["extra"] = json.dumps(self.extra, sort_keys=True)
         if self.stem is not None and not self.stem.standard:
             meta["stem"] = json.dumps(self.stem.to_dict(), sort_keys=True)
+        if self.head:
+            meta["head"] = json.dumps(list(self.head))
+        if self.structure:
+            meta["structure"] = json.dumps(self.structure, sort_keys=True)
         return meta
 
     @classmethod
@@ -75,6 +84,8 @@ class CheckpointHeader:
             extra=json.loads(meta["extra"]) if meta.get("extra") else None,
             folded=meta.get("folded") == "1",
             stem=Stem.from_dict(json.loads(meta["stem"])) if meta.get("stem") else None,
+            head=tuple(json.loads(meta["head"])) if meta.get("head") else None,
+            structure=json.loads(meta["structure"]) if meta.get("structure") else None,
         )
 
 
@@ -89,18 +100,134 @@ def layer_widths(module: nn.Module) -> dict[str, int]:
     return widths
 
 
+# Classifier-head layers a header can describe: constructor arguments read from the module's attributes.
+_HEAD_LAYERS: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
+    "Linear": (nn.Linear, ("in_features", "out_features")),
+    "BatchNorm1d": (nn.BatchNorm1d, ("num_features", "eps", "momentum", "affine", "track_running_stats")),
+    "Dropout": (nn.Dropout, ("p",)),
+    "Identity": (nn.Identity, ()),
+    "Flatten": (nn.Flatten, ("start_dim", "end_dim")),
+    "ReLU": (nn.ReLU, ()),
+    "ReLU6": (nn.ReLU6, ()),
+    "GELU": (nn.GELU, ("approximate",)),
+    "SiLU": (nn.SiLU, ()),
+    "LeakyReLU": (nn.LeakyReLU, ("negative_slope",)),
+    "Sigmoid": (nn.Sigmoid, ()),
+    "Tanh": (nn.Tanh, ()),
+    "Softmax": (nn.Softmax, ("dim",)),
+    "LogSoftmax": (nn.LogSoftmax, ("dim",)),
+}
+
+
+def head_spec(module: nn.Module) -> tuple[dict, ...] | None:
+    """The layers of ``module.fc`` when it is not one biased Linear (``None`` then); raises for a head
+    with a layer a header cannot describe."""
+    fc = getattr(module, "fc", None)
+    if fc is None or (type(fc) is nn.Linear and fc.bias is not None):
+        return None
+    layers = list(fc) if type(fc) is nn.Sequential else [fc]
+    out = []
+    for i, layer in enumerate(layers):
+        kind = type(layer).__name__
+        if kind not in _HEAD_LAYERS or type(layer) is not _HEAD_LAYERS[kind][0]:
+            where = f"fc.{i}" if type(fc) is nn.Sequential else "fc"
+            raise UnsupportedModelError(
+                f"the classifier head holds a {type(layer).__qualname__} ({where}), which a checkpoint cannot "
+                f"describe; supported: {', '.join(_HEAD_LAYERS)}"
+            )
+        args = {a: getattr(layer, a) for a in _HEAD_LAYERS[kind][1]}
+        if kind == "Linear":
+            args["bias"] = layer.bias is not None
+        out.append({"type": kind, "args": args, "sequential": type(fc) is nn.Sequential})
+    return tuple(out)
+
+
+def build_head(spec: tuple[dict, ...]) -> nn.Module:
+    """The ``fc`` module :func:`head_spec` described."""
+    layers = [_HEAD_LAYERS[d["type"]][0](**d["args"]) for d in spec]
+    return nn.Sequential(*layers) if spec[0].get("sequential", True) else layers[0]
+
+
 def save_checkpoint(module: nn.Module, path: Path | str, header: CheckpointHeader) -> Path:
     """Write ``module``'s state_dict and ``header`` to ``path`` atomically (safetensors format).
 
-    The stem is read from ``module`` itself, so a modified one is recorded whoever builds the header.
+    The stem and the classifier head are read from ``module`` itself, so a modified one is recorded
+    whoever builds the header. The written file is loaded back and must compute what ``module`` does
+    (:func:`_check_reloads`); otherwise nothing is written and the difference is named.
     """
+    if isinstance(module, torch.jit.ScriptModule):
+        raise UnsupportedModelError(
+            "a TorchScript archive that does not rebuild as an eager torchvision-style ResNet cannot be pruned, "
+            "folded or saved as a checkpoint; use the eager model (its state_dict or a rescompress checkpoint)"
+        )
     stem = stem_of(module)
     if stem is not None and not stem.standard:
         header = replace(header, stem=stem)
+    header = replace(header, head=head_spec(module), structure=_structure(module, header))
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header.to_metadata(layer_widths(module)))
+        _check_reloads(module, tmp, header)
     return Path(path)
+
+
+def _structure(module: nn.Module, header: CheckpointHeader) -> dict | None:
+    """For an architecture without a builder name (e.g. a [1, 1, 1, 1] basic-block ResNet): its structure
+    as read from the weights, enough to build it again."""
+    if header.arch in ARCH_NAMES:
+        return None
+    from rescompress.loading import infer_resnet_spec
+
+    spec = infer_resnet_spec(module.state_dict(), header.arch)
+    return {"family": spec.family, "block": spec.block, "layers": list(spec.layers), "groups": spec.groups,
+            "width_per_group": spec.width_per_group}
+
+
+def _build(header: CheckpointHeader) -> nn.Module:
+    if header.structure is None:
+        return build_model(header.arch, header.num_classes, header.in_channels, stem=header.stem)
+    from rescompress.loading import ResNetSpec, build_from_spec
+
+    st = header.structure
+    return build_from_spec(ResNetSpec(st["family"], st["block"], tuple(st["layers"]), int(st["groups"]),
+                                      int(st["width_per_group"]), header.num_classes, header.in_channels, None,
+                                      header.stem or Stem()))
+
+
+def check_saveable(module: nn.Module, header: CheckpointHeader) -> None:
+    """Raise now if ``module`` could not be saved with ``header`` (before hours of pruning and fine-tuning)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="rescompress-") as d:
+        save_checkpoint(module, Path(d) / "probe.safetensors", header)
+
+
+def _check_reloads(module: nn.Module, path: Path, header: CheckpointHeader) -> None:
+    """Raise unless the checkpoint at ``path`` rebuilds a module with ``module``'s outputs."""
+    try:
+        loaded, _ = load_checkpoint(path)
+    except UnsupportedModelError as exc:
+        why = str(exc).replace(f"{path}: ", "")  # the temporary file's name means nothing to the user
+        raise UnsupportedModelError(f"the model cannot be saved as a {header.arch} checkpoint: {why}") from None
+    probe = torch.randn(2, header.in_channels, 64, 64, generator=torch.Generator().manual_seed(0))
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            device = next((t.device for t in module.state_dict().values()), torch.device("cpu"))
+            ref = module(probe.to(device)).float().cpu()
+            got = loaded(probe)
+    finally:
+        module.train(was_training)
+    tol = 1e-5 * max(1.0, float(ref.abs().max()))
+    if ref.shape != got.shape or not torch.allclose(ref, got, rtol=1e-4, atol=tol):
+        mine = {n: type(m).__name__ for n, m in module.named_modules()}
+        theirs = {n: type(m).__name__ for n, m in loaded.named_modules()}
+        differ = [f"{n}: {t}" for n, t in mine.items() if theirs.get(n) != t][:4]
+        raise UnsupportedModelError(
+            f"the model cannot be saved as a {header.arch} checkpoint: rebuilt from the file it computes something "
+            f"else ({'; '.join(differ) if differ else 'same layer types, different wiring'})"
+        )
 
 
 def read_header(path: Path | str) -> CheckpointHeader | None:
@@ -124,9 +251,11 @@ def load_checkpoint(path: Path | str) -> tuple[nn.Module, CheckpointHeader]:
         for key in f.keys():
             state[key] = f.get_tensor(key)
     try:
-        model = build_model(header.arch, header.num_classes, header.in_channels, stem=header.stem)
+        model = _build(header)
     except RescompressError as exc:
         raise UnsupportedModelError(f"{path}: {exc}") from None
+    if header.head:
+        model.fc = build_head(header.head)
     if header.folded:
         apply_folded_structure(model, state)
     load_state_dict_resizing(model, state)

@@ -116,7 +116,8 @@ def test_scripted_non_resnet_is_refused_with_what_to_prune(tmp_path):
     res = runner.invoke(app, ["prune", str(tmp_path / "ts.pt"), "--ratio", "0.3", "--no-latency", "--input-size",
                               "28", "-o", str(tmp_path / "o.safetensors")])
     assert res.exit_code == 1
-    assert "cannot prune a TorchScript archive" in res.stderr and res.stderr.count("Error:") == 1
+    assert "TorchScript archive that does not rebuild as an eager" in res.stderr
+    assert "cannot be pruned" in res.stderr and res.stderr.count("Error:") == 1
     assert not (tmp_path / "o.safetensors").exists()
 
 
@@ -149,3 +150,24 @@ def test_prune_finetunes_with_augmentation(model_file, tmp_path, calib_npz):
     step = data["report"]["steps"][0]
     assert step["finetune"]["batches"] == 7 and step["finetune"]["images"] == 7 * 16  # ceil(128 * 0.05)
     assert out.exists()
+
+
+def test_pruned_transfer_learning_model_reloads(tmp_path):
+    """A pickled resnet18 with a 3x3 small-image stem and an MLP head: the pruned checkpoint rebuilds both."""
+    from rescompress.loading import load_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, 1)
+    model.conv1 = torch.nn.Conv2d(1, 64, 3, 1, 1, bias=False)
+    model.maxpool = torch.nn.Identity()
+    model.fc = torch.nn.Sequential(torch.nn.Dropout(0.2), torch.nn.Linear(512, 64), torch.nn.ReLU(),
+                                   torch.nn.Linear(64, 10))
+    torch.save(model.eval(), tmp_path / "tl.pt")
+    out = tmp_path / "tl.pruned.safetensors"
+    res = runner.invoke(app, ["prune", str(tmp_path / "tl.pt"), "--target-macs", "0.5", "--no-latency",
+                              "--input-size", "16", "--json", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    loaded = load_model(out)
+    assert loaded.pruned and isinstance(loaded.module.maxpool, torch.nn.Identity)
+    assert [type(m).__name__ for m in loaded.module.fc] == ["Dropout", "Linear", "ReLU", "Linear"]
+    assert loaded.macs < 0.55 * load_model(tmp_path / "tl.pt", input_size=16).macs

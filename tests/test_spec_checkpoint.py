@@ -90,3 +90,60 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     assert (tmp_path / "new.bin").stat().st_mode & 0o644 == 0o644  # readable like any other output
     with pytest.raises(RescompressError, match="same file as input"):
         ensure_not_input(target, [tmp_path / "a", target])
+
+
+def _randomized(model: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(3)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model.eval()
+
+
+def _same(a: nn.Module, b: nn.Module, channels: int = 3) -> bool:
+    x = torch.randn(2, channels, 48, 48, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        return torch.equal(a(x), b(x))
+
+
+def test_custom_head_and_unnamed_structure_round_trip(tmp_path):
+    """A transfer-learning MLP head (pruned input features too) and a ResNet depth no builder is named
+    after are described in the header and rebuilt exactly."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+    mlp = build_model("resnet18", 10)
+    mlp.layer4[1].conv2 = nn.Conv2d(512, 512, 3, 1, 1, bias=False)
+    mlp.fc = nn.Sequential(nn.Linear(512, 96), nn.BatchNorm1d(96), nn.ReLU(), nn.Dropout(0.3), nn.Linear(96, 10))
+    bare = build_model("resnet18", 10)
+    bare.fc = nn.Linear(512, 10, bias=False)
+    odd_basic = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=7)
+    odd_bottleneck = ResNet(Bottleneck, [2, 1, 1, 1], num_classes=7)
+    for i, (arch, model) in enumerate([("resnet18", mlp), ("resnet18", bare), ("resnet_basic_1-1-1-1_g1w64", odd_basic),
+                                       ("resnet_bottleneck_2-1-1-1_g1w64", odd_bottleneck)]):
+        model = _randomized(model)
+        classes = model.fc[-1].out_features if isinstance(model.fc, nn.Sequential) else model.fc.out_features
+        path = save_checkpoint(model, tmp_path / f"{i}.safetensors", CheckpointHeader(arch, classes, 3, None))
+        loaded, header = load_checkpoint(path)
+        assert _same(model, loaded), arch
+        assert type(loaded.fc) is type(model.fc)
+        assert (header.structure is None) == (arch == "resnet18")
+        assert (header.head is None) == (arch != "resnet18")
+
+
+def test_structure_a_header_cannot_describe_is_refused_before_writing(tmp_path):
+    from rescompress.checkpoint import check_saveable
+    from rescompress.errors import UnsupportedModelError
+
+    pooled = build_model("resnet18", 10)
+    pooled.avgpool = nn.AdaptiveMaxPool2d(1)  # not recorded anywhere: would reload as average pooling
+    odd_head = build_model("resnet18", 10)
+    odd_head.fc = nn.Sequential(nn.Linear(512, 10), nn.Hardtanh())
+    header = CheckpointHeader("resnet18", 10, 3, None)
+    for model, message in ((pooled, r"computes something else \(avgpool: AdaptiveMaxPool2d\)"),
+                           (odd_head, r"holds a Hardtanh \(fc.1\)")):
+        with pytest.raises(UnsupportedModelError, match=message):
+            check_saveable(_randomized(model), header)
+        with pytest.raises(UnsupportedModelError, match=message):
+            save_checkpoint(model, tmp_path / "m.safetensors", header)
+        assert list(tmp_path.iterdir()) == []

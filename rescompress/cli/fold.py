@@ -56,18 +56,11 @@ def fold_command(
     from rescompress.fileio import ensure_not_input
     from rescompress.folding import fold_batchnorm
     from rescompress.loading import load_model
-    from rescompress.models import ARCH_NAMES
 
     if output.suffix.lower() == ".onnx":
         raise RescompressError("fold writes a rescompress checkpoint (.safetensors); for ONNX use `rescompress export`")
     ensure_not_input(output, [model])
     loaded = load_model(model, arch=arch, trust_pickle=trust_pickle, input_size=parse_size(input_size))
-    if loaded.arch not in ARCH_NAMES:
-        # A checkpoint is rebuilt from its architecture name on load; without a builder it could not reload.
-        raise RescompressError(
-            f"{model} is a {loaded.arch} model, which a rescompress checkpoint cannot rebuild; "
-            "use `rescompress export` (it folds too) to write ONNX"
-        )
     pre = resolve_preprocess(loaded.preprocess, preset, input_size, channels, mean, std)
     if pre.channels != loaded.in_channels:
         raise RescompressError(

@@ -104,6 +104,7 @@ def prune_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Prune channels to a target and save a checkpoint; prints before/after params, MACs, top-1, latency."""
+    from rescompress.checkpoint import CheckpointHeader, check_saveable
     from rescompress.data import check_compatible, open_dataset
     from rescompress.fileio import ensure_not_input
     from rescompress.loading import load_model
@@ -126,6 +127,8 @@ def prune_command(
             f"the model takes {loaded.in_channels}-channel input but the preprocessing gives {pre.channels}; "
             f"pass --channels {loaded.in_channels}"
         )
+    # A structure a checkpoint cannot describe fails here, not after pruning and fine-tuning.
+    check_saveable(loaded.module, CheckpointHeader(loaded.arch, loaded.num_classes, loaded.in_channels, pre))
     data = evald = None
     if finetune_data is not None:
         data = open_dataset(finetune_data, pre, split="train")
