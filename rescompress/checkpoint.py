@@ -163,7 +163,9 @@ def save_checkpoint(module: nn.Module, path: Path | str, header: CheckpointHeade
     stem = stem_of(module)
     if stem is not None and not stem.standard:
         header = replace(header, stem=stem)
-    header = replace(header, head=head_spec(module), structure=_structure(module, header))
+    # A model without BatchNorm layers was folded (e.g. a folded checkpoint pruned again).
+    folded = header.folded or not any(isinstance(m, nn.BatchNorm2d) for m in module.modules())
+    header = replace(header, head=head_spec(module), structure=_structure(module, header), folded=folded)
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header.to_metadata(layer_widths(module)))
@@ -178,7 +180,13 @@ def _structure(module: nn.Module, header: CheckpointHeader) -> dict | None:
         return None
     from rescompress.loading import infer_resnet_spec
 
-    spec = infer_resnet_spec(module.state_dict(), header.arch)
+    try:
+        spec = infer_resnet_spec(module.state_dict(), header.arch)
+    except UnsupportedModelError:
+        raise UnsupportedModelError(
+            f"a {header.arch} model is not a torchvision-style ResNet that a rescompress checkpoint can rebuild; "
+            "`rescompress export` writes it as ONNX (folding BatchNorm too)"
+        ) from None
     return {"family": spec.family, "block": spec.block, "layers": list(spec.layers), "groups": spec.groups,
             "width_per_group": spec.width_per_group}
 
@@ -209,7 +217,9 @@ def _check_reloads(module: nn.Module, path: Path, header: CheckpointHeader) -> N
     except UnsupportedModelError as exc:
         why = str(exc).replace(f"{path}: ", "")  # the temporary file's name means nothing to the user
         raise UnsupportedModelError(f"the model cannot be saved as a {header.arch} checkpoint: {why}") from None
-    probe = torch.randn(2, header.in_channels, 64, 64, generator=torch.Generator().manual_seed(0))
+    # The model's own input size when known: some models only run at it (e.g. a fixed AvgPool2d(7)).
+    size = header.preprocess.size if header.preprocess is not None else (64, 64)
+    probe = torch.randn(1, header.in_channels, *size, generator=torch.Generator().manual_seed(0))
     was_training = module.training
     module.eval()
     try:
@@ -217,16 +227,21 @@ def _check_reloads(module: nn.Module, path: Path, header: CheckpointHeader) -> N
             device = next((t.device for t in module.state_dict().values()), torch.device("cpu"))
             ref = module(probe.to(device)).float().cpu()
             got = loaded(probe)
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"cannot check that the saved {header.arch} reloads: it fails on a {tuple(probe.shape)} input "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); pass its --input-size"
+        ) from None
     finally:
         module.train(was_training)
     tol = 1e-5 * max(1.0, float(ref.abs().max()))
     if ref.shape != got.shape or not torch.allclose(ref, got, rtol=1e-4, atol=tol):
-        mine = {n: type(m).__name__ for n, m in module.named_modules()}
-        theirs = {n: type(m).__name__ for n, m in loaded.named_modules()}
+        mine = {n: f"{type(m).__name__}({m.extra_repr()})" for n, m in module.named_modules() if n}
+        theirs = {n: f"{type(m).__name__}({m.extra_repr()})" for n, m in loaded.named_modules() if n}
         differ = [f"{n}: {t}" for n, t in mine.items() if theirs.get(n) != t][:4]
         raise UnsupportedModelError(
             f"the model cannot be saved as a {header.arch} checkpoint: rebuilt from the file it computes something "
-            f"else ({'; '.join(differ) if differ else 'same layer types, different wiring'})"
+            f"else ({'; '.join(differ) if differ else 'same layers, different wiring'})"
         )
 
 

@@ -140,16 +140,10 @@ class _FileReader:
         return img, (UNLABELED if self.labels is None else self.labels[i])
 
 
-def _list_images(folder: Path, recursive: bool = False) -> list[Path]:
-    """Image files in ``folder`` (and, ``recursive``, its sub-folders), sorted; hidden entries skipped."""
-    if not recursive:
-        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                      and not p.name.startswith("."))
-    out = []
-    for root, dirs, names in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        out += [Path(root) / n for n in names if Path(n).suffix.lower() in IMAGE_EXTENSIONS and not n.startswith(".")]
-    return sorted(out)
+def _list_images(folder: Path) -> list[Path]:
+    """Image files directly in ``folder``, sorted; hidden files skipped."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                  and not p.name.startswith("."))
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -243,11 +237,10 @@ def describe_source(path: Path | str, split: str = "test") -> tuple[SourceInfo, 
             int(y.max()) + 1 if y is not None and len(y) else None,
         )
         return info, _ArrayReader(x, None if y is None else y.astype(np.int64))
-    # ImageFolder: every (non-hidden) sub-folder is a class, numbered in sorted order as torchvision's
-    # ImageFolder does, images searched recursively. A class folder without images keeps its number, so
-    # the labels after it still match the model's outputs.
+    # ImageFolder: every non-hidden sub-folder is a class, numbered in sorted order. A class folder
+    # without images keeps its number, so the labels after it still match the model's outputs.
     subdirs = sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
-    per_class = [_list_images(d, recursive=True) for d in subdirs]
+    per_class = [_list_images(d) for d in subdirs]
     if any(per_class):
         files, labels = [], []
         for idx, found in enumerate(per_class):
@@ -259,6 +252,12 @@ def describe_source(path: Path | str, split: str = "test") -> tuple[SourceInfo, 
     files = _list_images(p)
     if files:
         return SourceInfo(str(p), "images", None, len(files), False, None), _FileReader(files, None)
+    nested = [d.name for d in subdirs if any(sd.is_dir() and _list_images(sd) for sd in d.iterdir())]
+    if nested:  # e.g. root/{train,val}/{cat,dog}/*.jpg: a folder of splits, not of classes
+        raise DataError(
+            f"{p} holds no images directly or in class sub-folders, but {', '.join(nested[:4])} hold class "
+            "folders of images: pass one of them (a dataset split) instead"
+        )
     raise DataError(
         f"{p} holds no images: expected class sub-folders of images, images directly, "
         "or IDX files (*-images-idx3-ubyte[.gz])"

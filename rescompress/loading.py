@@ -134,7 +134,8 @@ class ResNetSpec:
         return {
             "family": self.family, "block": self.block, "layers": list(self.layers), "groups": self.groups,
             "width_per_group": self.width_per_group, "num_classes": self.num_classes,
-            "in_channels": self.in_channels, "arch": self.arch, "stem": self.stem.to_dict(),
+            "in_channels": self.in_channels, "arch": self.arch,
+            "stem": self.stem.to_dict() if self.family == "torchvision" else None,
         }
 
 

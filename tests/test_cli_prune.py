@@ -171,3 +171,32 @@ def test_pruned_transfer_learning_model_reloads(tmp_path):
     assert loaded.pruned and isinstance(loaded.module.maxpool, torch.nn.Identity)
     assert [type(m).__name__ for m in loaded.module.fc] == ["Dropout", "Linear", "ReLU", "Linear"]
     assert loaded.macs < 0.55 * load_model(tmp_path / "tl.pt", input_size=16).macs
+
+
+def test_folded_checkpoint_prunes_and_reloads(model_file, tmp_path):
+    from rescompress.loading import load_model
+
+    folded = tmp_path / "folded.safetensors"
+    assert runner.invoke(app, ["fold", str(model_file), "-o", str(folded)]).exit_code == 0
+    out = tmp_path / "folded.pruned.safetensors"
+    res = runner.invoke(app, ["prune", str(folded), "--ratio", "0.3", "--no-latency", "--json", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    loaded = load_model(out)
+    assert loaded.pruned and "BatchNorm folded into the convolutions" in loaded.notes
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.module.modules())
+
+
+def test_dependency_graph_refuses_a_script_module():
+    from rescompress.pruning.groups import PruningGraphError, build_graph
+
+    with pytest.raises(PruningGraphError, match="cannot prune a TorchScript archive"):
+        build_graph(torch.jit.script(_NotResNet().eval()), torch.randn(1, 1, 8, 8))
+
+
+def test_fold_of_a_trusted_non_resnet_says_what_to_use(tmp_path):
+    torch.save(_NotResNet().eval(), tmp_path / "m.pt")
+    res = runner.invoke(app, ["fold", str(tmp_path / "m.pt"), "--trust-pickle", "--input-size", "16",
+                              "-o", str(tmp_path / "f.safetensors")])
+    assert res.exit_code == 1
+    assert "not a torchvision-style ResNet that a rescompress checkpoint can rebuild" in res.stderr
+    assert "rescompress export" in res.stderr and not (tmp_path / "f.safetensors").exists()

@@ -89,16 +89,17 @@ def test_image_folder_and_flat_folder(tmp_path, images):
     torch.testing.assert_close(flat_ds[0][0], arr_ds[0][0], rtol=0, atol=1e-6)
 
 
-def test_image_folder_numbers_classes_like_torchvision(tmp_path, images):
+def test_image_folder_class_numbers_and_split_roots(tmp_path, images):
     """An empty class folder keeps its number (a validation subset without some class must not shift the
-    labels of the classes after it); images in nested folders count; hidden files and folders do not."""
+    labels of the classes after it); hidden files and folders are not classes or images; a folder of
+    splits (root/train/cat/...) is refused with which folder to pass."""
     x, _ = images
     tree = tmp_path / "tree"
-    for name in ("a_cat", "b_empty", "c_dog/nested/deeper"):
+    for name in ("a_cat", "b_empty", "c_dog"):
         (tree / name).mkdir(parents=True)
     Image.fromarray(x[0], mode="L").save(tree / "a_cat" / "0.png")
     Image.fromarray(x[1], mode="L").save(tree / "c_dog" / "1.png")
-    Image.fromarray(x[2], mode="L").save(tree / "c_dog" / "nested" / "deeper" / "2.png")
+    Image.fromarray(x[2], mode="L").save(tree / "c_dog" / "2.png")
     (tree / "c_dog" / ".hidden.png").write_bytes(b"not an image")
     (tree / ".ipynb_checkpoints").mkdir()
     Image.fromarray(x[3], mode="L").save(tree / ".ipynb_checkpoints" / "3.png")
@@ -109,6 +110,12 @@ def test_image_folder_numbers_classes_like_torchvision(tmp_path, images):
     assert [ds[i][1] for i in range(3)] == [0, 2, 2]
     same = open_dataset(_npz(tmp_path, x[2:3]), get_preset("fashion-mnist"))[0][0]
     torch.testing.assert_close(ds[2][0], same, rtol=0, atol=1e-6)
+    splits = tmp_path / "splits"
+    for split in ("train", "val"):
+        (splits / split / "cat").mkdir(parents=True)
+        Image.fromarray(x[0], mode="L").save(splits / split / "cat" / "0.png")
+    with pytest.raises(DataError, match="train, val hold class folders of images: pass one of them"):
+        open_dataset(splits, get_preset("fashion-mnist"))
 
 
 def _npz(tmp_path, x):
