@@ -58,6 +58,9 @@ def test_quantize_writes_every_artifact(first_run):
     plan = json.loads((out / "r20.plan.json").read_text())
     assert plan["rounding"]["method"] == "hessian" and plan["rounding"]["file"] == "r20.weights.npz"
     assert data["calibration"]["weight_rounding"]["layers"] == 22  # every conv and the fc
+    # Rounding sees only the calibration images: none of the held-out ones, nothing beyond --num-images.
+    assert data["calibration"]["holdout"] == 24
+    assert data["calibration"]["weight_rounding"]["images"] == 96 - 24
     assert all((out / n).exists() for n in names)
     assert data["method"] in ("max", "percentile", "entropy", "mse")
     assert set(data["method_scores"]) == {"max", "percentile", "entropy", "mse"}

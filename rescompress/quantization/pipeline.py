@@ -578,7 +578,8 @@ def quantize_model(
         calib_stats["weight_rounding"] = {**qplan.rounding, "reused": True}
         say(f"weight rounding: reused {qplan.rounding['file']}")
     elif cfg.weight_rounding == "hessian" or (cfg.weight_rounding == "auto" and calib_data is not None):
-        rounded = _round_weights(base, qplan, placements, calib_data, pre, cfg, calib_stats, say, shapes)
+        rounded = _round_weights(base, qplan, placements, calib_data, pre, cfg, calib_stats, say, shapes,
+                                 calib_idx if plan is None else None)
     elif cfg.weight_rounding == "auto":
         calib_stats["weight_rounding"] = "nearest (no --calib-data to collect layer statistics from)"
     if not rounded:
@@ -682,9 +683,14 @@ def quantize_model(
 
 def _round_weights(
     base: onnx.ModelProto, plan: QuantPlan, placements: dict[str, Placement], calib_data, pre, cfg: QuantizeConfig,
-    calib_stats: dict, say: Notify, shapes: dict,
+    calib_stats: dict, say: Notify, shapes: dict, calib_idx: Sequence[int] | None = None,
 ) -> dict:
-    """Hessian-aware weight rounding on the first ``rounding_images`` calibration images (rounding.py)."""
+    """Hessian-aware weight rounding on at most ``rounding_images`` calibration images (rounding.py).
+
+    They come from this run's calibration images (``calib_idx``): never from the held-out ones, which
+    choose the method, refine the ranges and, without --eval-data, measure the result; and never beyond
+    --num-images. With a reused plan, from the plan's seeded sample of the data.
+    """
     from rescompress.data import open_dataset
     from rescompress.quantization.rounding import round_weights
 
@@ -693,9 +699,13 @@ def _round_weights(
     dataset = open_dataset(calib_data, pre, split="train")
     layer_inputs = {n.input[0] for n in base.graph.node for p in placements.values() for w in p.weights
                     if n.name == w.node}
-    n = min(rounding_images(onnx_macs(base, shapes), cfg.rounding_images), len(dataset))
+    pool = list(calib_idx) if calib_idx is not None else None
+    n = min(rounding_images(onnx_macs(base, shapes), cfg.rounding_images), len(pool or dataset))
     batch = calibration_batch_size(per_image_sizes(base, sorted(layer_inputs), shapes), cfg.batch_size)
-    idx, _ = _calibration_indices(len(dataset), n, cfg.seed, 0)
+    if pool is not None:  # an even spread over the calibration images (they are a seeded random sample)
+        idx = [pool[int(i)] for i in np.linspace(0, len(pool) - 1, n).round().astype(int)] if n < len(pool) else pool
+    else:
+        idx, _ = _calibration_indices(len(dataset), n, cfg.seed, 0)
     batches = [b[0].numpy() for b in _loader(dataset, idx, batch)]
     t0 = time.perf_counter()
     rounded, report = round_weights(base, plan, placements.values(), batches, cfg.threads)
