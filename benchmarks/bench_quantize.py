@@ -323,9 +323,10 @@ def part_fmnist(args) -> None:
     with_ov = importlib.util.find_spec("openvino") is not None
     rows, ov_rows = {}, {}
     t_start = time.time()
-    name = "bench_quantize_resnet20" if ckpt == REFERENCE else f"bench_quantize_{arch}_{pre.size[0]}"
+    # (not ``name``: the loops below name their rows with it)
+    result_name = "bench_quantize_resnet20" if ckpt == REFERENCE else f"bench_quantize_{arch}_{pre.size[0]}"
     if args.rows == "tool":
-        return _tool_rows(args, ckpt, name, y_test)
+        return _tool_rows(args, ckpt, result_name, y_test)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         fp32 = tmp / f"{arch}.fp32.onnx"
@@ -372,7 +373,7 @@ def part_fmnist(args) -> None:
         except Exception as exc:  # the x86 quantized engine needs FBGEMM/oneDNN in this torch build
             rows["torch-ao-fx-x86"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
         lat = latency({k: Runner(v) for k, v in sessions.items()}, pre.input_shape, iters=args.fm_iters, rounds=5)
-    write_result(name, {
+    write_result(result_name, {
         "command": "python " + " ".join(sys.argv),
         "model": f"{arch} from {ckpt.name} (Fashion-MNIST, {pre.channels}x{pre.size[0]}x{pre.size[1]})",
         "calibration": f"{args.num_images} images, seeded sample (seed {SEED}) of the Fashion-MNIST train split",

@@ -621,8 +621,15 @@ def select_resnet(state: dict[str, torch.Tensor], what: str) -> tuple[dict[str, 
     beside its loss's buffers: (state, note). Several ResNets (a teacher and a student) are refused."""
     state = strip_prefixes(state)
     prefixes = resnet_prefixes(state)
-    if "" in prefixes or not prefixes:
+    if not prefixes:
         return state, None
+    if "" in prefixes:  # the model at the top level, maybe with a copy under a prefix (e.g. "ema.")
+        others = tuple(q for q in prefixes if q)
+        if not others:
+            return state, None
+        kept = {k: v for k, v in state.items() if not k.startswith(others)}
+        return kept, (f"loaded the top-level ResNet; {len(state) - len(kept)} key(s) of the copy under "
+                      f"{', '.join(repr(q) for q in others)} ignored")
     if len(prefixes) > 1:
         raise UnsupportedModelError(
             f"{what} holds {len(prefixes)} ResNets (under {', '.join(repr(q) for q in prefixes[:4])}); save the "

@@ -559,6 +559,11 @@ def test_state_dict_under_any_prefix_and_beside_other_keys(tmp_path):
     for loaded in (a, b):
         assert loaded.arch == "resnet18"
         assert torch.equal(_logits(loaded.module, (1, 3, 32, 32)), _logits(model, (1, 3, 32, 32)))
+    with_copy = {**sd, **{f"ema.{k}": torch.zeros_like(v) for k, v in sd.items()}}
+    torch.save(with_copy, tmp_path / "c.pth")
+    c = load_model(tmp_path / "c.pth")
+    assert any("copy under 'ema.' ignored" in n for n in c.notes)
+    assert torch.equal(_logits(c.module, (1, 3, 32, 32)), _logits(model, (1, 3, 32, 32)))
     two = {**{f"teacher.{k}": v for k, v in sd.items()}, **{f"student.{k}": v for k, v in sd.items()}}
     torch.save(two, tmp_path / "two.pth")
     with pytest.raises(UnsupportedModelError, match=r"holds 2 ResNets \(under 'student.', 'teacher.'\)"):
