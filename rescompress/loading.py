@@ -58,8 +58,9 @@ STRIP_PREFIXES = ("module.", "_orig_mod.", "model.")
 
 # The classes a pickled torchvision/reference ResNet is made of (found with
 # torch.serialization.get_unsafe_globals_in_checkpoint), plus the modules people commonly swap in for the
-# head (Identity, Dropout, Flatten) or the pooling. Allowing a class lets the unpickler create it with
-# ``__new__`` and fill its ``__dict__``; none of them runs code from the file.
+# head (the layers a checkpoint header can describe: Linear, BatchNorm1d, Dropout, Flatten, Identity and
+# plain activations) or the pooling. Allowing a class lets the unpickler create it with ``__new__`` and
+# fill its ``__dict__``; none of them runs code from the file.
 SAFE_MODULE_CLASSES: tuple[type, ...] = (
     tv_resnet.ResNet,
     tv_resnet.BasicBlock,
@@ -76,6 +77,15 @@ SAFE_MODULE_CLASSES: tuple[type, ...] = (
     nn.Identity,
     nn.Dropout,
     nn.Flatten,
+    nn.BatchNorm1d,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.LeakyReLU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Softmax,
+    nn.LogSoftmax,
     nn.DataParallel,  # torch.save(nn.DataParallel(model)); unwrapped to .module after loading
 )
 

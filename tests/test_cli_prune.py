@@ -153,15 +153,16 @@ def test_prune_finetunes_with_augmentation(model_file, tmp_path, calib_npz):
 
 
 def test_pruned_transfer_learning_model_reloads(tmp_path):
-    """A pickled resnet18 with a 3x3 small-image stem and an MLP head: the pruned checkpoint rebuilds both."""
+    """A pickled resnet18 (loaded without --trust-pickle) with a 3x3 small-image stem and an MLP head: the
+    pruned checkpoint rebuilds both."""
     from rescompress.loading import load_model
 
     torch.manual_seed(0)
     model = build_model("resnet18", 10, 1)
     model.conv1 = torch.nn.Conv2d(1, 64, 3, 1, 1, bias=False)
     model.maxpool = torch.nn.Identity()
-    model.fc = torch.nn.Sequential(torch.nn.Dropout(0.2), torch.nn.Linear(512, 64), torch.nn.ReLU(),
-                                   torch.nn.Linear(64, 10))
+    model.fc = torch.nn.Sequential(torch.nn.Dropout(0.2), torch.nn.Linear(512, 64), torch.nn.BatchNorm1d(64),
+                                   torch.nn.GELU(), torch.nn.Linear(64, 10))
     torch.save(model.eval(), tmp_path / "tl.pt")
     out = tmp_path / "tl.pruned.safetensors"
     res = runner.invoke(app, ["prune", str(tmp_path / "tl.pt"), "--target-macs", "0.5", "--no-latency",
@@ -169,7 +170,7 @@ def test_pruned_transfer_learning_model_reloads(tmp_path):
     assert res.exit_code == 0, res.output
     loaded = load_model(out)
     assert loaded.pruned and isinstance(loaded.module.maxpool, torch.nn.Identity)
-    assert [type(m).__name__ for m in loaded.module.fc] == ["Dropout", "Linear", "ReLU", "Linear"]
+    assert [type(m).__name__ for m in loaded.module.fc] == ["Dropout", "Linear", "BatchNorm1d", "GELU", "Linear"]
     assert loaded.macs < 0.55 * load_model(tmp_path / "tl.pt", input_size=16).macs
 
 
