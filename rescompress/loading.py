@@ -89,6 +89,24 @@ SAFE_MODULE_CLASSES: tuple[type, ...] = (
     nn.DataParallel,  # torch.save(nn.DataParallel(model)); unwrapped to .module after loading
 )
 
+
+
+def _data_globals() -> list:
+    """Plain data that training scripts store beside the weights: an ``argparse.Namespace`` of their
+    arguments (timm, the PyTorch ImageNet example) and numpy scalars/arrays (a best accuracy, a metric
+    history). Unpickling them builds values; no code from the file runs."""
+    import argparse
+
+    import numpy as np
+
+    core = np._core if hasattr(np, "_core") else np.core
+    dtypes = {type(np.dtype(t)) for t in set(np.sctypeDict.values()) if t is not np.object_}
+    return [argparse.Namespace, np.dtype, np.ndarray, core.multiarray.scalar, core.multiarray._reconstruct,
+            *sorted(dtypes, key=lambda c: c.__name__)]
+
+
+SAFE_DATA_GLOBALS: tuple = tuple(_data_globals())
+
 # (block, blocks per stage, groups, width per group) -> torchvision builder name.
 _TORCHVISION_TABLE: dict[tuple[str, tuple[int, ...], int, int], str] = {
     ("basic", (2, 2, 2, 2), 1, 64): "resnet18",
@@ -367,7 +385,7 @@ def _torch_load_safe(p: Path, trust_pickle: bool) -> tuple[object, bool]:
     """
     try:
         # torch warns about pickle protocols and deprecations on users' files; our errors say what matters.
-        with torch.serialization.safe_globals(list(SAFE_MODULE_CLASSES)), warnings.catch_warnings():
+        with torch.serialization.safe_globals([*SAFE_MODULE_CLASSES, *SAFE_DATA_GLOBALS]), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return torch.load(p, map_location="cpu", weights_only=True), False
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError or EOFError depending on the damage
@@ -433,7 +451,7 @@ def unsafe_globals(path: Path | str) -> list[str]:
             names = _scan_pickle_globals(p)
     except Exception:
         return []
-    allowed = {f"{c.__module__}.{c.__qualname__}" for c in SAFE_MODULE_CLASSES}
+    allowed = {f"{c.__module__}.{c.__qualname__}" for c in (*SAFE_MODULE_CLASSES, *SAFE_DATA_GLOBALS)}
     return sorted(n for n in names if n not in allowed and not _DEFAULT_SAFE_GLOBAL.match(n))
 
 

@@ -581,3 +581,21 @@ def test_single_weights_entry_under_any_key_and_missing_step_counters(tmp_path):
         loaded = load_model(tmp_path / name)
         assert loaded.arch == "resnet18"
         assert torch.equal(_logits(loaded.module, (1, 3, 32, 32)), _logits(model, (1, 3, 32, 32)))
+
+
+def test_training_checkpoints_with_arguments_and_numpy_values_load_without_trust(tmp_path):
+    """timm / the PyTorch ImageNet example save an argparse.Namespace, optimizer state and numpy metrics
+    beside the weights: plain data, accepted by the weights-only loader."""
+    import argparse
+
+    import numpy as np
+
+    model = _model("resnet18")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    torch.save({"epoch": 3, "arch": "resnet18", "state_dict": model.state_dict(), "optimizer": opt.state_dict(),
+                "args": argparse.Namespace(lr=0.1, model="resnet18"), "best_acc1": np.float64(0.91),
+                "history": np.arange(4, dtype=np.float32), "version": 2}, tmp_path / "train.pth.tar")
+    loaded = load_model(tmp_path / "train.pth.tar")
+    assert loaded.arch == "resnet18" and loaded.source_format == "state_dict"
+    assert torch.equal(_logits(loaded.module, (1, 3, 32, 32)), _logits(model, (1, 3, 32, 32)))
+    assert unsafe_globals(tmp_path / "train.pth.tar") == []
