@@ -50,7 +50,10 @@ def atomic_path(target: Path | str, suffix: str | None = None) -> Iterator[Path]
         yield tmp
         # mkstemp creates 0600 files; give the output the permissions a plain open() would.
         os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError as exc:  # e.g. the target became a folder meanwhile: name it, not the temporary file
+            raise RescompressError(f"cannot write {target}: {exc.strerror or exc}") from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
