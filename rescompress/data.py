@@ -15,6 +15,7 @@ item by item, in DataLoader workers: memory does not grow with the number of ima
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import struct
 from dataclasses import dataclass
@@ -300,6 +301,15 @@ def check_compatible(
     if info.labeled and info.num_classes is not None and info.num_classes > num_classes:
         raise DataError(
             f"the data at {info.path} has {info.num_classes} classes but the model outputs {num_classes}"
+        )
+    if info.kind == "imagefolder" and info.labeled and info.num_classes is not None and \
+            info.num_classes < num_classes:
+        # Folder k is label k: right when the folders are all of the model's classes in its order, wrong
+        # for a subset (e.g. 10 of ImageNet's 1000 class folders), where every label points elsewhere.
+        logging.getLogger(__name__).warning(
+            "%s has %d class folders but the model outputs %d classes; folder k (sorted) is taken as class k, "
+            "which is only right if the folders are the model's first %d classes in its order",
+            info.path, info.num_classes, num_classes, info.num_classes,
         )
 
 

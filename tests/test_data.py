@@ -200,6 +200,20 @@ def test_class_count_and_label_checks(calib_npz):
         check_compatible(info, num_classes=5)
 
 
+def test_fewer_class_folders_than_outputs_is_warned(tmp_path, images, caplog):
+    x, _ = images
+    for name in ("n01440764", "n01443537"):  # two of ImageNet's folders: labels 0 and 1 here
+        (tmp_path / name).mkdir()
+        Image.fromarray(x[0], mode="L").save(tmp_path / name / "0.png")
+    info, _ = describe_source(tmp_path)
+    with caplog.at_level("WARNING", logger="rescompress.data"):
+        check_compatible(info, num_classes=2)
+    assert caplog.text == ""
+    with caplog.at_level("WARNING", logger="rescompress.data"):
+        check_compatible(info, num_classes=1000)
+    assert "has 2 class folders but the model outputs 1000 classes" in caplog.text
+
+
 def test_unlabeled_data_refused_where_labels_needed(tmp_path, images):
     np.savez(tmp_path / "u.npz", x=images[0])
     info, _ = describe_source(tmp_path / "u.npz")
