@@ -90,7 +90,6 @@ SAFE_MODULE_CLASSES: tuple[type, ...] = (
 )
 
 
-
 def _data_globals() -> list:
     """Plain data that training scripts store beside the weights: an ``argparse.Namespace`` of their
     arguments (timm, the PyTorch ImageNet example) and numpy scalars/arrays (a best accuracy, a metric
