@@ -28,7 +28,7 @@ from torch import nn
 from rescompress import __version__
 from rescompress.errors import RescompressError, UnsupportedModelError
 from rescompress.fileio import atomic_path
-from rescompress.models import ARCH_NAMES, Stem, build_model, stem_of
+from rescompress.models import ARCH_NAMES, Stem, build_model, outputs_match, stem_of
 from rescompress.spec import Preprocess
 
 FORMAT_NAME = "rescompress.checkpoint"
@@ -160,12 +160,10 @@ def save_checkpoint(module: nn.Module, path: Path | str, header: CheckpointHeade
             "a TorchScript archive that does not rebuild as an eager torchvision-style ResNet cannot be pruned, "
             "folded or saved as a checkpoint; use the eager model (its state_dict or a rescompress checkpoint)"
         )
-    stem = stem_of(module)
-    if stem is not None and not stem.standard:
-        header = replace(header, stem=stem)
     # A model without BatchNorm layers was folded (e.g. a folded checkpoint pruned again).
     folded = header.folded or not any(isinstance(m, nn.BatchNorm2d) for m in module.modules())
-    header = replace(header, head=head_spec(module), structure=_structure(module, header), folded=folded)
+    header = replace(header, stem=stem_of(module), head=head_spec(module), structure=_structure(module, header),
+                     folded=folded)
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header.to_metadata(layer_widths(module)))
@@ -224,7 +222,7 @@ def _check_reloads(module: nn.Module, path: Path, header: CheckpointHeader) -> N
     module.eval()
     try:
         with torch.no_grad():
-            device = next((t.device for t in module.state_dict().values()), torch.device("cpu"))
+            device = next((t.device for t in module.parameters()), torch.device("cpu"))
             ref = module(probe.to(device)).float().cpu()
             got = loaded(probe)
     except Exception as exc:
@@ -234,8 +232,7 @@ def _check_reloads(module: nn.Module, path: Path, header: CheckpointHeader) -> N
         ) from None
     finally:
         module.train(was_training)
-    tol = 1e-5 * max(1.0, float(ref.abs().max()))
-    if ref.shape != got.shape or not torch.allclose(ref, got, rtol=1e-4, atol=tol):
+    if not outputs_match(ref, got):
         mine = {n: f"{type(m).__name__}({m.extra_repr()})" for n, m in module.named_modules() if n}
         theirs = {n: f"{type(m).__name__}({m.extra_repr()})" for n, m in loaded.named_modules() if n}
         differ = [f"{n}: {t}" for n, t in mine.items() if theirs.get(n) != t][:4]

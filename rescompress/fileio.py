@@ -42,8 +42,8 @@ def atomic_path(target: Path | str, suffix: str | None = None) -> Iterator[Path]
             prefix=f".{target.name}.", suffix=suffix if suffix is not None else target.suffix + ".tmp",
             dir=target.parent,
         )
-    except OSError as exc:  # name the file asked for, not the temporary one
-        raise RescompressError(f"cannot write {target}: {exc.strerror or exc}") from None
+    except OSError as exc:
+        raise _cannot_write(target, exc) from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -52,12 +52,17 @@ def atomic_path(target: Path | str, suffix: str | None = None) -> Iterator[Path]
         os.chmod(tmp, 0o666 & ~_umask())
         try:
             os.replace(tmp, target)
-        except OSError as exc:  # e.g. the target became a folder meanwhile: name it, not the temporary file
-            raise RescompressError(f"cannot write {target}: {exc.strerror or exc}") from None
+        except OSError as exc:  # e.g. the target became a folder meanwhile
+            raise _cannot_write(target, exc) from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def _cannot_write(target: Path, exc: OSError) -> RescompressError:
+    """The error for an output that cannot be written: it names the file asked for, not the temporary one."""
+    return RescompressError(f"cannot write {target}: {exc.strerror or exc}")
 
 
 def _umask() -> int:

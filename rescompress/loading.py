@@ -32,6 +32,7 @@ from rescompress.models import (
     CifarResNet,
     Stem,
     build_model,
+    outputs_match,
     set_stem,
     stem_candidates,
     stem_of,
@@ -105,6 +106,7 @@ def _data_globals() -> list:
 
 
 SAFE_DATA_GLOBALS: tuple = tuple(_data_globals())
+_ALLOWED_GLOBALS: tuple = (*SAFE_MODULE_CLASSES, *SAFE_DATA_GLOBALS)  # what the weights-only load accepts
 
 # (block, blocks per stage, groups, width per group) -> torchvision builder name.
 _TORCHVISION_TABLE: dict[tuple[str, tuple[int, ...], int, int], str] = {
@@ -384,7 +386,7 @@ def _torch_load_safe(p: Path, trust_pickle: bool) -> tuple[object, bool]:
     """
     try:
         # torch warns about pickle protocols and deprecations on users' files; our errors say what matters.
-        with torch.serialization.safe_globals([*SAFE_MODULE_CLASSES, *SAFE_DATA_GLOBALS]), warnings.catch_warnings():
+        with torch.serialization.safe_globals(list(_ALLOWED_GLOBALS)), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return torch.load(p, map_location="cpu", weights_only=True), False
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError or EOFError depending on the damage
@@ -450,7 +452,7 @@ def unsafe_globals(path: Path | str) -> list[str]:
             names = _scan_pickle_globals(p)
     except Exception:
         return []
-    allowed = {f"{c.__module__}.{c.__qualname__}" for c in (*SAFE_MODULE_CLASSES, *SAFE_DATA_GLOBALS)}
+    allowed = {f"{c.__module__}.{c.__qualname__}" for c in _ALLOWED_GLOBALS}
     return sorted(n for n in names if n not in allowed and not _DEFAULT_SAFE_GLOBAL.match(n))
 
 
@@ -499,17 +501,17 @@ def _load_torchscript(p: Path, arch: str | None) -> _Partial:
     if eager is not None:
         # Prefer an eager copy (pruning, folding and export need one) when it computes what the archive does.
         # A state_dict does not record the stem's stride or max-pool: the archive's own forward decides.
-        others = [] if spec.family != "torchvision" else [
-            s for s in stem_candidates(spec.stem.kernel) if s != spec.stem]
-        while not _same_outputs(script, eager, spec):
-            eager = None
-            while others and eager is None:
-                spec = replace(spec, stem=others.pop(0))
-                try:
-                    eager, pruned = _load_into(spec, state)
-                except _DoesNotFit:
-                    eager = None
-            if eager is None:
+        stems = [spec.stem] + ([s for s in stem_candidates(spec.stem.kernel) if s != spec.stem]
+                               if spec.family == "torchvision" else [])
+        first, eager = (eager, pruned), None
+        for stem in stems:
+            spec = replace(spec, stem=stem)
+            try:
+                candidate, cand_pruned = first if stem == stems[0] else _load_into(spec, state)
+            except _DoesNotFit:
+                continue
+            if _same_outputs(script, candidate, spec):
+                eager, pruned = candidate, cand_pruned
                 break
     if eager is not None:
         part = _from_spec(eager, spec, pruned, "torchscript", p, arch)
@@ -546,11 +548,9 @@ def _same_outputs(script: nn.Module, eager: nn.Module, spec: ResNetSpec) -> bool
     probe = torch.randn(2, spec.in_channels, *_probe_size(spec), generator=torch.Generator().manual_seed(0))
     try:
         with torch.no_grad():
-            ref, got = script(probe), eager(probe)
+            return outputs_match(script(probe), eager(probe))
     except Exception:
         return False
-    return (isinstance(ref, torch.Tensor) and ref.shape == got.shape
-            and torch.allclose(ref, got, rtol=1e-4, atol=1e-5 * max(1.0, float(ref.abs().max()))))
 
 
 def _first_conv_in_channels(state: dict[str, torch.Tensor]) -> int | None:

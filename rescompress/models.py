@@ -99,8 +99,8 @@ class Stem:
     the 3x3 stride-2 max-pool follows it.
 
     torchvision's is 7x7 stride 2 with the max-pool. Models trained on small images (CIFAR-sized) often
-    replace it with a 3x3 stride-1 convolution and drop the max-pool (:data:`SMALL_IMAGE_STEM`); the
-    state_dict keeps only the kernel size, so files that do not record the rest get that assumption.
+    replace it with a 3x3 stride-1 convolution and drop the max-pool; the state_dict keeps only the kernel
+    size, so files that do not record the rest get that assumption (:func:`stem_candidates`' first).
     """
 
     kernel: int = 7
@@ -122,9 +122,6 @@ class Stem:
     @classmethod
     def from_dict(cls, d: dict) -> Stem:
         return cls(int(d["kernel"]), int(d["stride"]), int(d["padding"]), bool(d["maxpool"]))
-
-
-SMALL_IMAGE_STEM = Stem(kernel=3, stride=1, padding=1, maxpool=False)
 
 
 def stem_candidates(kernel: int) -> list[Stem]:
@@ -152,6 +149,12 @@ def stem_of(model: nn.Module) -> Stem | None:
     else:
         return None
     return Stem(k[0], s[0], p[0], maxpool)
+
+
+def outputs_match(ref: torch.Tensor, got: torch.Tensor) -> bool:
+    """Whether two modules' outputs on the same input are the same computation (float32 rounding apart)."""
+    return (isinstance(ref, torch.Tensor) and isinstance(got, torch.Tensor) and ref.shape == got.shape
+            and torch.allclose(ref, got, rtol=1e-4, atol=1e-5 * max(1.0, float(ref.abs().max()))))
 
 
 def _pair(v) -> tuple:
