@@ -15,7 +15,7 @@ from rescompress.checkpoint import CheckpointHeader, save_checkpoint
 from rescompress.cli.app import app
 from rescompress.models import build_model
 from rescompress.profile import count_macs
-from rescompress.quantization.checker import check_trt_qdq
+from rescompress.quantization.checker import check_trt_qdq, recorded_float_nodes
 from rescompress.spec import get_preset
 
 runner = CliRunner()
@@ -217,6 +217,12 @@ def test_exclude_keeps_first_conv_float_in_tensorrt_file(first_run, calib_npz, t
     assert first.input[0] == "input"  # reads the float input directly
     assert check_trt_qdq(q, allow_float=["/conv1/Conv"]) == []
     assert not (tmp_path / "r20.int8.ort.onnx").exists() and data["latency"] is None
+    # The file records what was kept float on purpose, so the engine preflight accepts it as it is.
+    assert recorded_float_nodes(q) == ("/conv1/Conv",)
+    assert {p.key: p.value for p in q.metadata_props}["rescompress.precision"] == "int8"
+    pre = runner.invoke(app, ["build-engine", str(tmp_path / "r20.int8.trt.onnx"), "--check-only", "--json"])
+    assert pre.exit_code == 0, pre.output
+    assert json.loads(pre.stdout)["errors"] == []
 
 
 def test_prune_then_quantize_at_a_non_square_size(checkpoint, calib_npz, tmp_path):

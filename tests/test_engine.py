@@ -50,6 +50,7 @@ from rescompress.engine import (
 from rescompress.engine.metadata import mismatch_message
 from rescompress.engine.tensorrt import verify_engine_file
 from rescompress.fileio import file_sha256
+from rescompress.quantization.checker import FLOAT_NODES_KEY
 
 runner = CliRunner()
 no_tensorrt = pytest.mark.skipif(tensorrt_available(), reason="checks the behaviour without TensorRT")
@@ -352,12 +353,27 @@ def test_preflight_fp16_depends_on_tensorrt_version(fp32_onnx):
 
 def test_preflight_runs_the_quantize_stage_placement_checker(qdq_onnx, tmp_path):
     assert preflight(EngineBuildConfig(qdq_onnx, precision="int8")).qdq_checker == "passed"
-    # Weights quantized but the first conv's activation left in float: valid ONNX, wrong for TensorRT.
+    # Weights quantized but the first conv's activation left in float: TensorRT builds it, that conv in
+    # higher precision, so the preflight warns and names it.
     partial = make_classifier(tmp_path / "partial.onnx", qdq=True, quantize_input=False)
     assert run_ort(partial, np.zeros((1, 1, 8, 8), np.float32)).shape == (1, CLASSES)
     report = preflight(EngineBuildConfig(partial, precision="int8"))
+    assert report.qdq_checker == "passed" and report.ok
+    assert any("higher precision" in w and "'input'" in w for w in report.warnings)
+    # Recorded as kept float on purpose (what quantize --exclude writes): no warning either.
+    conv = next(n.name for n in onnx.load(str(partial)).graph.node if n.op_type == "Conv")
+    recorded = make_classifier(tmp_path / "recorded.onnx", qdq=True, quantize_input=False,
+                               metadata={FLOAT_NODES_KEY: json.dumps([conv])})
+    report = preflight(EngineBuildConfig(recorded, precision="int8"))
+    assert report.ok and not any("higher precision" in w for w in report.warnings)
+    # Per-channel weight scales on the wrong axis: TensorRT cannot import that, so the build refuses.
+    m = onnx.load(str(qdq_onnx))
+    dq = next(n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "conv.w.q")
+    next(a for a in dq.attribute if a.name == "axis").i = 1
+    onnx.save(m, str(tmp_path / "axis.onnx"))
+    report = preflight(EngineBuildConfig(tmp_path / "axis.onnx", precision="int8"))
     assert report.qdq_checker == "failed" and not report.ok
-    assert any(e.startswith("TensorRT Q/DQ placement:") and "'input'" in e for e in report.errors)
+    assert any(e.startswith("TensorRT Q/DQ placement:") and "axis 0" in e for e in report.errors)
 
 
 # ------------------------------------------------------------------------------------------- calibration cache
@@ -719,3 +735,20 @@ def test_int8_engine_from_quantize_artifact_agrees_with_onnxruntime(quantized_re
     # Both execute the same Q/DQ graph; TensorRT's fused int8 kernels round differently in places.
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.9
     assert np.abs(got - ref).max() <= 0.1 * max(1.0, np.abs(ref).max())
+
+
+def test_check_only_reads_a_file_with_external_data_from_another_folder(qdq_onnx, tmp_path, monkeypatch):
+    """torch >= 2.9 exports weights to ``model.onnx.data`` beside the graph; the preflight must find them
+    (and the Q/DQ scales stored there too) relative to the file, not to the working folder."""
+    m = onnx.load(str(qdq_onnx))
+    folder = tmp_path / "export"
+    folder.mkdir()
+    onnx.save(m, str(folder / "m.onnx"), save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    assert (folder / "m.onnx.data").stat().st_size > 0
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = runner.invoke(app, ["build-engine", str(folder / "m.onnx"), "--check-only", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["ok"] is True and data["qdq"]["QuantizeLinear"] == 2

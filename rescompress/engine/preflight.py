@@ -178,23 +178,25 @@ def _dims(value_info) -> tuple[int | str | None, ...]:
     return tuple(dims)
 
 
-def _constants(graph) -> dict:
-    """Name -> numpy array for initializers and Constant nodes (Q/DQ scales and zero points live there)."""
+def _constants(graph, names: set[str], base_dir: Path) -> dict:
+    """Name -> (TensorProto, numpy array) for the initializers and Constant nodes in ``names`` (Q/DQ
+    scales and zero points, read from ``base_dir`` when stored as external data; the weights are not read)."""
     from onnx import numpy_helper
 
-    consts = {init.name: init for init in graph.initializer}
+    consts = {init.name: init for init in graph.initializer if init.name in names}
     for node in graph.node:
-        if node.op_type == "Constant" and node.output:
+        if node.op_type == "Constant" and node.output and node.output[0] in names:
             for attr in node.attribute:
                 if attr.name == "value":
                     consts[node.output[0]] = attr.t
-    return {name: (tensor, numpy_helper.to_array(tensor)) for name, tensor in consts.items()}
+    return {name: (tensor, numpy_helper.to_array(tensor, base_dir=str(base_dir))) for name, tensor in consts.items()}
 
 
-def _qdq_facts(graph) -> QdqFacts:
+def _qdq_facts(graph, base_dir: Path) -> QdqFacts:
     from onnx import TensorProto
 
-    consts = _constants(graph)
+    qdq_params = {t for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") for t in n.input[1:]}
+    consts = _constants(graph, qdq_params, base_dir)
     counts = Counter(n.op_type for n in graph.node)
     zp_types: set[str] = set()
     nonzero = missing = nonconstant = nonpositive = 0
@@ -301,7 +303,7 @@ def inspect_onnx(path: Path | str) -> OnnxFacts:
         inputs=inputs,
         outputs=outputs,
         op_counts=dict(Counter(n.op_type for n in graph.node)),
-        qdq=_qdq_facts(graph),
+        qdq=_qdq_facts(graph, p.parent),
         float_types=_float_types(graph),
         tensor_names=frozenset(names),
         num_classes=num_classes,
@@ -481,23 +483,18 @@ def _resolve_chw(facts: OnnxFacts, errors: list[str]) -> tuple[int, ...] | None:
     return None
 
 
-def _run_qdq_checker(path: Path) -> tuple[str, list[str]]:
-    """Run the quantize stage's TensorRT placement checker if it exists; returns (status, violations)."""
-    try:
-        from rescompress.quantization.checker import check_trt_qdq
-    except ImportError:
-        return "not available", []
+def _run_qdq_checker(path: Path) -> tuple[str, list[str], list[str]]:
+    """TensorRT placement rules on the file: (status, blocking violations, notes on layers that build in
+    higher precision or unfused). Nodes the file's metadata records as kept float on purpose are fine."""
     import onnx
 
-    try:
-        result = check_trt_qdq(onnx.load(str(path)))
-    except RescompressError as exc:
-        return "failed", [str(exc)]
-    violations = getattr(result, "violations", result)
-    if isinstance(violations, str):
-        violations = [violations]
-    messages = [str(v) for v in (violations or [])]
-    return ("failed" if messages else "passed"), messages
+    from rescompress.quantization.checker import recorded_float_nodes, trt_qdq_findings
+
+    model = onnx.load(str(path))
+    findings = trt_qdq_findings(model, allow_float=recorded_float_nodes(model))
+    blocking = [f.message for f in findings if f.blocking]
+    notes = [f.message for f in findings if not f.blocking]
+    return ("failed" if blocking else "passed"), blocking, notes
 
 
 def trt_version_number(version: str) -> int | None:
@@ -565,8 +562,12 @@ def preflight(config: EngineBuildConfig, tensorrt_version: str | None = None) ->
             if len(errors) == before:
                 # Placement is checked once opset and Q/DQ nodes are right; otherwise both would report
                 # the same opset, zero points and scales twice.
-                qdq_status, violations = _run_qdq_checker(facts.path)
+                qdq_status, violations, notes = _run_qdq_checker(facts.path)
                 errors.extend(f"TensorRT Q/DQ placement: {v}" for v in violations)
+                if notes:
+                    shown = "; ".join(notes[:3]) + (f"; and {len(notes) - 3} more" if len(notes) > 3 else "")
+                    warnings.append(f"{len(notes)} layer(s) will build in higher precision or without the "
+                                    f"Conv+Add fusion: {shown}")
             else:
                 qdq_status = "skipped (fix the Q/DQ nodes first)"
     elif qdq.total:

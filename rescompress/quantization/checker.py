@@ -1,7 +1,10 @@
 """Structural checker for TensorRT explicit-quantization (Q/DQ) ONNX files.
 
 ``check_trt_qdq(model)`` returns the list of rule violations (empty means the file follows the rules
-DESIGN decision 3 takes from TensorRT's "Q/DQ layer placement" guidance):
+DESIGN decision 3 takes from TensorRT's "Q/DQ layer placement" guidance); ``trt_qdq_findings`` returns the
+same with each marked *blocking* (TensorRT cannot import the file as INT8: rules 1, 2, 6, activation scales
+that are not per-tensor, weight scales on the wrong axis) or not (an unquantized layer, Q/DQ on a Conv output,
+an Add TensorRT cannot fuse: the engine still builds, with those layers in higher precision or unfused):
 
 1. opset >= 13 (per-channel DequantizeLinear);
 2. every QuantizeLinear/DequantizeLinear is int8 symmetric: int8 zero point(s) equal to 0, finite
@@ -17,7 +20,9 @@ DESIGN decision 3 takes from TensorRT's "Q/DQ layer placement" guidance):
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -25,6 +30,24 @@ from onnx import numpy_helper
 
 WEIGHTED = ("Conv", "Gemm", "MatMul")
 INTEGER_OPS = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QLinearAdd", "QGemm")
+FLOAT_NODES_KEY = "rescompress.quantization.float_nodes"  # metadata: nodes kept float on purpose (JSON list)
+
+
+@dataclass(frozen=True)
+class Finding:
+    message: str
+    blocking: bool  # False: TensorRT still builds the layer, in higher precision or unfused
+
+
+def recorded_float_nodes(model: onnx.ModelProto) -> tuple[str, ...]:
+    """The nodes ``rescompress quantize`` kept in float on purpose (``--exclude``, ``--max-drop`` fallback),
+    as recorded in the file's metadata; empty for files from elsewhere."""
+    raw = next((p.value for p in model.metadata_props if p.key == FLOAT_NODES_KEY), None)
+    try:
+        names = json.loads(raw) if raw else []
+    except json.JSONDecodeError:
+        return ()
+    return tuple(str(n) for n in names) if isinstance(names, list) else ()
 
 
 def _const_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -43,11 +66,16 @@ def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
 
 def check_trt_qdq(model: onnx.ModelProto, allow_float: Collection[str] = ()) -> list[str]:
     """Violations of TensorRT's Q/DQ placement rules; ``allow_float`` names nodes deliberately kept float."""
-    problems: list[str] = []
+    return [f.message for f in trt_qdq_findings(model, allow_float)]
+
+
+def trt_qdq_findings(model: onnx.ModelProto, allow_float: Collection[str] = ()) -> list[Finding]:
+    """:func:`check_trt_qdq`'s violations, each marked blocking or not."""
+    problems: list[Finding] = []
     g = model.graph
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 13:
-        problems.append(f"opset {opset} < 13: per-channel Q/DQ needs opset 13 or newer")
+        problems.append(Finding(f"opset {opset} < 13: per-channel Q/DQ needs opset 13 or newer", True))
     consts = _const_values(model)
     producer = {o: n for n in g.node for o in n.output}
     consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
@@ -57,9 +85,10 @@ def check_trt_qdq(model: onnx.ModelProto, allow_float: Collection[str] = ()) -> 
 
     for n in g.node:
         if n.op_type in INTEGER_OPS:
-            problems.append(f"{n.name}: {n.op_type} is an ONNX Runtime integer op, not a TensorRT Q/DQ graph")
+            problems.append(Finding(
+                f"{n.name}: {n.op_type} is an ONNX Runtime integer op, not a TensorRT Q/DQ graph", True))
         if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            problems.extend(_check_qdq_params(n, consts))
+            problems.extend(Finding(m, True) for m in _check_qdq_params(n, consts))
 
     def through_dq(t: str) -> onnx.NodeProto | None:
         p = producer.get(t)
@@ -70,13 +99,15 @@ def check_trt_qdq(model: onnx.ModelProto, allow_float: Collection[str] = ()) -> 
             continue
         dq_act = through_dq(n.input[0])
         if dq_act is None:
-            problems.append(f"{n.name}: activation input {n.input[0]!r} is not quantized (no DequantizeLinear)")
+            problems.append(Finding(
+                f"{n.name}: activation input {n.input[0]!r} is not quantized (no DequantizeLinear)", False))
         elif _scale_size(dq_act, consts) != 1:
-            problems.append(f"{n.name}: activation quantization must be per-tensor")
+            problems.append(Finding(f"{n.name}: activation quantization must be per-tensor", True))
         if len(n.input) > 1:
             dq_w = through_dq(n.input[1])
             if dq_w is None:
-                problems.append(f"{n.name}: weight {n.input[1]!r} is not quantized (no DequantizeLinear)")
+                problems.append(Finding(
+                    f"{n.name}: weight {n.input[1]!r} is not quantized (no DequantizeLinear)", False))
             else:
                 problems.extend(_check_weight_dq(n, dq_w, consts, producer))
 
@@ -92,10 +123,9 @@ def check_trt_qdq(model: onnx.ModelProto, allow_float: Collection[str] = ()) -> 
                 continue
             if node.op_type == "Add" and _is_residual_edge(node, q, producer):
                 continue
-            problems.append(
+            problems.append(Finding(
                 f"{src.name}: Q/DQ on a {src.op_type} output feeding {node.name} ({node.op_type}); "
-                "TensorRT wants no Q/DQ on Conv/Gemm outputs"
-            )
+                "TensorRT wants no Q/DQ on Conv/Gemm outputs", False))
 
     for n in g.node:
         if n.op_type != "Add" or n.name in allow_float or len(n.input) != 2:
@@ -104,12 +134,12 @@ def check_trt_qdq(model: onnx.ModelProto, allow_float: Collection[str] = ()) -> 
         if not any(k in ("conv", "dq(conv)") for k in kinds):
             continue
         if kinds.count("conv") != 1:
-            problems.append(
+            problems.append(Finding(
                 f"{n.name}: an Add fed by a Conv must take exactly one Conv output directly "
-                f"(inputs are {kinds[0]}, {kinds[1]})"
-            )
+                f"(inputs are {kinds[0]}, {kinds[1]})", False))
         elif not any(k.startswith("dq") for k in kinds):
-            problems.append(f"{n.name}: residual input of the Add is not quantized (Conv+Add cannot fuse in INT8)")
+            problems.append(Finding(
+                f"{n.name}: residual input of the Add is not quantized (Conv+Add cannot fuse in INT8)", False))
     return problems
 
 
@@ -157,13 +187,13 @@ def _check_qdq_params(n: onnx.NodeProto, consts: dict[str, np.ndarray]) -> list[
 
 def _check_weight_dq(
     node: onnx.NodeProto, dq: onnx.NodeProto, consts: dict[str, np.ndarray], producer: dict[str, onnx.NodeProto]
-) -> list[str]:
+) -> list[Finding]:
     w = consts.get(dq.input[0])
     if w is None:  # float weight through Q -> DQ
         q = producer.get(dq.input[0])
         w = consts.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
     if w is None:
-        return [f"{node.name}: weight is not a constant"]
+        return [Finding(f"{node.name}: weight is not a constant", True)]
     if node.op_type == "Gemm":
         expected_axis = 0 if _attr(node, "transB", 0) else 1
     elif node.op_type == "MatMul":
@@ -173,10 +203,10 @@ def _check_weight_dq(
     axis = _attr(dq, "axis", 1)
     size = _scale_size(dq, consts)
     if size == 1 and w.shape[expected_axis] != 1:
-        return [f"{node.name}: weight quantization must be per-channel (axis {expected_axis})"]
+        # TensorRT runs per-tensor weights too, with less accuracy.
+        return [Finding(f"{node.name}: weight quantization must be per-channel (axis {expected_axis})", False)]
     if axis % w.ndim != expected_axis or size != w.shape[expected_axis]:
-        return [
+        return [Finding(
             f"{node.name}: weight DequantizeLinear must be per-channel on axis {expected_axis} "
-            f"({w.shape[expected_axis]} scales), got axis {axis} with {size} scales"
-        ]
+            f"({w.shape[expected_axis]} scales), got axis {axis} with {size} scales", True)]
     return []

@@ -9,12 +9,15 @@ QLinearConv takes); TensorRT keeps float biases.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from rescompress import __version__
 from rescompress.errors import RescompressError
+from rescompress.quantization.checker import FLOAT_NODES_KEY
 from rescompress.quantization.placement import ALL_CONSUMERS, Placement
 from rescompress.quantization.plan import QParams, QuantPlan
 
@@ -141,6 +144,8 @@ def emit_qdq(model: onnx.ModelProto, plan: QuantPlan, placement: Placement) -> o
     del g.value_info[:]  # shapes of rewired tensors changed name; ORT re-infers
     _set_meta(m, "rescompress.quantization.target", target)
     _set_meta(m, "rescompress.quantization.method", plan.provenance.method)
+    _set_meta(m, FLOAT_NODES_KEY, json.dumps(list(placement.float_nodes)))
+    _set_meta(m, "rescompress.precision", "int8")
     _set_meta(m, "rescompress.tool_version", __version__)
     return m
 
