@@ -2,10 +2,12 @@
 
 ``open_dataset(path, preprocess)`` recognizes four kinds of source:
 
-* an ImageFolder tree (one sub-folder per class; labels are the sorted folder names' indices),
+* an ImageFolder tree (one sub-folder per class, its images found at any depth; labels are the sorted folder
+  names' indices),
 * a flat folder of images (unlabeled; enough for calibration and BN re-estimation),
 * an IDX folder (MNIST / Fashion-MNIST layout, gzipped or not, e.g. ``/usr/share/datasets/fashion-mnist``),
-* an ``.npz`` file with ``x`` (N,H,W | N,H,W,C | N,C,H,W, uint8 or float in [0, 1]) and optional ``y``.
+* an ``.npz`` file with ``x`` (N,H,W | N,H,W,C | N,C,H,W; raw pixels: uint8, 16-bit, float in [0, 1] or
+  [0, 255]) and optional ``y``.
 
 Every item goes through the same tensor pipeline (channel conversion, resize / center crop, normalize),
 so a model sees identical inputs whichever way its data is stored. Image folders are decoded lazily,
@@ -19,6 +21,7 @@ import logging
 import os
 import struct
 from dataclasses import dataclass
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -141,10 +144,44 @@ class _FileReader:
         return img, (UNLABELED if self.labels is None else self.labels[i])
 
 
-def _list_images(folder: Path) -> list[Path]:
-    """Image files directly in ``folder``, sorted; hidden files skipped."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                  and not p.name.startswith("."))
+def _list_images(folder: Path, recursive: bool = False) -> list[Path]:
+    """Image files in ``folder`` (and, if ``recursive``, in its sub-folders at any depth, in torchvision
+    ImageFolder's order: folder by folder, sorted by path, files sorted); hidden files and folders skipped."""
+    listed, seen = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a symlink loop, or a folder linked twice
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")] if recursive else []
+        listed.append((root, sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)
+                                    and not n.startswith("."))))
+    return [p for root, names in sorted(listed) for n in names if (p := Path(root, n)).is_file()]
+
+
+# Folder names that mark a root of dataset splits (root/train/cat/...) rather than of classes.
+_SPLIT_NAMES = frozenset({
+    "train", "training", "val", "valid", "validation", "test", "testing", "eval", "evaluation",
+    "calib", "calibration", "dev",
+})
+
+
+def _split_folders(subdirs: list[Path], per_class: list[list[Path]]) -> list[str]:
+    """Names of the sub-folders of a folder of splits (root/{train,val}/{cat,dog}/...), else [].
+
+    Taken as splits when none of the sub-folders holding images holds any directly (only in sub-folders), and
+    either one has a usual split name (train, val, test, ...) or their image sub-folders repeat across them and
+    outnumber them (few splits of many classes; root/{cat,dog}/{batch1,batch2}/ stays a tree of classes)."""
+    holding = [(d, files) for d, files in zip(subdirs, per_class, strict=True) if files]
+    if not holding or any(f.parent == d for d, files in holding for f in files):
+        return []
+    names = [d.name for d, _ in holding]
+    if any(n.lower() in _SPLIT_NAMES for n in names):
+        return names
+    inner = [{f.relative_to(d).parts[0] for f in files} for d, files in holding]
+    repeated = set().union(*(a & b for a, b in combinations(inner, 2)))
+    return names if len(repeated) > len(holding) else []
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -183,7 +220,11 @@ def _idx_files(folder: Path, split: str) -> tuple[Path, Path | None] | None:
 
 
 def _normalize_array_images(x: np.ndarray, path: Path) -> np.ndarray:
-    """Return uint8 images as (N,H,W) or (N,C,H,W)."""
+    """Return uint8 images as (N,H,W) or (N,C,H,W).
+
+    Floats are taken as [0, 1], or [0, 255] if they exceed 1; integers above 255 as 16-bit (0-65535, scaled like
+    16-bit image files) or, beyond that, as the full range of their type. Negative values (already normalized
+    data) and floats above 255 are refused rather than clipped."""
     if x.ndim == 3:
         pass
     elif x.ndim == 4:
@@ -191,16 +232,28 @@ def _normalize_array_images(x: np.ndarray, path: Path) -> np.ndarray:
             x = np.transpose(x, (0, 3, 1, 2))
     else:
         raise DataError(f"{path}: 'x' must have 3 or 4 dimensions (N,H,W[,C]), got shape {x.shape}")
-    if x.dtype != np.uint8:
-        if np.issubdtype(x.dtype, np.floating):
-            if not np.isfinite(x).all():
-                raise DataError(f"{path}: 'x' contains NaN or Inf")
-            hi = float(x.max()) if x.size else 0.0
-            scale = 255.0 if hi <= 1.0 + 1e-6 else 1.0
-            x = np.clip(np.rint(x * scale), 0, 255).astype(np.uint8)
-        else:
-            x = np.clip(x, 0, 255).astype(np.uint8)
-    return x
+    if x.dtype == np.uint8:
+        return x
+    is_float = np.issubdtype(x.dtype, np.floating)
+    if is_float and not np.isfinite(x).all():
+        raise DataError(f"{path}: 'x' contains NaN or Inf")
+    lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+    if lo < -1e-6:
+        raise DataError(
+            f"{path}: 'x' has negative values (min {lo:.4g}), so it looks already normalized; save raw pixels "
+            "(uint8 0-255 or float 0-1): the model's own mean/std are applied when the data is read"
+        )
+    if is_float:
+        if hi > 255.5:
+            raise DataError(f"{path}: 'x' holds floats up to {hi:.6g}; expected pixels in [0, 1] or [0, 255]")
+        scale = 255.0 if hi <= 1.0 + 1e-6 else 1.0
+        return np.clip(np.rint(x * scale), 0, 255).astype(np.uint8)
+    if hi <= 255:
+        return x.astype(np.uint8)
+    if hi <= 65535:
+        return _grey_to_uint8(x, "I;16")  # the 16-bit image files' policy
+    top = float(np.iinfo(x.dtype).max)
+    return np.clip(np.rint(x.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------------------- opening
@@ -238,11 +291,13 @@ def describe_source(path: Path | str, split: str = "test") -> tuple[SourceInfo, 
             int(y.max()) + 1 if y is not None and len(y) else None,
         )
         return info, _ArrayReader(x, None if y is None else y.astype(np.int64))
-    # ImageFolder: every non-hidden sub-folder is a class, numbered in sorted order. A class folder
-    # without images keeps its number, so the labels after it still match the model's outputs.
+    # ImageFolder: every non-hidden sub-folder is a class, numbered in sorted order, its images found at any
+    # depth (like torchvision). A class folder without images keeps its number, so the labels after it still
+    # match the model's outputs.
     subdirs = sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
-    per_class = [_list_images(d) for d in subdirs]
-    if any(per_class):
+    per_class = [_list_images(d, recursive=True) for d in subdirs]
+    splits = _split_folders(subdirs, per_class)
+    if any(per_class) and not splits:
         files, labels = [], []
         for idx, found in enumerate(per_class):
             files += found
@@ -253,10 +308,9 @@ def describe_source(path: Path | str, split: str = "test") -> tuple[SourceInfo, 
     files = _list_images(p)
     if files:
         return SourceInfo(str(p), "images", None, len(files), False, None), _FileReader(files, None)
-    nested = [d.name for d in subdirs if any(sd.is_dir() and _list_images(sd) for sd in d.iterdir())]
-    if nested:  # e.g. root/{train,val}/{cat,dog}/*.jpg: a folder of splits, not of classes
+    if splits:  # e.g. root/{train,val}/{cat,dog}/*.jpg: a folder of splits, not of classes
         raise DataError(
-            f"{p} holds no images directly or in class sub-folders, but {', '.join(nested[:4])} hold class "
+            f"{p} looks like a folder of dataset splits, not of classes; {', '.join(splits[:4])} hold class "
             "folders of images: pass one of them (a dataset split) instead"
         )
     raise DataError(
@@ -317,24 +371,30 @@ def default_workers() -> int:
     return 0 if (os.cpu_count() or 1) <= 2 else min(4, (os.cpu_count() or 1) - 1)
 
 
+def limit_indices(n: int, limit: int | None, seed: int = 0) -> list[int]:
+    """Which of ``n`` items ``--limit`` keeps: a seeded random ``limit`` of them, in file order.
+
+    Not the first ``limit``: an ImageFolder lists its classes in order, so the first 5000 ImageNet
+    validation images would be 100 of the 1000 classes. The same ``n``, ``limit`` and seed always give the
+    same items (the gate's saved metrics compare like with like)."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=g)[:limit].sort().values.tolist()
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int = 64,
     limit: int | None = None,
-    sample: str = "first",
     seed: int = 0,
     shuffle: bool = False,
     num_workers: int | None = None,
     drop_last: bool = False,
 ) -> DataLoader:
-    """A DataLoader over ``dataset``; ``limit`` takes the first N items or a seeded random N (``sample``)."""
+    """A DataLoader over ``dataset``; ``limit`` keeps a seeded random N items (:func:`limit_indices`)."""
     if limit is not None and limit < len(dataset):
-        if sample == "random":
-            g = torch.Generator().manual_seed(seed)
-            idx = torch.randperm(len(dataset), generator=g)[:limit].sort().values.tolist()
-        else:
-            idx = list(range(limit))
-        dataset = Subset(dataset, idx)
+        dataset = Subset(dataset, limit_indices(len(dataset), limit, seed))
     workers = default_workers() if num_workers is None else num_workers
     gen = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(

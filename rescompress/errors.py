@@ -1,13 +1,18 @@
 """Exceptions that the CLI turns into exit codes.
 
 Library code raises :class:`RescompressError` (or a subclass) for anything a user can fix: a bad file,
-mismatched data, an impossible target. The CLI prints its message as one ``Error: ...`` line and exits 1.
-:class:`CheckFailed` means the work ran but a requested threshold did not hold (exit 3).
+mismatched data, an impossible target. The CLI prints its message as one ``Error: ...`` line and exits 1
+(:class:`UsageError`, an option value that cannot be used: exit 2). :class:`CheckFailed` means the work
+ran but a requested threshold did not hold (exit 3).
 """
 
 
 class RescompressError(Exception):
     """A problem the user can act on; the message is shown as one line."""
+
+
+class UsageError(RescompressError):
+    """An option value the command cannot use (unknown choice, out of range). Exit code 2, like a parse error."""
 
 
 class UnsupportedModelError(RescompressError):

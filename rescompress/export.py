@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from rescompress import __version__
-from rescompress.errors import RescompressError
+from rescompress.errors import RescompressError, UsageError
 from rescompress.fileio import atomic_path, ensure_not_input
 from rescompress.spec import Preprocess
 
@@ -183,9 +183,9 @@ def export_onnx(
     path = Path(path)
     ensure_not_input(path, [source])
     if opset < MIN_OPSET:
-        raise ExportError(f"opset {opset} is too old; use --opset {MIN_OPSET} or newer")
+        raise UsageError(f"opset {opset} is too old; use --opset {MIN_OPSET} or newer")
     if opset > MAX_OPSET:
-        raise ExportError(f"opset {opset} is newer than the exporter supports; use --opset {MAX_OPSET} or older")
+        raise UsageError(f"opset {opset} is newer than the exporter supports; use --opset {MAX_OPSET} or older")
     training = [name or "<model>" for name, m in model.named_modules() if m.training]
     if training:
         raise ExportError(f"model is in training mode ({training[0]}); call model.eval() before exporting")

@@ -27,6 +27,25 @@ def ensure_not_input(output: Path | str, inputs: Iterable[Path | str | None]) ->
             raise RescompressError(f"output {output} is the same file as input {inp}; choose another path")
 
 
+def check_writable(target: Path | str) -> None:
+    """Refuse, before any work is done, an output that cannot be written: a folder, a path under a file, a
+    folder without write permission. Creates nothing that stays (one probe file, removed at once)."""
+    target = Path(target)
+    if target.is_dir():
+        raise RescompressError(f"cannot write {target}: it is a folder")
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the folder that will hold the new sub-folders
+    if not folder.is_dir():
+        raise RescompressError(f"cannot write {target}: {folder} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe", dir=folder)
+    except OSError as exc:
+        raise _cannot_write(target, exc) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 @contextlib.contextmanager
 def atomic_path(target: Path | str, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success rename it over ``target``.
@@ -34,8 +53,7 @@ def atomic_path(target: Path | str, suffix: str | None = None) -> Iterator[Path]
     On any exception the temporary file is removed and ``target`` is left untouched.
     """
     target = Path(target)
-    if target.is_dir():
-        raise RescompressError(f"cannot write {target}: it is a folder")
+    check_writable(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(

@@ -16,7 +16,7 @@ from torch import nn
 from torchvision.models import resnet as tv_resnet
 from torchvision.models.resnet import BasicBlock, conv1x1, conv3x3
 
-from rescompress.errors import RescompressError
+from rescompress.errors import RescompressError, UsageError
 
 
 class CifarResNet(nn.Module):
@@ -180,4 +180,4 @@ def build_model(arch: str, num_classes: int = 1000, in_channels: int = 3, stem: 
         if in_channels != 3 or (stem is not None and not stem.standard):
             set_stem(model, stem or Stem(), in_channels)
         return model
-    raise RescompressError(f"unknown architecture {arch!r}; known: {', '.join(ARCH_NAMES)}")
+    raise UsageError(f"unknown architecture {arch!r}; known: {', '.join(ARCH_NAMES)}")

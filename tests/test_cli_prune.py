@@ -40,7 +40,9 @@ def test_prune_writes_checkpoint_and_reports(model_file, tmp_path, calib_npz, ev
     assert 0.45 <= data["macs_kept"] <= 0.5
     assert data["report"]["round_to"] == 4 and data["report"]["round_to_reason"] == "--round-to"
     assert data["report"]["steps"][0]["bn_recalib_images"] == 64
-    assert 0.0 <= data["after"]["top1"] <= 1.0
+    assert 0.0 <= data["after"]["top1"] <= 100.0  # percent, as `evaluate --json` reports it
+    ev = runner.invoke(app, ["evaluate", str(model_file), "--data", str(eval_npz), "--limit", "128", "--json"])
+    assert data["before"]["top1"] == pytest.approx(json.loads(ev.stdout)["top1"])  # same images, same scale
     lat = data["after"]["latency_ms"]
     assert set(lat) == {"1", "8"} and all(v > 0 for v in lat.values())
     model, header = load_checkpoint(out)
@@ -59,20 +61,21 @@ def test_prune_human_output_and_steps(model_file, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    "args, message, code",
     [
-        (["--ratio", "1.5"], "--ratio must be in (0, 1)"),
-        (["--ratio", "0.3", "--target-macs", "0.5"], "exactly one of"),
-        ([], "exactly one of"),
-        (["--target-macs", "0.01", "--max-layer-ratio", "0.5"], "max-layer-ratio"),
-        (["--ratio", "0.3", "--criterion", "obd"], "unknown pruning criterion"),
-        (["--ratio", "0.3", "--criterion", "taylor"], "taylor criterion needs data"),
+        (["--ratio", "1.5"], "--ratio must be in (0, 1)", 2),
+        (["--ratio", "0.3", "--target-macs", "0.5"], "exactly one of", 2),
+        ([], "exactly one of", 2),
+        (["--target-macs", "0.01", "--max-layer-ratio", "0.5"], "max-layer-ratio", 1),  # valid, unreachable
+        (["--ratio", "0.3", "--criterion", "obd"], "unknown pruning criterion", 2),
+        (["--ratio", "0.3", "--criterion", "taylor"], "taylor criterion needs data", 2),
     ],
 )
-def test_bad_options_exit_1_with_one_line(model_file, tmp_path, args, message):
+def test_bad_options_exit_with_one_line(model_file, tmp_path, args, message, code):
+    """Option values that cannot be used exit 2 (usage); a valid target the model cannot reach exits 1."""
     out = tmp_path / "x.safetensors"
     res = runner.invoke(app, ["prune", str(model_file), *args, "--no-latency", "-o", str(out)])
-    assert res.exit_code == 1, res.output
+    assert res.exit_code == code, res.output
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("Error:")]
     assert len(lines) == 1 and message in lines[0]
     assert not out.exists()

@@ -94,6 +94,26 @@ def test_plan_reuse_skips_calibration(first_run, checkpoint, tmp_path):
     assert (tmp_path / "r20.weights.npz").read_bytes() == (out / "r20.weights.npz").read_bytes()
 
 
+def test_plan_is_never_overwritten_and_calibration_options_are_refused(first_run, checkpoint, tmp_path):
+    """--plan with -o its own folder would replace the plan (with --weight-rounding nearest, by one that no
+    longer points at the rounded weights); calibration options are refused, not silently ignored."""
+    _, out = first_run
+    plan_dir = tmp_path / "p"
+    plan_dir.mkdir()
+    for name in ("r20.plan.json", "r20.weights.npz"):
+        (plan_dir / name).write_bytes((out / name).read_bytes())
+    before = (plan_dir / "r20.plan.json").read_bytes()
+    res = runner.invoke(app, ["quantize", str(checkpoint), "--plan", str(plan_dir / "r20.plan.json"),
+                              "--weight-rounding", "nearest", "-o", str(plan_dir), *FAST])
+    assert res.exit_code == 1 and "same file as input" in res.stderr
+    assert (plan_dir / "r20.plan.json").read_bytes() == before
+    assert sorted(p.name for p in plan_dir.iterdir()) == ["r20.plan.json", "r20.weights.npz"]
+    res = runner.invoke(app, ["quantize", str(checkpoint), "--plan", str(plan_dir / "r20.plan.json"),
+                              "--ort-range", "symmetric", "--method", "max", "-o", str(tmp_path / "o"), *FAST])
+    assert res.exit_code == 2 and "--method, --ort-range only apply to calibration" in res.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_plan_with_missing_or_altered_rounded_weights_is_refused(first_run, checkpoint, tmp_path):
     _, out = first_run
     plan_dir = tmp_path / "p"
@@ -196,11 +216,11 @@ def test_impossible_max_drop_exits_3(first_run, calib_npz, tmp_path):
     assert "no configuration" in res.stderr
 
 
-def test_bad_target_and_method_exit_1(checkpoint, calib_npz, tmp_path):
+def test_bad_target_and_method_exit_2(checkpoint, calib_npz, tmp_path):
     for opts, msg in ((["--target", "gpu"], "--target"), (["--method", "minmax"], "--method")):
         res = runner.invoke(app, ["quantize", str(checkpoint), "--calib-data", str(calib_npz), *opts, "-o",
                                   str(tmp_path)])
-        assert res.exit_code == 1 and msg in res.stderr
+        assert res.exit_code == 2 and msg in res.stderr
 
 
 def test_exclude_keeps_first_conv_float_in_tensorrt_file(first_run, calib_npz, tmp_path):

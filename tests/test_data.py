@@ -14,6 +14,7 @@ from rescompress.data import (
     DEBIAN_FASHION_MNIST,
     check_compatible,
     describe_source,
+    limit_indices,
     make_loader,
     open_dataset,
     to_model_input,
@@ -123,6 +124,65 @@ def _npz(tmp_path, x):
     return tmp_path / "one.npz"
 
 
+def _save(path, img: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img, mode="L").save(path)
+
+
+def test_image_folder_finds_images_in_class_sub_folders(tmp_path, images):
+    """Like torchvision's ImageFolder, a class folder's images are found at any depth (same files, same order,
+    same labels); hidden files and folders inside it are skipped and an empty class folder keeps its number."""
+    from torchvision.datasets import ImageFolder
+
+    x, _ = images
+    tree = tmp_path / "tree"
+    _save(tree / "cat" / "batch1" / "0.png", x[0])
+    _save(tree / "cat" / "batch1" / "deeper" / "1.png", x[1])
+    _save(tree / "cat" / "2.png", x[2])
+    _save(tree / "dog" / "batch1" / "3.png", x[3])  # the same sub-folder name in two classes
+    _save(tree / "dog" / "batch2" / "4.png", x[4])
+    ours = describe_source(tree)[1]
+    theirs = ImageFolder(str(tree)).samples
+    assert [(str(f), label) for f, label in zip(ours.files, ours.labels, strict=True)] == theirs
+    _save(tree / "cat" / ".ipynb_checkpoints" / "5.png", x[5])
+    (tree / "dog" / "batch2" / ".4.png").write_bytes(b"not an image")
+    (tree / "b_empty" / "sub").mkdir(parents=True)
+    ds = open_dataset(tree, get_preset("fashion-mnist"))
+    assert ds.info.kind == "imagefolder" and ds.info.classes == ("b_empty", "cat", "dog")
+    assert [ds[i][1] for i in range(len(ds))] == [1, 1, 1, 2, 2]
+    ref = open_dataset(_npz(tmp_path, x[[2, 0, 1, 3, 4]]), get_preset("fashion-mnist"))
+    for i in range(5):
+        torch.testing.assert_close(ds[i][0], ref[i][0], rtol=0, atol=0)
+    single = tmp_path / "single"  # one class whose images are all in a sub-folder
+    _save(single / "cat" / "batch1" / "0.png", x[0])
+    assert describe_source(single)[0].classes == ("cat",)
+
+
+def test_split_roots_with_nested_images_are_refused(tmp_path, images):
+    """A folder of splits is refused even now that class folders are searched at any depth: usual split names
+    (however deep the images), or sub-folders repeated across folders and outnumbering them."""
+    x, _ = images
+    deep = tmp_path / "deep"
+    _save(deep / "train" / "cat" / "batch1" / "0.png", x[0])
+    with pytest.raises(DataError, match="train hold class folders of images: pass one of them"):
+        open_dataset(deep, get_preset("fashion-mnist"))
+    folds = tmp_path / "folds"
+    for fold in ("fold1", "fold2"):
+        for name in ("bird", "cat", "dog"):
+            _save(folds / fold / name / "0.png", x[0])
+    with pytest.raises(DataError, match="splits, not of classes; fold1, fold2 hold class folders"):
+        open_dataset(folds, get_preset("fashion-mnist"))
+    batches = tmp_path / "batches"  # classes with repeated batch folders: as many classes as batches
+    for name in ("cat", "dog"):
+        for batch in ("batch1", "batch2"):
+            _save(batches / name / batch / "0.png", x[0])
+    assert describe_source(batches)[0].classes == ("cat", "dog")
+    mixed = tmp_path / "mixed"  # images directly in one folder: a tree of classes, whatever the names
+    _save(mixed / "train" / "0.png", x[0])
+    _save(mixed / "val" / "cat" / "0.png", x[0])
+    assert describe_source(mixed)[0].classes == ("train", "val")
+
+
 def test_imagenet_preset_resizes_and_replicates_channels(images):
     x, _ = images
     pre = get_preset("imagenet")
@@ -147,6 +207,32 @@ def test_npz_layouts_and_float_input(tmp_path, images):
     torch.testing.assert_close(b[3][0], c[3][0], rtol=0, atol=1e-5)
 
 
+def test_npz_wide_integers_are_scaled_and_normalized_floats_refused(tmp_path, eval_npz):
+    """16-bit (and wider) integers are scaled like 16-bit image files, not clipped at 255; floats in [0, 1]
+    or [0, 255] are pixels; negative floats (already normalized data) are refused rather than mangled."""
+    with np.load(eval_npz) as z:
+        x, y = z["x"][:64], z["y"][:64]
+    pre = get_preset("fashion-mnist")
+
+    def tensors(name: str, arr: np.ndarray) -> torch.Tensor:
+        np.savez(tmp_path / f"{name}.npz", x=arr, y=y)
+        ds = open_dataset(tmp_path / f"{name}.npz", pre)
+        assert [ds[i][1] for i in range(len(ds))] == y.tolist()
+        return torch.stack([ds[i][0] for i in range(len(ds))])
+
+    ref = tensors("uint8", x)
+    assert int(x.max()) == 255  # the scaled copies below reach 65535 and 2**32 - 1
+    torch.testing.assert_close(tensors("uint16", x.astype(np.uint16) * 257), ref, rtol=0, atol=0)
+    torch.testing.assert_close(tensors("int64", x.astype(np.int64) * 257), ref, rtol=0, atol=0)
+    torch.testing.assert_close(tensors("uint32", x.astype(np.uint32) * 0x01010101), ref, rtol=0, atol=0)
+    torch.testing.assert_close(tensors("int32_narrow", x.astype(np.int32)), ref, rtol=0, atol=0)
+    torch.testing.assert_close(tensors("unit", x.astype(np.float32) / 255.0), ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(tensors("float255", x.astype(np.float64)), ref, rtol=0, atol=1e-6)
+    np.savez(tmp_path / "normalized.npz", x=(x.astype(np.float32) / 255.0 - 0.2860) / 0.3530, y=y)
+    with pytest.raises(DataError, match=r"looks already normalized; save raw pixels \(uint8 0-255 or float 0-1\)"):
+        describe_source(tmp_path / "normalized.npz")
+
+
 def _make_bad(kind: str, p):
     if kind == "missing":
         return p / "missing"
@@ -161,6 +247,8 @@ def _make_bad(kind: str, p):
         "mismatch": {"x": np.zeros((3, 8, 8)), "y": np.zeros(2)},
         "nan": {"x": np.full((2, 8, 8), np.nan)},
         "ndim": {"x": np.zeros((8, 8))},
+        "float_range": {"x": np.full((2, 8, 8), 300.0)},
+        "negative_int": {"x": np.full((2, 8, 8), -3, dtype=np.int16)},
     }[kind]
     np.savez(p / f"{kind}.npz", **arrays)
     return p / f"{kind}.npz"
@@ -176,6 +264,8 @@ def _make_bad(kind: str, p):
         ("mismatch", "3 images in 'x' but 2 labels"),
         ("nan", "NaN"),
         ("ndim", "3 or 4 dimensions"),
+        ("float_range", r"floats up to 300; expected pixels in \[0, 1\] or \[0, 255\]"),
+        ("negative_int", "negative values"),
     ],
 )
 def test_bad_sources_raise_data_error(tmp_path, kind, message):
@@ -226,10 +316,25 @@ def test_loader_limits_and_seeded_sampling(eval_npz):
     ds = open_dataset(eval_npz, get_preset("fashion-mnist"))
     first = make_loader(ds, batch_size=16, limit=40)
     assert sum(len(b[1]) for b in first) == 40
-    r1 = torch.cat([b[1] for b in make_loader(ds, batch_size=64, limit=100, sample="random", seed=3)])
-    r2 = torch.cat([b[1] for b in make_loader(ds, batch_size=64, limit=100, sample="random", seed=3)])
-    r3 = torch.cat([b[1] for b in make_loader(ds, batch_size=64, limit=100, sample="random", seed=4)])
+    r1 = torch.cat([b[1] for b in make_loader(ds, batch_size=64, limit=100, seed=3)])
+    r2 = torch.cat([b[1] for b in make_loader(ds, batch_size=64, limit=100, seed=3)])
+    r3 = torch.cat([b[1] for b in make_loader(ds, batch_size=64, limit=100, seed=4)])
     assert torch.equal(r1, r2) and not torch.equal(r1, r3)
+
+
+def test_limit_samples_across_a_class_sorted_folder(tmp_path):
+    """--limit on an ImageFolder (classes listed in order) must not keep only the first classes."""
+    from PIL import Image
+
+    for c in range(10):
+        (tmp_path / f"c{c}").mkdir()
+        for i in range(20):
+            Image.fromarray(np.full((8, 8), c * 20 + i, np.uint8)).save(tmp_path / f"c{c}" / f"{i:02d}.png")
+    ds = open_dataset(tmp_path, get_preset("fashion-mnist"))
+    labels = torch.cat([b[1] for b in make_loader(ds, batch_size=64, limit=40)])
+    assert len(labels) == 40 and len(set(labels.tolist())) >= 8  # the first 40 files are classes 0 and 1 only
+    assert limit_indices(200, 40) == limit_indices(200, 40) == sorted(limit_indices(200, 40))
+    assert limit_indices(5, 40) == [0, 1, 2, 3, 4] and limit_indices(5, None) == [0, 1, 2, 3, 4]
 
 
 def test_bundled_slices_are_disjoint_from_each_other():

@@ -49,6 +49,7 @@ from rescompress.engine import (
 )
 from rescompress.engine.metadata import mismatch_message
 from rescompress.engine.tensorrt import verify_engine_file
+from rescompress.errors import UsageError
 from rescompress.fileio import file_sha256
 from rescompress.quantization.checker import FLOAT_NODES_KEY
 
@@ -250,7 +251,7 @@ def test_build_config_validation_and_engine_path(tmp_path):
         ({"dla_core": -1}, "--dla-core"),
         ({"profiles": ()}, "at least one"),
     ]:
-        with pytest.raises(EnginePreflightError, match=pattern):
+        with pytest.raises(UsageError, match=pattern):
             EngineBuildConfig(onnx_path="a.onnx", **kwargs)
 
 
@@ -643,7 +644,7 @@ def test_cli_check_only_not_ready(tmp_path):
 )
 def test_cli_bad_options(qdq_onnx, args, message):
     result = runner.invoke(app, ["build-engine", str(qdq_onnx), "--check-only", *args])
-    assert result.exit_code == 1 and message in result.stderr
+    assert result.exit_code == 2 and message in result.stderr
 
 
 def test_cli_refuses_to_overwrite_its_input(qdq_onnx):

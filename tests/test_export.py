@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from rescompress.checkpoint import CheckpointHeader, load_checkpoint, save_checkpoint
 from rescompress.cli.app import app
-from rescompress.errors import RescompressError
+from rescompress.errors import RescompressError, UsageError
 from rescompress.export import ExportError, ParityReport, export_onnx, float64_logits, read_onnx_info
 from rescompress.folding import count_batchnorm, fold_batchnorm
 from rescompress.models import build_model
@@ -146,9 +146,9 @@ def test_export_refuses_output_equal_to_input_and_old_opset(tmp_path):
     with pytest.raises(RescompressError, match="same file as input"):
         export_onnx(model, pre, src, arch="resnet20", num_classes=10, source=src)
     assert src.read_bytes() == before
-    with pytest.raises(ExportError, match="opset 13"):
+    with pytest.raises(UsageError, match="opset 13"):
         export_onnx(model, pre, tmp_path / "o.onnx", arch="resnet20", num_classes=10, opset=13)
-    with pytest.raises(ExportError, match="opset 21 is newer"):
+    with pytest.raises(UsageError, match="opset 21 is newer"):
         export_onnx(model, pre, tmp_path / "o.onnx", arch="resnet20", num_classes=10, opset=21)
     with pytest.raises(ExportError, match=r"expected \(8, 3\) logits"):
         export_onnx(model, pre, tmp_path / "o.onnx", arch="resnet20", num_classes=3)

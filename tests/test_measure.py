@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from rescompress.data import make_loader, open_dataset
+from rescompress.data import limit_indices, make_loader, open_dataset
 from rescompress.errors import DataError, RescompressError
 from rescompress.export import export_onnx
 from rescompress.measure import (
@@ -143,9 +143,9 @@ def test_accuracy_matches_collected_logits_on_real_data(small_model, eval_npz):
     ds = open_dataset(eval_npz, FMNIST)
     runner = make_runner(small_model, threads=1)
     acc = evaluate_accuracy(runner, make_loader(ds, batch_size=50, limit=150))
-    logits, labels = collect_logits(runner, make_loader(ds, batch_size=64), limit=150)
+    logits, labels = collect_logits(runner, make_loader(ds, batch_size=64, limit=150))
     assert logits.shape == (150, 10) and labels.shape == (150,)
-    np.testing.assert_array_equal(labels, np.load(eval_npz)["y"][:150])
+    np.testing.assert_array_equal(labels, np.load(eval_npz)["y"][limit_indices(len(ds), 150)])
     assert acc.n == 150
     assert acc.correct1 == int((logits.argmax(1) == labels).sum())
     assert acc.correct5 == topk_correct(logits, labels, 5)

@@ -12,7 +12,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from rescompress.checkpoint import load_checkpoint
-from rescompress.data import make_loader, open_dataset
+from rescompress.data import limit_indices, make_loader, open_dataset
 from rescompress.errors import RescompressError
 from rescompress.models import build_model
 from rescompress.profile import count_macs
@@ -30,7 +30,7 @@ from rescompress.pruning import (
 )
 from rescompress.pruning.finetune import augment_batch, distillation_loss, finetune
 from rescompress.pruning.groups import prune_groups
-from rescompress.pruning.schedule import linear_steps, step_ratio
+from rescompress.pruning.schedule import linear_steps
 from rescompress.pruning.targets import (
     GroupSpec,
     channels_to_remove,
@@ -175,7 +175,6 @@ def test_global_ranking_respects_layer_cap():
 def test_schedule_is_linear():
     assert linear_steps(1.0, 0.4, 3) == pytest.approx([0.8, 0.6, 0.4])
     assert linear_steps(0.0, 0.5, 1) == [0.5]
-    assert step_ratio(0.25, 0.5) == pytest.approx(1 / 3)
     with pytest.raises(RescompressError):
         linear_steps(1.0, 0.5, 0)
 
@@ -185,6 +184,27 @@ def test_fit_fraction_solves_the_line():
     f = fit_fraction(points, 0.6)
     assert 0.55 < f < 0.6
     assert fit_fraction([(0.5, 0.7), (0.7, 0.5)], 0.6) == 0.7  # noise: largest fraction under the goal
+
+
+@pytest.mark.parametrize("ranking", ["uniform", "global"])
+def test_ratio_in_steps_ends_where_one_step_does(ranking):
+    """--ratio R --steps K removes R of the original channels, like one step: rounding each step's widths
+    to --round-to must not compound (it used to remove 75% for R = 0.5 in 3 steps, and nothing in 8)."""
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10, 1).eval()
+    one = prune_model(model, FMNIST, PruneConfig(ratio=0.5, steps=1, ranking=ranking, round_to=16))
+    assert one.report.steps[0].ratio == pytest.approx(0.5, abs=0.05)
+    for steps in (3, 8):
+        many = prune_model(model, FMNIST, PruneConfig(ratio=0.5, steps=steps, ranking=ranking, round_to=16))
+        ratios = [s.ratio for s in many.report.steps]  # fraction of the original channels gone so far
+        assert len(ratios) == steps and ratios == sorted(ratios)
+        # global ranking re-scores between steps, so its groups may differ; the amount removed may not
+        assert ratios[-1] == pytest.approx(0.5, abs=0.06), ratios
+        assert 0.15 <= many.macs_kept <= 0.35
+        if ranking == "uniform":  # same widths, group by group
+            assert [c.width_after for c in many.report.groups] == [c.width_after for c in one.report.groups]
+    small = prune_model(model, FMNIST, PruneConfig(ratio=0.3, steps=8, ranking=ranking, round_to=16))
+    assert small.report.steps[-1].ratio == pytest.approx(0.3, abs=0.06) and small.macs_kept < 0.65
 
 
 def test_iterative_steps_reach_target():
@@ -267,7 +287,7 @@ def test_bn_recalibration_matches_batch_statistics(calib_npz):
     data = open_dataset(calib_npz, FMNIST)
     seen = recalibrate_bn(model, make_loader(data, batch_size=50, limit=200), 150)
     assert seen == 150
-    x = torch.stack([data[i][0] for i in range(150)])
+    x = torch.stack([data[i][0] for i in limit_indices(len(data), 200)[:150]])
     with torch.no_grad():
         act = model.conv1(x)
     torch.testing.assert_close(model.bn1.running_mean, act.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
@@ -365,7 +385,7 @@ def test_prune_with_data_recalibrates_and_finetunes(calib_npz, eval_npz):
     step = result.report.steps[0]
     assert step.bn_recalib_images == 48
     assert step.finetune is not None and step.finetune.batches == 4
-    assert 0.0 <= result.after.top1 <= 1.0 and 0.0 <= result.before.top1 <= 1.0
+    assert 0.0 <= result.after.top1 <= 100.0 and 0.0 <= result.before.top1 <= 100.0
     assert result.report.notes == ()
 
 

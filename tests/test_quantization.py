@@ -323,6 +323,16 @@ def test_fallback_finds_fewest_layers():
     assert len(set(calls)) <= 8  # doubling then bisection, not a linear scan
 
 
+def test_fallback_limit_is_inclusive_like_the_gate():
+    """A drop equal to --max-drop passes even when float rounding puts it a hair above (92.7 - 92.0)."""
+    drop = 92.7 - 92.0
+    assert drop > 0.7  # 0.7000000000000028
+    res = search_fallback(_ranking(5), lambda f: drop if not f else 0.0, max_drop=0.7)
+    assert res.float_nodes == () and res.achieved == drop
+    res = search_fallback(_ranking(5), lambda f: 0.71 if len(f) < 2 else 0.0, max_drop=0.7)
+    assert len(res.float_nodes) == 2
+
+
 def test_fallback_impossible_raises_check_failed():
     with pytest.raises(CheckFailed, match="no configuration"):
         search_fallback(_ranking(5), lambda f: 1.0, max_drop=0.5)

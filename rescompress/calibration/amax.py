@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rescompress.errors import RescompressError
+from rescompress.errors import UsageError
 
 INT8_LEVELS = 127
 UINT8_LEVELS = 255
@@ -53,7 +53,7 @@ def per_channel_max(weights: np.ndarray, axis: int = 0) -> np.ndarray:
 def percentile_amax(counts: np.ndarray, hist_range: float, percentile: float) -> float:
     """The upper edge of the bin where the cumulative share of |x| reaches ``percentile`` percent."""
     if not 0.0 < percentile <= 100.0:
-        raise RescompressError(f"percentile must be in (0, 100], got {percentile}")
+        raise UsageError(f"percentile must be in (0, 100], got {percentile}")
     total = counts.sum()
     if total == 0:
         return 0.0

@@ -10,7 +10,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from rescompress.errors import RescompressError
+from rescompress.errors import UsageError
 
 METHODS: tuple[str, ...] = ("max", "percentile", "entropy", "mse")
 DEFAULT_PERCENTILE = 99.99
@@ -42,4 +42,4 @@ def make_calibrator(method: str, *, levels: int = 127, percentile: float = DEFAU
         return EntropyCalibrator(levels, histogram=histogram)
     if method == "mse":
         return MseCalibrator(levels, histogram=histogram)
-    raise RescompressError(f"unknown calibration method {method!r}; choose one of: {', '.join(METHODS)}")
+    raise UsageError(f"unknown calibration method {method!r}; choose one of: {', '.join(METHODS)}")

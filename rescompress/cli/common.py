@@ -20,15 +20,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from rescompress.errors import CheckFailed, RescompressError
+from rescompress.errors import CheckFailed, RescompressError, UsageError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_CHECK_FAILED = 3
 
-stdout = Console(soft_wrap=True)
-stderr = Console(stderr=True, soft_wrap=True)
+stdout = Console(soft_wrap=True, emoji=False)  # ":b:" in a path or value stays text
+stderr = Console(stderr=True, soft_wrap=True, emoji=False)
 log = logging.getLogger("rescompress")
 
 # ------------------------------------------------------------------------------------ option aliases
@@ -98,7 +98,7 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     if len(hw) == 1:
         hw = (hw[0], hw[0])
     if len(hw) != 2 or min(hw) < 1:
-        raise RescompressError(f"--input-size expects a positive size like 224 or 192x256 (HxW), got {text!r}")
+        raise UsageError(f"--input-size expects a positive size like 224 or 192x256 (HxW), got {text!r}")
     return hw
 
 
@@ -224,6 +224,11 @@ def handle_errors(func: Callable) -> Callable:
                 raise
             stderr.print(f"Error: {exc}", markup=False, highlight=False)
             raise typer.Exit(EXIT_CHECK_FAILED) from None
+        except UsageError as exc:
+            if debug_enabled():
+                raise
+            stderr.print(f"Error: {exc}", markup=False, highlight=False)
+            raise typer.Exit(EXIT_USAGE) from None
         except RescompressError as exc:
             if debug_enabled():
                 raise

@@ -24,6 +24,7 @@ from rescompress.cli.common import (
     key_value_table,
     parse_size,
 )
+from rescompress.errors import UsageError
 from rescompress.models import Stem
 
 
@@ -43,13 +44,12 @@ def inspect_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Show a model's architecture, input spec, params and MACs (ONNX: shapes, opset, Q/DQ nodes)."""
-    from rescompress.errors import RescompressError
     from rescompress.loading import is_onnx_path, load_model, onnx_summary
 
     out = Output(as_json)
     if model.is_file() and is_onnx_path(model):
         if arch is not None:
-            raise RescompressError("--arch applies to PyTorch files; an ONNX file records its own architecture")
+            raise UsageError("--arch applies to PyTorch files; an ONNX file records its own architecture")
         summary = onnx_summary(model, input_size=parse_size(input_size))
         data = summary.to_dict()
         data["params_human"] = human_count(summary.params)

@@ -106,11 +106,12 @@ def prune_command(
     """Prune channels to a target and save a checkpoint; prints before/after params, MACs, top-1, latency."""
     from rescompress.checkpoint import CheckpointHeader, check_saveable
     from rescompress.data import check_compatible, open_dataset
-    from rescompress.fileio import ensure_not_input
+    from rescompress.fileio import check_writable, ensure_not_input
     from rescompress.loading import load_model
     from rescompress.pruning import FinetuneConfig, PruneConfig, prune_model, save_pruned
 
     ensure_not_input(output, [model, finetune_data, eval_data])
+    check_writable(output)  # before pruning and fine-tuning, which can take hours
     config = PruneConfig(
         ratio=ratio, target_macs=target_macs, target_latency=target_latency, criterion=criterion,
         ranking="global" if global_ranking else "uniform", max_layer_ratio=max_layer_ratio, round_to=round_to,
@@ -165,8 +166,8 @@ def prune_command(
         rows = [_row("params", result.before.params, result.after.params),
                 _row("MACs", result.before.macs, result.after.macs)]
         if result.before.top1 is not None:
-            rows.append({"": "top-1 %", "before": 100 * result.before.top1, "after": 100 * result.after.top1,
-                         "after/before": f"{100 * (result.after.top1 - result.before.top1):+.2f} pt"})
+            rows.append({"": "top-1 %", "before": result.before.top1, "after": result.after.top1,
+                         "after/before": f"{result.after.top1 - result.before.top1:+.2f} pt"})
         if result.latency is not None:
             for b in result.latency.batch_sizes:
                 rows.append(_row(f"ORT CPU ms (batch {b})", result.before.latency_ms[b], result.after.latency_ms[b]))
@@ -182,11 +183,13 @@ def _row(name: str, before: float, after: float) -> dict:
 
 
 def _limited(dataset, limit: int | None, seed: int):
-    """The first ``limit`` items (a seeded random subset would change with the dataset's size)."""
+    """A seeded random ``limit`` of the items (:func:`rescompress.data.limit_indices`), not the first ones."""
     if limit is None or limit >= len(dataset):
         return dataset
     from torch.utils.data import Subset
 
-    sub = Subset(dataset, range(limit))
+    from rescompress.data import limit_indices
+
+    sub = Subset(dataset, limit_indices(len(dataset), limit, seed))
     sub.info = dataset.info  # keeps "labeled" visible to the pruner
     return sub

@@ -31,6 +31,7 @@ from rescompress.cli.common import (
     rows_table,
     warn,
 )
+from rescompress.errors import UsageError
 
 TARGET_CHOICES = {"both": ("onnxruntime", "tensorrt"), "onnxruntime": ("onnxruntime",), "tensorrt": ("tensorrt",)}
 
@@ -39,8 +40,12 @@ def register(app: typer.Typer) -> None:
     app.command("quantize")(quantize_command)
 
 
+CALIBRATION_OPTIONS = ("method", "percentile", "num_images", "seed", "refine_tensors", "ort_range")
+
+
 @handle_errors
 def quantize_command(
+    ctx: typer.Context,
     model: Annotated[Path, typer.Argument(help="PyTorch model file (.pt/.pth/.safetensors) or FP32 .onnx.")],
     calib_data: Annotated[
         str | None,
@@ -101,13 +106,18 @@ def quantize_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Quantize a model to INT8 (ONNX Runtime and TensorRT Q/DQ files, TensorRT cache, plan, report)."""
-    from rescompress.errors import RescompressError
     from rescompress.quantization.pipeline import QuantizeConfig, quantize_model
 
     if target not in TARGET_CHOICES:
-        raise RescompressError(f"--target must be onnxruntime, tensorrt or both, got {target!r}")
+        raise UsageError(f"--target must be onnxruntime, tensorrt or both, got {target!r}")
     if calib_data is None and plan is None:
-        raise RescompressError("--calib-data is required (or --plan to reuse an earlier calibration)")
+        raise UsageError("--calib-data is required (or --plan to reuse an earlier calibration)")
+    if plan is not None:
+        given = [f"--{n.replace('_', '-')}" for n in CALIBRATION_OPTIONS
+                 if getattr(ctx.get_parameter_source(n), "name", None) == "COMMANDLINE"]
+        if given:
+            raise UsageError(f"{', '.join(given)} only apply to calibration, which --plan skips (the plan's ranges "
+                             "are used as they are); drop them, or recalibrate without --plan")
     cfg = QuantizeConfig(
         method=method, percentile=percentile, num_images=num_images, batch_size=batch_size, seed=seed,
         targets=TARGET_CHOICES[target], exclude=tuple(exclude or ()), max_drop=max_drop,

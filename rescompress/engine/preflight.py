@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rescompress.engine.profiles import ProfileSpec
-from rescompress.errors import RescompressError
+from rescompress.errors import RescompressError, UsageError
 
 PRECISIONS: tuple[str, ...] = ("auto", "int8", "fp16", "fp32", "int8-implicit")
 MIN_QDQ_OPSET = 13  # per-channel (axis) QuantizeLinear/DequantizeLinear arrived in opset 13
@@ -72,17 +72,17 @@ class EngineBuildConfig:
         if self.profiles is not None:
             object.__setattr__(self, "profiles", tuple(self.profiles))
             if not self.profiles:
-                raise EnginePreflightError("at least one batch profile is needed, e.g. --batch 1:8:32")
+                raise UsageError("at least one batch profile is needed, e.g. --batch 1:8:32")
         if self.precision not in PRECISIONS:
-            raise EnginePreflightError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.workspace_mib is not None and self.workspace_mib < 1:
-            raise EnginePreflightError(f"--workspace must be a positive number of MiB, got {self.workspace_mib}")
+            raise UsageError(f"--workspace must be a positive number of MiB, got {self.workspace_mib}")
         if not 0 <= self.optimization_level <= 5:
-            raise EnginePreflightError(
+            raise UsageError(
                 f"--opt-level must be 0..5 (TensorRT builder optimization level), got {self.optimization_level}"
             )
         if self.dla_core is not None and self.dla_core < 0:
-            raise EnginePreflightError(f"--dla-core must be 0 or more, got {self.dla_core}")
+            raise UsageError(f"--dla-core must be 0 or more, got {self.dla_core}")
 
     @property
     def engine_path(self) -> Path:

@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from rescompress.errors import RescompressError
+from rescompress.errors import UsageError
 
 
-class ProfileError(RescompressError):
+class ProfileError(UsageError):
     """A batch profile string or combination of profiles is invalid."""
 
 

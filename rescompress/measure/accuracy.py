@@ -19,6 +19,8 @@ import numpy as np
 from rescompress.errors import DataError, RescompressError
 from rescompress.measure.agreement import Agreement, AgreementCounter
 
+TOLERANCE = 1e-9  # points / percent: float rounding, never a real difference in accuracy
+
 ProgressFn = Callable[..., Iterable]  # progress(iterable, total=..., description=...) -> iterable
 
 

@@ -23,15 +23,16 @@ rounding, so a drop computed as 0.5000000000000142 still passes ``--max-drop 0.5
 from __future__ import annotations
 
 import json
+import math
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rescompress import __version__
-from rescompress.errors import DataError, RescompressError
+from rescompress.errors import DataError, RescompressError, UsageError
 from rescompress.fileio import atomic_path, write_text_atomic
-from rescompress.measure.accuracy import ProgressFn, evaluate_runners
+from rescompress.measure.accuracy import TOLERANCE, ProgressFn, evaluate_runners
 from rescompress.measure.agreement import Agreement
 from rescompress.measure.benchmark import check_compatible_runners
 from rescompress.measure.latency import LatencyReport, measure_latency
@@ -40,7 +41,6 @@ from rescompress.spec import Preprocess
 
 METRICS_FORMAT = "rescompress.gate-metrics"
 METRICS_VERSION = 1
-TOLERANCE = 1e-9  # points / percent: float rounding, never a real difference in accuracy
 
 
 @dataclass(frozen=True)
@@ -51,12 +51,14 @@ class GateThresholds:
     batch: int = 1  # batch size of the latency check
 
     def __post_init__(self) -> None:
+        if not math.isfinite(self.max_drop):
+            raise UsageError(f"--max-drop must be a number of points, got {self.max_drop}")
         if not 0.0 <= self.min_agreement <= 100.0:
-            raise RescompressError(f"--min-agreement is a percentage (0-100), got {self.min_agreement}")
-        if self.max_latency_ratio is not None and self.max_latency_ratio <= 0:
-            raise RescompressError(f"--max-latency-ratio must be positive, got {self.max_latency_ratio}")
+            raise UsageError(f"--min-agreement is a percentage (0-100), got {self.min_agreement}")
+        if self.max_latency_ratio is not None and not 0 < self.max_latency_ratio < math.inf:
+            raise UsageError(f"--max-latency-ratio must be positive, got {self.max_latency_ratio}")
         if self.batch < 1:
-            raise RescompressError(f"--batch must be a positive integer, got {self.batch}")
+            raise UsageError(f"--batch must be a positive integer, got {self.batch}")
 
     def to_dict(self) -> dict:
         return {
@@ -321,7 +323,7 @@ def run_gate(
     reference at all: the candidate is measured (to save its metrics, e.g. to pin them) and no check runs.
     """
     if baseline is None and stored is None and not record_only:
-        raise RescompressError("the gate needs a reference: --baseline MODEL, --against METRICS.json, or both")
+        raise UsageError("the gate needs a reference: --baseline MODEL, --against METRICS.json, or both")
     if thresholds.max_latency_ratio is not None and baseline is None:
         raise RescompressError(
             "--max-latency-ratio needs --baseline: latency is compared in the same run, never with stored times"

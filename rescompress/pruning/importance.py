@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from rescompress.errors import RescompressError
+from rescompress.errors import RescompressError, UsageError
 from rescompress.pruning.groups import ChannelGroup
 
 CRITERIA: tuple[str, ...] = ("l1", "l2", "bn", "taylor", "random")
@@ -174,4 +174,4 @@ def make_importance(name: str, seed: int = 0) -> Importance:
         return TaylorImportance()
     if name == "random":
         return RandomImportance(seed)
-    raise RescompressError(f"unknown pruning criterion {name!r}; choose one of: {', '.join(CRITERIA)}")
+    raise UsageError(f"unknown pruning criterion {name!r}; choose one of: {', '.join(CRITERIA)}")

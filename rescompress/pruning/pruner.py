@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from rescompress.errors import RescompressError
+from rescompress.errors import RescompressError, UsageError
 from rescompress.profile import count_macs, count_params
 from rescompress.pruning.finetune import (
     FinetuneConfig,
@@ -32,7 +32,7 @@ from rescompress.pruning.finetune import (
 )
 from rescompress.pruning.groups import MacModel, build_graph, channel_groups, prune_groups
 from rescompress.pruning.importance import CRITERIA, TaylorImportance, make_importance
-from rescompress.pruning.schedule import linear_steps, step_ratio
+from rescompress.pruning.schedule import linear_steps
 from rescompress.pruning.speed import LatencyResult, ort_latency
 from rescompress.pruning.targets import (
     GroupSpec,
@@ -42,6 +42,7 @@ from rescompress.pruning.targets import (
     fit_fraction,
     plan_keep,
     refine_keep,
+    round_keep,
     search_ratio,
     validate_fraction,
 )
@@ -81,27 +82,27 @@ class PruneConfig:
     def validate(self) -> None:
         given = [n for n in ("ratio", "target_macs", "target_latency") if getattr(self, n) is not None]
         if len(given) != 1:
-            raise RescompressError("give exactly one of --ratio, --target-macs, --target-latency")
+            raise UsageError("give exactly one of --ratio, --target-macs, --target-latency")
         validate_fraction(self.ratio, "--ratio")
         validate_fraction(self.target_macs, "--target-macs")
         validate_fraction(self.target_latency, "--target-latency")
         validate_fraction(self.max_layer_ratio, "--max-layer-ratio")
         if self.ratio is not None and self.ratio > self.max_layer_ratio and self.ranking == "uniform":
-            raise RescompressError(
+            raise UsageError(
                 f"--ratio {self.ratio} removes more than --max-layer-ratio {self.max_layer_ratio} of every layer"
             )
         if self.criterion not in CRITERIA:
-            raise RescompressError(
+            raise UsageError(
                 f"unknown pruning criterion {self.criterion!r}; choose one of: {', '.join(CRITERIA)}"
             )
         if self.ranking not in ("uniform", "global"):
-            raise RescompressError(f"ranking must be 'uniform' or 'global', got {self.ranking!r}")
+            raise UsageError(f"ranking must be 'uniform' or 'global', got {self.ranking!r}")
         if self.round_to is not None and self.round_to < 1:
-            raise RescompressError(f"--round-to must be a positive integer, got {self.round_to}")
+            raise UsageError(f"--round-to must be a positive integer, got {self.round_to}")
         if self.steps < 1:
-            raise RescompressError(f"--steps must be at least 1, got {self.steps}")
+            raise UsageError(f"--steps must be at least 1, got {self.steps}")
         if self.bn_recalib < 0:
-            raise RescompressError(f"--bn-recalib must be >= 0, got {self.bn_recalib}")
+            raise UsageError(f"--bn-recalib must be >= 0, got {self.bn_recalib}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -113,7 +114,7 @@ class PruneConfig:
 class ModelStats:
     params: int
     macs: int
-    top1: float | None = None
+    top1: float | None = None  # percent, like `rescompress evaluate`
     latency_ms: dict[int, float] | None = None  # ORT CPU median per batch size
 
     def to_dict(self) -> dict:
@@ -137,7 +138,7 @@ class GroupChange:
 @dataclass(frozen=True)
 class StepReport:
     step: int
-    ratio: float  # fraction of the current channels (summed over groups) removed in this step
+    ratio: float  # fraction of the original channels (summed over groups) gone after this step
     macs: int
     params: int
     macs_target: int | None
@@ -212,8 +213,7 @@ def _loader(data: Dataset, batch_size: int, shuffle: bool, seed: int, limit: int
 
     # Training drops a ragged last batch (a batch of one breaks BatchNorm) unless that leaves nothing.
     drop_last = drop_last and len(data) >= batch_size
-    return make_loader(data, batch_size=batch_size, shuffle=shuffle, seed=seed, limit=limit,
-                       sample="random", drop_last=drop_last)
+    return make_loader(data, batch_size=batch_size, shuffle=shuffle, seed=seed, limit=limit, drop_last=drop_last)
 
 
 @torch.no_grad()
@@ -230,7 +230,7 @@ def _check_runs(model: nn.Module, example: torch.Tensor, expected_out: tuple[int
 @torch.no_grad()
 def top1_accuracy(model: nn.Module, data: Dataset, batch_size: int = 256, limit: int | None = None,
                   device: torch.device | None = None) -> float:
-    """Top-1 accuracy of ``model`` on labeled ``data`` (first ``limit`` items)."""
+    """Top-1 accuracy (a fraction) of ``model`` on labeled ``data`` (a seeded ``limit`` of its items)."""
     from rescompress.data import make_loader
 
     device = device or next(model.parameters()).device
@@ -264,7 +264,7 @@ def _specs(groups, state: _State, round_to: int, max_layer_ratio: float) -> list
 def _score(groups, criterion, model, data, config: PruneConfig) -> dict[int, torch.Tensor]:
     if isinstance(criterion, TaylorImportance):
         if data is None:
-            raise RescompressError("the taylor criterion needs data: pass --finetune-data")
+            raise UsageError("the taylor criterion needs data: pass --finetune-data")
         loader = _loader(data, min(config.batch_size, config.taylor_images), False, config.seed,
                          limit=config.taylor_images)
         criterion.accumulate(model, loader)
@@ -277,7 +277,12 @@ def _score(groups, criterion, model, data, config: PruneConfig) -> dict[int, tor
 
 def _prune_step(model, example, out_shape, config: PruneConfig, state: _State, round_to: int, *,
                 ratio: float | None, macs_target: int | None, data) -> tuple[float, list[GroupChange]]:
-    """One cut: plan widths for ``ratio`` (or for ``macs_target``), remove channels, verify."""
+    """One cut: plan widths so that ``ratio`` of the *original* channels are gone after it (or for
+    ``macs_target``), remove channels, verify.
+
+    Widths are planned from the original ones, not as a fraction of the current ones: rounding to
+    ``round_to`` at every step would otherwise compound (three steps of 1/6, 1/5, 1/4 of a 64-wide layer
+    rounded to 16 end at 16 channels, not 32)."""
     dg = build_graph(model, example)
     groups = channel_groups(model, dg)
     specs = _specs(groups, state, round_to, config.max_layer_ratio)
@@ -291,13 +296,22 @@ def _prune_step(model, example, out_shape, config: PruneConfig, state: _State, r
 
         ratio = search_ratio(macs_at, macs_target, MAX_SEARCH_RATIO)
         keep = refine_keep(specs, plan_keep(specs, ratio, config.ranking, scores), mac_model.macs, macs_target)
-    else:
-        keep = plan_keep(specs, ratio, config.ranking, scores)
+    elif config.ranking == "uniform":
+        keep = {s.index: min(s.width, round_keep(o, o * (1.0 - ratio), s.step, s.min_keep))
+                for s, o in zip(specs, (state.original[g.root_name] for g in groups), strict=True)}
+    else:  # global: the smallest share of the current channels whose rounded plan reaches the goal
+        goal = int(round((1.0 - ratio) * sum(state.original[g.root_name] for g in groups)))
+
+        def kept_at(r: float) -> int:
+            return sum(plan_keep(specs, r, "global", scores).values())
+
+        r = MAX_SEARCH_RATIO if kept_at(MAX_SEARCH_RATIO) > goal else search_ratio(kept_at, goal, MAX_SEARCH_RATIO)
+        keep = plan_keep(specs, r, "global", scores)
     remove = {g.index: channels_to_remove(scores[g.index], keep[g.index]) for g in groups}
     prune_groups(dg, groups, remove)
     _check_runs(model, example, out_shape)
     changes = [GroupChange(g.root_name, g.width, keep[g.index], s.step) for g, s in zip(groups, specs, strict=True)]
-    removed = 1.0 - sum(keep.values()) / sum(g.width for g in groups)
+    removed = 1.0 - sum(keep.values()) / sum(state.original[g.root_name] for g in groups)
     return removed, changes
 
 
@@ -338,12 +352,16 @@ def prune_model(
     labeled = data is not None and _is_labeled(data)
     ft = config.finetune if (config.finetune and config.finetune.epochs > 0) else None
     if ft is not None and data is None:
-        raise RescompressError("fine-tuning needs data: pass --finetune-data")
+        raise UsageError("fine-tuning needs data: pass --finetune-data")
     if ft is not None and not labeled:
         notes.append("the fine-tuning data has no labels: re-estimating BatchNorm statistics instead of fine-tuning")
         ft = None
     if data is None and config.bn_recalib > 0:
         notes.append("no data given: BatchNorm statistics were not re-estimated (accuracy may drop sharply)")
+    grouped = [n for n, m in teacher.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    if grouped:
+        notes.append(f"{len(grouped)} grouped convolution(s) (e.g. {grouped[0]}, as in ResNeXt): the channels "
+                     "that feed them are not pruned, so those blocks keep their inner width")
 
     target: dict = {}
     search: list[dict] = []
@@ -364,7 +382,6 @@ def prune_model(
     per_step_ft = replace(ft, epochs=ft.epochs / config.steps) if ft is not None else None
     goals = (linear_steps(1.0, macs_fraction, config.steps) if macs_fraction is not None
              else linear_steps(0.0, config.ratio, config.steps))
-    done = 0.0
     for k, goal in enumerate(goals, start=1):
         work.cpu().eval()
         if macs_fraction is not None:
@@ -373,8 +390,8 @@ def prune_model(
             macs_target = int(goal * before.macs)
         else:
             ratio, step_changes = _prune_step(work, example, out_shape, config, state, round_to,
-                                              ratio=step_ratio(done, goal), macs_target=None, data=data)
-            done, macs_target = goal, None
+                                              ratio=goal, macs_target=None, data=data)
+            macs_target = None
         for c in step_changes:
             first = changes.get(c.root)
             changes[c.root] = replace(c, width_before=first.width_before) if first else c
@@ -394,10 +411,17 @@ def prune_model(
                                 ft_report))
         log.info("step %d/%d: ratio %.3f, MACs %d", k, config.steps, ratio, steps[-1].macs)
 
+    if config.ratio is not None and steps[-1].ratio < config.ratio - 0.05:
+        notes.append(f"removed {steps[-1].ratio:.0%} of the channels, not {config.ratio:.0%}: --max-layer-ratio "
+                     f"{config.max_layer_ratio:g} caps each layer")
+    if search and min(p["latency_ratio"] for p in search) > config.target_latency:
+        notes.append(f"no pruned candidate reached {config.target_latency:.0%} of the latency (best "
+                     f"{min(p['latency_ratio'] for p in search):.0%}): pruned to the smallest MAC fraction tried, "
+                     f"{macs_fraction:.0%}; try --target-macs")
     after = ModelStats(count_params(work), count_macs(work, input_shape))
     if eval_data is not None:
-        before = replace(before, top1=top1_accuracy(teacher, eval_data, limit=eval_limit))
-        after = replace(after, top1=top1_accuracy(work, eval_data, limit=eval_limit))
+        before = replace(before, top1=100 * top1_accuracy(teacher, eval_data, limit=eval_limit))
+        after = replace(after, top1=100 * top1_accuracy(work, eval_data, limit=eval_limit))
     latency = None
     if measure_latency:
         latency = ort_latency({"before": teacher, "after": work}, input_shape, batch_sizes=tuple(latency_batches))

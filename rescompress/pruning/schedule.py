@@ -7,19 +7,11 @@ quantity the user asked for (fraction of MACs kept, or fraction of channels remo
 
 from __future__ import annotations
 
-from rescompress.errors import RescompressError
+from rescompress.errors import UsageError
 
 
 def linear_steps(start: float, end: float, steps: int) -> list[float]:
     """``steps`` values going linearly from just after ``start`` to exactly ``end``."""
     if steps < 1:
-        raise RescompressError(f"--steps must be at least 1, got {steps}")
+        raise UsageError(f"--steps must be at least 1, got {steps}")
     return [start + (end - start) * k / steps for k in range(1, steps + 1)]
-
-
-def step_ratio(done: float, goal: float) -> float:
-    """Fraction of the *current* channels to remove so that ``goal`` of the original ones are gone,
-    when ``done`` of them are gone already."""
-    if not 0.0 <= done <= goal < 1.0:
-        raise RescompressError(f"invalid schedule step: {done} -> {goal}")
-    return 1.0 - (1.0 - goal) / (1.0 - done)

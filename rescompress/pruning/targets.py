@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rescompress.errors import RescompressError
+from rescompress.errors import RescompressError, UsageError
 
 
 def default_round_to(features: dict | None = None) -> tuple[int, str]:
@@ -36,7 +36,7 @@ def default_round_to(features: dict | None = None) -> tuple[int, str]:
 def effective_round_to(width: int, round_to: int) -> int:
     """``round_to`` halved until it is at most a quarter of ``width`` (at least 1)."""
     if round_to < 1:
-        raise RescompressError(f"--round-to must be a positive integer, got {round_to}")
+        raise UsageError(f"--round-to must be a positive integer, got {round_to}")
     step = round_to
     while step > 1 and step > width // 4:
         step //= 2
@@ -110,8 +110,8 @@ def search_ratio(macs_at: Callable[[float], int], target: int, max_ratio: float,
         return 0.0
     if macs_at(max_ratio) > target:
         raise RescompressError(
-            f"the target cannot be reached without removing more than {max_ratio:.0%} of some layer's "
-            f"channels (best reachable: {macs_at(max_ratio):,} MACs, target {target:,}); "
+            f"the target cannot be reached within each layer's cap (--max-layer-ratio) and rounding "
+            f"(--round-to): best reachable {macs_at(max_ratio):,} MACs, target {target:,}; "
             "loosen the target or raise --max-layer-ratio"
         )
     lo, hi = 0.0, max_ratio
@@ -173,4 +173,4 @@ def validate_fraction(value: float | None, option: str, allow_one: bool = False)
     ok = 0.0 < value <= 1.0 if allow_one else 0.0 < value < 1.0
     if not ok or math.isnan(value):
         bound = "(0, 1]" if allow_one else "(0, 1)"
-        raise RescompressError(f"{option} must be in {bound}, got {value}")
+        raise UsageError(f"{option} must be in {bound}, got {value}")

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from rescompress.errors import CheckFailed
+from rescompress.measure.accuracy import TOLERANCE
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,10 @@ def search_fallback(
         return cache[k]
 
     k, last_fail = 0, -1
-    while value(k) > max_drop:
+    def meets(k: int) -> bool:  # inclusive, like the gate: a drop equal to the limit passes
+        return value(k) <= max_drop + TOLERANCE
+
+    while not meets(k):
         last_fail = k
         if k >= cap:
             tried = tuple(sorted(cache.items()))
@@ -84,7 +88,7 @@ def search_fallback(
     lo, hi = last_fail, k  # value(lo) fails (or lo == -1), value(hi) passes
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if value(mid) <= max_drop:
+        if meets(mid):
             hi = mid
         else:
             lo = mid

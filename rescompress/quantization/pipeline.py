@@ -34,7 +34,7 @@ from rescompress.calibration.collect import (
     tensor_shapes,
     with_extra_outputs,
 )
-from rescompress.errors import DataError, RescompressError
+from rescompress.errors import DataError, RescompressError, UsageError
 from rescompress.fileio import ensure_not_input, write_text_atomic
 from rescompress.quantization.calibrate import activation_entries, check_finite_weights, weight_entries
 from rescompress.quantization.checker import check_trt_qdq
@@ -116,23 +116,23 @@ class QuantizeConfig:
 
     def __post_init__(self) -> None:
         if self.method not in (*METHODS, "auto"):
-            raise RescompressError(f"unknown --method {self.method!r}; choose {', '.join(METHODS)} or auto")
+            raise UsageError(f"unknown --method {self.method!r}; choose {', '.join(METHODS)} or auto")
         bad = [t for t in self.targets if t not in TARGETS]
         if bad or not self.targets:
-            raise RescompressError(f"unknown --target {bad or self.targets}; choose onnxruntime, tensorrt or both")
+            raise UsageError(f"unknown --target {bad or self.targets}; choose onnxruntime, tensorrt or both")
         if self.ort_range not in ORT_RANGES:
-            raise RescompressError(f"--ort-range must be one of {', '.join(ORT_RANGES)}, got {self.ort_range!r}")
+            raise UsageError(f"--ort-range must be one of {', '.join(ORT_RANGES)}, got {self.ort_range!r}")
         if not 0.0 < self.percentile <= 100.0:
-            raise RescompressError(f"--percentile must be in (0, 100], got {self.percentile}")
+            raise UsageError(f"--percentile must be in (0, 100], got {self.percentile}")
         if self.weight_rounding not in WEIGHT_ROUNDINGS:
-            raise RescompressError(f"--weight-rounding must be one of {', '.join(WEIGHT_ROUNDINGS)}, "
+            raise UsageError(f"--weight-rounding must be one of {', '.join(WEIGHT_ROUNDINGS)}, "
                                    f"got {self.weight_rounding!r}")
         if self.refine_tensors < 0:
             raise RescompressError(f"refine_tensors must be >= 0, got {self.refine_tensors}")
         if self.num_images < 1 or self.batch_size < 1:
-            raise RescompressError("--num-images and --batch-size must be positive")
+            raise UsageError("--num-images and --batch-size must be positive")
         if self.max_drop is not None and (self.max_drop < 0 or not math.isfinite(self.max_drop)):
-            raise RescompressError(f"--max-drop must be a non-negative number of points, got {self.max_drop}")
+            raise UsageError(f"--max-drop must be a non-negative number of points, got {self.max_drop}")
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
@@ -468,7 +468,7 @@ def quantize_model(
 
     A run that fails leaves nothing behind in ``outdir`` (see :func:`_nothing_left_on_failure`).
     """
-    from rescompress.data import check_compatible, describe_source, open_dataset
+    from rescompress.data import check_compatible, describe_source, limit_indices, open_dataset
     from rescompress.system import library_versions
 
     cfg = config or QuantizeConfig()
@@ -482,6 +482,8 @@ def quantize_model(
             if describe_source(d, split)[0].length == 0:
                 raise DataError(f"{d} holds no images")
     src = load_fp32(model, out, arch=arch, trust_pickle=trust_pickle, preprocess=preprocess, notify=say)
+    if plan is not None and not isinstance(plan, QuantPlan):  # the plan this run writes must not replace it
+        ensure_not_input(out / f"{src.stem}.plan.json", [plan])
     base = prepare_model(src.proto)
     check_finite_weights(base)
     fingerprint = model_fingerprint(base)
@@ -517,7 +519,7 @@ def quantize_model(
         calib_stats = {"skipped": True, "num_images": qplan.provenance.num_images}
     else:
         if calib_data is None:
-            raise RescompressError("--calib-data is required (or --plan to reuse a calibration)")
+            raise UsageError("--calib-data is required (or --plan to reuse a calibration)")
         dataset = open_dataset(calib_data, pre, split="train")
         check_compatible(dataset.info, src.num_classes, purpose="calibration")
         n_avail = len(dataset)
@@ -596,7 +598,7 @@ def quantize_model(
         eval_ds = open_dataset(eval_data, pre, split="test")
         check_compatible(eval_ds.info, src.num_classes, purpose="evaluation")
         n_eval = len(eval_ds) if cfg.eval_limit is None else min(cfg.eval_limit, len(eval_ds))
-        eval_loader = _loader(eval_ds, range(n_eval), cfg.batch_size)
+        eval_loader = _loader(eval_ds, limit_indices(len(eval_ds), cfg.eval_limit), cfg.batch_size)
         eval_source = f"{eval_data} ({n_eval} images{'' if eval_ds.info.labeled else ', unlabeled'})"
     elif holdout_batches is not None:
         eval_loader = holdout_batches
@@ -613,7 +615,7 @@ def quantize_model(
     fallback = None
     if cfg.max_drop is not None:
         if eval_loader is None:
-            raise RescompressError("--max-drop needs --eval-data (or --calib-data to measure agreement)")
+            raise UsageError("--max-drop needs --eval-data (or --calib-data to measure agreement)")
         fallback = _fallback(base, qplan, placements, cfg, eval_loader, use_labels, say, emit)
         placements = {t: place(base, t, cfg.exclude + fallback.float_nodes) for t in want}
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from rescompress.errors import RescompressError
+from rescompress.errors import RescompressError, UsageError
 
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
 ORT_OUTPUT_OPS = ("Conv", "Add", "GlobalAveragePool", "AveragePool")
@@ -254,7 +254,7 @@ class _Builder:
 def place(model: onnx.ModelProto, target: str, exclude: Iterable[str] = ()) -> Placement:
     """Decide the Q/DQ placement of ``target`` ("onnxruntime" | "tensorrt") on a prepared model."""
     if target not in ("onnxruntime", "tensorrt"):
-        raise RescompressError(f"unknown target {target!r}; choose onnxruntime or tensorrt")
+        raise UsageError(f"unknown target {target!r}; choose onnxruntime or tensorrt")
     idx = GraphIndex(model)
     patterns = tuple(exclude)
     excluded = [n.name for n in idx.nodes if patterns and matches(n, patterns, idx.constants)]

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from rescompress import __version__
-from rescompress.errors import RescompressError
+from rescompress.errors import RescompressError, UsageError
 from rescompress.fileio import write_text_atomic
 
 PLAN_FORMAT = "rescompress.quantplan/1"
@@ -115,7 +115,7 @@ def activation_entry(
     ``asymmetric`` (unsigned where non-negative, else the observed range clipped at amax).
     """
     if ort_range not in ORT_RANGES:
-        raise RescompressError(f"unknown ORT range mode {ort_range!r}; choose {', '.join(ORT_RANGES)}")
+        raise UsageError(f"unknown ORT range mode {ort_range!r}; choose {', '.join(ORT_RANGES)}")
     if ort_range != "symmetric" and amax_unsigned is not None and vmin >= 0.0:
         ort = unsigned_uint8(amax_unsigned)
     elif ort_range == "asymmetric":

@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from rescompress.errors import RescompressError
+from rescompress.errors import RescompressError, UsageError
 from rescompress.spec import Preprocess
 
 # Runtime name -> "module:factory". The factory is called as factory(model, options).
@@ -141,7 +141,7 @@ def resolve_runtime(model: object, runtime: str = "auto") -> str:
     """The runtime that ``make_runner`` would use for ``model``."""
     if runtime != "auto":
         if runtime not in RUNTIMES:
-            raise RescompressError(f"unknown runtime {runtime!r}; choose one of: {', '.join(runtime_names())}")
+            raise UsageError(f"unknown runtime {runtime!r}; choose one of: {', '.join(runtime_names())}")
         return runtime
     if is_path_like(model):
         return AUTO_RUNTIME_BY_SUFFIX.get(Path(model).suffix.lower(), AUTO_DEFAULT_RUNTIME)
