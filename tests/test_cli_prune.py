@@ -89,6 +89,16 @@ def test_refuses_to_overwrite_the_input(model_file):
     assert model_file.read_bytes() == before
 
 
+def test_unwritable_output_is_refused_before_any_work(model_file, calib_npz, tmp_path):
+    """Under a file, or a folder: refused at once, not after pruning and fine-tuning."""
+    for out, why in ((model_file / "x.safetensors", "is a file, not a folder"), (tmp_path, "it is a folder")):
+        res = runner.invoke(app, ["prune", str(model_file), "--ratio", "0.3", "--finetune-data", str(calib_npz),
+                                  "--epochs", "1", "--limit", "64", "--no-latency", "-o", str(out)])
+        assert res.exit_code == 1 and why in res.stderr, res.output
+        assert "step 1" not in res.stderr and "fine-tun" not in res.stderr.replace("Error:", "")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_usage_errors_exit_2(model_file, tmp_path):
     res = runner.invoke(app, ["prune", str(model_file), "--ratio", "0.3"])  # no -o
     assert res.exit_code == 2
@@ -204,3 +214,13 @@ def test_fold_of_a_trusted_non_resnet_says_what_to_use(tmp_path):
     assert res.exit_code == 1
     assert "not a torchvision-style ResNet that a rescompress checkpoint can rebuild" in res.stderr
     assert "rescompress export" in res.stderr and not (tmp_path / "f.safetensors").exists()
+
+
+def test_batch_size_one_still_re_estimates_batchnorm(model_file, calib_npz, tmp_path):
+    """--batch-size 1 is the fine-tuning batch; BatchNorm re-estimation batches on its own."""
+    out = tmp_path / "b1.safetensors"
+    res = runner.invoke(app, ["prune", str(model_file), "--ratio", "0.3", "--finetune-data", str(calib_npz),
+                              "--limit", "40", "--batch-size", "1", "--epochs", "0", "--bn-recalib", "40",
+                              "--no-latency", "-o", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["report"]["steps"][0]["bn_recalib_images"] == 40 and out.exists()

@@ -332,3 +332,31 @@ def test_fold_wrong_probe_shape_is_a_clear_error():
     model = build_model("resnet20", num_classes=10, in_channels=1).eval()
     with pytest.raises(FoldError, match=r"probe of shape \(8, 3, 28, 28\)"):
         fold_batchnorm(model, input_shape=(3, 28, 28))
+
+
+def test_sigterm_mid_write_leaves_no_temporary_file(tmp_path):
+    """CI timeouts and `docker stop` send SIGTERM: the output being written is dropped whole, like Ctrl-C."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from torchvision.models import resnet50
+
+    src = tmp_path / "r50.pt"
+    torch.save(resnet50(num_classes=10).state_dict(), src)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "rescompress", "fold", str(src), "--input-size", "32", "-o",
+                             str(out_dir / "r50.safetensors")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+    deadline = time.monotonic() + 120
+    while not any(p.name.endswith(".tmp") for p in out_dir.iterdir()):
+        assert proc.poll() is None, "the fold finished before its temporary file was seen"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and b"interrupted" in err
+    assert list(out_dir.iterdir()) == []

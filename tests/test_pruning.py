@@ -479,3 +479,19 @@ def test_model_without_conv_groups_is_refused():
     model = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
     with pytest.raises(PruningGraphError, match="no prunable channel groups"):
         prune_model(model, FMNIST, PruneConfig(ratio=0.3))
+
+
+def test_notes_say_when_the_ask_is_not_what_was_done():
+    """A global ratio beyond the per-layer cap, and grouped convolutions that are left alone, are said."""
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10, 1).eval()
+    capped = prune_model(model, FMNIST, PruneConfig(ratio=0.9, ranking="global", round_to=1))
+    assert capped.report.steps[-1].ratio < 0.85
+    assert any("not 90%" in n and "--max-layer-ratio" in n for n in capped.report.notes)
+    plain = prune_model(model, FMNIST, PruneConfig(ratio=0.3, round_to=1))
+    assert not any("not 30%" in n or "grouped" in n for n in plain.report.notes)
+    from torchvision.models import resnext50_32x4d
+
+    rx = resnext50_32x4d(num_classes=5).eval()
+    res = prune_model(rx, SMALL_RGB.with_overrides(size=32), PruneConfig(ratio=0.3))
+    assert any("grouped convolution" in n and "layer1.0.conv2" in n for n in res.report.notes)

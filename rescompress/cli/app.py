@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import signal
 import sys
 
 import typer
@@ -64,5 +65,12 @@ for _name in _COMMAND_MODULES:
     importlib.import_module(f"rescompress.cli.{_name}").register(app)
 
 
+def _stop_on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt  # the same clean-up as Ctrl-C: temporary files go, outputs stay whole
+
+
 def main() -> None:
+    # CI timeouts and `docker stop` send SIGTERM; without a handler Python dies at once and leaves the
+    # temporary file of an output being written.
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     app()

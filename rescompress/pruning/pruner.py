@@ -399,8 +399,10 @@ def prune_model(
         ft_report = None
         if data is not None and config.bn_recalib > 0:
             work.to(device)
-            recal = recalibrate_bn(work, _loader(data, config.batch_size, True, config.seed + k), config.bn_recalib,
-                                   device)
+            # Own batch size: statistics need several images per batch (one image gives no variance where a
+            # layer's output is 1x1), whatever --batch-size the fine-tuning uses.
+            bn_batch = max(config.batch_size, BN_RECALIB_BATCH)
+            recal = recalibrate_bn(work, _loader(data, bn_batch, True, config.seed + k), config.bn_recalib, device)
         if per_step_ft is not None:
             work.to(device)
             loader = _loader(data, config.batch_size, True, config.seed + k, drop_last=True)
@@ -435,6 +437,7 @@ def prune_model(
     return PruneResult(work.eval(), before, after, report, latency, config)
 
 
+BN_RECALIB_BATCH = 32  # smallest batch for BatchNorm re-estimation
 LATENCY_PROBES = (0.7, 0.85, 1.0, 1.15, 1.3)  # MAC fractions tried, as multiples of the latency target
 
 
