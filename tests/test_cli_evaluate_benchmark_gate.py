@@ -281,6 +281,15 @@ def test_gate_bad_input_is_one_line_exit_1_and_writes_nothing(files, eval_npz):
     assert files["a_onnx"].read_bytes() == before
 
 
+def test_unknown_runtimes_are_refused_for_torch_files_too(files, eval_npz):
+    r = cli.invoke(app, ["gate", "--baseline", str(files["a"]), "--candidate", str(files["noisy"]), "--data",
+                         str(eval_npz), "--limit", "50", "--runtime", "bogus"])
+    assert r.exit_code == 2 and "unknown runtime 'bogus'" in r.stderr
+    r = cli.invoke(app, ["benchmark", str(files["a"]), f"{files['a_onnx']}@bogus", "--data", str(eval_npz),
+                         "--limit", "50"])
+    assert r.exit_code == 2 and "unknown runtime 'bogus' in" in r.stderr
+
+
 @pytest.mark.needs_openvino
 def test_benchmark_same_onnx_in_two_runtimes(files, eval_npz):
     onnx_path = str(files["a_onnx"])

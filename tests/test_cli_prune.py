@@ -69,6 +69,7 @@ def test_prune_human_output_and_steps(model_file, tmp_path):
         (["--target-macs", "0.01", "--max-layer-ratio", "0.5"], "max-layer-ratio", 1),  # valid, unreachable
         (["--ratio", "0.3", "--criterion", "obd"], "unknown pruning criterion", 2),
         (["--ratio", "0.3", "--criterion", "taylor"], "taylor criterion needs data", 2),
+        (["--ratio", "0.3", "--device", "foo"], "--device must be auto, cpu, cuda or cuda:N", 2),
     ],
 )
 def test_bad_options_exit_with_one_line(model_file, tmp_path, args, message, code):

@@ -245,6 +245,14 @@ def test_exclude_keeps_first_conv_float_in_tensorrt_file(first_run, calib_npz, t
     assert json.loads(pre.stdout)["errors"] == []
 
 
+def test_exclude_pattern_that_matches_nothing_is_refused(first_run, calib_npz, tmp_path):
+    _, out = first_run
+    res = runner.invoke(app, ["quantize", str(out / "r20.fp32.onnx"), "--calib-data", str(calib_npz),
+                              "--exclude", "/conv1/*", "--exclude", "conv1", "-o", str(tmp_path / "o"), *FAST])
+    assert res.exit_code == 2 and "--exclude 'conv1' matches no node" in res.stderr
+    assert "'/conv1/Conv'" in res.stderr and not (tmp_path / "o").exists()
+
+
 def test_prune_then_quantize_at_a_non_square_size(checkpoint, calib_npz, tmp_path):
     """``--input-size HxW``: the pruned file records the size and quantize builds its graphs at it."""
     pruned = tmp_path / "wide.safetensors"

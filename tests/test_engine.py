@@ -414,6 +414,15 @@ def test_int8_implicit_path(tmp_path):
     other = write_cache(tmp_path / "other.cache", {"layer9": 0.1})
     foreign = preflight(EngineBuildConfig(onnx_path, precision="int8-implicit", calib_cache=other), "10.8.0")
     assert any("another model" in e for e in foreign.errors)
+    # Another model that shares some tensor names (ResNets share many): foreign names plus missing ones.
+    shared = write_cache(tmp_path / "shared.cache", {"input": 0.03, "conv": 0.02, "layer9": 0.1})
+    mixed = preflight(EngineBuildConfig(onnx_path, precision="int8-implicit", calib_cache=shared), "10.8.0")
+    assert not mixed.ok and any("does not match this graph" in e and "1 of its 3" in e for e in mixed.errors)
+    # This graph's tensors plus names TensorRT adds itself: fine, with a warning.
+    extra = write_cache(tmp_path / "extra.cache", {"input": 0.03, "conv": 0.02, "relu": 0.02, "pool": 0.02,
+                                                    "flat": 0.02, "logits": 0.1, "(Unnamed Layer* 3)": 0.1})
+    ok = preflight(EngineBuildConfig(onnx_path, precision="int8-implicit", calib_cache=extra), "10.8.0")
+    assert ok.ok and any("not in the graph" in w for w in ok.warnings)
 
     qdq = make_classifier(tmp_path / "q.onnx", qdq=True)
     mixed = preflight(EngineBuildConfig(qdq, precision="int8-implicit", calib_cache=cache), "10.8.0")

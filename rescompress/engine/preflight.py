@@ -152,6 +152,7 @@ class OnnxFacts:
     preprocess: dict | None
     arch: str | None
     declared_chw: tuple[int, int, int] | None = None
+    activation_names: frozenset[str] = frozenset()  # the image input and every node output
 
     @property
     def input_name(self) -> str | None:
@@ -310,6 +311,7 @@ def inspect_onnx(path: Path | str) -> OnnxFacts:
         preprocess=preprocess,
         arch=arch,
         declared_chw=declared_chw,
+        activation_names=frozenset({name for name, _ in inputs} | {o for n in graph.node for o in n.output if o}),
     )
 
 
@@ -671,13 +673,25 @@ def _check_implicit(
             f"rewrite it for this version"
         )
     known = [n for n in cache.scales if n in facts.tensor_names]
+    unscaled = sorted(facts.activation_names - set(cache.scales))
     if not known:
         errors.append(
             f"calibration cache {cache_path} names none of this graph's tensors; it was made for another model"
         )
+    elif len(known) < len(cache.scales) and unscaled:
+        # Foreign names and missing ones together: not this graph's cache (a cache TensorRT wrote for this
+        # graph may add internal names, but covers every tensor).
+        errors.append(
+            f"calibration cache {cache_path} does not match this graph: {len(cache.scales) - len(known)} of its "
+            f"{len(cache.scales)} tensors are not in the graph and {len(unscaled)} of the graph's tensors have "
+            f"no scale (e.g. {unscaled[0]!r}); it was made for another model"
+        )
     elif len(known) < len(cache.scales):
         warnings.append(f"{len(cache.scales) - len(known)} of {len(cache.scales)} calibration cache tensors are "
                         f"not in the graph")
+    elif unscaled:
+        warnings.append(f"{len(unscaled)} of the graph's tensors have no scale in the cache (e.g. {unscaled[0]!r}); "
+                        "TensorRT runs the layers that produce them in higher precision")
     return Path(cache_path)
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rescompress.errors import DataError, RescompressError
+from rescompress.errors import DataError, RescompressError, UsageError
 from rescompress.measure.accuracy import AccuracyResult, ProgressFn, evaluate_runners
 from rescompress.measure.agreement import Agreement
 from rescompress.measure.latency import LatencyReport, measure_latency
@@ -81,6 +81,8 @@ def split_model_spec(spec: str | Path) -> tuple[Path, str]:
         path, runtime = text.rsplit("@", 1)
         if runtime in RUNTIMES or runtime == "auto":
             return Path(path), runtime
+        if Path(path).exists():
+            raise UsageError(f"unknown runtime {runtime!r} in {text}; choose one of: auto, {', '.join(RUNTIMES)}")
     return Path(text), "auto"
 
 
@@ -120,6 +122,7 @@ def open_runners(
 
     if not models:
         raise RescompressError("no models given")
+    resolve_runtime(None, runtime)  # an unknown --runtime is refused even when only torch files are given
     specs = [split_model_spec(m) for m in models]
     chosen = [resolve_runtime(p, _runtime_for(p, r, runtime)) for p, r in specs]
     labels = unique_labels([p for p, _ in specs], chosen)

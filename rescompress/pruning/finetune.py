@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from rescompress.errors import RescompressError
+from rescompress.errors import RescompressError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +29,13 @@ def no_progress(iterable: Iterable, total: int, description: str) -> Iterable:
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """``auto`` chooses CUDA when present, else CPU."""
+    """``auto`` chooses CUDA when present, else CPU; also ``cpu``, ``cuda``, ``cuda:N``."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not (kind == "cuda" and index.isdigit())):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
         raise RescompressError(f"device {device} requested but CUDA is not available")
     return torch.device(device)
 

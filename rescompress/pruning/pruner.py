@@ -97,6 +97,7 @@ class PruneConfig:
             )
         if self.ranking not in ("uniform", "global"):
             raise UsageError(f"ranking must be 'uniform' or 'global', got {self.ranking!r}")
+        pick_device(self.device)  # an unknown or unavailable device fails before the model is loaded
         if self.round_to is not None and self.round_to < 1:
             raise UsageError(f"--round-to must be a positive integer, got {self.round_to}")
         if self.steps < 1:

@@ -41,7 +41,7 @@ from rescompress.quantization.checker import check_trt_qdq
 from rescompress.quantization.emit import emit_qdq, save_model
 from rescompress.quantization.fallback import FallbackResult, rank_layers, search_fallback
 from rescompress.quantization.fidelity import Fidelity, compare, run_sessions, sqnr_db
-from rescompress.quantization.placement import GraphIndex, Placement, place, prepare_model
+from rescompress.quantization.placement import GraphIndex, Placement, check_patterns, place, prepare_model
 from rescompress.quantization.plan import ORT_RANGES, TARGETS, Provenance, QuantPlan, model_fingerprint
 from rescompress.quantization.refine import DEFAULT_REFINE_TENSORS, onnx_macs, refine_budget, refine_plan
 from rescompress.quantization.rounding import load_levels, rounding_images, save_levels, with_rounded_weights
@@ -490,6 +490,7 @@ def quantize_model(
     pre = src.preprocess
     want = [t for t in TARGETS if t in cfg.targets]
 
+    check_patterns(base, cfg.exclude)
     placements = {t: place(base, t, cfg.exclude) for t in want}
     for t, p in placements.items():
         if p.unsupported:

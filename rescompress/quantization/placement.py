@@ -209,6 +209,16 @@ def matches(node: onnx.NodeProto, patterns: Iterable[str], constants: Iterable[s
     return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names if n)
 
 
+def check_patterns(model: onnx.ModelProto, patterns: Iterable[str]) -> None:
+    """Refuse an ``--exclude`` glob that matches no node: a typo would otherwise exclude nothing, silently."""
+    idx = GraphIndex(model)
+    for p in patterns:
+        if not any(matches(n, (p,), idx.constants) for n in idx.nodes):
+            examples = ", ".join(repr(n.name) for n in idx.nodes if n.op_type in WEIGHTED_OPS)
+            raise UsageError(f"--exclude {p!r} matches no node; names look like {examples[:160]}... "
+                             "(globs: '/conv1/*', '*layer4*')")
+
+
 def _weight_axis(node: onnx.NodeProto) -> int:
     if node.op_type == "Gemm":
         trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
