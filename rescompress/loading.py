@@ -1035,6 +1035,7 @@ def onnx_summary(path: Path | str, input_size: int | tuple[int, int] | None = No
     import onnx
 
     from rescompress.export import read_onnx_info
+    from rescompress.profile import count_onnx_params
 
     p = Path(path)
     _check_file(p)
@@ -1050,14 +1051,7 @@ def onnx_summary(path: Path | str, input_size: int | tuple[int, int] | None = No
     ops: dict[str, int] = {}
     for node in graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    params = 0  # stored weight elements; scalars (Q/DQ scales, zero points, constants) are not weights
-    for t in graph.initializer:
-        if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
-                           onnx.TensorProto.UINT8, onnx.TensorProto.DOUBLE) and len(t.dims) >= 1:
-            n = 1
-            for d in t.dims:
-                n *= d
-            params += n if n > 1 else 0
+    params = count_onnx_params(graph)
     if isinstance(input_size, int):
         input_size = (input_size, input_size)
     size = tuple(input_size) if input_size else info.input_size

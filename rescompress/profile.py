@@ -7,12 +7,42 @@ ReLU, pooling and adds are not counted), which is the convention torchvision's m
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+# Weight and bias inputs of the ONNX ops that hold a layer's parameters.
+_ONNX_PARAM_INPUTS = {"Conv": (1, 2), "Gemm": (1, 2), "MatMul": (1,), "ConvInteger": (1,), "MatMulInteger": (1,),
+                      "QLinearConv": (3, 8), "QLinearMatMul": (3,), "QGemm": (3, 6)}
+
+
+def count_onnx_params(graph) -> int:
+    """Weight and bias elements of an ONNX graph's Conv/Gemm/MatMul layers (and their integer forms).
+
+    A weight behind a DequantizeLinear counts as the tensor it dequantizes; scales, zero points and other
+    constants are not parameters. Each layer counts its own weights, also where an exporter stored equal
+    tensors once, so an FP32 file and the INT8 files made from it count the same (as the torch model does).
+    """
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    total = 0
+    for node in graph.node:
+        for i in _ONNX_PARAM_INPUTS.get(node.op_type, ()):
+            name = node.input[i] if i < len(node.input) else ""
+            for _ in range(4):  # through DequantizeLinear / QuantizeLinear / Identity to the initializer
+                p = producer.get(name)
+                if name in inits or p is None or p.op_type not in ("DequantizeLinear", "QuantizeLinear", "Identity"):
+                    break
+                name = p.input[0]
+            if name in inits:
+                total += math.prod(inits[name].dims)
+    return total
 
 
 @torch.no_grad()

@@ -220,9 +220,12 @@ def test_gate_against_stored_metrics_edge_is_inclusive(files, eval_npz):
     cand_top1 = stored["top1"]
     edge = files["dir"] / "edge.json"
     edge.write_text(json.dumps({**stored, "top1": cand_top1 + 0.5}))  # drop exactly 0.5 points
+    junit = files["dir"] / "against.xml"
     r = _gate(files, eval_npz, "--against", str(edge), "--candidate", str(files["a_onnx"]), "--max-drop", "0.5",
-              "--json")
+              "--json", "--junit", str(junit))
     assert r.exit_code == 0, r.stderr
+    props = {p.get("name"): p.get("value") for p in ET.parse(junit).getroot().iter("property")}
+    assert props["against"] == str(edge) and props["against_model"] == stored["model"]
     d = json.loads(r.stdout)
     assert d["verdict"] == "PASSED"
     assert [c["name"] for c in d["checks"]] == ["accuracy_drop_vs_stored", "top1_agreement_vs_stored"]

@@ -211,6 +211,7 @@ class GateResult:
     agreement: Agreement | None = None  # full logit agreement with the live baseline
     latency: LatencyReport | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    stored_source: str | None = None  # the --against file
 
     @property
     def passed(self) -> bool:
@@ -252,7 +253,8 @@ def junit_xml(result: GateResult, suite: str = "rescompress.gate") -> str:
     for key, value in (
         ("candidate", result.candidate.model),
         ("baseline", result.baseline.model if result.baseline else ""),
-        ("against", result.stored.model if result.stored else ""),
+        ("against", result.stored_source or "" if result.stored else ""),
+        ("against_model", result.stored.model if result.stored else ""),
         ("images", str(result.candidate.n)),
     ):
         ET.SubElement(props, "property", name=key, value=value)
@@ -385,6 +387,7 @@ def run_gate(
         else:
             notes.append(f"{stored_source} holds no predictions: agreement with it was not checked")
     return GateResult(
+        stored_source=stored_source if stored is not None else None,
         checks=tuple(checks),
         candidate=cand,
         baseline=base,

@@ -1,8 +1,9 @@
 """File size, parameter count and MACs of a model as a runner sees it (torch module or ONNX file).
 
 For torch modules the counts come from :mod:`rescompress.profile`. For ONNX files ``params`` is the
-number of elements in all initializers (quantized weights count once, as stored, plus their scales and
-zero points), and MACs are computed from Conv/ConvInteger/QLinearConv and Gemm/MatMul shapes after ONNX
+number of weight and bias elements of the Conv/Gemm/MatMul layers (``profile.count_onnx_params``: quantized
+weights count once, scales and zero points not at all), and MACs are computed from
+Conv/ConvInteger/QLinearConv and Gemm/MatMul shapes after ONNX
 shape inference with the batch fixed to 1; if any such node has an unknown shape, ``macs`` is ``None``
 rather than a partial count.
 """
@@ -14,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rescompress.errors import RescompressError
+from rescompress.profile import count_onnx_params
 from rescompress.runtimes import runner_info
 
 
@@ -41,7 +43,7 @@ def onnx_params_macs(path: Path | str, input_shape: tuple[int, ...]) -> tuple[in
         raise RescompressError(f"cannot read ONNX file {path}: {exc}") from exc
     graph = model.graph
     init_names = {t.name for t in graph.initializer}
-    params = sum(math.prod(t.dims) for t in graph.initializer)
+    params = count_onnx_params(graph)
     shape = (1, *tuple(input_shape)[1:])
     for inp in graph.input:
         if inp.name in init_names:
