@@ -262,7 +262,8 @@ def _normalize_array_images(x: np.ndarray, path: Path) -> np.ndarray:
 def describe_source(path: Path | str, split: str = "test") -> tuple[SourceInfo, object]:
     """Recognize a data source; return its info and an item reader. Raises DataError if unusable."""
     raw = str(path)
-    if "@" in raw and not Path(raw).exists():  # DIR@train / DIR@test chooses an IDX split
+    explicit = "@" in raw and not Path(raw).exists()
+    if explicit:  # DIR@train / DIR@test chooses an IDX split
         raw, split = raw.rsplit("@", 1)
     p = Path(raw).expanduser()
     if not p.exists():
@@ -277,9 +278,11 @@ def describe_source(path: Path | str, split: str = "test") -> tuple[SourceInfo, 
     found = _idx_files(p, split)
     if found is None and any(p.glob("*-images-idx3-ubyte*")):
         other = [s for s in _IDX_SPLITS if _idx_files(p, s)]
-        if len(other) == 1:
+        if len(other) == 1 and not explicit:
             split = other[0]
             found = _idx_files(p, split)
+        elif other:
+            raise DataError(f"{p} has no IDX split {split!r}; it has {', '.join(other)} (e.g. {p}@{other[0]})")
     if found is not None:
         images_path, labels_path = found
         x = _read_idx(images_path)
@@ -319,13 +322,24 @@ def describe_source(path: Path | str, split: str = "test") -> tuple[SourceInfo, 
     )
 
 
+def _labels(y: np.ndarray, path: Path) -> np.ndarray:
+    """Class indices from an .npz 'y': (N,), (N, 1), or one-hot (N, C) as Keras writes them."""
+    if y.ndim == 2 and y.shape[1] > 1:
+        if not (np.isin(y, (0, 1)).all() and (y.sum(axis=1) == 1).all()):
+            raise DataError(f"{path}: 'y' of shape {y.shape} is neither class indices (N,) nor one-hot (N, C)")
+        return y.argmax(axis=1).astype(np.int64)
+    if y.ndim > 2 or (y.ndim == 2 and y.shape[1] != 1):
+        raise DataError(f"{path}: 'y' must be class indices of shape (N,), got {y.shape}")
+    return y.astype(np.int64).reshape(-1)
+
+
 def _open_npz(p: Path) -> tuple[SourceInfo, object]:
     try:
         with np.load(p, allow_pickle=False) as z:
             if "x" not in z:
                 raise DataError(f"{p}: an .npz data file needs an array 'x' (found: {', '.join(z.files)})")
             x = _normalize_array_images(z["x"], p)
-            y = z["y"].astype(np.int64).reshape(-1) if "y" in z else None
+            y = _labels(z["y"], p) if "y" in z else None
     except DataError:
         raise
     except Exception as exc:

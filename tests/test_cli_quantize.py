@@ -245,6 +245,15 @@ def test_exclude_keeps_first_conv_float_in_tensorrt_file(first_run, calib_npz, t
     assert json.loads(pre.stdout)["errors"] == []
 
 
+def test_an_int8_file_is_not_quantized_again(first_run, calib_npz, tmp_path):
+    _, out = first_run
+    for name in ("r20.int8.ort.onnx", "r20.int8.trt.onnx"):
+        res = runner.invoke(app, ["quantize", str(out / name), "--calib-data", str(calib_npz), "-o",
+                                  str(tmp_path / "o"), *FAST])
+        assert res.exit_code == 1 and "is already quantized" in res.stderr and "FP32 model" in res.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_exclude_pattern_that_matches_nothing_is_refused(first_run, calib_npz, tmp_path):
     _, out = first_run
     res = runner.invoke(app, ["quantize", str(out / "r20.fp32.onnx"), "--calib-data", str(calib_npz),

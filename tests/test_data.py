@@ -367,3 +367,19 @@ def test_sixteen_bit_grey_png_is_scaled_not_clipped(tmp_path, images):
         assert im.mode.startswith("I")
     pre = get_preset("fashion-mnist")
     torch.testing.assert_close(open_dataset(wide, pre)[0][0], open_dataset(narrow, pre)[0][0], rtol=0, atol=0)
+
+
+def test_npz_one_hot_labels_and_idx_split_names(tmp_path, eval_npz):
+    z = np.load(eval_npz)
+    x, y = z["x"][:50], z["y"][:50]
+    np.savez(tmp_path / "hot.npz", x=x, y=np.eye(10, dtype=np.float32)[y])
+    pre = get_preset("fashion-mnist")
+    hot = open_dataset(tmp_path / "hot.npz", pre)
+    assert [hot[i][1] for i in range(50)] == y.tolist()
+    np.savez(tmp_path / "soft.npz", x=x, y=np.full((50, 10), 0.1, np.float32))
+    with pytest.raises(DataError, match="neither class indices"):
+        open_dataset(tmp_path / "soft.npz", pre)
+    if not (DEBIAN_FASHION_MNIST / "t10k-images-idx3-ubyte.gz").exists():
+        return
+    with pytest.raises(DataError, match="has no IDX split 'val'; it has train, test"):
+        describe_source(f"{DEBIAN_FASHION_MNIST}@val")

@@ -314,6 +314,10 @@ def test_cli_export_errors(model_files, tmp_path):
     res = runner.invoke(app, ["export", str(ckpt), "-o", str(tmp_path / "x.onnx"), "--channels", "3"])
     assert res.exit_code == 1 and "--channels 1" in res.stderr
     assert not (tmp_path / "x.onnx").exists()
+    # evaluate/benchmark/gate tell ONNX files by their name: an ONNX file called .safetensors would be refused
+    res = runner.invoke(app, ["export", str(ckpt), "-o", str(tmp_path / "x.safetensors")])
+    assert res.exit_code == 2 and "name the output *.onnx" in res.stderr
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_cli_fold_writes_a_reloadable_folded_checkpoint(model_files, tmp_path):

@@ -246,6 +246,10 @@ def load_fp32(
             proto = onnx.load(str(p))
         except Exception as exc:
             raise RescompressError(f"cannot read ONNX model {p}: {exc}") from exc
+        quantized = [n.op_type for n in proto.graph.node if n.op_type in QUANTIZED_OPS]
+        if quantized:
+            raise RescompressError(f"{p} is already quantized ({len(quantized)} {', '.join(sorted(set(quantized)))} "
+                                   "nodes); quantize takes the FP32 model")
         proto, changes = _normalized_onnx(proto, p, pre)
         if not changes:
             return Fp32Model(p, proto, pre, info.num_classes, info.arch, stem, exported=False)
@@ -277,6 +281,8 @@ def load_fp32(
     return Fp32Model(fp32_path, onnx.load(str(fp32_path)), pre, loaded.num_classes, loaded.arch, stem, exported=True)
 
 
+QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+                 "ConvInteger", "MatMulInteger", "QLinearAdd", "QGemm")
 MIN_QDQ_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear
 
 
