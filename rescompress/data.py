@@ -363,9 +363,11 @@ def open_dataset(path: Path | str, preprocess: Preprocess, split: str = "test") 
 def check_compatible(
     info: SourceInfo, num_classes: int, require_labels: bool = False, purpose: str = "this command"
 ) -> None:
-    """Refuse data whose labels cannot belong to a model with ``num_classes`` outputs."""
+    """Refuse data whose labels cannot belong to a model with ``num_classes`` outputs (a single output is a
+    binary classifier: labels 0 and 1)."""
     if require_labels and not info.labeled:
         raise DataError(f"{purpose} needs labeled data, but {info.path} ({info.kind}) has no labels")
+    num_classes = max(num_classes, 2)
     if info.labeled and info.num_classes is not None and info.num_classes > num_classes:
         raise DataError(
             f"the data at {info.path} has {info.num_classes} classes but the model outputs {num_classes}"

@@ -350,7 +350,11 @@ def _compare(
     max_abs = float(diff.max()) if diff.numel() else 0.0
     scale = float(ref.abs().max()) if ref.numel() else 0.0
     max_rel = max_abs / scale if scale > 0 else max_abs
-    if ref.dim() >= 2:
+    if ref.dim() == 2:
+        from rescompress.measure.agreement import predicted_class
+
+        agreement = float((predicted_class(ref.numpy()) == predicted_class(out.numpy())).mean() * 100.0)
+    elif ref.dim() > 2:
         agreement = float((ref.argmax(dim=-1) == out.argmax(dim=-1)).double().mean() * 100.0)
     else:
         agreement = 100.0

@@ -11,7 +11,7 @@ import torch
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
-from rescompress.checkpoint import CheckpointHeader, save_checkpoint
+from rescompress.checkpoint import CheckpointHeader, load_checkpoint, save_checkpoint
 from rescompress.cli.app import app
 from rescompress.models import build_model
 from rescompress.profile import count_macs
@@ -243,6 +243,31 @@ def test_exclude_keeps_first_conv_float_in_tensorrt_file(first_run, calib_npz, t
     pre = runner.invoke(app, ["build-engine", str(tmp_path / "r20.int8.trt.onnx"), "--check-only", "--json"])
     assert pre.exit_code == 0, pre.output
     assert json.loads(pre.stdout)["errors"] == []
+
+
+def test_binary_one_logit_model_with_its_two_class_data(calib_npz, tmp_path):
+    """A sigmoid classifier (one output) calibrates and evaluates on its labeled 0/1 data; accuracy is
+    computed from the logit's sign (it used to be refused: '2 classes but the model outputs 1')."""
+    z = np.load(calib_npz)
+    np.savez(tmp_path / "bin.npz", x=z["x"][:96], y=(z["y"][:96] >= 5).astype(np.int64))
+    torch.manual_seed(0)
+    path = save_checkpoint(build_model("resnet20", 1, 1).eval(), tmp_path / "bin.safetensors",
+                           CheckpointHeader("resnet20", 1, 1, get_preset("fashion-mnist")))
+    res = runner.invoke(app, ["quantize", str(path), "--calib-data", str(tmp_path / "bin.npz"), "--eval-data",
+                              str(tmp_path / "bin.npz"), "--num-images", "64", "--method", "max", "-o",
+                              str(tmp_path / "o"), "--json", *FAST])
+    assert res.exit_code == 0, res.output
+    f = json.loads(res.stdout)["fidelity"]["onnxruntime"]
+    assert f["top5"] is None and f["n"] == 96
+    with torch.no_grad():  # the sign of the logit, computed here from the torch model
+        from rescompress.data import open_dataset
+
+        ds = open_dataset(tmp_path / "bin.npz", get_preset("fashion-mnist"))
+        x = torch.stack([ds[i][0] for i in range(96)])
+        model, _ = load_checkpoint(path)
+        expected = 100 * float(((model(x)[:, 0] > 0).long() == torch.tensor([ds[i][1] for i in range(96)]))
+                               .double().mean())
+    assert abs(f["fp32_top1"] - expected) <= 100 / 96 + 1e-9
 
 
 def test_an_int8_file_is_not_quantized_again(first_run, calib_npz, tmp_path):

@@ -359,3 +359,19 @@ def test_gate_metrics_round_trip_and_bad_files(tmp_path):
     with pytest.raises(RescompressError, match="does not exist"):
         GateMetrics.load(tmp_path / "nope.json")
     assert isinstance(GateCheck("x", True, 0.0, 1.0, "<=", "").message, str)
+
+
+def test_one_output_is_a_binary_classifier():
+    """A single logit z is class 1 where z > 0: agreement, accuracy and KL follow the sign, not argmax
+    (which is always 0 for one column, so two unrelated models used to agree 100%)."""
+    from rescompress.measure.agreement import predicted_class
+
+    b = np.array([[2.0], [-1.0], [0.5], [-3.0]])
+    c = np.array([[1.5], [1.0], [-0.5], [-2.0]])
+    assert predicted_class(b).tolist() == [1, 0, 1, 0]
+    agr = compare_logits(b, c)
+    assert agr.top1_agreement == 50.0 and agr.mean_kl > 0.0
+    assert topk_correct(b, np.array([1, 0, 0, 0]), 1) == 3
+    acc = AccuracyCounter()
+    acc.update(c, np.array([1, 1, 0, 0]))
+    assert acc.result().top1 == 100.0 and acc.result().top5 is None

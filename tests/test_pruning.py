@@ -303,6 +303,29 @@ def test_distillation_loss():
     assert distillation_loss(torch.randn(8, 10), t, 4.0).item() > 0.01
 
 
+def test_one_output_classifier_trains_and_scores_with_binary_losses(calib_npz, tmp_path):
+    """A single logit z is a sigmoid classifier: cross entropy on [0, z] is the binary cross entropy, so the
+    Taylor scores and fine-tuning get gradients (cross entropy over one column is 0 everywhere)."""
+    from rescompress.pruning.finetune import as_two_class
+
+    z = torch.tensor([[2.0], [-1.0]])
+    y = torch.tensor([1, 1])
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(z[:, 0], y.float())
+    assert torch.nn.functional.cross_entropy(as_two_class(z), y).item() == pytest.approx(bce.item(), rel=1e-6)
+    assert as_two_class(z).argmax(1).tolist() == [1, 0]
+    assert distillation_loss(as_two_class(z), as_two_class(-z), 1.0).item() > 0.1
+    z = np.load(calib_npz)
+    np.savez(tmp_path / "bin.npz", x=z["x"][:64], y=(z["y"][:64] >= 5).astype(np.int64))  # 2 classes
+    data = open_dataset(tmp_path / "bin.npz", TINY)
+    torch.manual_seed(0)
+    model = build_model("resnet20", 1, 1).eval()
+    taylor = make_importance("taylor")
+    taylor.accumulate(model, make_loader(data, batch_size=32))
+    assert float(model.conv1.weight.grad.abs().sum()) > 0.0
+    report = finetune(model, make_loader(data, batch_size=16, shuffle=True), FinetuneConfig(epochs=2, lr=0.05))
+    assert report.first_loss > 0.1 and report.last_loss < report.first_loss
+
+
 def test_finetune_with_distillation_lowers_loss(calib_npz):
     torch.manual_seed(0)
     teacher = build_model("resnet20", 10, 1).eval()

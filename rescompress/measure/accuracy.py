@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from rescompress.errors import DataError, RescompressError
-from rescompress.measure.agreement import Agreement, AgreementCounter
+from rescompress.measure.agreement import Agreement, AgreementCounter, predicted_class
 
 TOLERANCE = 1e-9  # points / percent: float rounding, never a real difference in accuracy
 
@@ -39,9 +39,9 @@ class AccuracyResult:
 
 
 def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> int:
-    """How many rows have their label among the ``k`` largest logits (k=1 uses argmax, ties -> lowest)."""
+    """How many rows have their label among the ``k`` largest logits (k=1: :func:`predicted_class`)."""
     if k == 1:
-        return int((logits.argmax(axis=1) == labels).sum())
+        return int((predicted_class(logits) == labels).sum())
     top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
     return int((top == labels[:, None]).any(axis=1).sum())
 
@@ -59,7 +59,7 @@ class AccuracyCounter:
         labels = np.asarray(labels, dtype=np.int64)
         if (labels < 0).any():
             raise DataError("accuracy needs labeled data, but this batch has unlabeled images")
-        classes = logits.shape[1]
+        classes = max(logits.shape[1], 2)  # one output: a binary classifier, labels 0 and 1
         if (labels >= classes).any():
             raise DataError(f"a label ({int(labels.max())}) is out of range for a model with {classes} classes")
         self.classes = classes
@@ -176,7 +176,7 @@ def evaluate_runners(
             if labeled:
                 acc[k].update(outs[k], y)
             if keep_predictions:
-                preds[k].append(outs[k].argmax(axis=1).astype(np.int64))
+                preds[k].append(predicted_class(outs[k]))
         for k in names[1:]:
             agr[k].update(base, outs[k])
     if n == 0:

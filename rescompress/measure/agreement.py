@@ -5,7 +5,9 @@ evaluation set never keeps the logits; :func:`compare_logits` is the one-shot fo
 
 Definitions (baseline ``b``, candidate ``c``, both ``(N, classes)``):
 
-* ``top1_agreement``: percent of rows where ``argmax b == argmax c`` (first index on ties, as numpy).
+* ``top1_agreement``: percent of rows where ``argmax b == argmax c`` (first index on ties, as numpy). A
+  model with a single output is a binary (sigmoid) classifier: its class is ``logit > 0``
+  (:func:`predicted_class`), and ``mean_kl`` compares the two Bernoulli distributions.
 * ``max_abs_diff`` / ``mean_abs_diff``: max and mean of ``|b - c|`` over every element.
 * ``mean_kl``: mean over rows of KL(softmax(b) || softmax(c)), in nats.
 * ``sqnr_db``: ``10 * log10(sum b^2 / sum (b - c)^2)``. Identical logits have an infinite SQNR; it is
@@ -60,10 +62,22 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
+def predicted_class(logits: np.ndarray) -> np.ndarray:
+    """Each row's class: the argmax (ties -> lowest index); with one output (a binary classifier with a
+    sigmoid), 1 where the logit is positive, else 0."""
+    logits = np.asarray(logits)
+    if logits.shape[1] == 1:
+        return (logits[:, 0] > 0).astype(np.int64)
+    return logits.argmax(axis=1).astype(np.int64)
+
+
 def kl_per_row(baseline: np.ndarray, candidate: np.ndarray) -> np.ndarray:
-    """KL(softmax(b) || softmax(c)) for each row, float64, clipped at 0 against rounding."""
-    lb = _log_softmax(np.asarray(baseline, dtype=np.float64))
-    lc = _log_softmax(np.asarray(candidate, dtype=np.float64))
+    """KL(softmax(b) || softmax(c)) for each row (Bernoulli sigmoid KL for one output), float64, >= 0."""
+    b = np.asarray(baseline, dtype=np.float64)
+    c = np.asarray(candidate, dtype=np.float64)
+    if b.shape[1] == 1:  # [z, 0] softmaxes to [sigmoid(z), 1 - sigmoid(z)]
+        b, c = np.concatenate([b, np.zeros_like(b)], axis=1), np.concatenate([c, np.zeros_like(c)], axis=1)
+    lb, lc = _log_softmax(b), _log_softmax(c)
     return np.maximum((np.exp(lb) * (lb - lc)).sum(axis=1), 0.0)
 
 
@@ -92,7 +106,7 @@ class AgreementCounter:
             raise RescompressError("logits contain NaN or Inf; the model output is broken")
         d = b - c
         self.n += b.shape[0]
-        self.agree += int((b.argmax(axis=1) == c.argmax(axis=1)).sum())
+        self.agree += int((predicted_class(b) == predicted_class(c)).sum())
         self.elements += d.size
         if d.size:
             self.max_abs = max(self.max_abs, float(np.abs(d).max()))

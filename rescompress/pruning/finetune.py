@@ -139,6 +139,13 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int | None =
     return out.permute(0, 3, 1, 2).contiguous()
 
 
+def as_two_class(logits: torch.Tensor) -> torch.Tensor:
+    """A one-output (sigmoid) classifier's logit ``z`` as the two logits ``[0, z]``: softmax gives
+    ``[1 - sigmoid(z), sigmoid(z)]``, so cross entropy is the binary cross entropy, distillation the
+    Bernoulli KL, and argmax is ``z > 0``. Other logits are returned as they are."""
+    return torch.cat([torch.zeros_like(logits), logits], dim=1) if logits.shape[1] == 1 else logits
+
+
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(teacher || student) on temperature-softened logits, times T^2 so gradients keep their scale."""
     t = temperature
@@ -190,11 +197,11 @@ def finetune(
             raise RescompressError("fine-tuning needs labels for every image")
         if config.augment:
             x = augment_batch(x, gen)
-        logits = model(x)
+        logits = as_two_class(model(x))
         loss = nn.functional.cross_entropy(logits, y)
         if use_teacher:
             with torch.no_grad():
-                t_logits = teacher(x)
+                t_logits = as_two_class(teacher(x))
             loss = (1 - config.alpha) * loss + config.alpha * distillation_loss(logits, t_logits, config.temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from rescompress.errors import RescompressError, UsageError
+from rescompress.pruning.finetune import as_two_class
 from rescompress.pruning.groups import ChannelGroup
 
 CRITERIA: tuple[str, ...] = ("l1", "l2", "bn", "taylor", "random")
@@ -125,7 +126,7 @@ class TaylorImportance:
         with torch.enable_grad():
             for x, y in batches:
                 x, y = x.to(device), y.to(device)
-                logits = model(x)
+                logits = as_two_class(model(x))
                 target = torch.where(y >= 0, y, logits.argmax(1))
                 nn.functional.cross_entropy(logits, target, reduction="sum").backward()
                 seen += len(x)

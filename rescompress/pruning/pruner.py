@@ -25,6 +25,7 @@ from rescompress.pruning.finetune import (
     FinetuneConfig,
     FinetuneReport,
     ProgressFn,
+    as_two_class,
     finetune,
     no_progress,
     pick_device,
@@ -240,7 +241,7 @@ def top1_accuracy(model: nn.Module, data: Dataset, batch_size: int = 256, limit:
     for x, y in make_loader(data, batch_size=batch_size, limit=limit):
         if bool((y < 0).any()):
             raise RescompressError("accuracy needs labeled evaluation data")
-        correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
+        correct += int((as_two_class(model(x.to(device))).argmax(1).cpu() == y).sum())
         total += len(y)
     return correct / max(1, total)
 

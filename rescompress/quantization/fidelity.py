@@ -12,6 +12,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from rescompress.measure.accuracy import topk_correct
+from rescompress.measure.agreement import predicted_class
+
 
 def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
     """10·log10(‖ref‖² / ‖ref − cand‖²) in dB (``inf`` when identical)."""
@@ -26,10 +29,8 @@ def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
 
 
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Percent of rows whose label is among the ``k`` largest logits."""
-    k = min(k, logits.shape[1])
-    top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
-    return float(np.mean(np.any(top == labels[:, None], axis=1)) * 100.0)
+    """Percent of rows whose label is among the ``k`` largest logits (k=1: ``predicted_class``)."""
+    return topk_correct(logits, labels, min(k, logits.shape[1])) * 100.0 / len(logits)
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class Fidelity:
 
 
 def compare(fp32: np.ndarray, cand: np.ndarray, labels: np.ndarray | None = None) -> Fidelity:
-    agreement = float(np.mean(fp32.argmax(1) == cand.argmax(1)) * 100.0) if len(fp32) else 0.0
+    agreement = float(np.mean(predicted_class(fp32) == predicted_class(cand)) * 100.0) if len(fp32) else 0.0
     kw = {}
     if labels is not None and len(labels) and np.all(labels >= 0):
         kw = {"top1": topk_accuracy(cand, labels, 1), "fp32_top1": topk_accuracy(fp32, labels, 1)}
