@@ -12,9 +12,12 @@ file: from that metadata when the file was made here, else from the graph's shap
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
+import os
+import sys
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -345,11 +348,29 @@ def compare_to_reference(
     )
 
 
+@contextlib.contextmanager
+def _quiet_stdout():
+    """Keep torch's C++ exporter off file descriptor 1: when an export fails it prints its whole IR graph
+    there, which would break ``--json`` output and bury the one-line error. With RESCOMPRESS_DEBUG=1 the
+    graph goes to stderr instead."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    sink = os.open(os.devnull, os.O_WRONLY) if not os.environ.get("RESCOMPRESS_DEBUG") else os.dup(2)
+    try:
+        os.dup2(sink, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(sink)
+
+
 def _trace_to_onnx(model: nn.Module, probe: torch.Tensor, opset: int):
     import onnx
 
     buf = io.BytesIO()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_stdout():
         for pattern in _KNOWN_EXPORT_WARNINGS:
             warnings.filterwarnings("ignore", message=pattern, category=DeprecationWarning)
         try:

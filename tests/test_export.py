@@ -364,3 +364,25 @@ def test_unwritable_outputs_get_one_line_errors(tmp_path):
     assert (tmp_path / "a_file").read_text() == "keep"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "a_folder", "m.safetensors"]
     assert not any((tmp_path / "a_folder").iterdir())
+
+
+def test_failed_export_keeps_stdout_clean(tmp_path):
+    """torch's C++ exporter prints its IR graph on fd 1 when it fails; --json output must stay parseable
+    (empty here) and stderr must end with the one-line error."""
+    import os
+    import subprocess
+    import sys
+
+    from torchvision.models import resnet18
+
+    model = resnet18(num_classes=10).eval()
+    model.avgpool = nn.AdaptiveAvgPool2d((2, 2))  # 7x7 -> 2x2 is not exportable at 224
+    model.fc = nn.Linear(2048, 10)
+    torch.save(model, tmp_path / "pool2.pt")
+    proc = subprocess.run([sys.executable, "-m", "rescompress", "export", str(tmp_path / "pool2.pt"), "-o",
+                           str(tmp_path / "p.onnx"), "--json"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert proc.stderr.strip().splitlines()[-1].startswith("Error: torch.onnx.export failed")
+    assert "Torch IR graph" not in proc.stderr and not (tmp_path / "p.onnx").exists()
