@@ -189,8 +189,9 @@ def count_batchnorm(model: nn.Module) -> int:
 def _refuse_unfoldable(model: nn.Module) -> None:
     if isinstance(model, torch.jit.ScriptModule):
         raise FoldError(
-            "cannot fold a TorchScript model: torch.fx cannot trace it; load the weights into the "
-            "eager model (state_dict or checkpoint) instead"
+            "cannot fold a TorchScript model: torch.fx cannot trace it; `rescompress quantize` takes it as it "
+            "is (it folds in the exported graph), `export --no-fold` exports it, or save the eager model's "
+            "state_dict"
         )
     training = [name or "<model>" for name, m in model.named_modules() if m.training]
     if training:

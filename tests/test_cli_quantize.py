@@ -270,6 +270,27 @@ def test_binary_one_logit_model_with_its_two_class_data(calib_npz, tmp_path):
     assert abs(f["fp32_top1"] - expected) <= 100 / 96 + 1e-9
 
 
+def test_torchscript_that_stays_torchscript_is_quantized(calib_npz, tmp_path):
+    """A TorchScript archive that cannot be rebuilt as an eager ResNet (here BatchNorm eps 1e-3) stays
+    TorchScript, which torch.fx cannot fold: quantize exports it and folds BatchNorm in the ONNX graph."""
+    from functools import partial
+
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    model = resnet18(num_classes=10, norm_layer=partial(torch.nn.BatchNorm2d, eps=1e-3)).eval()
+    path = tmp_path / "r18.ts.pt"
+    torch.jit.save(torch.jit.trace(model, torch.zeros(1, 3, 32, 32)), str(path))
+    res = runner.invoke(app, ["quantize", str(path), "--calib-data", str(calib_npz), "--channels", "3",
+                              "--input-size", "32", "--num-images", "32", "--method", "max", "-o",
+                              str(tmp_path / "o"), "--json", *FAST])
+    assert res.exit_code == 0, res.output
+    fp32 = onnx.load(str(tmp_path / "o" / "r18.ts.fp32.onnx"))
+    assert not any(n.op_type == "BatchNormalization" for n in fp32.graph.node)
+    f = json.loads(res.stdout)["fidelity"]["onnxruntime"]
+    assert f["sqnr_db"] > 15.0 and f["n"] > 0
+
+
 def test_an_int8_file_is_not_quantized_again(first_run, calib_npz, tmp_path):
     _, out = first_run
     for name in ("r20.int8.ort.onnx", "r20.int8.trt.onnx"):

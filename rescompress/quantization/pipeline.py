@@ -230,6 +230,8 @@ def load_fp32(
 
     ``preprocess`` replaces the model's own preprocessing, or (a callable) maps it to the one to use.
     """
+    import torch
+
     from rescompress.export import export_onnx, read_onnx_info
     from rescompress.loading import is_onnx_path, load_model
 
@@ -272,9 +274,17 @@ def load_fp32(
         )
     if notify:
         notify(f"loaded {loaded.arch} ({loaded.num_classes} classes, input {pre.input_shape(1)[1:]})")
-    folded = fold_batchnorm(loaded.module, input_shape=pre.input_shape(8))
     fp32_path = outdir / f"{stem}.fp32.onnx"
     ensure_not_input(fp32_path, [p])
+    if isinstance(loaded.module, torch.jit.ScriptModule):
+        # torch.fx cannot trace TorchScript, so BatchNorm is folded in the exported graph instead (where the
+        # exporter has not folded it already); checked in ORT against the unfolded export.
+        export_onnx(loaded.module, pre, fp32_path, arch=loaded.arch, num_classes=loaded.num_classes, source=p)
+        proto, changes = _normalized_onnx(onnx.load(str(fp32_path)), fp32_path, pre)
+        if changes:
+            save_model(proto, fp32_path)
+        return Fp32Model(fp32_path, proto, pre, loaded.num_classes, loaded.arch, stem, exported=True)
+    folded = fold_batchnorm(loaded.module, input_shape=pre.input_shape(8))
     export_onnx(
         folded.model, pre, fp32_path, arch=loaded.arch, num_classes=loaded.num_classes, source=p, folded=True,
     )
