@@ -762,3 +762,37 @@ def test_check_only_reads_a_file_with_external_data_from_another_folder(qdq_onnx
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["ok"] is True and data["qdq"]["QuantizeLinear"] == 2
+
+
+def test_preflight_catches_what_the_device_build_would_hit(qdq_onnx, fp32_onnx, tmp_path):
+    """Missing external weights, int32 biases (third-party Q/DQ), an output over an input, an FP16 file."""
+    m = onnx.load(str(fp32_onnx))
+    onnx.save(m, str(tmp_path / "ext.onnx"), save_as_external_data=True, location="ext.bin", size_threshold=0)
+    (tmp_path / "ext.bin").unlink()
+    with pytest.raises(EnginePreflightError, match="keeps its weights in ext.bin, which is not beside it"):
+        preflight(EngineBuildConfig(tmp_path / "ext.onnx", precision="fp32"))
+    # onnxruntime's quantize_static quantizes biases to int32 by default: one error naming the cause
+    q = onnx.load(str(qdq_onnx))
+    q.graph.initializer.extend([numpy_helper.from_array(np.zeros(FEATURES, np.int32), "conv.b.q"),
+                                numpy_helper.from_array(np.full(FEATURES, 1e-4, np.float32), "conv.b.s"),
+                                numpy_helper.from_array(np.zeros(FEATURES, np.int32), "conv.b.zp")])
+    conv = next(n for n in q.graph.node if n.op_type == "Conv")
+    q.graph.node.insert(0, helper.make_node("DequantizeLinear", ["conv.b.q", "conv.b.s", "conv.b.zp"],
+                                            ["conv.b.dq"], axis=0))
+    conv.input[2] = "conv.b.dq"
+    onnx.save(q, str(tmp_path / "bias32.onnx"))
+    report = preflight(EngineBuildConfig(tmp_path / "bias32.onnx", precision="int8"))
+    assert not report.ok and any("QuantizeBias" in e for e in report.errors)
+    assert not any("zero point is int32" in e for e in report.errors)  # not once per node
+    same = preflight(EngineBuildConfig(fp32_onnx, precision="fp32", output=fp32_onnx))
+    assert not same.ok and any("same file as input" in e for e in same.errors)
+    unused = preflight(EngineBuildConfig(fp32_onnx, precision="fp32", calib_cache=tmp_path / "c.cache"))
+    assert any("--calib-cache is only read by" in w for w in unused.warnings)
+    half = onnx.load(str(fp32_onnx))
+    for i, t in enumerate(half.graph.initializer):
+        half.graph.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16),
+                                                                   t.name))
+    for v in (*half.graph.input, *half.graph.output):
+        v.type.tensor_type.elem_type = TensorProto.FLOAT16
+    onnx.save(half, str(tmp_path / "half.onnx"))
+    assert preflight(EngineBuildConfig(tmp_path / "half.onnx")).precision == "fp16"

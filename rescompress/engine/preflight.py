@@ -278,6 +278,11 @@ def inspect_onnx(path: Path | str) -> OnnxFacts:
     except Exception as exc:  # onnx raises DecodeError / ValueError variants for a non-ONNX file
         raise EnginePreflightError(f"{p} is not a readable ONNX model ({type(exc).__name__}: {exc})") from None
     graph = model.graph
+    missing = sorted({loc for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                      for e in t.external_data if e.key == "location" and not (p.parent / (loc := e.value)).exists()})
+    if missing:
+        raise EnginePreflightError(f"{p} keeps its weights in {', '.join(missing)}, which is not beside it; copy "
+                                   "the data file(s) with the model")
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
     init_names = {i.name for i in graph.initializer}
     inputs = tuple((vi.name, _dims(vi)) for vi in graph.input if vi.name not in init_names)
@@ -522,7 +527,21 @@ def preflight(config: EngineBuildConfig, tensorrt_version: str | None = None) ->
 
     precision = config.precision
     if precision == "auto":
-        precision = "int8" if qdq.total else "fp32"
+        precision = "int8" if qdq.total else ("fp16" if facts.has_float16 else "fp32")
+
+    # --- outputs: refused here as the build would refuse them, but before the slow build
+    from rescompress.fileio import check_writable, ensure_not_input
+
+    for check in (lambda: ensure_not_input(config.engine_path, [config.onnx_path, config.timing_cache,
+                                                                config.calib_cache]),
+                  lambda: check_writable(config.engine_path),
+                  lambda: config.timing_cache is not None and check_writable(config.timing_cache)):
+        try:
+            check()
+        except RescompressError as exc:
+            errors.append(str(exc))
+    if config.calib_cache is not None and precision != "int8-implicit":
+        warnings.append(f"--calib-cache is only read by --precision int8-implicit; a {precision} build ignores it")
 
     # --- graph shape: one 4-D image input, one output
     if len(facts.inputs) != 1:
@@ -568,8 +587,9 @@ def preflight(config: EngineBuildConfig, tensorrt_version: str | None = None) ->
                 errors.extend(f"TensorRT Q/DQ placement: {v}" for v in violations)
                 if notes:
                     shown = "; ".join(notes[:3]) + (f"; and {len(notes) - 3} more" if len(notes) > 3 else "")
-                    warnings.append(f"{len(notes)} layer(s) will build in higher precision or without the "
-                                    f"Conv+Add fusion: {shown}")
+                    warnings.append(f"{len(notes)} layer(s) are not placed as TensorRT's Q/DQ guidance recommends "
+                                    f"(they build, but in higher precision, with per-tensor weight scales or "
+                                    f"without the Conv+Add fusion): {shown}")
             else:
                 qdq_status = "skipped (fix the Q/DQ nodes first)"
     elif qdq.total:
@@ -619,6 +639,12 @@ def preflight(config: EngineBuildConfig, tensorrt_version: str | None = None) ->
 
 def _check_qdq_form(qdq: QdqFacts, errors: list[str], warnings: list[str]) -> None:
     """TensorRT's explicit quantization: signed int8, zero point 0, constant positive scales."""
+    if "int32" in qdq.zero_point_types:
+        errors.append(
+            "biases are quantized to int32 (DequantizeLinear with int32 zero points), which TensorRT's ONNX parser "
+            "does not import; re-quantize with the biases in float (onnxruntime's quantize_static: "
+            "extra_options={'QuantizeBias': False}) or use rescompress quantize's *.int8.trt.onnx"
+        )
     unsigned = [t for t in qdq.zero_point_types if t.startswith("uint")]
     if unsigned:
         errors.append(
