@@ -639,17 +639,17 @@ def preflight(config: EngineBuildConfig, tensorrt_version: str | None = None) ->
 
 def _check_qdq_form(qdq: QdqFacts, errors: list[str], warnings: list[str]) -> None:
     """TensorRT's explicit quantization: signed int8, zero point 0, constant positive scales."""
-    if "int32" in qdq.zero_point_types:
-        errors.append(
-            "biases are quantized to int32 (DequantizeLinear with int32 zero points), which TensorRT's ONNX parser "
-            "does not import; re-quantize with the biases in float (onnxruntime's quantize_static: "
-            "extra_options={'QuantizeBias': False}) or use rescompress quantize's *.int8.trt.onnx"
-        )
     unsigned = [t for t in qdq.zero_point_types if t.startswith("uint")]
     if unsigned:
         errors.append(
             f"Q/DQ zero points are {', '.join(unsigned)}: TensorRT needs symmetric signed int8 (this looks like "
             f"the ONNX Runtime artifact); build the *.int8.trt.onnx file"
+        )
+    if "int32" in qdq.zero_point_types and not unsigned:  # an ORT artifact has both; the above says it
+        errors.append(
+            "biases are quantized to int32 (DequantizeLinear with int32 zero points), which TensorRT's ONNX parser "
+            "does not import; re-quantize with the biases in float (onnxruntime's quantize_static: "
+            "extra_options={'QuantizeBias': False}) or use rescompress quantize's *.int8.trt.onnx"
         )
     if qdq.nonzero_zero_points:
         errors.append(f"{qdq.nonzero_zero_points} Q/DQ nodes have a non-zero zero point; TensorRT needs 0")
