@@ -177,3 +177,17 @@ def test_doctor_human_and_json():
     flags = {"AVX2": "avx2", "AVX-512": "avx512f", "AVX-512 VNNI": "avx512_vnni", "AVX-VNNI": "avx_vnni",
              "AMX-INT8": "amx_int8"}
     assert {k for k, f in flags.items() if d["cpu"][f]} == set(d["int8_cpu_paths"])
+
+
+def test_cli_starts_without_importing_torch():
+    """`rescompress --help` / `--version` must not pay torch's multi-second import (and a Ctrl-C during
+    that import gave a traceback): command modules import the heavy libraries inside their functions."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import sys, rescompress.cli.app; print(sorted({'torch', 'torchvision', 'onnxruntime'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

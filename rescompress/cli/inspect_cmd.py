@@ -25,7 +25,6 @@ from rescompress.cli.common import (
     parse_size,
 )
 from rescompress.errors import UsageError
-from rescompress.models import Stem
 
 
 def register(app: typer.Typer) -> None:
@@ -104,6 +103,8 @@ def _render_torch(console: Console, d: dict[str, Any]) -> None:
             f"width/group {spec['width_per_group']}"
         )
         stem = spec.get("stem")
+        from rescompress.models import Stem  # torch loads with it: not at import, so --help stays fast
+
         if spec["family"] == "torchvision" and stem and not Stem.from_dict(stem).standard:
             rows["structure"] += f"; {Stem.from_dict(stem).describe()}"
     for i, note in enumerate(d.get("notes") or []):
