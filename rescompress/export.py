@@ -472,8 +472,10 @@ def _set_metadata(proto, metadata: dict[str, str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def read_onnx_info(path: Path | str) -> OnnxInfo:
-    """Input/output contract and preprocessing of a classifier ONNX file (see the module docstring)."""
+def read_onnx_info(path: Path | str, runnable: bool = True) -> OnnxInfo:
+    """Input/output contract and preprocessing of a classifier ONNX file (see the module docstring).
+
+    ``runnable`` refuses an input this project cannot feed (not float32); ``inspect`` reads any."""
     import onnx
 
     path = Path(path)
@@ -508,7 +510,7 @@ def read_onnx_info(path: Path | str) -> OnnxInfo:
         )
 
     elem = inp.type.tensor_type.elem_type
-    if elem != onnx.TensorProto.FLOAT:
+    if elem != onnx.TensorProto.FLOAT and runnable:
         kind = onnx.helper.tensor_dtype_to_np_dtype(elem).name if elem else "untyped"
         raise RescompressError(
             f"{path} takes {kind} input {inp.name!r}; rescompress feeds normalized float32 images: export the "

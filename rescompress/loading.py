@@ -1039,7 +1039,7 @@ def onnx_summary(path: Path | str, input_size: int | tuple[int, int] | None = No
 
     p = Path(path)
     _check_file(p)
-    info = read_onnx_info(p)
+    info = read_onnx_info(p, runnable=False)
     try:
         proto = onnx.load(str(p), load_external_data=False)
     except Exception as exc:

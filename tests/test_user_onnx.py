@@ -251,4 +251,7 @@ def test_integer_input_refused_with_what_to_export(tmp_path):
         r = CliRunner().invoke(app, args)
         assert r.exit_code == 1, r.output
         assert "takes uint8 input 'pixels'" in r.output and "float32 input" in r.output
+    r = CliRunner().invoke(app, ["inspect", str(path), "--json"])  # inspect only reads the graph: it shows it
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["num_classes"] == 10
     assert sorted(p.name for p in tmp_path.iterdir()) == ["u8.onnx"]
