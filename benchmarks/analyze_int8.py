@@ -1,6 +1,6 @@
 """Where INT8 time and INT8 error go: the evidence behind the speed and agreement figures.
 
-Two parts (``--part``), each writing ``benchmarks/results/analyze_int8_<part>.json``:
+Three parts (``--part``), each writing ``benchmarks/results/analyze_int8_<part>.json``:
 
 * ``time`` — torchvision resnet50 at 224x224 (random init, BN statistics re-estimated, as in
   ``bench_quantize.py --part resnet50``): our ORT INT8 file and the FP32 file run under ONNX Runtime's
@@ -12,9 +12,13 @@ Two parts (``--part``), each writing ``benchmarks/results/analyze_int8_<part>.js
   split into its weight part (activation Q/DQ pairs bypassed) and its activation part (FP32 weights
   restored), the FP32 top-1/top-2 margins of the images whose top-1 changes, and, on ``--noise-images``
   images, each activation Q/DQ pair's share of the logit noise when it alone is active.
+* ``head`` — the same checkpoint quantized by ``quantize_model`` with the CLI's defaults, then with the
+  classifier (``--exclude '/fc/*'``) and then the pooling too (``'/avgpool/*'``) kept in float, which costs
+  no measurable time (a few thousand MACs of millions): logit SQNR, agreement and drop on the full test split.
 
     python benchmarks/analyze_int8.py --part time
     python benchmarks/analyze_int8.py --part error --model benchmarks/cache/resnet18_fashion_mnist_64.safetensors
+    python benchmarks/analyze_int8.py --part head --model benchmarks/cache/resnet18_fashion_mnist_64.safetensors
 """
 
 from __future__ import annotations
@@ -221,18 +225,34 @@ def part_error(args) -> dict:
     }
 
 
+def part_head(args) -> dict:
+    from rescompress.quantization.pipeline import QuantizeConfig, quantize_model
+
+    rows = {}
+    for label, exclude in (("default", ()), ("fc float", ("/fc/*",)), ("fc and avgpool float", ("/fc/*", "/avgpool/*"))):
+        with tempfile.TemporaryDirectory() as tmp:
+            r = quantize_model(args.model, f"{DEBIAN_FASHION_MNIST}@train", Path(tmp) / "o",
+                               config=QuantizeConfig(latency=False, exclude=exclude),
+                               eval_data=f"{DEBIAN_FASHION_MNIST}@test")
+        for target, f in r.fidelity.items():
+            rows[f"{label} / {target}"] = {"exclude": list(exclude), "sqnr_db": f.sqnr_db,
+                                           "top1_agreement": f.top1_agreement, "top1_drop": f.top1_drop, "n": f.n}
+            print(label, target, round(f.sqnr_db, 2), f.top1_agreement, file=sys.stderr)
+    return {"model": str(args.model), "quantize": "quantize_model, CLI defaults plus --exclude", "results": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("time", "error"), required=True)
+    ap.add_argument("--part", choices=("time", "error", "head"), required=True)
     ap.add_argument("--model", type=Path, default=None, help="error part: a Fashion-MNIST checkpoint")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="time part: batch sizes")
     ap.add_argument("--runs", type=int, default=10, help="time part: profiled runs per batch size")
     ap.add_argument("--noise-images", type=int, default=1000, help="error part: images for the per-pair split")
     ap.add_argument("--top", type=int, default=12, help="error part: pairs listed")
     args = ap.parse_args()
-    if args.part == "error" and args.model is None:
-        ap.error("--part error needs --model")
-    res = part_time(args) if args.part == "time" else part_error(args)
+    if args.part in ("error", "head") and args.model is None:
+        ap.error(f"--part {args.part} needs --model")
+    res = {"time": part_time, "error": part_error, "head": part_head}[args.part](args)
     print(write_result(f"analyze_int8_{args.part}", {"command": "python " + " ".join(sys.argv), **res}),
           file=sys.stderr)
 
