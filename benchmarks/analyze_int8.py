@@ -229,7 +229,8 @@ def part_head(args) -> dict:
     from rescompress.quantization.pipeline import QuantizeConfig, quantize_model
 
     rows = {}
-    for label, exclude in (("default", ()), ("fc float", ("/fc/*",)), ("fc and avgpool float", ("/fc/*", "/avgpool/*"))):
+    configs = (("default", ()), ("fc float", ("/fc/*",)), ("fc and avgpool float", ("/fc/*", "/avgpool/*")))
+    for label, exclude in configs:
         with tempfile.TemporaryDirectory() as tmp:
             r = quantize_model(args.model, f"{DEBIAN_FASHION_MNIST}@train", Path(tmp) / "o",
                                config=QuantizeConfig(latency=False, exclude=exclude),
