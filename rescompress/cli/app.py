@@ -66,7 +66,9 @@ for _name in _COMMAND_MODULES:
 
 
 def _stop_on_sigterm(signum, frame) -> None:
-    raise KeyboardInterrupt  # the same clean-up as Ctrl-C: temporary files go, outputs stay whole
+    from rescompress.cli.common import Terminated
+
+    raise Terminated  # the same clean-up as Ctrl-C: temporary files go, outputs stay whole
 
 
 def main() -> None:

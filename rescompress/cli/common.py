@@ -27,6 +27,10 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_CHECK_FAILED = 3
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so the same clean-up runs; the exit code is 143 (128 + 15), not 130."""
+
+
 stdout = Console(soft_wrap=True, emoji=False)  # ":b:" in a path or value stays text
 stderr = Console(stderr=True, soft_wrap=True, emoji=False)
 log = logging.getLogger("rescompress")
@@ -234,9 +238,9 @@ def handle_errors(func: Callable) -> Callable:
                 raise
             stderr.print(f"Error: {exc}", markup=False, highlight=False)
             raise typer.Exit(EXIT_ERROR) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             stderr.print("Error: interrupted", markup=False)
-            raise typer.Exit(130) from None
+            raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
         except OSError as exc:  # a path that cannot be read or written: say which, without a traceback
             if debug_enabled():
                 raise
