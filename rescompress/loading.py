@@ -908,8 +908,11 @@ def _from_module(module: nn.Module, p: Path, arch: str | None, source: str) -> _
     convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
     linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
     if not convs or not linears:
+        missing = "Conv2d or Linear layers" if not convs and not linears else ("a Conv2d" if not convs else
+                                                                            "a Linear classifier")
         raise UnsupportedModelError(
-            f"{p} holds a {type(module).__qualname__} without Conv2d and Linear layers; not an image classifier"
+            f"{p} holds a {type(module).__qualname__} without {missing}; not an image classifier"
+            + (" (a feature extractor whose fc is Identity?)" if convs else "")
         )
     return _Partial(module, arch or type(module).__qualname__, linears[-1].out_features, convs[0].in_channels,
                     source, p)

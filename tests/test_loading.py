@@ -599,3 +599,12 @@ def test_training_checkpoints_with_arguments_and_numpy_values_load_without_trust
     assert loaded.arch == "resnet18" and loaded.source_format == "state_dict"
     assert torch.equal(_logits(loaded.module, (1, 3, 32, 32)), _logits(model, (1, 3, 32, 32)))
     assert unsafe_globals(tmp_path / "train.pth.tar") == []
+
+
+def test_feature_extractor_is_refused_with_the_right_reason(tmp_path):
+    """resnet18 with fc = Identity outputs 512 features, no classes: refused, naming what is missing."""
+    model = _model("resnet18", 10, 3)
+    model.fc = nn.Identity()
+    torch.save(model.eval(), tmp_path / "features.pt")
+    with pytest.raises(UnsupportedModelError, match="without a Linear classifier; not an image classifier"):
+        load_model(tmp_path / "features.pt", input_size=32)
