@@ -334,10 +334,10 @@ def compare_to_reference(
         raise ExportError(f"ONNX output shape {cand.shape} differs from torch output shape {ref.shape}")
     max_abs = float(np.abs(cand - ref).max()) if ref.size else 0.0
     scale = float(np.abs(ref).max()) if ref.size else 0.0
-    if ref.size and ref.ndim == 2:
-        from rescompress.measure.agreement import predicted_class
+    if ref.ndim == 2:
+        from rescompress.measure.agreement import top1_agreement
 
-        agreement = float((predicted_class(ref) == predicted_class(cand)).mean() * 100.0)
+        agreement = top1_agreement(ref, cand)
     else:
         agreement = float((ref.argmax(-1) == cand.argmax(-1)).mean() * 100.0) if ref.size else 100.0
     return ParityReport(

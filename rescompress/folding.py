@@ -352,9 +352,9 @@ def _compare(
     scale = float(ref.abs().max()) if ref.numel() else 0.0
     max_rel = max_abs / scale if scale > 0 else max_abs
     if ref.dim() == 2:
-        from rescompress.measure.agreement import predicted_class
+        from rescompress.measure.agreement import top1_agreement
 
-        agreement = float((predicted_class(ref.numpy()) == predicted_class(out.numpy())).mean() * 100.0)
+        agreement = top1_agreement(ref.numpy(), out.numpy())
     elif ref.dim() > 2:
         agreement = float((ref.argmax(dim=-1) == out.argmax(dim=-1)).double().mean() * 100.0)
     else:

@@ -71,6 +71,13 @@ def predicted_class(logits: np.ndarray) -> np.ndarray:
     return logits.argmax(axis=1).astype(np.int64)
 
 
+def top1_agreement(baseline: np.ndarray, candidate: np.ndarray) -> float:
+    """Percent of rows whose :func:`predicted_class` is the same (100 for no rows)."""
+    if len(baseline) == 0:
+        return 100.0
+    return float(np.mean(predicted_class(baseline) == predicted_class(candidate)) * 100.0)
+
+
 def kl_per_row(baseline: np.ndarray, candidate: np.ndarray) -> np.ndarray:
     """KL(softmax(b) || softmax(c)) for each row (Bernoulli sigmoid KL for one output), float64, >= 0."""
     b = np.asarray(baseline, dtype=np.float64)

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from rescompress.measure.accuracy import topk_correct
-from rescompress.measure.agreement import predicted_class
+from rescompress.measure.agreement import top1_agreement
 
 
 def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
@@ -29,7 +29,7 @@ def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
 
 
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Percent of rows whose label is among the ``k`` largest logits (k=1: ``predicted_class``)."""
+    """Percent of rows whose label is among the ``k`` largest logits (k=1: the predicted class)."""
     return topk_correct(logits, labels, min(k, logits.shape[1])) * 100.0 / len(logits)
 
 
@@ -57,7 +57,7 @@ class Fidelity:
 
 
 def compare(fp32: np.ndarray, cand: np.ndarray, labels: np.ndarray | None = None) -> Fidelity:
-    agreement = float(np.mean(predicted_class(fp32) == predicted_class(cand)) * 100.0) if len(fp32) else 0.0
+    agreement = top1_agreement(fp32, cand) if len(fp32) else 0.0
     kw = {}
     if labels is not None and len(labels) and np.all(labels >= 0):
         kw = {"top1": topk_accuracy(cand, labels, 1), "fp32_top1": topk_accuracy(fp32, labels, 1)}

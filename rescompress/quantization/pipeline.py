@@ -37,7 +37,7 @@ from rescompress.calibration.collect import (
 from rescompress.errors import DataError, RescompressError, UsageError
 from rescompress.fileio import ensure_not_input, write_text_atomic
 from rescompress.quantization.calibrate import activation_entries, check_finite_weights, weight_entries
-from rescompress.quantization.checker import check_trt_qdq
+from rescompress.quantization.checker import INTEGER_OPS, check_trt_qdq
 from rescompress.quantization.emit import emit_qdq, save_model
 from rescompress.quantization.fallback import FallbackResult, rank_layers, search_fallback
 from rescompress.quantization.fidelity import Fidelity, compare, run_sessions, sqnr_db
@@ -291,8 +291,7 @@ def load_fp32(
     return Fp32Model(fp32_path, onnx.load(str(fp32_path)), pre, loaded.num_classes, loaded.arch, stem, exported=True)
 
 
-QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
-                 "ConvInteger", "MatMulInteger", "QLinearAdd", "QGemm")
+QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", *INTEGER_OPS)
 MIN_QDQ_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear
 
 
