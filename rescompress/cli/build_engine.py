@@ -66,7 +66,6 @@ def build_engine_command(
     from rescompress.engine.preflight import EngineBuildConfig, EnginePreflightError, preflight, require_ready
     from rescompress.engine.profiles import parse_profiles
     from rescompress.engine.tensorrt import build_engine, import_tensorrt, installed_tensorrt_version
-    from rescompress.fileio import ensure_not_input
 
     config = EngineBuildConfig(
         onnx_path=model,
@@ -94,8 +93,7 @@ def build_engine_command(
 
     # Check the file before asking for TensorRT: a bad file is worth knowing about on any machine.
     report = preflight(config, tensorrt_version=installed_tensorrt_version())
-    require_ready(report)
-    ensure_not_input(config.engine_path, [config.onnx_path, config.timing_cache, config.calib_cache])
+    require_ready(report)  # the preflight also refuses an engine path that is an input or cannot be written
     import_tensorrt()
     info(f"building {report.precision} engine from {model} (profiles "
          f"{', '.join(p.text for p in report.profiles)}); this can take minutes")

@@ -42,7 +42,7 @@ from rescompress.engine.preflight import (
     tensorrt_major,
 )
 from rescompress.errors import RescompressError
-from rescompress.fileio import atomic_path, ensure_not_input, file_sha256
+from rescompress.fileio import atomic_path, file_sha256
 
 log = logging.getLogger("rescompress.engine")
 
@@ -248,7 +248,6 @@ def _parse(trt: Any, network: Any, logger: Any, onnx_path: Path) -> Any:
 def build_engine(config: EngineBuildConfig) -> EngineResult:
     """Preflight, build with TensorRT, write ``<stem>.engine`` and its sidecar atomically."""
     engine_path = config.engine_path
-    ensure_not_input(engine_path, [config.onnx_path, config.timing_cache, config.calib_cache])
     trt = import_tensorrt()
     env = current_environment(trt)
     report = preflight(config, tensorrt_version=env.tensorrt_version)
