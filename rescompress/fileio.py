@@ -27,17 +27,24 @@ def ensure_not_input(output: Path | str, inputs: Iterable[Path | str | None]) ->
             raise RescompressError(f"output {output} is the same file as input {inp}; choose another path")
 
 
-def check_writable(target: Path | str) -> None:
-    """Refuse, before any work is done, an output that cannot be written: a folder, a path under a file, a
-    folder without write permission. Creates nothing that stays (one probe file, removed at once)."""
-    target = Path(target)
+def _existing_folder(target: Path) -> Path:
+    """The folder that will hold ``target`` or its new sub-folders; refuses a target that is a folder or
+    lies under a file."""
     if target.is_dir():
         raise RescompressError(f"cannot write {target}: it is a folder")
     folder = target.parent
     while not folder.exists() and folder != folder.parent:
-        folder = folder.parent  # the folder that will hold the new sub-folders
+        folder = folder.parent
     if not folder.is_dir():
         raise RescompressError(f"cannot write {target}: {folder} is a file, not a folder")
+    return folder
+
+
+def check_writable(target: Path | str) -> None:
+    """Refuse, before any work is done, an output that cannot be written: a folder, a path under a file, a
+    folder without write permission. Creates nothing that stays (one probe file, removed at once)."""
+    target = Path(target)
+    folder = _existing_folder(target)
     try:
         fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe", dir=folder)
     except OSError as exc:
@@ -53,7 +60,7 @@ def atomic_path(target: Path | str, suffix: str | None = None) -> Iterator[Path]
     On any exception the temporary file is removed and ``target`` is left untouched.
     """
     target = Path(target)
-    check_writable(target)
+    _existing_folder(target)  # the temporary file below is the write probe: no second one
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(
