@@ -28,6 +28,7 @@ from torch import nn
 from rescompress import __version__
 from rescompress.errors import RescompressError, UnsupportedModelError
 from rescompress.fileio import atomic_path
+from rescompress.folding import count_batchnorm
 from rescompress.models import ARCH_NAMES, Stem, build_model, outputs_match, stem_of
 from rescompress.spec import Preprocess
 
@@ -161,7 +162,7 @@ def save_checkpoint(module: nn.Module, path: Path | str, header: CheckpointHeade
             "folded or saved as a checkpoint; use the eager model (its state_dict or a rescompress checkpoint)"
         )
     # A model without BatchNorm layers was folded (e.g. a folded checkpoint pruned again).
-    folded = header.folded or not any(isinstance(m, nn.BatchNorm2d) for m in module.modules())
+    folded = header.folded or count_batchnorm(module) == 0
     header = replace(header, stem=stem_of(module), head=head_spec(module), structure=_structure(module, header),
                      folded=folded)
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}

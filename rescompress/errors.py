@@ -24,4 +24,11 @@ class DataError(RescompressError):
 
 
 class CheckFailed(RescompressError):
-    """A requested threshold (accuracy drop, agreement, latency) did not hold. Exit code 3."""
+    """A requested threshold (accuracy drop, agreement, latency) did not hold. Exit code 3.
+
+    ``details`` holds what was measured on the way (for ``--json`` output of the failure).
+    """
+
+    def __init__(self, message: str, details: dict | None = None) -> None:
+        super().__init__(message)
+        self.details = dict(details or {})

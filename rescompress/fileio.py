@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from rescompress.errors import RescompressError
+from rescompress.errors import RescompressError, UsageError
 
 
 def ensure_not_input(output: Path | str, inputs: Iterable[Path | str | None]) -> None:
@@ -25,6 +25,14 @@ def ensure_not_input(output: Path | str, inputs: Iterable[Path | str | None]) ->
         p = Path(inp)
         if p.resolve() == out or (p.exists() and out.exists() and os.path.samefile(p, out)):
             raise RescompressError(f"output {output} is the same file as input {inp}; choose another path")
+
+
+def require_suffix(output: Path | str, suffix: str, what: str) -> None:
+    """Refuse an output whose name says another format than the one written (``what`` names it): the other
+    commands, and users, tell a file's format by its name."""
+    name = Path(output).name
+    if not name.lower().endswith(suffix) or len(name) == len(suffix):
+        raise UsageError(f"this command writes {what}: name the output *{suffix}, not {name}")
 
 
 def _existing_folder(target: Path) -> Path:

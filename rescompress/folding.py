@@ -16,13 +16,17 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from rescompress.errors import RescompressError
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# torchvision's FrozenBatchNorm2d (fixed statistics and affine, as in detection backbones) folds the same way.
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, FrozenBatchNorm2d)
 # Which BatchNorm follows which producer: the channel axis is 1 for all of them when ranks match.
-_BN_FOR_CONV = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
+_BN_FOR_CONV = {
+    nn.Conv1d: (nn.BatchNorm1d,), nn.Conv2d: (nn.BatchNorm2d, FrozenBatchNorm2d), nn.Conv3d: (nn.BatchNorm3d,),
+}
 DEFAULT_PROBE_BATCH = 8
 FOLD_RTOL = 1e-5
 # The folded model may be this many times further from the exact logits than the float32 original is.
@@ -200,7 +204,7 @@ def _refuse_unfoldable(model: nn.Module) -> None:
             "BatchNorm folding uses running statistics, call model.eval() first"
         )
     for name, m in model.named_modules():
-        if isinstance(m, _BN_TYPES) and (not m.track_running_stats or m.running_mean is None):
+        if isinstance(m, _BN_TYPES) and (not getattr(m, "track_running_stats", True) or m.running_mean is None):
             raise FoldError(
                 f"BatchNorm {name} has no running statistics (track_running_stats=False): it normalizes "
                 "with batch statistics at inference, so it cannot be folded"
@@ -225,9 +229,18 @@ def _make_probe(
     return _make_probe(model, None, (first_conv.in_channels, DEFAULT_PROBE_SIZE, DEFAULT_PROBE_SIZE))
 
 
+class _Tracer(torch.fx.Tracer):
+    """torch.fx's default tracer, with every BatchNorm type kept as one module call (torch.fx would trace
+    into torchvision's FrozenBatchNorm2d, which is not a ``torch.nn`` module)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, _BN_TYPES) or super().is_leaf_module(m, module_qualified_name)
+
+
 def _trace(model: nn.Module) -> torch.fx.GraphModule:
     try:
-        return torch.fx.symbolic_trace(model)
+        graph = _Tracer().trace(model)
+        return torch.fx.GraphModule(model, graph, type(model).__name__)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FoldError(
@@ -322,7 +335,7 @@ def _why_not_foldable(
         return f"input is produced by {src.op} {what}, not by a Conv/Linear module"
     producer = gm.get_submodule(src.target)
     if isinstance(producer, _CONV_TYPES):
-        if _BN_FOR_CONV[type(producer)] is not type(bn):
+        if type(bn) not in _BN_FOR_CONV[type(producer)]:
             return f"{type(bn).__name__} does not match {type(producer).__name__}"
         channels = producer.out_channels
     elif isinstance(producer, nn.Linear):
@@ -336,8 +349,8 @@ def _why_not_foldable(
     if len(src.users) != 1:
         others = sorted(u.name for u in src.users if u is not bn_node)
         return f"output of {src.target} is also used by {', '.join(others)}"
-    if bn.num_features != channels:
-        return f"BatchNorm has {bn.num_features} channels but {src.target} has {channels} outputs"
+    if bn.running_mean.numel() != channels:
+        return f"BatchNorm has {bn.running_mean.numel()} channels but {src.target} has {channels} outputs"
     return None
 
 

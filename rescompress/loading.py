@@ -919,11 +919,14 @@ def _from_module(module: nn.Module, p: Path, arch: str | None, source: str) -> _
 
 
 def _differs_from_standard(spec: ResNetSpec, state: dict[str, torch.Tensor]) -> bool:
-    """True when some stored shape differs from the (nearest) named architecture's: a pruned model."""
+    """True when some stored shape in the body differs from the (nearest) named architecture's: a pruned
+    model. The classifier is left out: its input grows with a custom pooling (e.g. 2x2 positions), not with
+    pruning, and a pruned last stage shows in the convolutions already."""
     ref = spec if spec.arch is not None else next(iter(_candidates(spec)), spec)
     with torch.device("meta"):
         standard = build_from_spec(ref).state_dict()
-    return any(k in state and tuple(v.shape) != tuple(state[k].shape) for k, v in standard.items())
+    return any(k in state and tuple(v.shape) != tuple(state[k].shape)
+               for k, v in standard.items() if not k.startswith("fc."))
 
 
 def _default_preprocess(arch_or_family: str, in_channels: int) -> Preprocess:

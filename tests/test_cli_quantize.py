@@ -210,10 +210,18 @@ def test_impossible_max_drop_exits_3(first_run, calib_npz, tmp_path):
     res = runner.invoke(app, [
         "quantize", str(out / "r20.fp32.onnx"), "--calib-data", str(calib_npz), "--num-images", "64",
         "--method", "percentile", "--percentile", "5", "--target", "onnxruntime", "--max-drop", "0.5",
-        "--max-fallback", "1", "-o", str(tmp_path), *FAST,
+        "--max-fallback", "1", "-o", str(tmp_path), "--json", *FAST,
     ])
     assert res.exit_code == 3, res.output
     assert "no configuration" in res.stderr
+    # A CI job reading --json gets one document that says why, with what was tried.
+    data = json.loads(res.stdout)
+    assert data["passed"] is False and "no configuration" in data["error"]
+    fb = data["fallback"]
+    assert fb["max_drop"] == 0.5 and fb["max_float"] == 1
+    assert [t["num_float"] for t in fb["tried"]] == [0, 1] and fb["best"]["value"] > 0.5
+    assert len(fb["ranking"]) > 1 and all("node" in r for r in fb["ranking"])
+    assert not list(tmp_path.glob("*.int8.*.onnx"))  # nothing written for a failed check
 
 
 def test_bad_target_and_method_exit_2(checkpoint, calib_npz, tmp_path):

@@ -335,9 +335,25 @@ def test_cli_fold_writes_a_reloadable_folded_checkpoint(model_files, tmp_path):
         assert rel_err(model(x).numpy(), folded(x).numpy()) <= REL_TOL
 
     res = runner.invoke(app, ["fold", str(ckpt), "-o", str(tmp_path / "f.onnx")])
-    assert res.exit_code == 1 and "rescompress export" in res.stderr
+    assert res.exit_code == 2 and "rescompress export" in res.stderr
     res = runner.invoke(app, ["fold", str(ckpt)])
     assert res.exit_code == 2
+
+
+@pytest.mark.parametrize("cmd, name, fmt", [
+    (["fold"], "f.pt", ".safetensors"), (["prune", "--ratio", "0.3", "--no-latency"], "p.pth", ".safetensors"),
+    (["prune", "--ratio", "0.3", "--no-latency"], ".safetensors", ".safetensors"), (["export"], "e.pt", ".onnx"),
+])
+def test_outputs_named_for_another_format_are_refused(model_files, tmp_path, cmd, name, fmt):
+    """fold and prune write safetensors: a file named .pt would fail torch.load, so the name is refused
+    before any work; likewise export's ONNX."""
+    _, ckpt, _ = model_files
+    out = tmp_path / "out"
+    out.mkdir()
+    res = runner.invoke(app, [cmd[0], str(ckpt), *cmd[1:], "-o", str(out / name)])
+    assert res.exit_code == 2, res.output
+    assert f"name the output *{fmt}, not {name}" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not list(out.iterdir())
 
 
 def test_unwritable_outputs_get_one_line_errors(tmp_path):

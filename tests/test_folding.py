@@ -360,3 +360,31 @@ def test_sigterm_mid_write_leaves_no_temporary_file(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and b"interrupted" in err
     assert list(out_dir.iterdir()) == []
+
+
+def test_frozen_batchnorm_folds_and_the_checkpoint_says_so(tmp_path):
+    """torchvision's FrozenBatchNorm2d (detection backbones) is a BatchNorm too: folded like one, and a model
+    that still holds one is not recorded as folded."""
+    from torchvision.models import resnet18
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    model = resnet18(num_classes=4, norm_layer=FrozenBatchNorm2d).eval()
+    for m in model.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_(0, 0.1)
+    assert count_batchnorm(model) == 20
+    result = fold_batchnorm(model, input_shape=(2, 3, 48, 48))
+    assert len(result.report.folded) == 20 and not result.report.left
+    assert ("conv1", "bn1") in result.report.folded and count_batchnorm(result.model) == 0
+    x = torch.randn(3, 3, 48, 48)
+    with torch.no_grad():
+        ref, got = model(x), result.model(x)
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+    header = CheckpointHeader(arch="resnet18", num_classes=4, in_channels=3, preprocess=get_preset("imagenet"))
+    save_checkpoint(model, tmp_path / "unfolded.safetensors", header)
+    assert load_checkpoint(tmp_path / "unfolded.safetensors")[1].folded is False

@@ -21,6 +21,7 @@ from rescompress.checkpoint import CheckpointHeader, save_checkpoint
 from rescompress.errors import UnsupportedModelError
 from rescompress.loading import (
     LoadedModel,
+    _differs_from_standard,
     infer_resnet_spec,
     is_onnx_path,
     load_model,
@@ -218,6 +219,20 @@ def test_full_pickled_resnet_loads_without_trust(tmp_path, arch, ch):
     assert (loaded.arch, loaded.num_classes, loaded.in_channels) == (arch, 10, ch)
     assert type(loaded.module) is type(model) and not loaded.module.training
     assert torch.equal(_logits(loaded.module, shape), _logits(model, shape))
+
+
+def test_wider_classifier_from_custom_pooling_is_not_called_pruned(tmp_path):
+    """A 2x2 adaptive pool feeds fc 4x the features: the body has the standard widths, so not 'pruned'."""
+    model = torchvision_resnet.resnet18(num_classes=10).eval()
+    model.avgpool = nn.AdaptiveAvgPool2d((2, 2))
+    model.fc = nn.Linear(4 * 512, 10)
+    torch.save(model, tmp_path / "pool2.pt")
+    loaded = load_model(tmp_path / "pool2.pt", input_size=64)
+    assert loaded.arch == "resnet18" and not loaded.pruned and loaded.num_classes == 10
+    state = model.state_dict()
+    assert not _differs_from_standard(infer_resnet_spec(state), state)
+    state["layer1.0.conv1.weight"] = state["layer1.0.conv1.weight"][:48]  # a narrower conv still counts
+    assert _differs_from_standard(infer_resnet_spec(state), state)
 
 
 class _Head(nn.Module):

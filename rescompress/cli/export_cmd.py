@@ -29,7 +29,7 @@ from rescompress.cli.common import (
     parse_size,
     resolve_preprocess,
 )
-from rescompress.errors import RescompressError, UsageError
+from rescompress.errors import RescompressError
 
 
 def register(app: typer.Typer) -> None:
@@ -55,14 +55,13 @@ def export_command(
 ) -> None:
     """Export a model to FP32 ONNX (input `input`, output `logits`, dynamic batch) and check parity."""
     from rescompress.export import export_onnx
-    from rescompress.fileio import check_writable, ensure_not_input
+    from rescompress.fileio import check_writable, ensure_not_input, require_suffix
     from rescompress.folding import fold_batchnorm
     from rescompress.loading import load_model
 
     ensure_not_input(output, [model])
     check_writable(output)
-    if output.suffix.lower() != ".onnx":  # the other commands tell an ONNX file by its name
-        raise UsageError(f"export writes ONNX: name the output *.onnx, not {output.name}")
+    require_suffix(output, ".onnx", "ONNX")
     loaded = load_model(model, arch=arch, trust_pickle=trust_pickle, input_size=parse_size(input_size))
     pre = resolve_preprocess(loaded.preprocess, preset, input_size, channels, mean, std)
     if pre.channels != loaded.in_channels:

@@ -31,7 +31,7 @@ from rescompress.cli.common import (
     rows_table,
     warn,
 )
-from rescompress.errors import RescompressError
+from rescompress.errors import RescompressError, UsageError
 
 
 def register(app: typer.Typer) -> None:
@@ -53,12 +53,13 @@ def fold_command(
 ) -> None:
     """Fold BatchNorm into the preceding convolutions; report the pairs and the logit difference."""
     from rescompress.checkpoint import CheckpointHeader, save_checkpoint
-    from rescompress.fileio import ensure_not_input
+    from rescompress.fileio import ensure_not_input, require_suffix
     from rescompress.folding import fold_batchnorm
     from rescompress.loading import load_model
 
     if output.suffix.lower() == ".onnx":
-        raise RescompressError("fold writes a rescompress checkpoint (.safetensors); for ONNX use `rescompress export`")
+        raise UsageError("fold writes a rescompress checkpoint (.safetensors); for ONNX use `rescompress export`")
+    require_suffix(output, ".safetensors", "a rescompress checkpoint in safetensors format")
     ensure_not_input(output, [model])
     loaded = load_model(model, arch=arch, trust_pickle=trust_pickle, input_size=parse_size(input_size))
     pre = resolve_preprocess(loaded.preprocess, preset, input_size, channels, mean, std)

@@ -106,12 +106,13 @@ def prune_command(
     """Prune channels to a target and save a checkpoint; prints before/after params, MACs, top-1, latency."""
     from rescompress.checkpoint import CheckpointHeader, check_saveable
     from rescompress.data import check_compatible, open_dataset
-    from rescompress.fileio import check_writable, ensure_not_input
+    from rescompress.fileio import check_writable, ensure_not_input, require_suffix
     from rescompress.loading import load_model
     from rescompress.pruning import FinetuneConfig, PruneConfig, prune_model, save_pruned
 
     ensure_not_input(output, [model, finetune_data, eval_data])
     check_writable(output)  # before pruning and fine-tuning, which can take hours
+    require_suffix(output, ".safetensors", "a rescompress checkpoint in safetensors format")
     config = PruneConfig(
         ratio=ratio, target_macs=target_macs, target_latency=target_latency, criterion=criterion,
         ranking="global" if global_ranking else "uniform", max_layer_ratio=max_layer_ratio, round_to=round_to,

@@ -31,7 +31,7 @@ from rescompress.cli.common import (
     rows_table,
     warn,
 )
-from rescompress.errors import UsageError
+from rescompress.errors import CheckFailed, UsageError
 
 TARGET_CHOICES = {"both": ("onnxruntime", "tensorrt"), "onnxruntime": ("onnxruntime",), "tensorrt": ("tensorrt",)}
 
@@ -129,14 +129,19 @@ def quantize_command(
     def preprocess(default):
         return resolve_preprocess(default, preset, input_size, channels, mean, std)
 
-    result = quantize_model(
-        model, calib_data, output_dir, config=cfg, eval_data=eval_data, plan=plan, arch=arch,
-        trust_pickle=trust_pickle, preprocess=preprocess if custom else None,
-        progress=lambda it, total, desc: progress(it, total, desc), notify=info,
-    )
+    try:
+        result = quantize_model(
+            model, calib_data, output_dir, config=cfg, eval_data=eval_data, plan=plan, arch=arch,
+            trust_pickle=trust_pickle, preprocess=preprocess if custom else None,
+            progress=lambda it, total, desc: progress(it, total, desc), notify=info,
+        )
+    except CheckFailed as exc:  # --max-drop not met: a CI job reading --json still gets one document
+        if as_json:
+            Output(True).result({"passed": False, "error": str(exc), "fallback": exc.details})
+        raise
     for w in result.warnings:
         warn(w)
-    data = result.to_dict()
+    data = {"passed": True, **result.to_dict()}
 
     def render(console: Console) -> None:
         rows = [

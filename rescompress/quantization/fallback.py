@@ -82,7 +82,13 @@ def search_fallback(
             raise CheckFailed(
                 f"no configuration with at most {cap} layer(s) in float meets {metric} <= {max_drop:g} "
                 f"(best {cache[best]:.3g} with {best} in float); allow more fallback or a larger --max-drop"
-                + (f"; tried {tried}" if len(tried) <= 6 else "")
+                + (f"; tried {tried}" if len(tried) <= 6 else ""),
+                details={
+                    "max_drop": max_drop, "metric": metric, "max_float": cap,
+                    "best": {"num_float": best, "value": cache[best]},
+                    "tried": [{"num_float": n, "value": v} for n, v in tried],
+                    "ranking": [r.to_dict() for r in ranking],
+                },
             )
         k = min(cap, 1 if k == 0 else 2 * k)
     lo, hi = last_fail, k  # value(lo) fails (or lo == -1), value(hi) passes
