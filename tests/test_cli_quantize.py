@@ -224,6 +224,29 @@ def test_impossible_max_drop_exits_3(first_run, calib_npz, tmp_path):
     assert not list(tmp_path.glob("*.int8.*.onnx"))  # nothing written for a failed check
 
 
+def test_unlabeled_eval_data_gives_agreement_and_a_disagreement_budget(first_run, eval_npz, tmp_path):
+    """--eval-data without labels: no top-1 numbers (not 0%), and --max-drop bounds disagreement with FP32
+    (with dummy labels both top-1s were 0, so any --max-drop passed)."""
+    _, out = first_run
+    x = np.load(eval_npz)["x"][:96]
+    unlabeled = tmp_path / "unlabeled.npz"
+    np.savez(unlabeled, x=x)
+    res = runner.invoke(app, [
+        "quantize", str(out / "r20.fp32.onnx"), "--calib-data", str(unlabeled), "--eval-data", str(unlabeled),
+        "--num-images", "64", "--method", "max", "--target", "onnxruntime", "--max-drop", "0",
+        "--max-fallback", "0", "--weight-rounding", "nearest", "-o", str(tmp_path / "o"), "--json", *FAST,
+    ])
+    data = json.loads(res.stdout)
+    if res.exit_code == 0:  # INT8 agreed with FP32 on every image: then no fallback was needed
+        assert data["fidelity"]["onnxruntime"]["top1_agreement"] == 100.0
+    else:
+        assert res.exit_code == 3, res.output
+        assert data["fallback"]["metric"] == "disagreement" and data["fallback"]["best"]["value"] > 0
+    assert "disagreement with FP32" in res.stderr
+    if res.exit_code == 0:
+        assert data["fidelity"]["onnxruntime"]["top1"] is None and data["fallback"]["metric"] == "disagreement"
+
+
 def test_bad_target_and_method_exit_2(checkpoint, calib_npz, tmp_path):
     for opts, msg in ((["--target", "gpu"], "--target"), (["--method", "minmax"], "--method")):
         res = runner.invoke(app, ["quantize", str(checkpoint), "--calib-data", str(calib_npz), *opts, "-o",

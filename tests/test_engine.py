@@ -341,8 +341,13 @@ def test_preflight_dynamic_spatial_dims_need_metadata(tmp_path):
 def test_preflight_dla_needs_reduced_precision(fp32_onnx, qdq_onnx):
     report = preflight(EngineBuildConfig(fp32_onnx, precision="fp32", dla_core=0))
     assert any("DLA runs only FP16 and INT8" in e for e in report.errors)
-    dla = preflight(EngineBuildConfig(qdq_onnx, precision="int8", dla_core=0, profiles=parse_profiles("8")))
-    assert dla.ok and not dla.warnings
+    dla = EngineBuildConfig(qdq_onnx, precision="int8", dla_core=0, profiles=parse_profiles("8"))
+    report = preflight(dla)
+    assert report.ok and not report.warnings
+    # NVIDIA: no DLA in TensorRT 11.0-11.3; 11.4.1 brought it back (Jetson AGX Orin, JetPack 7.2.2+).
+    for version, warned in (("10.3.0.30", False), ("11.3.0.7", True), ("11.4.0", True), ("11.4.1.5", False)):
+        report = preflight(dla, tensorrt_version=version)
+        assert report.ok and any("no DLA support" in w for w in report.warnings) == warned, version
 
 
 def test_preflight_fp16_depends_on_tensorrt_version(fp32_onnx):

@@ -34,7 +34,8 @@ app = typer.Typer(
     name="rescompress",
     help=(
         "Prune, fold, INT8-quantize and benchmark torchvision-style ResNets for ONNX Runtime and TensorRT.\n\n"
-        "Exit codes: 0 ok, 1 error, 2 usage, 3 a check failed (gate, quantize --max-drop)."
+        "Exit codes: 0 ok, 1 error, 2 usage, 3 a check failed (gate, quantize --max-drop), "
+        "130/143 interrupted (Ctrl-C/SIGTERM)."
     ),
     no_args_is_help=True,
     add_completion=False,

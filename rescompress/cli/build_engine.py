@@ -35,8 +35,8 @@ def build_engine_command(
         str,
         typer.Option(
             "--precision",
-            help="auto (int8 for a Q/DQ file, else fp32), int8 (strongly typed from Q/DQ), fp16, fp32, "
-                 "int8-implicit (TensorRT 10 only, needs a calibration cache).",
+            help="auto (int8 for a Q/DQ file, fp16 for a float16 file, else fp32), int8 (strongly typed from "
+                 "Q/DQ), fp16, fp32, int8-implicit (TensorRT 10 only, needs a calibration cache).",
         ),
     ] = "auto",
     calib_cache: Annotated[

@@ -20,7 +20,9 @@ def demo(
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Folder for every artifact.")] = Path(
         "rescompress-demo"
     ),
-    threads: Annotated[int | None, typer.Option("--threads", help="Threads per runtime (default: all).")] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="Threads per runtime (default: ONNX Runtime's own; torch 1).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     from rescompress.demo import DemoConfig, run_demo

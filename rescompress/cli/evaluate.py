@@ -31,8 +31,9 @@ RuntimeOpt = Annotated[
     str,
     typer.Option(
         "--runtime",
-        help="auto (ONNX files in onnxruntime, .pt/.safetensors in torch), torch, onnxruntime, openvino, tensorrt. "
-        "benchmark and gate apply it to the ONNX files only (PyTorch files run in torch); FILE@RUNTIME picks per file.",
+        help="auto (ONNX files in onnxruntime, .engine/.plan in tensorrt, .pt/.safetensors in torch), torch, "
+        "onnxruntime, openvino, tensorrt. benchmark and gate apply it to the ONNX files only (PyTorch files run "
+        "in torch); FILE@RUNTIME picks per file.",
     ),
 ]
 ThreadsOpt = Annotated[

@@ -58,7 +58,11 @@ def quantize_command(
         str, typer.Option("--method", help="Calibration: max, percentile, entropy, mse or auto (best on held-out).")
     ] = "auto",
     percentile: Annotated[float, typer.Option("--percentile", help="Percentile for --method percentile.")] = 99.99,
-    num_images: Annotated[int, typer.Option("--num-images", help="Calibration images (seeded sample).", min=1)] = 512,
+    num_images: Annotated[int, typer.Option(
+        "--num-images", min=1,
+        help="Images sampled (seeded) for calibration; with --method auto a quarter of them are held out to pick "
+             "the method.",
+    )] = 512,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch.", min=1)] = 32,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the calibration sample.")] = 0,
     weight_rounding: Annotated[
@@ -77,7 +81,8 @@ def quantize_command(
     ] = None,
     max_drop: Annotated[
         float | None,
-        typer.Option("--max-drop", help="Max top-1 drop (points) vs FP32; sensitive layers fall back to float."),
+        typer.Option("--max-drop", help="Max top-1 drop (points) vs FP32; sensitive layers fall back to float. "
+                 "Without labeled --eval-data: max top-1 disagreement with FP32 (percent)."),
     ] = None,
     max_fallback: Annotated[
         int | None, typer.Option("--max-fallback", help="At most this many layers back to float.", min=0)
@@ -92,8 +97,9 @@ def quantize_command(
         str,
         typer.Option(
             "--ort-range",
-            help="ORT file's uint8 grid: asymmetric (observed range), unsigned ([0,amax] for ReLU outputs, "
-            "else zero point 128) or symmetric (zero point 128, TensorRT's grid).",
+            help="ORT file's uint8 grid: asymmetric ([0,amax] for non-negative tensors, else the observed range "
+            "clipped at amax), unsigned ([0,amax] for non-negative tensors, else zero point 128) or symmetric "
+            "(zero point 128, TensorRT's grid).",
         ),
     ] = "asymmetric",
     arch: ArchOpt = None,

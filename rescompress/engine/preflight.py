@@ -48,7 +48,8 @@ class EngineBuildConfig:
     path on TensorRT 11); ``fp32`` builds strongly typed with the file's own types; ``fp16`` lets
     TensorRT 10 pick FP16 kernels (builder flag) or, on TensorRT 11, needs a file already in FP16;
     ``int8-implicit`` is TensorRT 10's legacy calibration-cache path; ``auto`` picks ``int8`` for a Q/DQ
-    file and ``fp32`` otherwise. ``profiles=None`` means ``N:N:N`` for a static batch N, else 1:8:32.
+    file, ``fp16`` for a file with float16 tensors, and ``fp32`` otherwise (strongly typed, so a bfloat16
+    file keeps its types). ``profiles=None`` means ``N:N:N`` for a static batch N, else 1:8:32.
     ``workspace_mib=None`` keeps TensorRT's default (the device's memory). Hardware compatibility stays
     off: the engine is built for this GPU's compute capability only.
     """
@@ -164,7 +165,8 @@ class OnnxFacts:
 
     @property
     def has_float16(self) -> bool:
-        return "float16" in self.float_types or "bfloat16" in self.float_types
+        """float16 only: a bfloat16 file is not what TensorRT's FP16 precision means."""
+        return "float16" in self.float_types
 
 
 def _dims(value_info) -> tuple[int | str | None, ...]:
@@ -452,6 +454,17 @@ def tensorrt_major(version: str | None) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _version_tuple(version: str | None) -> tuple[int, ...]:
+    """``"11.4.1.2"`` -> ``(11, 4, 1, 2)``; stops at the first part that is not a number."""
+    parts: list[int] = []
+    for part in (version or "").split("."):
+        m = re.match(r"\d+", part)
+        if not m:
+            break
+        parts.append(int(m.group(0)))
+    return tuple(parts)
+
+
 def _resolve_profiles(
     requested: Sequence[ProfileSpec] | None, batch_dim: int | str | None, errors: list[str]
 ) -> tuple[ProfileSpec, ...]:
@@ -612,9 +625,10 @@ def preflight(config: EngineBuildConfig, tensorrt_version: str | None = None) ->
         if any(not p.is_static for p in profiles):
             warnings.append("DLA needs static shapes: with a dynamic batch profile, layers fall back to the GPU; "
                             "use --batch N for a DLA engine")
-        if major is not None and major >= 11:
-            warnings.append("TensorRT 11 releases may not support DLA (see its release notes); TensorRT 10 "
-                            "from JetPack does")
+        if major is not None and major >= 11 and _version_tuple(tensorrt_version) < (11, 4, 1):
+            warnings.append(f"TensorRT {tensorrt_version} has no DLA support on Jetson (TensorRT 11.0-11.3 have "
+                            "none; 11.4.1 brought it back for Jetson AGX Orin with JetPack 7.2.2 or later); "
+                            "TensorRT 10 from JetPack 6 has it")
 
     return PreflightReport(
         onnx_path=facts.path,

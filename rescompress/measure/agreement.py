@@ -82,8 +82,8 @@ def kl_per_row(baseline: np.ndarray, candidate: np.ndarray) -> np.ndarray:
     """KL(softmax(b) || softmax(c)) for each row (Bernoulli sigmoid KL for one output), float64, >= 0."""
     b = np.asarray(baseline, dtype=np.float64)
     c = np.asarray(candidate, dtype=np.float64)
-    if b.shape[1] == 1:  # [z, 0] softmaxes to [sigmoid(z), 1 - sigmoid(z)]
-        b, c = np.concatenate([b, np.zeros_like(b)], axis=1), np.concatenate([c, np.zeros_like(c)], axis=1)
+    if b.shape[1] == 1:  # [0, z] softmaxes to [1 - sigmoid(z), sigmoid(z)], as finetune.as_two_class pads
+        b, c = np.concatenate([np.zeros_like(b), b], axis=1), np.concatenate([np.zeros_like(c), c], axis=1)
     lb, lc = _log_softmax(b), _log_softmax(c)
     return np.maximum((np.exp(lb) * (lb - lc)).sum(axis=1), 0.0)
 

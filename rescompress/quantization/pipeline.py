@@ -626,7 +626,7 @@ def quantize_model(
         eval_source = "calibration images (no --eval-data: agreement only)"
     else:
         eval_loader, eval_source = None, "none (no --eval-data or --calib-data)"
-    use_labels = eval_data is not None
+    use_labels = eval_data is not None and eval_ds.info.labeled
 
     fallback = None
     if cfg.max_drop is not None:
