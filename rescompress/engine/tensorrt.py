@@ -231,7 +231,8 @@ def _load_timing_cache(bconf: Any, path: Path | None) -> Any:
     # ignore_mismatch=False: a cache from another GPU or TensorRT version is ignored rather than trusted.
     if not bconf.set_timing_cache(cache, False):
         log.warning("timing cache %s does not match this GPU/TensorRT; starting a fresh one", path)
-        bconf.set_timing_cache(bconf.create_timing_cache(b""), False)
+        cache = bconf.create_timing_cache(b"")
+        bconf.set_timing_cache(cache, False)
     return cache
 
 
