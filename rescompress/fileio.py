@@ -17,7 +17,8 @@ from rescompress.errors import RescompressError, UsageError
 
 
 def ensure_not_input(output: Path | str, inputs: Iterable[Path | str | None]) -> None:
-    """Refuse an output path that is one of the inputs (same file after resolving links)."""
+    """Refuse an output path that is one of the inputs (same file after resolving links), or an existing
+    file inside an input folder (a data set's file)."""
     out = Path(output).resolve()
     for inp in inputs:
         if inp is None:
@@ -25,6 +26,8 @@ def ensure_not_input(output: Path | str, inputs: Iterable[Path | str | None]) ->
         p = Path(inp)
         if p.resolve() == out or (p.exists() and out.exists() and os.path.samefile(p, out)):
             raise RescompressError(f"output {output} is the same file as input {inp}; choose another path")
+        if p.is_dir() and out.is_file() and out.is_relative_to(p.resolve()):
+            raise RescompressError(f"output {output} is a file of the input folder {inp}; choose another path")
 
 
 def require_suffix(output: Path | str, suffix: str, what: str) -> None:

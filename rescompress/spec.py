@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, replace
 
-from rescompress.errors import RescompressError
+from rescompress.errors import UsageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -37,18 +37,17 @@ class Preprocess:
     resize: int | None = None
 
     def __post_init__(self) -> None:
+        # Option values out of range: usage errors (exit 2), like an unknown choice.
         if self.channels not in (1, 3):
-            raise RescompressError(f"channels must be 1 or 3, got {self.channels}")
+            raise UsageError(f"channels must be 1 or 3, got {self.channels}")
         if len(self.size) != 2 or min(self.size) < 1:
-            raise RescompressError(f"input size must be two positive integers, got {self.size}")
+            raise UsageError(f"input size must be two positive integers, got {self.size}")
         for name, vals in (("mean", self.mean), ("std", self.std)):
             if len(vals) not in (1, self.channels):
-                raise RescompressError(
-                    f"--{name} needs 1 or {self.channels} values for {self.channels}-channel input, "
-                    f"got {len(vals)}"
-                )
+                allowed = "1 value" if self.channels == 1 else f"1 or {self.channels} values"
+                raise UsageError(f"--{name} needs {allowed} for {self.channels}-channel input, got {len(vals)}")
         if any(s <= 0 for s in self.std):
-            raise RescompressError(f"std values must be positive, got {self.std}")
+            raise UsageError(f"std values must be positive, got {self.std}")
 
     @property
     def mean_per_channel(self) -> tuple[float, ...]:
@@ -132,6 +131,6 @@ def get_preset(name: str) -> Preprocess:
     try:
         return PRESETS[name]
     except KeyError:
-        raise RescompressError(
+        raise UsageError(
             f"unknown preprocessing preset {name!r}; choose one of: {', '.join(PRESETS)}"
         ) from None

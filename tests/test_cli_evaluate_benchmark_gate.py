@@ -243,7 +243,7 @@ def test_gate_record_only_then_against_other_data_is_an_error(files, eval_npz):
                          "--threads", "1", "--save-metrics", str(metrics), "--json"])
     assert r.exit_code == 0, r.stderr
     d = json.loads(r.stdout)
-    assert d["checks"] == [] and d["verdict"] == "PASSED" and "checked nothing" in r.stderr
+    assert d["checks"] == [] and d["verdict"].startswith("RECORDED") and "checked nothing" in r.stderr
     assert json.loads(metrics.read_text())["n"] == 100
     r = _gate(files, eval_npz, "--against", str(metrics), "--candidate", str(files["a"]))
     assert r.exit_code == 1 and "different images" in r.stderr
@@ -260,7 +260,7 @@ def test_gate_latency_check(files, eval_npz):
     )
     r = _gate(files, eval_npz, "--against", str(files["dir"] / "metrics.json"), "--candidate",
               str(files["a_onnx"]), "--max-latency-ratio", "2")
-    assert r.exit_code == 1 and "needs --baseline" in r.stderr
+    assert r.exit_code == 2 and "needs --baseline" in r.stderr
 
 
 def test_gate_bad_input_is_one_line_exit_1_and_writes_nothing(files, eval_npz):
@@ -270,12 +270,13 @@ def test_gate_bad_input_is_one_line_exit_1_and_writes_nothing(files, eval_npz):
         ([*base, "--candidate", str(files["a_onnx"]), "--data", str(files["unlabeled"])], "labeled"),
         ([*base, "--candidate", str(files["seven"]), "--data", str(eval_npz)], "different numbers of classes"),
         ([*base, "--candidate", str(files["relu"]), "--data", str(eval_npz)], "not an image classifier"),
-        (["--candidate", str(files["a"]), "--data", str(eval_npz)], "needs a reference"),
     ]
     for args, message in cases:
         r = cli.invoke(app, ["gate", *args])
         assert r.exit_code == 1, (args, r.stderr)
         assert message in r.stderr and r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1
+    r = cli.invoke(app, ["gate", "--candidate", str(files["a"]), "--data", str(eval_npz)])
+    assert r.exit_code == 2 and "needs a reference" in r.stderr  # a usage error, like the others
     assert not junit.exists()
     before = files["a_onnx"].read_bytes()
     r = cli.invoke(app, ["gate", "--baseline", str(files["a"]), "--candidate", str(files["a_onnx"]), "--data",
@@ -313,3 +314,85 @@ def test_device_cuda_without_a_gpu_is_a_clear_error(files, eval_npz):
     assert r.exit_code == 1 and "no CUDA device" in r.stderr
     r = cli.invoke(app, ["evaluate", str(files["a"]), "--data", str(eval_npz), "--device", "tpu"])
     assert r.exit_code == 1 and "device must be 'cpu' or 'cuda'" in r.stderr
+
+
+def test_gate_outputs_never_replace_inputs_and_are_checked_before_work(files, eval_npz, tmp_path):
+    """FILE@RUNTIME names the same file; a file of the data folder is an input too; an output that cannot
+    be written is refused before evaluation, so no other output is left behind."""
+    import shutil
+
+    cand = tmp_path / "cand.onnx"
+    shutil.copy(files["a_onnx"], cand)
+    before = cand.read_bytes()
+    r = cli.invoke(app, ["gate", "--candidate", f"{cand}@onnxruntime", "--baseline", str(files["a"]), "--data",
+                         str(eval_npz), "--save-metrics", str(cand)])
+    assert r.exit_code == 1 and "same file as input" in r.stderr and cand.read_bytes() == before
+    folder = tmp_path / "data"
+    folder.mkdir()
+    shutil.copy(eval_npz, folder / "val.npz")
+    r = cli.invoke(app, ["gate", "--candidate", str(files["a"]), "--baseline", str(files["a"]), "--data",
+                         str(folder / "val.npz"), "--junit", str(folder / "val.npz")])
+    assert r.exit_code == 1 and "same file as input" in r.stderr
+    (folder / "labels.txt").write_text("keep")
+    r = cli.invoke(app, ["gate", "--candidate", str(files["a"]), "--baseline", str(files["a"]), "--data",
+                         str(folder), "--junit", str(folder / "labels.txt")])
+    assert r.exit_code == 1 and "file of the input folder" in r.stderr
+    assert (folder / "labels.txt").read_text() == "keep"
+    (tmp_path / "adir").mkdir()
+    metrics = tmp_path / "m.json"
+    r = cli.invoke(app, ["gate", "--candidate", str(files["a"]), "--baseline", str(files["a"]), "--data",
+                         str(eval_npz), "--save-metrics", str(metrics), "--junit", str(tmp_path / "adir")])
+    assert r.exit_code == 1 and "folder" in r.stderr and "evaluat" not in r.stderr.lower().replace("error", "")
+    assert not metrics.exists()
+    r = cli.invoke(app, ["benchmark", str(files["a"]), "--data", str(eval_npz), "--report", str(tmp_path / "adir")])
+    assert r.exit_code == 1 and "folder" in r.stderr
+
+
+def test_gate_exit_codes_do_not_change_with_debug_and_failures_end_with_the_verdict(files, eval_npz, monkeypatch):
+    args = ["gate", "--baseline", str(files["a"]), "--candidate", str(files["noisy"]), "--data", str(eval_npz),
+            "--limit", "100", "--threads", "1"]
+    r = cli.invoke(app, args)
+    assert r.exit_code == 3 and _last_line(r.stdout).startswith("FAILED: ") and r.stderr.count("Error") == 0
+    monkeypatch.setenv("RESCOMPRESS_DEBUG", "1")
+    assert cli.invoke(app, args).exit_code == 3
+    r = cli.invoke(app, [*args, "--min-agreement", "101"])
+    assert r.exit_code == 2 and "Traceback" in r.stderr and _last_line(r.stderr).startswith("Error: ")
+
+
+def test_gate_value_never_rounds_onto_its_threshold():
+    from rescompress.measure.gate import check_agreement, check_drop
+
+    c = check_agreement("top1_agreement", 100 * 49498 / 50000, 99.0)  # 98.996
+    assert not c.passed and c.shown == "98.996" and "98.996" in c.message
+    assert check_agreement("a", 99.0, 99.0).shown == "99"
+    assert check_drop("d", 91.0, 90.5, 0.5).shown == "0.5"
+    assert check_agreement("a", 99.12345, 99.0).shown == "99.12"
+
+
+def test_nan_logits_are_an_error_in_evaluate_and_record_only_gate(files, eval_npz, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(files["a"]), "pt") as f:  # save_checkpoint would refuse: NaN never matches itself
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    tensors["fc.weight"][3] = float("nan")
+    nan_file = tmp_path / "nan.safetensors"
+    save_file(tensors, str(nan_file), metadata=meta)
+    r = cli.invoke(app, ["evaluate", str(nan_file), "--data", str(eval_npz), "--limit", "50"])
+    assert r.exit_code == 1 and "NaN or Inf" in r.stderr
+    r = cli.invoke(app, ["gate", "--candidate", str(nan_file), "--data", str(eval_npz), "--limit", "50",
+                         "--save-metrics", str(tmp_path / "m.json")])
+    assert r.exit_code == 1 and "NaN or Inf" in r.stderr and not (tmp_path / "m.json").exists()
+
+
+def test_evaluate_takes_file_at_runtime_and_refuses_onnx_runtimes_for_torch_files(files, eval_npz):
+    r = cli.invoke(app, ["evaluate", f"{files['a_onnx']}@onnxruntime", "--data", str(eval_npz), "--limit", "50",
+                         "--json"])
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["runtime"] == "onnxruntime"
+    r = cli.invoke(app, ["evaluate", str(files["a"]), "--data", str(eval_npz), "--runtime", "onnxruntime"])
+    assert r.exit_code == 2 and "runs ONNX files" in r.stderr
+    r = cli.invoke(app, ["evaluate", str(files["a"]), "--data", str(eval_npz), "--preset", "foo"])
+    assert r.exit_code == 2 and "unknown preprocessing preset" in r.stderr
+    r = cli.invoke(app, ["evaluate", str(files["a"]), "--data", str(eval_npz), "--mean", "0.1,0.2"])
+    assert r.exit_code == 2 and "--mean needs 1 value for 1-channel input, got 2" in r.stderr

@@ -628,3 +628,19 @@ def test_hessian_rounding_needs_calibration_data(fp32, calib_npz, tmp_path):
     assert again.calibration["weight_rounding"].startswith("nearest (no --calib-data")
     with pytest.raises(RescompressError, match="--weight-rounding"):
         QuantizeConfig(weight_rounding="adaround")
+
+
+def test_sqnr_of_identical_or_silent_logits_is_capped_so_reports_are_strict_json():
+    """A layer whose quantization changes nothing (e.g. Flatten) gave SQNR inf, and the quantize JSON held
+    'Infinity', which strict JSON parsers refuse."""
+    import json
+
+    from rescompress.measure.agreement import SQNR_CAP_DB
+    from rescompress.quantization.fidelity import compare
+
+    x = np.random.default_rng(0).standard_normal((8, 10)).astype(np.float32)
+    assert sqnr_db(x, x) == SQNR_CAP_DB
+    assert sqnr_db(np.zeros_like(x), x) == -SQNR_CAP_DB
+    assert sqnr_db(x, x + 1e-3) == pytest.approx(10 * np.log10((x.astype(np.float64) ** 2).sum() / (80 * 1e-6)),
+                                                  rel=1e-4)
+    json.dumps(compare(x, x).to_dict(), allow_nan=False)

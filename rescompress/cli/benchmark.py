@@ -72,7 +72,7 @@ def register(app: typer.Typer) -> None:
         max/mean |Δlogit|, KL, SQNR); file size, params and MACs. ONNX Runtime sessions run with thread
         spinning off, so that one model's idle threads do not steal the cores from the next.
         """
-        from rescompress.fileio import ensure_not_input, write_text_atomic
+        from rescompress.fileio import check_writable, ensure_not_input, write_text_atomic
         from rescompress.measure.benchmark import default_preprocess, open_runners, run_benchmark, split_model_spec
         from rescompress.measure.report import (
             AGREEMENT_COLUMNS,
@@ -87,6 +87,7 @@ def register(app: typer.Typer) -> None:
         batch_sizes = parse_ints(batch, "--batch")
         if report is not None:
             ensure_not_input(report, [split_model_spec(m)[0] for m in models] + [data])
+            check_writable(report)
         runners = open_runners(models, runtime, threads, spinning=False, arch=arch, trust_pickle=trust_pickle,
                                device=device)
         pre = resolve_preprocess(default_preprocess(runners), preset, input_size, channels, mean, std)

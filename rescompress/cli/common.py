@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -77,16 +78,16 @@ def parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
     try:
         return tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise RescompressError(f"{option} expects comma-separated numbers, got {text!r}") from None
+        raise UsageError(f"{option} expects comma-separated numbers, got {text!r}") from None
 
 
 def parse_ints(text: str, option: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise RescompressError(f"{option} expects comma-separated integers, got {text!r}") from None
+        raise UsageError(f"{option} expects comma-separated integers, got {text!r}") from None
     if not values or any(v < 1 for v in values):
-        raise RescompressError(f"{option} expects positive integers, got {text!r}")
+        raise UsageError(f"{option} expects positive integers, got {text!r}")
     return values
 
 
@@ -215,7 +216,17 @@ def debug_enabled() -> bool:
 
 
 def handle_errors(func: Callable) -> Callable:
-    """Decorator for command functions: known errors -> one ``Error:`` line and the right exit code."""
+    """Decorator for command functions: known errors -> one line on stderr and the right exit code.
+
+    ``RESCOMPRESS_DEBUG=1`` adds the traceback before that line; the exit code stays the same, so a CI job
+    that tells a failed check (3) from an error (1) behaves the same with debugging on.
+    """
+
+    def fail(line: str, code: int) -> typer.Exit:
+        if debug_enabled():
+            stderr.print(traceback.format_exc().rstrip(), markup=False, highlight=False)
+        stderr.print(line, markup=False, highlight=False)
+        return typer.Exit(code)
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -223,38 +234,20 @@ def handle_errors(func: Callable) -> Callable:
             return func(*args, **kwargs)
         except typer.Exit:
             raise
-        except CheckFailed as exc:
-            if debug_enabled():
-                raise
-            stderr.print(f"Error: {exc}", markup=False, highlight=False)
-            raise typer.Exit(EXIT_CHECK_FAILED) from None
+        except CheckFailed as exc:  # a measured threshold did not hold: not an error of the tool or its input
+            raise fail(f"FAILED: {exc}", EXIT_CHECK_FAILED) from None
         except UsageError as exc:
-            if debug_enabled():
-                raise
-            stderr.print(f"Error: {exc}", markup=False, highlight=False)
-            raise typer.Exit(EXIT_USAGE) from None
+            raise fail(f"Error: {exc}", EXIT_USAGE) from None
         except RescompressError as exc:
-            if debug_enabled():
-                raise
-            stderr.print(f"Error: {exc}", markup=False, highlight=False)
-            raise typer.Exit(EXIT_ERROR) from None
+            raise fail(f"Error: {exc}", EXIT_ERROR) from None
         except KeyboardInterrupt as exc:
-            stderr.print("Error: interrupted", markup=False)
-            raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
+            raise fail("Error: interrupted", 143 if isinstance(exc, Terminated) else 130) from None
         except OSError as exc:  # a path that cannot be read or written: say which, without a traceback
-            if debug_enabled():
-                raise
             where = f": {exc.filename}" if exc.filename else ""
-            stderr.print(f"Error: {exc.strerror or exc}{where}", markup=False, highlight=False)
-            raise typer.Exit(EXIT_ERROR) from None
+            raise fail(f"Error: {exc.strerror or exc}{where}", EXIT_ERROR) from None
         except Exception as exc:  # an unexpected failure: still one line, traceback on request
-            if debug_enabled():
-                raise
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            stderr.print(
-                f"Error: {type(exc).__name__}: {msg} (set RESCOMPRESS_DEBUG=1 for the traceback)",
-                markup=False, highlight=False,
-            )
-            raise typer.Exit(EXIT_ERROR) from None
+            hint = "" if debug_enabled() else " (set RESCOMPRESS_DEBUG=1 for the traceback)"
+            raise fail(f"Error: {type(exc).__name__}: {msg}{hint}", EXIT_ERROR) from None
 
     return wrapper

@@ -73,10 +73,16 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Top-1/top-5 accuracy (percent) of MODEL on labeled data, with a progress bar on stderr."""
         from rescompress.data import check_compatible, make_loader, open_dataset
+        from rescompress.errors import UsageError
         from rescompress.measure.accuracy import evaluate_accuracy
-        from rescompress.measure.benchmark import check_compatible_runners
+        from rescompress.measure.benchmark import check_compatible_runners, split_model_spec
         from rescompress.runtimes import make_runner
 
+        model, per_file = split_model_spec(model)  # FILE@RUNTIME, as benchmark and gate take it
+        if per_file != "auto":
+            if runtime not in ("auto", per_file):
+                raise UsageError(f"--runtime {runtime} and {model}@{per_file} disagree; give one")
+            runtime = per_file
         runner = make_runner(model, runtime, threads, arch=arch, trust_pickle=trust_pickle, device=device)
         pre = resolve_preprocess(runner.info.preprocess, preset, input_size, channels, mean, std)
         check_compatible_runners({model.name: runner}, pre)

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from rescompress.cli.common import (
+    EXIT_CHECK_FAILED,
     ArchOpt,
     BatchSizeOpt,
     ChannelsOpt,
@@ -30,8 +31,9 @@ from rescompress.cli.evaluate import DataOpt, DeviceOpt, RuntimeOpt, ThreadsOpt
 
 HELP = "\n\n".join((
     "Check a CANDIDATE model against a reference on labeled data: exit 0 when every check holds, 3 when one "
-    "fails, 1 on an error. The last stdout line is PASSED or FAILED: <failing checks> (with --json, stdout is "
-    "one JSON document whose \"verdict\" holds that line).",
+    "fails, 1 on an error, 2 on a usage error. The last stdout line is PASSED or FAILED: <failing checks> "
+    "(RECORDED when no reference is given; with --json, stdout is one JSON document whose \"verdict\" holds "
+    "that line).",
     "Checks (inclusive: a value exactly at its threshold passes):",
     "- accuracy_drop = baseline top-1 - candidate top-1, in percentage points; passes when <= --max-drop.",
     "- top1_agreement = percent of images where both predict the same class; passes when >= --min-agreement.",
@@ -92,23 +94,25 @@ def register(app: typer.Typer) -> None:
         trust_pickle: TrustPickleOpt = False,
         as_json: JsonOpt = False,
     ) -> None:
-        from rescompress.errors import CheckFailed, RescompressError
-        from rescompress.fileio import ensure_not_input
-        from rescompress.measure.benchmark import default_preprocess, open_runners
+        from rescompress.errors import UsageError
+        from rescompress.fileio import check_writable, ensure_not_input
+        from rescompress.measure.benchmark import default_preprocess, open_runners, split_model_spec
         from rescompress.measure.gate import GateMetrics, GateThresholds, run_gate, write_junit
 
         # Every input problem is found before any work, so an error leaves no file behind.
         thresholds = GateThresholds(max_drop, min_agreement, max_latency_ratio, batch)
         record_only = baseline is None and against is None
         if record_only and save_metrics is None:
-            raise RescompressError(
+            raise UsageError(
                 "the gate needs a reference: --baseline MODEL, --against METRICS.json, or both "
                 "(or only --save-metrics to record the candidate's metrics)"
             )
-        inputs = [candidate, baseline, against, data]
+        models = [split_model_spec(m)[0] for m in (candidate, baseline) if m is not None]  # FILE@RUNTIME
+        inputs = [*models, against, data]
         outputs = [p for p in (junit, save_metrics) if p is not None]
         for out in outputs:
             ensure_not_input(out, inputs)
+            check_writable(out)
         if len(outputs) == 2:
             ensure_not_input(junit, [save_metrics])
         stored = GateMetrics.load(against) if against is not None else None
@@ -144,15 +148,16 @@ def register(app: typer.Typer) -> None:
 
         def render(console) -> None:
             rows = [
-                {"check": c.name, "value": c.value, "rule": f"{c.op} {c.threshold:g}",
+                {"check": c.name, "value": c.shown, "rule": f"{c.op} {c.threshold:g}",
                  "result": "pass" if c.passed else "FAIL"}
                 for c in result.checks
             ]
-            console.print(rows_table(rows, ("check", "value", "rule", "result"), title="Gate"))
+            if rows:
+                console.print(rows_table(rows, ("check", "value", "rule", "result"), title="Gate"))
             for c in result.checks:
                 console.print(f"{c.name}: {c.detail}", highlight=False, markup=False)
             typer.echo(result.verdict)
 
         Output(as_json).result(result.to_dict(), render)
-        if not result.passed:
-            raise CheckFailed(f"gate failed: {', '.join(result.failed)}")
+        if not result.passed:  # the verdict line says which checks failed; it stays the last line
+            raise typer.Exit(EXIT_CHECK_FAILED)

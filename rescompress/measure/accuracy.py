@@ -100,11 +100,19 @@ def iter_batches(
             break
 
 
+def finite_logits(logits: np.ndarray, name: str) -> np.ndarray:
+    """``logits`` unchanged, or an error: argmax of NaN is a class, so a broken model would otherwise get a
+    plausible-looking top-1."""
+    if not np.isfinite(logits).all():
+        raise RescompressError(f"{name}: logits contain NaN or Inf; the model output is broken")
+    return logits
+
+
 def evaluate_accuracy(runner, loader: Iterable, progress: ProgressFn | None = None) -> AccuracyResult:
     """Top-1/top-5 of ``runner`` over every batch of ``loader`` (labels required)."""
     counter = AccuracyCounter()
     for x, y in iter_batches(loader, progress=progress, description=f"evaluate {runner.name}"):
-        counter.update(runner.run(x), y)
+        counter.update(finite_logits(runner.run(x), runner.name), y)
     return counter.result()
 
 
@@ -170,7 +178,7 @@ def evaluate_runners(
             raise DataError("accuracy needs labeled data, but the data has no labels")
         digest.update(y.astype("<i8").tobytes())
         n += len(y)
-        outs = {k: runners[k].run(x) for k in names}
+        outs = {k: finite_logits(runners[k].run(x), k) for k in names}
         base = outs[names[0]]
         for k in names:
             if labeled:

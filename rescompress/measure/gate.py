@@ -161,9 +161,19 @@ class GateCheck:
     detail: str
 
     @property
+    def shown(self) -> str:
+        """The value with as few digits as keep it on its side of the threshold: 98.9967 against 99 shows
+        as 98.997, never as a failing "99"."""
+        for digits in range(4, 17):
+            text = f"{self.value:.{digits}g}"
+            if float(text) == self.value or (float(text) == self.threshold) == (self.value == self.threshold):
+                return text
+        return repr(self.value)
+
+    @property
     def message(self) -> str:
         verdict = "holds" if self.passed else "violated"
-        return f"{self.name} = {self.value:.6g} (must be {self.op} {self.threshold:g}): {verdict}; {self.detail}"
+        return f"{self.name} = {self.shown} (must be {self.op} {self.threshold:g}): {verdict}; {self.detail}"
 
     def to_dict(self) -> dict:
         return {
@@ -223,7 +233,9 @@ class GateResult:
 
     @property
     def verdict(self) -> str:
-        """``PASSED`` or ``FAILED: check, check``."""
+        """``PASSED`` or ``FAILED: check, check``; ``RECORDED`` for a run without a reference (no check)."""
+        if not self.checks:
+            return "RECORDED (no reference: metrics measured, nothing checked)"
         return "PASSED" if self.passed else "FAILED: " + ", ".join(self.failed)
 
     def to_dict(self) -> dict:
@@ -327,7 +339,7 @@ def run_gate(
     if baseline is None and stored is None and not record_only:
         raise UsageError("the gate needs a reference: --baseline MODEL, --against METRICS.json, or both")
     if thresholds.max_latency_ratio is not None and baseline is None:
-        raise RescompressError(
+        raise UsageError(
             "--max-latency-ratio needs --baseline: latency is compared in the same run, never with stored times"
         )
     runners: dict[str, object] = {}

@@ -6,26 +6,22 @@ pick the calibration method, rank layers for fallback and fill the report.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from rescompress.measure.accuracy import topk_correct
+from rescompress.measure.agreement import sqnr_db as capped_sqnr_db
 from rescompress.measure.agreement import top1_agreement
 
 
 def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
-    """10·log10(‖ref‖² / ‖ref − cand‖²) in dB (``inf`` when identical)."""
+    """10·log10(‖ref‖² / ‖ref − cand‖²) in dB, capped at ±``SQNR_CAP_DB`` (identical: the cap) so reports
+    stay strict JSON."""
     ref = np.asarray(reference, dtype=np.float64)
     noise = float(np.sum((ref - np.asarray(candidate, dtype=np.float64)) ** 2))
-    signal = float(np.sum(ref * ref))
-    if noise == 0.0:
-        return math.inf
-    if signal == 0.0:
-        return -math.inf
-    return 10.0 * math.log10(signal / noise)
+    return capped_sqnr_db(float(np.sum(ref * ref)), noise)
 
 
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:

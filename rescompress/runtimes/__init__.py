@@ -158,6 +158,12 @@ def make_runner(model: Any, runtime: str = "auto", threads: int | None = None, *
     name = resolve_runtime(model, runtime)
     if is_path_like(model) and not Path(model).exists():
         raise RescompressError(f"model file {model} does not exist")
+    if name in ("onnxruntime", "openvino") and is_path_like(model):
+        from rescompress.loading import is_onnx_path
+
+        if not is_onnx_path(model):
+            raise UsageError(f"--runtime {name} runs ONNX files and {Path(model).name} is not one; use --runtime "
+                             "torch, or `rescompress export` it first")
     opts = RunnerOptions(threads=threads, **options)
     module_name, _, attr = RUNTIMES[name].partition(":")
     factory = getattr(importlib.import_module(module_name), attr)
