@@ -170,18 +170,23 @@ _SPLIT_NAMES = frozenset({
 def _split_folders(subdirs: list[Path], per_class: list[list[Path]]) -> list[str]:
     """Names of the sub-folders of a folder of splits (root/{train,val}/{cat,dog}/...), else [].
 
-    Taken as splits when none of the sub-folders holding images holds any directly (only in sub-folders), and
-    either one has a usual split name (train, val, test, ...) or their image sub-folders repeat across them and
-    outnumber them (few splits of many classes; root/{cat,dog}/{batch1,batch2}/ stays a tree of classes)."""
+    Taken as splits only when every sub-folder holding images has a usual split name (train, val, test, ...)
+    and holds them only in sub-folders. Other layouts are trees of classes, as torchvision's ImageFolder reads
+    them (root/{bus,car,train}/flickr/ has three classes); when their image sub-folders repeat across them and
+    outnumber them (root/{fold1,fold2}/{bird,cat,dog}/), which may be splits, a warning says so."""
     holding = [(d, files) for d, files in zip(subdirs, per_class, strict=True) if files]
     if not holding or any(f.parent == d for d, files in holding for f in files):
         return []
     names = [d.name for d, _ in holding]
-    if any(n.lower() in _SPLIT_NAMES for n in names):
+    if all(n.lower() in _SPLIT_NAMES for n in names):
         return names
     inner = [{f.relative_to(d).parts[0] for f in files} for d, files in holding]
     repeated = set().union(*(a & b for a, b in combinations(inner, 2)))
-    return names if len(repeated) > len(holding) else []
+    if len(repeated) > len(holding):
+        logging.getLogger(__name__).warning(
+            "%s: taking %s as the classes; each holds the same sub-folders (%s), so if they are dataset splits, "
+            "pass one of them instead", subdirs[0].parent, ", ".join(names[:4]), ", ".join(sorted(repeated)[:4]))
+    return []
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -269,6 +274,8 @@ def describe_source(path: Path | str, split: str = "test") -> tuple[SourceInfo, 
     if not p.exists():
         raise DataError(f"data path {p} does not exist")
     if p.is_file():
+        if explicit:
+            raise DataError(f"@{split} picks a split of a folder; {p} is a file")
         if p.suffix.lower() == ".npz":
             return _open_npz(p)
         raise DataError(
@@ -298,8 +305,22 @@ def describe_source(path: Path | str, split: str = "test") -> tuple[SourceInfo, 
     # depth (like torchvision). A class folder without images keeps its number, so the labels after it still
     # match the model's outputs.
     subdirs = sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if explicit:  # DIR@val: the split folder DIR/val
+        match = [d for d in subdirs if d.name == split] or [d for d in subdirs if d.name.lower() == split.lower()]
+        if not match:
+            raise DataError(f"{p} has no IDX split or split folder {split!r} (sub-folders: "
+                            f"{', '.join(d.name for d in subdirs[:6]) or 'none'})")
+        return describe_source(match[0], split)
     per_class = [_list_images(d, recursive=True) for d in subdirs]
     splits = _split_folders(subdirs, per_class)
+    top = _list_images(p)
+    if top and any(per_class):
+        holding = [d.name for d, found in zip(subdirs, per_class, strict=True) if found]
+        raise DataError(
+            f"{p} holds {len(top)} images directly and more in the sub-folders {', '.join(holding[:4])}: "
+            "neither a tree of classes (every image in a class folder) nor a flat folder of images; move them, "
+            "or pass one sub-folder"
+        )
     if any(per_class) and not splits:
         files, labels = [], []
         for idx, found in enumerate(per_class):
@@ -308,13 +329,12 @@ def describe_source(path: Path | str, split: str = "test") -> tuple[SourceInfo, 
         classes = tuple(d.name for d in subdirs)
         info = SourceInfo(str(p), "imagefolder", None, len(files), True, len(classes), classes)
         return info, _FileReader(files, labels)
-    files = _list_images(p)
-    if files:
-        return SourceInfo(str(p), "images", None, len(files), False, None), _FileReader(files, None)
+    if top:
+        return SourceInfo(str(p), "images", None, len(top), False, None), _FileReader(top, None)
     if splits:  # e.g. root/{train,val}/{cat,dog}/*.jpg: a folder of splits, not of classes
         raise DataError(
             f"{p} looks like a folder of dataset splits, not of classes; {', '.join(splits[:4])} hold class "
-            "folders of images: pass one of them (a dataset split) instead"
+            f"folders of images: pass one of them (a dataset split) instead, e.g. {p}@{splits[0]}"
         )
     raise DataError(
         f"{p} holds no images: expected class sub-folders of images, images directly, "

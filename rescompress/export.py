@@ -221,18 +221,13 @@ def export_onnx(
         "version": __version__,
         "arch": arch,
         "num_classes": str(num_classes),
-        "preprocess": preprocess.to_json(),
-        "preset": preprocess.preset,
-        "mean": json.dumps(list(preprocess.mean_per_channel)),
-        "std": json.dumps(list(preprocess.std_per_channel)),
-        "input_size": json.dumps(list(preprocess.size)),
-        "channels": str(preprocess.channels),
+        **preprocess_metadata(preprocess),
         "precision": "fp32",
     }
     if folded is not None:
         metadata["folded"] = "1" if folded else "0"
     metadata.update(extra_metadata or {})
-    _set_metadata(proto, metadata)
+    set_metadata(proto, metadata)
     proto.doc_string = f"FP32 {arch} exported by rescompress {__version__}"
     try:
         proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
@@ -460,7 +455,20 @@ def _refuse_training_batchnorm(graph) -> None:
                     raise ExportError(f"exported graph has a training-mode BatchNormalization ({node.name})")
 
 
-def _set_metadata(proto, metadata: dict[str, str]) -> None:
+def preprocess_metadata(preprocess: Preprocess) -> dict[str, str]:
+    """The ``rescompress.*`` metadata entries that record a file's preprocessing."""
+    return {
+        "preprocess": preprocess.to_json(),
+        "preset": preprocess.preset,
+        "mean": json.dumps(list(preprocess.mean_per_channel)),
+        "std": json.dumps(list(preprocess.std_per_channel)),
+        "input_size": json.dumps(list(preprocess.size)),
+        "channels": str(preprocess.channels),
+    }
+
+
+def set_metadata(proto, metadata: dict[str, str]) -> None:
+    """Set ``rescompress.<key>`` metadata entries (keys may carry the prefix already)."""
     existing = {p.key: p for p in proto.metadata_props}
     for key, value in metadata.items():
         full = key if key.startswith(META_PREFIX) else META_PREFIX + key

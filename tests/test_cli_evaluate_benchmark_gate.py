@@ -396,3 +396,23 @@ def test_evaluate_takes_file_at_runtime_and_refuses_onnx_runtimes_for_torch_file
     assert r.exit_code == 2 and "unknown preprocessing preset" in r.stderr
     r = cli.invoke(app, ["evaluate", str(files["a"]), "--data", str(eval_npz), "--mean", "0.1,0.2"])
     assert r.exit_code == 2 and "--mean needs 1 value for 1-channel input, got 2" in r.stderr
+
+
+def test_models_recording_other_normalization_are_not_compared_silently(files, eval_npz, tmp_path):
+    """benchmark and gate feed every model one input: a model recording another mean/std would be scored on
+    the wrong normalization, so that is refused unless --preset/--mean/--std choose it (then warned)."""
+    model, _ = load_checkpoint(files["a"])
+    other = tmp_path / "other_norm.onnx"
+    export_onnx(model, FMNIST.with_overrides(mean=(0.5,), std=(0.25,)), other, arch="resnet20", num_classes=10)
+    args = ["benchmark", str(files["a"]), str(other), "--data", str(eval_npz), "--batch", "1", *FAST, *TIMING]
+    r = cli.invoke(app, args)
+    assert r.exit_code == 1 and "record different preprocessing" in r.stderr and "other_norm.onnx" in r.stderr
+    r = cli.invoke(app, [*args, "--mean", "0.2860", "--std", "0.3530"])
+    assert r.exit_code == 0, r.stderr
+    assert "other_norm.onnx records other preprocessing than the one used" in r.stderr
+    r = cli.invoke(app, ["gate", "--baseline", str(files["a"]), "--candidate", str(other), "--data", str(eval_npz),
+                         "--limit", "50"])
+    assert r.exit_code == 1 and "record different preprocessing" in r.stderr
+    r = cli.invoke(app, ["evaluate", str(files["a"]), "--data", str(eval_npz), "--mean", "123.675", "--std",
+                         "58.395"])
+    assert r.exit_code == 2 and "--mean 0.485" in r.stderr

@@ -188,7 +188,7 @@ def test_pruned_transfer_learning_model_reloads(tmp_path):
     assert loaded.macs < 0.55 * load_model(tmp_path / "tl.pt", input_size=16).macs
 
 
-def test_folded_checkpoint_prunes_and_reloads(model_file, tmp_path):
+def test_folded_checkpoint_prunes_and_reloads(model_file, calib_npz, tmp_path):
     from rescompress.loading import load_model
 
     folded = tmp_path / "folded.safetensors"
@@ -199,6 +199,13 @@ def test_folded_checkpoint_prunes_and_reloads(model_file, tmp_path):
     loaded = load_model(out)
     assert loaded.pruned and "BatchNorm folded into the convolutions" in loaded.notes
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.module.modules())
+    notes = json.loads(res.stdout)["report"]["notes"]
+    assert not any("BatchNorm statistics were not re-estimated" in n for n in notes)
+    # Fine-tuning a model without BatchNorm diverges with the recipe: refused before any work.
+    res = runner.invoke(app, ["prune", str(folded), "--ratio", "0.3", "--no-latency", "--finetune-data",
+                              str(calib_npz), "--epochs", "1", "--limit", "32", "-o", str(tmp_path / "ft.safetensors")])
+    assert res.exit_code == 2 and "no BatchNorm (folded)" in res.stderr
+    assert not (tmp_path / "ft.safetensors").exists()
 
 
 def test_dependency_graph_refuses_a_script_module():

@@ -129,6 +129,49 @@ def test_plan_with_missing_or_altered_rounded_weights_is_refused(first_run, chec
     assert not list((tmp_path / "o2").glob("*int8*")) and not list((tmp_path / "o2").glob(".*tmp"))
 
 
+def test_plan_records_preprocessing_and_exclusions(first_run, checkpoint, calib_npz, tmp_path):
+    """Other --mean/--std give other activation ranges: the plan's scales would be silently wrong (2.6 dB);
+    a plan made with --exclude is reused with the same layers in float (it has no scales for them)."""
+    _, out = first_run
+    plan = json.loads((out / "r20.plan.json").read_text())
+    assert plan["provenance"]["preprocess"]["mean"] == list(get_preset("fashion-mnist").mean_per_channel)
+    res = runner.invoke(app, ["quantize", str(checkpoint), "--plan", str(out / "r20.plan.json"), "--mean", "0",
+                              "--std", "0.05", "-o", str(tmp_path / "m"), *FAST])
+    assert res.exit_code == 1 and "calibrated with other preprocessing (mean" in res.stderr
+    assert not (tmp_path / "m").exists()
+    ex = tmp_path / "ex"
+    res = runner.invoke(app, ["quantize", str(checkpoint), "--calib-data", str(calib_npz), "--num-images", "32",
+                              "--method", "max", "--weight-rounding", "nearest", "--target", "onnxruntime",
+                              "--exclude", "*layer1.0*", "-o", str(ex), *FAST])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["quantize", str(checkpoint), "--plan", str(ex / "r20.plan.json"), "--target",
+                              "onnxruntime", "-o", str(tmp_path / "re"), "--json", *FAST])
+    assert res.exit_code == 0, res.output
+    assert "keeping in float what the plan's run excluded: *layer1.0*" in res.stderr
+    floats = json.loads(res.stdout)["float_nodes"]["onnxruntime"]
+    assert floats and all("layer1.0" in n for n in floats)
+
+
+def test_external_onnx_quantized_with_options_records_its_preprocessing(tmp_path, calib_npz):
+    """A user's ONNX without rescompress metadata, quantized with --preset/--input-size: the INT8 files
+    record that preprocessing, so evaluate/benchmark read them without options."""
+    model = build_model("resnet20", num_classes=10, in_channels=1).eval()
+    path = tmp_path / "ext.onnx"
+    torch.onnx.export(model, torch.randn(2, 1, 28, 28), str(path), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n"}}, opset_version=17, dynamo=False)
+    res = runner.invoke(app, ["quantize", str(path), "--preset", "fashion-mnist", "--calib-data", str(calib_npz),
+                              "--num-images", "32", "--method", "max", "--weight-rounding", "nearest", "--target",
+                              "onnxruntime", "-o", str(tmp_path / "q"), *FAST])
+    assert res.exit_code == 0, res.output
+    from rescompress.export import read_onnx_info
+
+    info = read_onnx_info(tmp_path / "q" / "ext.int8.ort.onnx")
+    assert info.preprocess is not None and info.preprocess.mean == get_preset("fashion-mnist").mean
+    res = runner.invoke(app, ["evaluate", str(tmp_path / "q" / "ext.int8.ort.onnx"), "--data", str(calib_npz),
+                              "--limit", "32"])
+    assert res.exit_code == 0, res.output
+
+
 def test_plan_for_another_model_is_refused(first_run, calib_npz, tmp_path):
     _, out = first_run
     other = build_model("resnet20", num_classes=10, in_channels=1).eval()

@@ -158,20 +158,31 @@ def test_image_folder_finds_images_in_class_sub_folders(tmp_path, images):
     assert describe_source(single)[0].classes == ("cat",)
 
 
-def test_split_roots_with_nested_images_are_refused(tmp_path, images):
-    """A folder of splits is refused even now that class folders are searched at any depth: usual split names
-    (however deep the images), or sub-folders repeated across folders and outnumbering them."""
+def test_split_roots_with_nested_images_are_refused(tmp_path, images, caplog):
+    """A folder of usual split names is refused even now that class folders are searched at any depth, and
+    DIR@split opens one split; sub-folders repeated across folders and outnumbering them may be splits or
+    classes with sub-folders (years, sources): read as classes, like torchvision, with a warning."""
     x, _ = images
     deep = tmp_path / "deep"
     _save(deep / "train" / "cat" / "batch1" / "0.png", x[0])
-    with pytest.raises(DataError, match="train hold class folders of images: pass one of them"):
+    _save(deep / "val" / "dog" / "1.png", x[1])
+    with pytest.raises(DataError, match="train, val hold class folders of images: pass one of them"):
         open_dataset(deep, get_preset("fashion-mnist"))
+    assert describe_source(f"{deep}@val")[0].classes == ("dog",)
+    with pytest.raises(DataError, match="no IDX split or split folder 'test'"):
+        describe_source(f"{deep}@test")
     folds = tmp_path / "folds"
     for fold in ("fold1", "fold2"):
         for name in ("bird", "cat", "dog"):
             _save(folds / fold / name / "0.png", x[0])
-    with pytest.raises(DataError, match="splits, not of classes; fold1, fold2 hold class folders"):
-        open_dataset(folds, get_preset("fashion-mnist"))
+    with caplog.at_level("WARNING"):
+        assert describe_source(folds)[0].classes == ("fold1", "fold2")
+    assert "if they are dataset splits, pass one of them" in caplog.text
+    vehicles = tmp_path / "vehicles"  # a class named like a split, its images one folder down
+    for name in ("bus", "car", "train"):
+        _save(vehicles / name / "flickr" / "0.png", x[0])
+    assert describe_source(vehicles)[0].classes == ("bus", "car", "train")
+
     batches = tmp_path / "batches"  # classes with repeated batch folders: as many classes as batches
     for name in ("cat", "dog"):
         for batch in ("batch1", "batch2"):
@@ -181,6 +192,18 @@ def test_split_roots_with_nested_images_are_refused(tmp_path, images):
     _save(mixed / "train" / "0.png", x[0])
     _save(mixed / "val" / "cat" / "0.png", x[0])
     assert describe_source(mixed)[0].classes == ("train", "val")
+
+def test_images_beside_class_folders_and_split_of_a_file_are_refused(tmp_path, images):
+    """200 images at the top and 8 in one sub-folder read as one class of 8: the 200 were silently dropped."""
+    x, _ = images
+    flat = tmp_path / "flat"
+    for i in range(3):
+        _save(flat / f"{i}.png", x[i])
+    _save(flat / "rejected" / "5.png", x[5])
+    with pytest.raises(DataError, match="holds 3 images directly and more in the sub-folders rejected"):
+        describe_source(flat)
+    with pytest.raises(DataError, match="picks a split of a folder"):
+        describe_source(f"{_npz(tmp_path, x[:2])}@train")
 
 
 def test_imagenet_preset_resizes_and_replicates_channels(images):

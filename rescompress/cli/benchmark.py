@@ -25,6 +25,7 @@ from rescompress.cli.common import (
     progress,
     resolve_preprocess,
     rows_table,
+    warn,
 )
 from rescompress.cli.evaluate import DeviceOpt, RuntimeOpt, ThreadsOpt
 
@@ -73,7 +74,13 @@ def register(app: typer.Typer) -> None:
         spinning off, so that one model's idle threads do not steal the cores from the next.
         """
         from rescompress.fileio import check_writable, ensure_not_input, write_text_atomic
-        from rescompress.measure.benchmark import default_preprocess, open_runners, run_benchmark, split_model_spec
+        from rescompress.measure.benchmark import (
+            check_same_normalization,
+            default_preprocess,
+            open_runners,
+            run_benchmark,
+            split_model_spec,
+        )
         from rescompress.measure.report import (
             AGREEMENT_COLUMNS,
             LATENCY_COLUMNS,
@@ -91,6 +98,8 @@ def register(app: typer.Typer) -> None:
         runners = open_runners(models, runtime, threads, spinning=False, arch=arch, trust_pickle=trust_pickle,
                                device=device)
         pre = resolve_preprocess(default_preprocess(runners), preset, input_size, channels, mean, std)
+        for note in check_same_normalization(runners, pre, chosen=any(v is not None for v in (preset, mean, std))):
+            warn(note)
 
         def on_block(b: int, r: int, name: str) -> None:
             if r == 0 and name == next(iter(runners)):

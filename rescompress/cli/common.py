@@ -116,10 +116,13 @@ def resolve_preprocess(
     base = get_preset(preset) if preset else default
     if base is None:
         raise RescompressError("the model does not record its preprocessing; pass --preset")
-    return base.with_overrides(
-        size=parse_size(input_size), channels=channels, mean=parse_floats(mean, "--mean"),
-        std=parse_floats(std, "--std"),
-    )
+    means, stds = parse_floats(mean, "--mean"), parse_floats(std, "--std")
+    for option, text, values in (("--mean", mean, means), ("--std", std, stds)):
+        if values and max(values) > 1.0:  # the 0-255 convention (OpenCV, mmcv): chance accuracy, silently
+            scaled = ",".join(f"{v / 255:.4g}" for v in values)
+            raise UsageError(f"{option} applies to pixels scaled to [0, 1], so it is at most 1; got {text} "
+                             f"(0-255 scale?): pass {option} {scaled}")
+    return base.with_overrides(size=parse_size(input_size), channels=channels, mean=means, std=stds)
 
 
 # ------------------------------------------------------------------------------------ output sink
@@ -215,6 +218,17 @@ def debug_enabled() -> bool:
     return os.environ.get("RESCOMPRESS_DEBUG", "") not in ("", "0")
 
 
+def _unwrap_worker_error(line: str) -> str:
+    """torch's DataLoader re-raises a worker's exception with the worker's whole traceback as its message
+    ("Caught DataError in DataLoader worker process 0. Original Traceback ..."); keep the original message."""
+    if "Original Traceback" not in line:
+        return line
+    prefix = line.split(":", 1)[0] if ":" in line else "Error"
+    last = line.rstrip().splitlines()[-1]
+    original = last.split(": ", 1)[1] if ": " in last else last  # "rescompress.errors.DataError: cannot ..."
+    return f"{prefix}: {original}"
+
+
 def handle_errors(func: Callable) -> Callable:
     """Decorator for command functions: known errors -> one line on stderr and the right exit code.
 
@@ -223,6 +237,7 @@ def handle_errors(func: Callable) -> Callable:
     """
 
     def fail(line: str, code: int) -> typer.Exit:
+        line = _unwrap_worker_error(line)
         if debug_enabled():
             stderr.print(traceback.format_exc().rstrip(), markup=False, highlight=False)
         stderr.print(line, markup=False, highlight=False)
@@ -246,6 +261,8 @@ def handle_errors(func: Callable) -> Callable:
             where = f": {exc.filename}" if exc.filename else ""
             raise fail(f"Error: {exc.strerror or exc}{where}", EXIT_ERROR) from None
         except Exception as exc:  # an unexpected failure: still one line, traceback on request
+            if "Original Traceback" in str(exc):  # from a DataLoader worker
+                raise fail(f"Error: {exc}", EXIT_ERROR) from None
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             hint = "" if debug_enabled() else " (set RESCOMPRESS_DEBUG=1 for the traceback)"
             raise fail(f"Error: {type(exc).__name__}: {msg}{hint}", EXIT_ERROR) from None

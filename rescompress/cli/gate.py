@@ -96,7 +96,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from rescompress.errors import UsageError
         from rescompress.fileio import check_writable, ensure_not_input
-        from rescompress.measure.benchmark import default_preprocess, open_runners, split_model_spec
+        from rescompress.measure.benchmark import (
+            check_same_normalization,
+            default_preprocess,
+            open_runners,
+            split_model_spec,
+        )
         from rescompress.measure.gate import GateMetrics, GateThresholds, run_gate, write_junit
 
         # Every input problem is found before any work, so an error leaves no file behind.
@@ -127,6 +132,8 @@ def register(app: typer.Typer) -> None:
 
             recorded = Preprocess.from_dict(stored.preprocess)
         pre = resolve_preprocess(recorded, preset, input_size, channels, mean, std)
+        for note in check_same_normalization(runners, pre, chosen=any(v is not None for v in (preset, mean, std))):
+            warn(note)
         if stored is not None and stored.preprocess and stored.preprocess != pre.to_dict():
             warn(f"{against} was measured with other preprocessing ({stored.preprocess}); comparing anyway")
 

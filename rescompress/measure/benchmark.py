@@ -142,6 +142,29 @@ def default_preprocess(runners: Mapping[str, object]) -> Preprocess | None:
     return None
 
 
+def check_same_normalization(runners: Mapping[str, object], preprocess: Preprocess, chosen: bool) -> list[str]:
+    """Models compared on one input must normalize it alike. A model whose own preprocessing scales pixels
+    otherwise (mean, std, resize) than ``preprocess`` is refused, unless the user ``chosen`` the normalization
+    (--preset/--mean/--std): then the returned warnings say which models run on another than their own."""
+    def key(p: Preprocess) -> tuple:
+        return (tuple(p.mean_per_channel), tuple(p.std_per_channel), p.resize)
+
+    other = {k: runner_info(r).preprocess for k, r in runners.items()}
+    other = {k: p for k, p in other.items() if p is not None and p.channels == preprocess.channels
+             and key(p) != key(preprocess)}
+    if not other:
+        return []
+    listing = "; ".join(f"{k}: mean {list(p.mean_per_channel)}, std {list(p.std_per_channel)}"
+                        for k, p in other.items())
+    used = f"mean {list(preprocess.mean_per_channel)}, std {list(preprocess.std_per_channel)}"
+    if not chosen:
+        raise DataError(
+            f"the models record different preprocessing ({listing}; used: {used}), so one input cannot suit them "
+            "all; pass --preset or --mean/--std to choose one, knowingly"
+        )
+    return [f"{k} records other preprocessing than the one used ({used})" for k in other]
+
+
 def check_compatible_runners(runners: Mapping[str, object], preprocess: Preprocess) -> int | None:
     """Refuse runners that cannot be compared on one input; return the common class count."""
     infos = {k: runner_info(r) for k, r in runners.items()}
@@ -150,18 +173,25 @@ def check_compatible_runners(runners: Mapping[str, object], preprocess: Preproce
         listing = ", ".join(f"{k}: {v}" for k, v in classes.items())
         raise RescompressError(f"the models output different numbers of classes ({listing}); they cannot be compared")
     for k, info in infos.items():
-        if info.in_channels is not None and info.in_channels != preprocess.channels:
-            raise DataError(
-                f"{k} takes {info.in_channels}-channel input but the preprocessing gives "
-                f"{preprocess.channels} channels; pass --channels {info.in_channels} or a matching --preset"
-            )
-        if info.input_size is not None and tuple(info.input_size) != tuple(preprocess.size):
-            h, w = info.input_size
-            raise DataError(
-                f"{k} has a fixed {h}x{w} input but the preprocessing gives "
-                f"{preprocess.size[0]}x{preprocess.size[1]}; pass --input-size {h}"
-            )
+        check_input_fits(k, info.in_channels, info.input_size, preprocess)
     return next(iter(classes.values()), None)
+
+
+def check_input_fits(
+    name: str, in_channels: int | None, input_size: tuple[int, int] | None, preprocess: Preprocess
+) -> None:
+    """Refuse preprocessing whose images a model with this input (``None``: any) cannot take."""
+    if in_channels is not None and in_channels != preprocess.channels:
+        raise DataError(
+            f"{name} takes {in_channels}-channel input but the preprocessing gives "
+            f"{preprocess.channels} channels; pass --channels {in_channels} or a matching --preset"
+        )
+    if input_size is not None and tuple(input_size) != tuple(preprocess.size):
+        h, w = input_size
+        raise DataError(
+            f"{name} has a fixed {h}x{w} input but the preprocessing gives "
+            f"{preprocess.size[0]}x{preprocess.size[1]}; pass --input-size {h if h == w else f'{h}x{w}'}"
+        )
 
 
 def run_benchmark(

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from rescompress.errors import RescompressError, UsageError
+from rescompress.folding import count_batchnorm
 from rescompress.profile import count_macs, count_params
 from rescompress.pruning.finetune import (
     FinetuneConfig,
@@ -355,10 +356,17 @@ def prune_model(
     ft = config.finetune if (config.finetune and config.finetune.epochs > 0) else None
     if ft is not None and data is None:
         raise UsageError("fine-tuning needs data: pass --finetune-data")
+    has_bn = count_batchnorm(teacher) > 0
+    if ft is not None and not has_bn:
+        raise UsageError(
+            "the model has no BatchNorm (folded): this fine-tuning recipe (its learning rate) is made for a model "
+            "with BatchNorm and diverges without; prune and fine-tune the unfolded model and fold afterwards, or "
+            "prune without fine-tuning (--epochs 0)"
+        )
     if ft is not None and not labeled:
         notes.append("the fine-tuning data has no labels: re-estimating BatchNorm statistics instead of fine-tuning")
         ft = None
-    if data is None and config.bn_recalib > 0:
+    if data is None and config.bn_recalib > 0 and has_bn:
         notes.append("no data given: BatchNorm statistics were not re-estimated (accuracy may drop sharply)")
     grouped = [n for n, m in teacher.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
     if grouped:

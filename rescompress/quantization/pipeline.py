@@ -232,7 +232,7 @@ def load_fp32(
     """
     import torch
 
-    from rescompress.export import export_onnx, read_onnx_info
+    from rescompress.export import export_onnx, preprocess_metadata, read_onnx_info, set_metadata
     from rescompress.loading import is_onnx_path, load_model
 
     p = Path(model_path)
@@ -244,6 +244,9 @@ def load_fp32(
         pre = _resolve(preprocess, info.preprocess)
         if pre is None:
             raise RescompressError(f"{p} does not record its preprocessing; pass --preset")
+        from rescompress.measure.benchmark import check_input_fits
+
+        check_input_fits(p.name, info.in_channels, info.input_size, pre)
         try:
             proto = onnx.load(str(p))
         except Exception as exc:
@@ -253,6 +256,9 @@ def load_fp32(
             raise RescompressError(f"{p} is already quantized ({len(quantized)} {', '.join(sorted(set(quantized)))} "
                                    "nodes); quantize takes the FP32 model")
         proto, changes = _normalized_onnx(proto, p, pre)
+        # The INT8 files record the preprocessing they were calibrated with (a file without it, or
+        # --preset/--mean/--std overrides), so the next stage reads them without options.
+        set_metadata(proto, preprocess_metadata(pre))
         if not changes:
             return Fp32Model(p, proto, pre, info.num_classes, info.arch, stem, exported=False)
         fp32_path = outdir / f"{stem}.fp32.onnx"
@@ -496,14 +502,22 @@ def quantize_model(
         if d is not None and (plan is None or d is eval_data):
             if describe_source(d, split)[0].length == 0:
                 raise DataError(f"{d} holds no images")
-    src = load_fp32(model, out, arch=arch, trust_pickle=trust_pickle, preprocess=preprocess, notify=say)
     if plan is not None and not isinstance(plan, QuantPlan):  # the plan this run writes must not replace it
-        ensure_not_input(out / f"{src.stem}.plan.json", [plan])
+        ensure_not_input(out / f"{output_stem(Path(model))}.plan.json", [plan])  # before anything is written
+    src = load_fp32(model, out, arch=arch, trust_pickle=trust_pickle, preprocess=preprocess, notify=say)
     base = prepare_model(src.proto)
     check_finite_weights(base)
     fingerprint = model_fingerprint(base)
     pre = src.preprocess
     want = [t for t in TARGETS if t in cfg.targets]
+    qplan_in = None
+    if plan is not None:
+        qplan_in = plan if isinstance(plan, QuantPlan) else QuantPlan.load(plan)
+        qplan_in.check_model(fingerprint, pre.to_dict())
+        kept = [e for e in qplan_in.provenance.exclude if e not in cfg.exclude]
+        if kept:  # the plan has no scales for what its run kept in float
+            say(f"keeping in float what the plan's run excluded: {', '.join(kept)}")
+            cfg = replace(cfg, exclude=cfg.exclude + tuple(kept))
 
     check_patterns(base, cfg.exclude)
     placements = {t: place(base, t, cfg.exclude) for t in want}
@@ -521,9 +535,8 @@ def quantize_model(
     holdout_batches = None
     calib_stats: dict = {}
     method_scores: dict[str, dict] = {}
-    if plan is not None:
-        qplan = plan if isinstance(plan, QuantPlan) else QuantPlan.load(plan)
-        qplan.check_model(fingerprint)
+    if qplan_in is not None:
+        qplan = qplan_in
         missing = [n for n in calib_names if n not in qplan.activations]
         if missing:
             raise RescompressError(
@@ -564,6 +577,7 @@ def quantize_model(
         provenance = Provenance(
             model_fingerprint=fingerprint, data_fingerprint=data_fp, num_images=stats.num_images,
             method=cfg.method, percentile=cfg.percentile, library_versions=library_versions(),
+            preprocess=pre.to_dict(), exclude=tuple(cfg.exclude),
         )
         methods = METHODS if cfg.method == "auto" else (cfg.method,)
         plans = {

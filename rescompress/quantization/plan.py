@@ -158,6 +158,10 @@ class Provenance:
     library_versions: dict[str, str | None]
     tool_version: str = __version__
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    # The input pipeline the ranges were measured through (Preprocess.to_dict()), and the --exclude patterns
+    # of that run: a reused plan needs both (None / () in plans written before they were recorded).
+    preprocess: dict | None = None
+    exclude: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -170,6 +174,7 @@ class Provenance:
             percentile=None if d.get("percentile") is None else float(d["percentile"]),
             library_versions=dict(d.get("library_versions", {})),
             tool_version=str(d.get("tool_version", "")), created=str(d.get("created", "")),
+            preprocess=d.get("preprocess"), exclude=tuple(d.get("exclude") or ()),
         )
 
 
@@ -234,11 +239,24 @@ class QuantPlan:
         except (KeyError, TypeError, ValueError) as exc:
             raise RescompressError(f"{path} is not a valid quantization plan: {exc!r}") from exc
 
-    def check_model(self, fingerprint: str) -> None:
+    def check_model(self, fingerprint: str, preprocess: dict | None = None) -> None:
+        """Refuse a plan made for another graph, or measured through other preprocessing (other mean/std
+        give other activation ranges: the scales would be silently wrong)."""
         if fingerprint != self.provenance.model_fingerprint:
             raise RescompressError(
                 "the quantization plan was made for another model (fingerprint "
                 f"{self.provenance.model_fingerprint[:12]} != {fingerprint[:12]}); recalibrate without --plan"
+            )
+        recorded = self.provenance.preprocess
+        differ = [] if preprocess is None or recorded is None else [
+            k for k in sorted(set(recorded) | set(preprocess))
+            if k != "preset" and recorded.get(k) != preprocess.get(k)  # the name alone changes no pixel
+        ]
+        if differ:
+            shown = ", ".join(f"{k} {recorded.get(k)} vs {preprocess.get(k)}" for k in differ[:3])
+            raise RescompressError(
+                f"the quantization plan was calibrated with other preprocessing ({shown}); use the plan's "
+                "(drop --preset/--mean/--std overrides) or recalibrate without --plan"
             )
 
 
