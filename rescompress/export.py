@@ -224,8 +224,9 @@ def export_onnx(
         **preprocess_metadata(preprocess),
         "precision": "fp32",
     }
-    if folded is not None:
-        metadata["folded"] = "1" if folded else "0"
+    if folded is not None:  # torch's exporter fuses eval-mode BatchNorm itself: the graph says what it holds
+        metadata["folded"] = "1" if folded or not any(n.op_type == "BatchNormalization" for n in proto.graph.node) \
+            else "0"
     metadata.update(extra_metadata or {})
     set_metadata(proto, metadata)
     proto.doc_string = f"FP32 {arch} exported by rescompress {__version__}"

@@ -18,12 +18,15 @@ def count_params(module: nn.Module) -> int:
 
 
 # Weight and bias inputs of the ONNX ops that hold a layer's parameters.
+# BatchNormalization counts its scale and bias, as torch counts a BatchNorm's weight and bias (its running
+# statistics are buffers, not parameters).
 _ONNX_PARAM_INPUTS = {"Conv": (1, 2), "Gemm": (1, 2), "MatMul": (1,), "ConvInteger": (1,), "MatMulInteger": (1,),
-                      "QLinearConv": (3, 8), "QLinearMatMul": (3,), "QGemm": (3, 6)}
+                      "QLinearConv": (3, 8), "QLinearMatMul": (3,), "QGemm": (3, 6), "BatchNormalization": (1, 2)}
 
 
 def count_onnx_params(graph) -> int:
-    """Weight and bias elements of an ONNX graph's Conv/Gemm/MatMul layers (and their integer forms).
+    """Weight and bias elements of an ONNX graph's Conv/Gemm/MatMul layers (and their integer forms) and of
+    its BatchNormalization nodes.
 
     A weight behind a DequantizeLinear counts as the tensor it dequantizes; scales, zero points and other
     constants are not parameters. Each layer counts its own weights, also where an exporter stored equal

@@ -255,3 +255,17 @@ def test_integer_input_refused_with_what_to_export(tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["num_classes"] == 10
     assert sorted(p.name for p in tmp_path.iterdir()) == ["u8.onnx"]
+
+
+def test_unfolded_onnx_counts_batchnorm_parameters_like_torch(unfolded_bn):
+    """An unfolded graph counted fewer parameters than its folded version (BatchNormalization skipped)."""
+    from rescompress.folding import fold_onnx_batchnorm
+    from rescompress.profile import count_onnx_params, count_params
+
+    graph = onnx.load(str(unfolded_bn))
+    torch_count = count_params(build_model("resnet20", 10, 1))
+    assert count_onnx_params(graph.graph) == torch_count
+    folded, pairs = fold_onnx_batchnorm(graph)
+    bn_channels = sum(m.num_features for m in build_model("resnet20", 10, 1).modules()
+                      if isinstance(m, torch.nn.BatchNorm2d))
+    assert pairs == 19 + 2 and count_onnx_params(folded.graph) == torch_count - bn_channels

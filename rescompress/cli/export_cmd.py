@@ -41,7 +41,8 @@ def export_command(
     model: Annotated[Path, typer.Argument(help="PyTorch model file (.pt/.pth state_dict or module, checkpoint).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="ONNX file to write.")],
     no_fold: Annotated[
-        bool, typer.Option("--no-fold", help="Export as loaded, without folding BatchNorm first.")
+        bool, typer.Option("--no-fold", help="Export as loaded, without folding BatchNorm in torch first (torch's "
+                             "exporter may still fuse it; the file's metadata says whether BatchNorm is left).")
     ] = False,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset, 17 to 20.", min=17, max=20)] = 17,
     arch: ArchOpt = None,
@@ -94,7 +95,7 @@ def export_command(
             "model": f"{model} ({loaded.arch}, {loaded.num_classes} classes)",
             "output": f"{output} ({result.size_bytes / 1e6:.2f} MB, opset {result.opset})",
             "input": f"input: batch x {pre.channels} x {pre.size[0]} x {pre.size[1]} ({pre.preset} preprocessing)",
-            "folded BN": "no (--no-fold)" if fold_report is None else len(fold_report.folded),
+            "folded BN": "not by rescompress (--no-fold)" if fold_report is None else len(fold_report.folded),
             "ops": result.op_counts,
         }
         if parity is not None:

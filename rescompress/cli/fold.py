@@ -52,7 +52,7 @@ def fold_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Fold BatchNorm into the preceding convolutions; report the pairs and the logit difference."""
-    from rescompress.checkpoint import CheckpointHeader, save_checkpoint
+    from rescompress.checkpoint import CheckpointHeader, read_header, save_checkpoint
     from rescompress.fileio import ensure_not_input, require_suffix
     from rescompress.folding import fold_batchnorm
     from rescompress.loading import load_model
@@ -70,12 +70,14 @@ def fold_command(
         )
     info(f"folding {loaded.arch} from {model} (probe {pre.input_shape(8)})")
     result = fold_batchnorm(loaded.module, input_shape=pre.input_shape(8))
+    source = read_header(model)  # a rescompress checkpoint's own record (training notes, pruning) carries over
     header = CheckpointHeader(
         arch=loaded.arch,
         num_classes=loaded.num_classes,
         in_channels=loaded.in_channels,
         preprocess=pre,
         pruned=loaded.pruned,
+        extra=source.extra if source is not None else None,
         folded=True,
     )
     save_checkpoint(result.model, output, header)

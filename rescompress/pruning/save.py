@@ -11,7 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
-from rescompress.checkpoint import CheckpointHeader, save_checkpoint
+from rescompress.checkpoint import CheckpointHeader, read_header, save_checkpoint
 from rescompress.fileio import ensure_not_input
 from rescompress.spec import Preprocess
 
@@ -30,6 +30,11 @@ def save_pruned(
     """Write ``model`` to ``path`` atomically (refusing to overwrite ``source``)."""
     if source is not None:
         ensure_not_input(path, [source])
+    # A rescompress checkpoint's own record (training notes, an earlier pruning) carries over.
+    from_source = read_header(source) if source is not None else None
+    extra = dict(from_source.extra or {}) if from_source is not None else {}
+    if summary:
+        extra["pruning"] = summary
     header = CheckpointHeader(arch=arch, num_classes=num_classes, in_channels=in_channels, preprocess=preprocess,
-                              pruned=True, extra={"pruning": summary} if summary else None)
+                              pruned=True, extra=extra or None)
     return save_checkpoint(model, path, header)
