@@ -230,9 +230,14 @@ def _normalize_array_images(x: np.ndarray, path: Path) -> np.ndarray:
     Floats are taken as [0, 1], or [0, 255] if they exceed 1; integers above 255 as 16-bit (0-65535, scaled like
     16-bit image files) or, beyond that, as the full range of their type. Negative values (already normalized
     data) and floats above 255 are refused rather than clipped."""
+    if x.dtype == np.bool_:  # 1-bit images: white is 255, as PIL reads mode "1"
+        x = x.astype(np.uint8) * 255
     if x.ndim == 3:
         pass
     elif x.ndim == 4:
+        if x.shape[-1] == 2 and x.shape[1] not in (1, 2, 3, 4):
+            raise DataError(f"{path}: 'x' of shape {x.shape} holds 2-channel images (grey + alpha?); save grey "
+                            "(N,H,W) or RGB images")
         if x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
             x = np.transpose(x, (0, 3, 1, 2))
     else:
@@ -252,13 +257,22 @@ def _normalize_array_images(x: np.ndarray, path: Path) -> np.ndarray:
         if hi > 255.5:
             raise DataError(f"{path}: 'x' holds floats up to {hi:.6g}; expected pixels in [0, 1] or [0, 255]")
         scale = 255.0 if hi <= 1.0 + 1e-6 else 1.0
-        return np.clip(np.rint(x * scale), 0, 255).astype(np.uint8)
+        return _chunked(x, lambda c: np.clip(np.rint(c * scale), 0, 255).astype(np.uint8))
     if hi <= 255:
         return x.astype(np.uint8)
     if hi <= 65535:
-        return _grey_to_uint8(x, "I;16")  # the 16-bit image files' policy
+        return _chunked(x, lambda c: _grey_to_uint8(c, "I;16"))  # the 16-bit image files' policy
     top = float(np.iinfo(x.dtype).max)
-    return np.clip(np.rint(x.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
+    return _chunked(x, lambda c: np.clip(np.rint(c.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8))
+
+
+def _chunked(x: np.ndarray, convert, images: int = 64) -> np.ndarray:
+    """``convert`` applied a few images at a time into one uint8 array: float64 temporaries of the whole
+    array took 12x a 16-bit file's size in memory."""
+    out = np.empty(x.shape, dtype=np.uint8)
+    for i in range(0, len(x), images):
+        out[i:i + images] = convert(x[i:i + images])
+    return out
 
 
 # ----------------------------------------------------------------------------------------- opening
@@ -350,7 +364,10 @@ def _labels(y: np.ndarray, path: Path) -> np.ndarray:
         return y.argmax(axis=1).astype(np.int64)
     if y.ndim > 2 or (y.ndim == 2 and y.shape[1] != 1):
         raise DataError(f"{path}: 'y' must be class indices of shape (N,), got {y.shape}")
-    return y.astype(np.int64).reshape(-1)
+    y = y.astype(np.int64).reshape(-1)
+    if len(y) and y.min() < 0:
+        raise DataError(f"{path}: 'y' has negative class indices (min {y.min()}); classes are numbered from 0")
+    return y
 
 
 def _open_npz(p: Path) -> tuple[SourceInfo, object]:
@@ -360,6 +377,10 @@ def _open_npz(p: Path) -> tuple[SourceInfo, object]:
                 raise DataError(f"{p}: an .npz data file needs an array 'x' (found: {', '.join(z.files)})")
             x = _normalize_array_images(z["x"], p)
             y = _labels(z["y"], p) if "y" in z else None
+            other = [k for k in ("labels", "label", "targets", "target", "classes") if k in z.files]
+            if y is None and other:
+                raise DataError(f"{p}: the labels must be the array 'y'; found {other[0]!r} (np.savez(path, "
+                                f"x=images, y=labels)), or drop it for unlabeled data")
     except DataError:
         raise
     except Exception as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 import struct
 
 import numpy as np
@@ -406,3 +407,19 @@ def test_npz_one_hot_labels_and_idx_split_names(tmp_path, eval_npz):
         return
     with pytest.raises(DataError, match="has no IDX split 'val'; it has train, test"):
         describe_source(f"{DEBIAN_FASHION_MNIST}@val")
+
+
+def test_npz_messages_name_the_real_problem(tmp_path, images):
+    x, y = images
+    cases = [
+        ({"x": np.stack([x, np.full_like(x, 255)], -1), "y": y}, "holds 2-channel images"),
+        ({"x": x, "labels": y}, "the labels must be the array 'y'; found 'labels'"),
+        ({"x": x, "y": np.where(np.arange(len(y)) == 0, -3, y.astype(np.int64))}, "negative class indices (min -3)"),
+    ]
+    for i, (arrays, message) in enumerate(cases):
+        np.savez(tmp_path / f"{i}.npz", **arrays)
+        with pytest.raises(DataError, match=re.escape(message)):
+            describe_source(tmp_path / f"{i}.npz")
+    np.savez(tmp_path / "bool.npz", x=x > 127, y=y)  # 1-bit images: white is 255, like PIL's mode "1"
+    reader = describe_source(tmp_path / "bool.npz")[1]
+    assert np.array_equal(reader(0)[0].numpy(), np.where(x[0] > 127, 255, 0).astype(np.uint8))
