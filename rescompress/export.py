@@ -504,6 +504,12 @@ def read_onnx_info(path: Path | str, runnable: bool = True) -> OnnxInfo:
             f"{path} is not an image classifier: it has {len(inputs)} inputs and {len(graph.output)} outputs "
             "(expected one NCHW image input and one logits output)"
         )
+    if runnable and len(graph.output) > 1:  # which one holds the logits cannot be guessed
+        names = ", ".join(o.name for o in graph.output[:4])
+        raise RescompressError(
+            f"{path} has {len(graph.output)} outputs ({names}); rescompress runs classifiers with one logits "
+            "output: export the model with only its logits as output"
+        )
     inp, out = inputs[0], graph.output[0]
     in_dims = _dims(inp)
     out_dims = _dims(out)

@@ -150,6 +150,33 @@ def test_ort_exclude_leaves_one_float_conv(fp32, plan, tmp_path):
     assert ops["Conv"] + ops["FusedConv"] == 1
 
 
+@pytest.mark.parametrize("node", ["/layer1/layer1.0/conv1/Conv", "/layer2/layer2.1/conv2/Conv"])
+def test_ort_excluded_middle_conv_stays_float_after_ort_optimizes(fp32, plan, images, tmp_path, node):
+    """A float Conv fed by a DequantizeLinear is quantized by ONNX Runtime itself (per-tensor weight):
+    an excluded layer must reach ORT's optimized graph as a float Conv with its own float weights."""
+    q = emit_qdq(fp32, plan, place(fp32, "onnxruntime", exclude=[node]))
+    src, opt = tmp_path / "m.onnx", tmp_path / "m.opt.onnx"
+    onnx.save(q, str(src))
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(opt)
+    so.log_severity_level = 3
+    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(opt))
+    kept = [n for n in optimized.graph.node  # ORT may suffix a fused node's name
+            if n.name.startswith(node) and n.op_type not in ("QuantizeLinear", "DequantizeLinear")]
+    assert len(kept) == 1 and kept[0].op_type in ("Conv", "FusedConv"), [n.op_type for n in kept]
+    weights = {i.name: numpy_helper.to_array(i) for i in optimized.graph.initializer}
+    original = {i.name: numpy_helper.to_array(i) for i in fp32.graph.initializer}
+    w_name = next(n for n in fp32.graph.node if n.name == node).input[1]
+    got_w, want_w = weights[kept[0].input[1]], original[w_name]
+    assert got_w.dtype == np.float32  # ORT may reorder (NCHWc) and pad the weights, not change their values
+    np.testing.assert_array_equal(np.sort(got_w[got_w != 0]), np.sort(want_w[want_w != 0]))
+    ops = Counter(n.op_type for n in optimized.graph.node)
+    assert ops["QLinearConv"] >= NUM_CONVS - 3  # at most the producer of its input loses its fusion too
+    ref, got = _run(fp32, images[64:96]), _run(q, images[64:96])
+    assert sqnr_db(ref, got) > 25.0
+
+
 def test_ort_file_stays_close_to_fp32(fp32, plan, images):
     x = images[64:96]
     ref = _run(fp32, x)
@@ -644,3 +671,28 @@ def test_sqnr_of_identical_or_silent_logits_is_capped_so_reports_are_strict_json
     assert sqnr_db(x, x + 1e-3) == pytest.approx(10 * np.log10((x.astype(np.float64) ** 2).sum() / (80 * 1e-6)),
                                                   rel=1e-4)
     json.dumps(compare(x, x).to_dict(), allow_nan=False)
+
+
+def test_bias_add_after_matmul_is_not_a_residual(fp32, plan):
+    """A classifier written as MatMul + Add (tf2onnx, Keras) or a Conv with its bias split into an Add: the
+    Add's constant input is a bias, so the TensorRT file passes the checker (it failed the whole run)."""
+    from onnx import helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(fp32)
+    g = m.graph
+    inits = {i.name: i for i in g.initializer}
+    gemm = next(n for n in g.node if n.op_type == "Gemm")
+    w = numpy_helper.to_array(inits[gemm.input[1]])
+    g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), "fc_wt"))
+    at = list(g.node).index(gemm)
+    g.node.remove(gemm)
+    g.node.insert(at, helper.make_node("Add", ["fc_mm", gemm.input[2]], [gemm.output[0]], name="/fc/Add"))
+    g.node.insert(at, helper.make_node("MatMul", [gemm.input[0], "fc_wt"], ["fc_mm"], name="/fc/MatMul"))
+    placement = place(m, "tensorrt")
+    assert "/fc/MatMul" in placement.quantized_nodes
+    weights = weight_entries(m, placement.weights)
+    q = emit_qdq(m, QuantPlan(plan.activations, {**plan.weights, **weights}, plan.provenance), placement)
+    assert check_trt_qdq(q) == []
+    np.testing.assert_allclose(_run(m, np.zeros((2, 1, 28, 28), np.float32)),
+                               _run(fp32, np.zeros((2, 1, 28, 28), np.float32)), rtol=1e-5, atol=1e-5)

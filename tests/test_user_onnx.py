@@ -269,3 +269,30 @@ def test_unfolded_onnx_counts_batchnorm_parameters_like_torch(unfolded_bn):
     bn_channels = sum(m.num_features for m in build_model("resnet20", 10, 1).modules()
                       if isinstance(m, torch.nn.BatchNorm2d))
     assert pairs == 19 + 2 and count_onnx_params(folded.graph) == torch_count - bn_channels
+
+
+def test_two_output_graph_is_refused_not_read_as_logits(tmp_path, calib_npz):
+    """output[0] was taken as the logits: a (features, logits) export was scored on its 512 features."""
+    from typer.testing import CliRunner
+
+    from rescompress.cli.app import app
+
+    class TwoOutputs(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = build_model("resnet20", 10, 1).eval()
+
+        def forward(self, x):
+            logits = self.m(x)
+            return logits.relu(), logits
+
+    path = tmp_path / "two.onnx"
+    torch.onnx.export(TwoOutputs().eval(), (torch.randn(1, 1, 28, 28),), str(path), input_names=["input"],
+                      output_names=["feat", "logits"], dynamo=False, opset_version=17)
+    for args in (["quantize", str(path), "--calib-data", str(calib_npz), "--preset", "fashion-mnist", "-o",
+                  str(tmp_path / "q")], ["evaluate", str(path), "--data", str(calib_npz), "--preset", "fashion-mnist"]):
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 1 and "has 2 outputs (feat, logits)" in res.stderr, res.output
+    assert not (tmp_path / "q").exists()
+    res = CliRunner().invoke(app, ["inspect", str(path)])
+    assert res.exit_code == 0  # inspect still describes it

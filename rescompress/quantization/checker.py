@@ -130,6 +130,8 @@ def trt_qdq_findings(model: onnx.ModelProto, allow_float: Collection[str] = ()) 
     for n in g.node:
         if n.op_type != "Add" or n.name in allow_float or len(n.input) != 2:
             continue
+        if any(t in consts for t in n.input):  # a bias (MatMul + Add, a Conv's bias split out), not a residual
+            continue
         kinds = [_input_kind(t, producer) for t in n.input]
         if not any(k in ("conv", "dq(conv)") for k in kinds):
             continue

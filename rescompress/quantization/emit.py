@@ -48,6 +48,10 @@ def emit_qdq(model: onnx.ModelProto, plan: QuantPlan, placement: Placement) -> o
     new_inits: list[onnx.TensorProto] = []
     nodes_by_name = {n.name: n for n in g.node}
     act_scale: dict[tuple[str, int], float] = {}  # (node, input index) -> activation scale (for biases)
+    # ONNX Runtime quantizes a float Conv/Gemm's weight itself (per-tensor) when a DequantizeLinear feeds it
+    # (its WeightBiasQuantization pass): in its file, a layer kept in float reads the float tensor instead.
+    keep_float = set(placement.float_nodes) if target == "onnxruntime" else set()
+    keep_float = {n.name for n in g.node if n.name in keep_float and n.op_type in ("Conv", "ConvTranspose", "Gemm")}
 
     for q in placement.activations:
         p = plan.activation(q.calib).params[target]
@@ -71,7 +75,7 @@ def emit_qdq(model: onnx.ModelProto, plan: QuantPlan, placement: Placement) -> o
         }
         for n in g.node:
             for i, t in enumerate(n.input):
-                if t == q.name and (edges is None or (n.name, i) in edges):
+                if t == q.name and (edges is None or (n.name, i) in edges) and n.name not in keep_float:
                     n.input[i] = dqname
                     act_scale[(n.name, i)] = p.scale
 
