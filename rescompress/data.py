@@ -408,11 +408,10 @@ def check_compatible(
     binary classifier: labels 0 and 1)."""
     if require_labels and not info.labeled:
         raise DataError(f"{purpose} needs labeled data, but {info.path} ({info.kind}) has no labels")
-    num_classes = max(num_classes, 2)
+    outputs, num_classes = num_classes, max(num_classes, 2)
     if info.labeled and info.num_classes is not None and info.num_classes > num_classes:
-        raise DataError(
-            f"the data at {info.path} has {info.num_classes} classes but the model outputs {num_classes}"
-        )
+        what = "one logit (a binary classifier: classes 0 and 1)" if outputs == 1 else f"{num_classes} classes"
+        raise DataError(f"the data at {info.path} has {info.num_classes} classes but the model outputs {what}")
     if info.kind == "imagefolder" and info.labeled and info.num_classes is not None and \
             info.num_classes < num_classes:
         # Folder k is label k: right when the folders are all of the model's classes in its order, wrong

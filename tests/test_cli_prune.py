@@ -232,3 +232,38 @@ def test_batch_size_one_still_re_estimates_batchnorm(model_file, calib_npz, tmp_
                               "--no-latency", "-o", str(out), "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["report"]["steps"][0]["bn_recalib_images"] == 40 and out.exists()
+
+
+def test_frozen_parameters_prune_like_trainable_ones(tmp_path):
+    """requires_grad=False (transfer learning) dropped layers from Torch-Pruning's grad_fn trace: a frozen
+    backbone had 'no prunable groups', a frozen stem crashed. Freezing must not change the pruned widths."""
+    from torchvision.models import resnet18
+
+    from rescompress.loading import load_model
+
+    widths = {}
+    for tag, prefixes in (("free", ()), ("all", ("conv", "bn", "layer")), ("stem", ("conv1.", "bn1.", "layer1."))):
+        torch.manual_seed(0)
+        model = resnet18(num_classes=10).eval()
+        for name, p in model.named_parameters():
+            if name.startswith(prefixes):
+                p.requires_grad_(False)
+        torch.save(model, tmp_path / f"{tag}.pt")
+        out = tmp_path / f"{tag}.pruned.safetensors"
+        res = runner.invoke(app, ["prune", str(tmp_path / f"{tag}.pt"), "--input-size", "32", "--ratio", "0.3",
+                                  "--no-latency", "--bn-recalib", "0", "-o", str(out)])
+        assert res.exit_code == 0, res.output
+        pruned = load_model(out).module
+        widths[tag] = [m.out_channels for m in pruned.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert widths["all"] == widths["free"] == widths["stem"]
+    assert widths["free"][0] < 64  # the stem was pruned too
+
+
+def test_prune_option_conflicts_fail_before_loading(model_file, calib_npz, tmp_path):
+    res = runner.invoke(app, ["prune", str(model_file), "--target-latency", "0.6", "--criterion", "taylor",
+                              "-o", str(tmp_path / "t.safetensors")])
+    assert res.exit_code == 2 and "taylor criterion needs data" in res.stderr
+    res = runner.invoke(app, ["prune", str(model_file), "--ratio", "0.3", "--finetune-data", str(calib_npz),
+                              "--epochs", "0.1", "--batch-size", "1", "-o", str(tmp_path / "b.safetensors")])
+    assert res.exit_code == 2 and "--batch-size 2 or more" in res.stderr
+    assert not list(tmp_path.iterdir())

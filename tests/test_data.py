@@ -423,3 +423,12 @@ def test_npz_messages_name_the_real_problem(tmp_path, images):
     np.savez(tmp_path / "bool.npz", x=x > 127, y=y)  # 1-bit images: white is 255, like PIL's mode "1"
     reader = describe_source(tmp_path / "bool.npz")[1]
     assert np.array_equal(reader(0)[0].numpy(), np.where(x[0] > 127, 255, 0).astype(np.uint8))
+
+
+def test_binary_model_mismatch_message_says_one_logit(tmp_path, images):
+    from rescompress.data import check_compatible
+
+    x, _ = images
+    np.savez(tmp_path / "three.npz", x=x, y=np.array([0, 1, 2, 0, 1, 2]))
+    with pytest.raises(DataError, match=re.escape("has 3 classes but the model outputs one logit (a binary")):
+        check_compatible(describe_source(tmp_path / "three.npz")[0], 1)

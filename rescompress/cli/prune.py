@@ -34,7 +34,7 @@ from rescompress.cli.common import (
     rows_table,
     warn,
 )
-from rescompress.errors import RescompressError
+from rescompress.errors import RescompressError, UsageError
 
 
 def register(app: typer.Typer) -> None:
@@ -122,6 +122,10 @@ def prune_command(
         batch_size=batch_size, seed=seed, device=device,
     )
     config.validate()  # before the (slow) load, so a bad option fails at once
+    if criterion == "taylor" and finetune_data is None:
+        raise UsageError("the taylor criterion needs data: pass --finetune-data")
+    if config.finetune is not None and batch_size < 2:
+        raise UsageError("fine-tuning needs --batch-size 2 or more (BatchNorm cannot train on batches of one)")
     loaded = load_model(model, arch=arch, trust_pickle=trust_pickle, input_size=parse_size(input_size))
     pre = resolve_preprocess(loaded.preprocess, preset, input_size, channels, mean, std)
     if pre.channels != loaded.in_channels:

@@ -81,7 +81,8 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, num_images: int, device: 
             m.train(training)
         model.eval()
     if seen == 0:
-        raise RescompressError("BatchNorm re-estimation got no images")
+        raise RescompressError("BatchNorm re-estimation needs at least 2 images (one image gives no variance); "
+                               "give more data or --bn-recalib 0")
     return seen
 
 

@@ -74,7 +74,13 @@ def build_graph(model: nn.Module, example_input: torch.Tensor):
         )
     was_training = model.training
     model.eval()
+    # Torch-Pruning follows grad_fn: a frozen parameter (requires_grad=False, as in transfer learning) would
+    # drop its layer from the trace and cut the channel coupling. Freezing is a training setting: trace
+    # with every parameter live, then restore it.
+    frozen = [p for p in model.parameters() if not p.requires_grad]
     try:
+        for p in frozen:
+            p.requires_grad_(True)
         with torch.enable_grad():
             # The classifier must stay in the trace (its input features shrink with the last stage); it
             # is kept out of the groups instead, in channel_groups. Ignoring it here would cut the graph.
@@ -85,6 +91,8 @@ def build_graph(model: nn.Module, example_input: torch.Tensor):
             "structured pruning supports plain convolutional ResNet-style models"
         ) from exc
     finally:
+        for p in frozen:
+            p.requires_grad_(False)
         model.train(was_training)
     return dg
 

@@ -424,8 +424,9 @@ def prune_model(
         log.info("step %d/%d: ratio %.3f, MACs %d", k, config.steps, ratio, steps[-1].macs)
 
     if config.ratio is not None and steps[-1].ratio < config.ratio - 0.05:
-        notes.append(f"removed {steps[-1].ratio:.0%} of the channels, not {config.ratio:.0%}: --max-layer-ratio "
-                     f"{config.max_layer_ratio:g} caps each layer")
+        notes.append(f"removed {steps[-1].ratio:.0%} of the channels, not {config.ratio:.0%}: widths are rounded "
+                     f"to multiples of --round-to (here {round_to}) and --max-layer-ratio "
+                     f"{config.max_layer_ratio:g} caps each layer; a smaller --round-to gets closer")
     if search and min(p["latency_ratio"] for p in search) > config.target_latency:
         notes.append(f"no pruned candidate reached {config.target_latency:.0%} of the latency (best "
                      f"{min(p['latency_ratio'] for p in search):.0%}): pruned to the smallest MAC fraction tried, "
