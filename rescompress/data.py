@@ -170,10 +170,11 @@ _SPLIT_NAMES = frozenset({
 def _split_folders(subdirs: list[Path], per_class: list[list[Path]]) -> list[str]:
     """Names of the sub-folders of a folder of splits (root/{train,val}/{cat,dog}/...), else [].
 
-    Taken as splits only when every sub-folder holding images has a usual split name (train, val, test, ...)
-    and holds them only in sub-folders. Other layouts are trees of classes, as torchvision's ImageFolder reads
-    them (root/{bus,car,train}/flickr/ has three classes); when their image sub-folders repeat across them and
-    outnumber them (root/{fold1,fold2}/{bird,cat,dog}/), which may be splits, a warning says so."""
+    Taken as splits when every sub-folder holding images holds them only in sub-folders and either all have
+    usual split names (train, val, test, ...) or one has and at least two class folders repeat across them
+    (root/{train,val,test_set}/{cat,dog}/). Other layouts are trees of classes, as torchvision's ImageFolder
+    reads them (root/{bus,car,train}/flickr/ has three classes); when their image sub-folders repeat across
+    them and outnumber them (root/{fold1,fold2}/{bird,cat,dog}/), which may be splits, a warning says so."""
     holding = [(d, files) for d, files in zip(subdirs, per_class, strict=True) if files]
     if not holding or any(f.parent == d for d, files in holding for f in files):
         return []
@@ -182,6 +183,8 @@ def _split_folders(subdirs: list[Path], per_class: list[list[Path]]) -> list[str
         return names
     inner = [{f.relative_to(d).parts[0] for f in files} for d, files in holding]
     repeated = set().union(*(a & b for a, b in combinations(inner, 2)))
+    if any(n.lower() in _SPLIT_NAMES for n in names) and len(repeated) >= 2:
+        return names  # {train, val, test_set}/{cats, dogs}: splits, one of them oddly named
     if len(repeated) > len(holding):
         logging.getLogger(__name__).warning(
             "%s: taking %s as the classes; each holds the same sub-folders (%s), so if they are dataset splits, "

@@ -17,8 +17,8 @@ from rescompress.errors import RescompressError, UsageError
 
 
 def ensure_not_input(output: Path | str, inputs: Iterable[Path | str | None]) -> None:
-    """Refuse an output path that is one of the inputs (same file after resolving links), or an existing
-    file inside an input folder (a data set's file)."""
+    """Refuse an output path that is one of the inputs (same file after resolving links), or a data file
+    (image, .npz, IDX) inside an input folder, existing or not: it would change the data set."""
     out = Path(output).resolve()
     for inp in inputs:
         if inp is None:
@@ -26,8 +26,15 @@ def ensure_not_input(output: Path | str, inputs: Iterable[Path | str | None]) ->
         p = Path(inp)
         if p.resolve() == out or (p.exists() and out.exists() and os.path.samefile(p, out)):
             raise RescompressError(f"output {output} is the same file as input {inp}; choose another path")
-        if p.is_dir() and out.is_file() and out.is_relative_to(p.resolve()):
-            raise RescompressError(f"output {output} is a file of the input folder {inp}; choose another path")
+        if p.is_dir() and out.is_relative_to(p.resolve()) and _is_data_file(out):
+            raise RescompressError(f"output {output} is a data file in the input folder {inp}; choose another path")
+
+
+def _is_data_file(path: Path) -> bool:
+    from rescompress.data import IMAGE_EXTENSIONS
+
+    name = path.name.lower()
+    return name.endswith(IMAGE_EXTENSIONS) or name.endswith(".npz") or "-ubyte" in name
 
 
 def require_suffix(output: Path | str, suffix: str, what: str) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, replace
 
-from rescompress.errors import UsageError
+from rescompress.errors import RescompressError, UsageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -37,17 +37,24 @@ class Preprocess:
     resize: int | None = None
 
     def __post_init__(self) -> None:
-        # Option values out of range: usage errors (exit 2), like an unknown choice.
+        # RescompressError here (the values may come from a file's metadata); with_overrides turns it into a
+        # usage error for values given as options.
         if self.channels not in (1, 3):
-            raise UsageError(f"channels must be 1 or 3, got {self.channels}")
+            raise RescompressError(f"channels must be 1 or 3, got {self.channels}")
         if len(self.size) != 2 or min(self.size) < 1:
-            raise UsageError(f"input size must be two positive integers, got {self.size}")
+            raise RescompressError(f"input size must be two positive integers, got {self.size}")
         for name, vals in (("mean", self.mean), ("std", self.std)):
             if len(vals) not in (1, self.channels):
                 allowed = "1 value" if self.channels == 1 else f"1 or {self.channels} values"
-                raise UsageError(f"--{name} needs {allowed} for {self.channels}-channel input, got {len(vals)}")
+                raise RescompressError(f"{name} needs {allowed} for {self.channels}-channel input, got {len(vals)}")
         if any(s <= 0 for s in self.std):
-            raise UsageError(f"std values must be positive, got {self.std}")
+            raise RescompressError(f"std values must be positive, got {self.std}")
+
+    def same_pixels(self, other: Preprocess) -> bool:
+        """True when both turn an image into the same input (the preset name aside; a 1-value mean equals
+        the same value per channel)."""
+        return (self.size, self.channels, self.resize, self.mean_per_channel, self.std_per_channel) == \
+            (other.size, other.channels, other.resize, other.mean_per_channel, other.std_per_channel)
 
     @property
     def mean_per_channel(self) -> tuple[float, ...]:
@@ -88,7 +95,10 @@ class Preprocess:
             changes["mean"] = tuple(mean)
         if std is not None:
             changes["std"] = tuple(std)
-        return replace(self, **changes) if changes else self
+        try:
+            return replace(self, **changes) if changes else self
+        except RescompressError as exc:  # values given as --input-size/--channels/--mean/--std
+            raise UsageError(f"--{exc}" if str(exc).startswith(("mean", "std")) else str(exc)) from None
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -333,11 +333,10 @@ def test_gate_outputs_never_replace_inputs_and_are_checked_before_work(files, ev
     r = cli.invoke(app, ["gate", "--candidate", str(files["a"]), "--baseline", str(files["a"]), "--data",
                          str(folder / "val.npz"), "--junit", str(folder / "val.npz")])
     assert r.exit_code == 1 and "same file as input" in r.stderr
-    (folder / "labels.txt").write_text("keep")
     r = cli.invoke(app, ["gate", "--candidate", str(files["a"]), "--baseline", str(files["a"]), "--data",
-                         str(folder), "--junit", str(folder / "labels.txt")])
-    assert r.exit_code == 1 and "file of the input folder" in r.stderr
-    assert (folder / "labels.txt").read_text() == "keep"
+                         str(folder), "--save-metrics", str(folder / "more.npz")])  # would join the data set
+    assert r.exit_code == 1 and "data file in the input folder" in r.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["val.npz"]
     (tmp_path / "adir").mkdir()
     metrics = tmp_path / "m.json"
     r = cli.invoke(app, ["gate", "--candidate", str(files["a"]), "--baseline", str(files["a"]), "--data",
@@ -367,6 +366,7 @@ def test_gate_value_never_rounds_onto_its_threshold():
     assert check_agreement("a", 99.0, 99.0).shown == "99"
     assert check_drop("d", 91.0, 90.5, 0.5).shown == "0.5"
     assert check_agreement("a", 99.12345, 99.0).shown == "99.12"
+    assert check_drop("d", 1.000012, 0.0, 1.00001).shown == "1.000012"  # "1" would read as passing
 
 
 def test_nan_logits_are_an_error_in_evaluate_and_record_only_gate(files, eval_npz, tmp_path):
@@ -416,3 +416,16 @@ def test_models_recording_other_normalization_are_not_compared_silently(files, e
     r = cli.invoke(app, ["evaluate", str(files["a"]), "--data", str(eval_npz), "--mean", "123.675", "--std",
                          "58.395"])
     assert r.exit_code == 2 and "--mean 0.485" in r.stderr
+
+
+def test_input_size_alone_is_not_other_normalization(tmp_path):
+    """--input-size rescales an ImageNet preset's resize: the model's own mean/std are still used, so this
+    is not a preprocessing conflict (it was refused with two identical lists)."""
+    from torchvision.models import resnet18
+
+    torch.save(resnet18(num_classes=10).eval().state_dict(), tmp_path / "r18.pt")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.integers(0, 256, (8, 64, 64, 3), dtype=np.uint8), y=rng.integers(0, 10, 8))
+    r = cli.invoke(app, ["benchmark", str(tmp_path / "r18.pt"), "--data", str(tmp_path / "d.npz"), "--input-size",
+                         "64", "--batch", "1", "--threads", "1", *TIMING])
+    assert r.exit_code == 0, r.stderr

@@ -179,6 +179,12 @@ def test_split_roots_with_nested_images_are_refused(tmp_path, images, caplog):
     with caplog.at_level("WARNING"):
         assert describe_source(folds)[0].classes == ("fold1", "fold2")
     assert "if they are dataset splits, pass one of them" in caplog.text
+    odd = tmp_path / "odd"  # one split name off the list: still splits when the class folders repeat
+    for split in ("train", "val", "test_set"):
+        for name in ("cats", "dogs"):
+            _save(odd / split / name / "0.png", x[0])
+    with pytest.raises(DataError, match="looks like a folder of dataset splits"):
+        describe_source(odd)
     vehicles = tmp_path / "vehicles"  # a class named like a split, its images one folder down
     for name in ("bus", "car", "train"):
         _save(vehicles / name / "flickr" / "0.png", x[0])

@@ -696,3 +696,17 @@ def test_bias_add_after_matmul_is_not_a_residual(fp32, plan):
     assert check_trt_qdq(q) == []
     np.testing.assert_allclose(_run(m, np.zeros((2, 1, 28, 28), np.float32)),
                                _run(fp32, np.zeros((2, 1, 28, 28), np.float32)), rtol=1e-5, atol=1e-5)
+
+
+def test_plan_preprocessing_compares_pixels_not_spelling(plan):
+    """A mean given once equals the same mean per channel; a different std is refused."""
+    from dataclasses import replace as dc_replace
+
+    from rescompress.errors import RescompressError
+
+    pre = get_preset("imagenet").with_overrides(mean=(0.5,), std=(0.25,))
+    p = QuantPlan(plan.activations, plan.weights, dc_replace(plan.provenance, preprocess=pre.to_dict()))
+    fp = plan.provenance.model_fingerprint
+    p.check_model(fp, pre.with_overrides(mean=(0.5, 0.5, 0.5)).to_dict())
+    with pytest.raises(RescompressError, match="other preprocessing"):
+        p.check_model(fp, pre.with_overrides(std=(0.5,)).to_dict())

@@ -124,8 +124,6 @@ def prune_command(
     config.validate()  # before the (slow) load, so a bad option fails at once
     if criterion == "taylor" and finetune_data is None:
         raise UsageError("the taylor criterion needs data: pass --finetune-data")
-    if config.finetune is not None and batch_size < 2:
-        raise UsageError("fine-tuning needs --batch-size 2 or more (BatchNorm cannot train on batches of one)")
     loaded = load_model(model, arch=arch, trust_pickle=trust_pickle, input_size=parse_size(input_size))
     pre = resolve_preprocess(loaded.preprocess, preset, input_size, channels, mean, std)
     if pre.channels != loaded.in_channels:
@@ -139,6 +137,8 @@ def prune_command(
     if finetune_data is not None:
         data = open_dataset(finetune_data, pre, split="train")
         check_compatible(data.info, loaded.num_classes, purpose="fine-tuning")
+        if config.finetune is not None and data.info.labeled and batch_size < 2:
+            raise UsageError("fine-tuning needs --batch-size 2 or more (BatchNorm cannot train on batches of one)")
         data = _limited(data, limit, seed)
     if eval_data is not None:
         evald = open_dataset(eval_data, pre, split="test")

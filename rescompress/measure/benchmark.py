@@ -143,11 +143,11 @@ def default_preprocess(runners: Mapping[str, object]) -> Preprocess | None:
 
 
 def check_same_normalization(runners: Mapping[str, object], preprocess: Preprocess, chosen: bool) -> list[str]:
-    """Models compared on one input must normalize it alike. A model whose own preprocessing scales pixels
-    otherwise (mean, std, resize) than ``preprocess`` is refused, unless the user ``chosen`` the normalization
+    """Models compared on one input must normalize it alike. A model whose own preprocessing normalizes
+    pixels otherwise (mean, std) than ``preprocess`` is refused, unless the user ``chosen`` the normalization
     (--preset/--mean/--std): then the returned warnings say which models run on another than their own."""
-    def key(p: Preprocess) -> tuple:
-        return (tuple(p.mean_per_channel), tuple(p.std_per_channel), p.resize)
+    def key(p: Preprocess) -> tuple:  # size and resize follow --input-size; mean/std are the model's
+        return (tuple(p.mean_per_channel), tuple(p.std_per_channel))
 
     other = {k: runner_info(r).preprocess for k, r in runners.items()}
     other = {k: p for k, p in other.items() if p is not None and p.channels == preprocess.channels

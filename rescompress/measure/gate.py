@@ -164,9 +164,12 @@ class GateCheck:
     def shown(self) -> str:
         """The value with as few digits as keep it on its side of the threshold: 98.9967 against 99 shows
         as 98.997, never as a failing "99"."""
+        def side(v: float) -> int:
+            return (v > self.threshold) - (v < self.threshold)
+
         for digits in range(4, 17):
             text = f"{self.value:.{digits}g}"
-            if float(text) == self.value or (float(text) == self.threshold) == (self.value == self.threshold):
+            if side(float(text)) == side(self.value):
                 return text
         return repr(self.value)
 

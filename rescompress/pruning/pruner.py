@@ -356,6 +356,9 @@ def prune_model(
     ft = config.finetune if (config.finetune and config.finetune.epochs > 0) else None
     if ft is not None and data is None:
         raise UsageError("fine-tuning needs data: pass --finetune-data")
+    if ft is not None and not labeled:
+        notes.append("the fine-tuning data has no labels: re-estimating BatchNorm statistics instead of fine-tuning")
+        ft = None
     has_bn = count_batchnorm(teacher) > 0
     if ft is not None and not has_bn:
         raise UsageError(
@@ -363,9 +366,6 @@ def prune_model(
             "with BatchNorm and diverges without; prune and fine-tune the unfolded model and fold afterwards, or "
             "prune without fine-tuning (--epochs 0)"
         )
-    if ft is not None and not labeled:
-        notes.append("the fine-tuning data has no labels: re-estimating BatchNorm statistics instead of fine-tuning")
-        ft = None
     if data is None and config.bn_recalib > 0 and has_bn:
         notes.append("no data given: BatchNorm statistics were not re-estimated (accuracy may drop sharply)")
     grouped = [n for n, m in teacher.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1]

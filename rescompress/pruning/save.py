@@ -30,7 +30,7 @@ def save_pruned(
     """Write ``model`` to ``path`` atomically (refusing to overwrite ``source``)."""
     if source is not None:
         ensure_not_input(path, [source])
-    # A rescompress checkpoint's own record (training notes, an earlier pruning) carries over.
+    # A rescompress checkpoint's own record (e.g. training notes) carries over; "pruning" is this run's.
     from_source = read_header(source) if source is not None else None
     extra = dict(from_source.extra or {}) if from_source is not None else {}
     if summary:

@@ -248,10 +248,14 @@ class QuantPlan:
                 f"{self.provenance.model_fingerprint[:12]} != {fingerprint[:12]}); recalibrate without --plan"
             )
         recorded = self.provenance.preprocess
-        differ = [] if preprocess is None or recorded is None else [
-            k for k in sorted(set(recorded) | set(preprocess))
-            if k != "preset" and recorded.get(k) != preprocess.get(k)  # the name alone changes no pixel
-        ]
+        differ = []
+        if preprocess is not None and recorded is not None:
+            from rescompress.spec import Preprocess
+
+            a, b = Preprocess.from_dict(recorded), Preprocess.from_dict(preprocess)
+            if not a.same_pixels(b):  # the name alone, or a mean given once or per channel, changes no pixel
+                differ = [k for k in ("size", "channels", "resize", "mean", "std")
+                          if recorded.get(k) != preprocess.get(k)]
         if differ:
             shown = ", ".join(f"{k} {recorded.get(k)} vs {preprocess.get(k)}" for k in differ[:3])
             raise RescompressError(
