@@ -801,3 +801,44 @@ def test_preflight_catches_what_the_device_build_would_hit(qdq_onnx, fp32_onnx, 
         v.type.tensor_type.elem_type = TensorProto.FLOAT16
     onnx.save(half, str(tmp_path / "half.onnx"))
     assert preflight(EngineBuildConfig(tmp_path / "half.onnx")).precision == "fp16"
+
+
+def test_build_outputs_never_replace_inputs_and_caches_are_not_guessed(tmp_path):
+    """The timing cache and the engine are outputs: neither may be an input (the ONNX, a calibration cache
+    found beside it), and the sidecar must be writable; a cache named for another model is not taken
+    silently, and two are an error that names them."""
+    onnx_path = make_classifier(tmp_path / "m.fp32.onnx")
+    scales = {"input": 0.03, "conv": 0.02, "relu": 0.02}
+    other = write_cache(tmp_path / "m.pruned.int8.trt.cache", scales)
+    implicit = EngineBuildConfig(onnx_path, precision="int8-implicit")
+    only = preflight(implicit, "10.8.0")
+    assert only.ok and only.calib_cache == other and any("not named for it" in w for w in only.warnings)
+    own = write_cache(tmp_path / "m.int8.trt.cache", scales)
+    assert preflight(implicit, "10.8.0").calib_cache == own  # the one named for this model wins
+    (tmp_path / "m.int8.trt.cache").unlink()
+    write_cache(tmp_path / "m.b.cache", scales)
+    two = preflight(implicit, "10.8.0")
+    assert any("2 calibration caches beside m.fp32.onnx (m.b.cache, m.pruned.int8.trt.cache)" in e
+               for e in two.errors)
+    (tmp_path / "m.b.cache").unlink()
+    over_cache = preflight(EngineBuildConfig(onnx_path, precision="int8-implicit", output=other), "10.8.0")
+    assert any("same file as input" in e for e in over_cache.errors)
+    over_onnx = preflight(EngineBuildConfig(onnx_path, precision="fp32", timing_cache=onnx_path))
+    assert any("same file as input" in e for e in over_onnx.errors)
+    (tmp_path / "m.fp32.engine.json").mkdir()
+    sidecar = preflight(EngineBuildConfig(onnx_path, precision="fp32"))
+    assert any("m.fp32.engine.json" in e and "folder" in e for e in sidecar.errors)
+
+
+def test_calib_cache_scales_must_be_finite_and_positive(tmp_path):
+    onnx_path = make_classifier(tmp_path / "n.onnx")
+    for bad in (float("nan"), float("-inf"), 0.0):
+        cache = write_cache(tmp_path / "bad.cache", {"input": 0.03, "conv": bad, "relu": 0.02})
+        report = preflight(EngineBuildConfig(onnx_path, precision="int8-implicit", calib_cache=cache), "10.8.0")
+        assert any("must be finite and positive" in e for e in report.errors), bad
+
+
+def test_empty_onnx_is_one_clear_error(tmp_path):
+    (tmp_path / "e.onnx").write_bytes(b"")
+    with pytest.raises(EnginePreflightError, match=r"is empty \(0 bytes\)"):
+        preflight(EngineBuildConfig(tmp_path / "e.onnx"))

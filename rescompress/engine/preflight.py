@@ -14,6 +14,7 @@ are gone in TensorRT 11) run when the version is known.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from collections import Counter
@@ -202,6 +203,7 @@ def _qdq_facts(graph, base_dir: Path) -> QdqFacts:
     consts = _constants(graph, qdq_params, base_dir)
     counts = Counter(n.op_type for n in graph.node)
     zp_types: set[str] = set()
+    int8_inits = {t.name: t for t in graph.initializer if t.data_type == TensorProto.INT8}
     nonzero = missing = nonconstant = nonpositive = 0
     for node in graph.node:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
@@ -213,7 +215,9 @@ def _qdq_facts(graph, base_dir: Path) -> QdqFacts:
         elif (consts[scale][1] <= 0).any():
             nonpositive += 1
         if not zp:
-            missing += 1
+            # A DequantizeLinear of an int8 initializer is int8 without one; elsewhere ONNX means uint8.
+            src = int8_inits.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+            missing += src is None
             continue
         if zp not in consts:
             nonconstant += 1
@@ -275,6 +279,8 @@ def inspect_onnx(path: Path | str) -> OnnxFacts:
     p = Path(path)
     if not p.exists():
         raise EnginePreflightError(f"ONNX file {p} does not exist")
+    if p.is_file() and p.stat().st_size == 0:  # protobuf reads 0 bytes as an empty model
+        raise EnginePreflightError(f"{p} is empty (0 bytes)")
     try:
         model = onnx.load(str(p), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError / ValueError variants for a non-ONNX file
@@ -369,18 +375,22 @@ def read_calib_cache(path: Path | str) -> CalibCache:
         m = _CACHE_LINE.match(line.strip())
         if m is None:
             raise EnginePreflightError(f"calibration cache {p} line {number} is not 'tensor: hex-float': {line!r}")
-        scales[m["name"].strip()] = struct.unpack(">f", bytes.fromhex(m["hex"]))[0]
+        scale = struct.unpack(">f", bytes.fromhex(m["hex"]))[0]
+        if not math.isfinite(scale) or scale <= 0:
+            raise EnginePreflightError(f"calibration cache {p} line {number}: scale {scale} of {m['name'].strip()!r} "
+                                       "must be finite and positive")
+        scales[m["name"].strip()] = scale
     if not scales:
         raise EnginePreflightError(f"calibration cache {p} lists no tensors")
     return CalibCache(p, header["version"], header["algorithm"], scales)
 
 
-def find_calib_cache(onnx_path: Path | str) -> Path | None:
-    """A calibration cache beside the ONNX file: ``<stem>*.cache`` or ``<stem>*calib*`` starting with ``TRT-``.
-
-    The stem is the file name up to its first dot, so ``resnet50.onnx`` finds ``resnet50.trt.calib.cache``.
-    Only an unambiguous single match counts; otherwise pass ``--calib-cache``.
-    """
+def calib_cache_candidates(onnx_path: Path | str) -> tuple[Path | None, list[Path]]:
+    """Calibration caches beside the ONNX file (files starting with ``TRT-``, named ``<base>*.cache`` or
+    ``<base>*calib*``, base = the name up to its first dot) and the one named for this very model, if any:
+    ``<stem>.int8.trt.cache`` (what ``rescompress quantize`` writes; stem without ``.onnx``/``.fp32``/
+    ``.int8.trt``), ``<stem>.cache`` or ``<stem>.calib.cache``. ``m.fp32.onnx`` must not take
+    ``m.pruned.int8.trt.cache``, another model's scales."""
     p = Path(onnx_path)
     base = p.name.split(".")[0]
     found = []
@@ -394,7 +404,18 @@ def find_calib_cache(onnx_path: Path | str) -> Path | None:
             continue
         if head == b"TRT-":
             found.append(cand)
-    return found[0] if len(found) == 1 else None
+    stem = p.name[: -len(".onnx")] if p.name.lower().endswith(".onnx") else p.name
+    for suffix in (".fp32", ".int8.trt"):
+        stem = stem[: -len(suffix)] if stem.endswith(suffix) else stem
+    exact = [c for c in found if c.name in (f"{stem}.int8.trt.cache", f"{stem}.cache", f"{stem}.calib.cache")]
+    return (exact[0] if len(exact) == 1 else None), found
+
+
+def find_calib_cache(onnx_path: Path | str) -> Path | None:
+    """The calibration cache named for this model (see :func:`calib_cache_candidates`), else the only one
+    beside it; ``None`` when there is none or the choice is ambiguous (then pass ``--calib-cache``)."""
+    exact, found = calib_cache_candidates(onnx_path)
+    return exact or (found[0] if len(found) == 1 else None)
 
 
 # ------------------------------------------------------------------------------------------- the checks
@@ -543,11 +564,16 @@ def preflight(config: EngineBuildConfig, tensorrt_version: str | None = None) ->
         precision = "int8" if qdq.total else ("fp16" if facts.has_float16 else "fp32")
 
     # --- outputs: refused here as the build would refuse them, but before the slow build
+    from rescompress.engine.metadata import sidecar_path
     from rescompress.fileio import check_writable, ensure_not_input
 
+    sidecar = sidecar_path(config.engine_path)
     for check in (lambda: ensure_not_input(config.engine_path, [config.onnx_path, config.timing_cache,
                                                                 config.calib_cache]),
+                  lambda: config.timing_cache is not None and ensure_not_input(
+                      config.timing_cache, [config.onnx_path, config.calib_cache, config.engine_path, sidecar]),
                   lambda: check_writable(config.engine_path),
+                  lambda: check_writable(sidecar),
                   lambda: config.timing_cache is not None and check_writable(config.timing_cache)):
         try:
             check()
@@ -690,13 +716,31 @@ def _check_implicit(
         )
     elif major == 10:
         warnings.append("implicit INT8 calibration is deprecated since TensorRT 10.1; prefer the Q/DQ file")
-    cache_path = config.calib_cache or find_calib_cache(facts.path)
+    cache_path = config.calib_cache
+    if cache_path is None:
+        exact, found = calib_cache_candidates(facts.path)
+        cache_path = exact or (found[0] if len(found) == 1 else None)
+        if cache_path is None and found:
+            errors.append(
+                f"--precision int8-implicit: {len(found)} calibration caches beside {facts.path.name} "
+                f"({', '.join(c.name for c in found[:4])}) and none named for it; pass --calib-cache FILE"
+            )
+            return None
+        if cache_path is not None and exact is None:
+            warnings.append(f"using calibration cache {cache_path.name}, the only one beside {facts.path.name}, "
+                            "though not named for it; pass --calib-cache to choose explicitly")
     if cache_path is None:
         errors.append(
             f"--precision int8-implicit needs a TensorRT calibration cache and none was found beside "
             f"{facts.path.name}; pass --calib-cache FILE (written by `rescompress quantize --target tensorrt`)"
         )
         return None
+    from rescompress.fileio import ensure_not_input
+
+    try:  # the engine must not replace the cache it is built from (found beside the file, or given)
+        ensure_not_input(config.engine_path, [cache_path])
+    except RescompressError as exc:
+        errors.append(str(exc))
     if not Path(cache_path).exists():
         errors.append(f"calibration cache {cache_path} does not exist")
         return None

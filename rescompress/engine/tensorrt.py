@@ -73,7 +73,7 @@ def import_tensorrt() -> Any:
         raise TensorRTNotAvailable(INSTALL_HINT)
     try:
         return importlib.import_module("tensorrt")
-    except (ImportError, OSError) as exc:  # the wheel is there but libnvinfer / CUDA libraries are not
+    except Exception as exc:  # the wheel is there but libnvinfer / CUDA libraries (or the driver) are not
         raise TensorRTNotAvailable(f"TensorRT is installed but does not load ({exc}); check the CUDA driver "
                                    f"and that the TensorRT libraries match it") from None
 
