@@ -169,8 +169,8 @@ def quantize_command(
         if result.latency:
             speedup = result.latency["speedup"]
             summary["INT8 speed-up (ORT CPU)"] = {f"batch {b}": round(s, 2) for b, s in speedup.items()}
-        if result.fallback:
-            summary["float fallback"] = ", ".join(result.fallback.float_nodes) or "none needed"
+        for t, fb in (result.fallback or {}).items():
+            summary[f"float fallback ({t})"] = ", ".join(fb.float_nodes) or "none needed"
         summary.update({k: str(v) for k, v in result.artifacts.items()})
         console.print(key_value_table(summary))
         console.print("PASSED")

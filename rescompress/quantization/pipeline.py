@@ -34,7 +34,7 @@ from rescompress.calibration.collect import (
     tensor_shapes,
     with_extra_outputs,
 )
-from rescompress.errors import DataError, RescompressError, UsageError
+from rescompress.errors import CheckFailed, DataError, RescompressError, UsageError
 from rescompress.fileio import ensure_not_input, write_text_atomic
 from rescompress.quantization.calibrate import activation_entries, check_finite_weights, weight_entries
 from rescompress.quantization.checker import INTEGER_OPS, check_trt_qdq
@@ -171,7 +171,7 @@ class QuantizeResult:
     eval_source: str
     worst_layers: dict[str, tuple[LayerSqnr, ...]]
     placements: dict[str, Placement]
-    fallback: FallbackResult | None
+    fallback: dict[str, FallbackResult] | None  # per target file, with --max-drop
     latency: dict | None
     calibration: dict
     warnings: tuple[str, ...] = ()
@@ -192,7 +192,7 @@ class QuantizeResult:
             "quantized_nodes": {k: len(p.quantized_nodes) for k, p in self.placements.items()},
             "float_nodes": {k: list(p.float_nodes) for k, p in self.placements.items()},
             "unsupported": {k: list(p.unsupported) for k, p in self.placements.items()},
-            "fallback": self.fallback.to_dict() if self.fallback else None,
+            "fallback": {t: f.to_dict() for t, f in self.fallback.items()} if self.fallback else None,
             "latency": self.latency,
             "calibration": self.calibration,
             "provenance": self.plan.provenance.to_dict(),
@@ -646,8 +646,10 @@ def quantize_model(
     if cfg.max_drop is not None:
         if eval_loader is None:
             raise UsageError("--max-drop needs --eval-data (or --calib-data to measure agreement)")
-        fallback = _fallback(base, qplan, placements, cfg, eval_loader, use_labels, say, emit)
-        placements = {t: place(base, t, cfg.exclude + fallback.float_nodes) for t in want}
+        # Each file meets --max-drop on its own: the TensorRT placement loses more than the ORT one.
+        fallback = {t: _fallback(base, qplan, placements, cfg, eval_loader, use_labels, say, emit, target=t)
+                    for t in want}
+        placements = {t: place(base, t, cfg.exclude + fallback[t].float_nodes) for t in want}
 
     # Emit the artifacts.
     out.mkdir(parents=True, exist_ok=True)
@@ -793,11 +795,12 @@ def _default_emit(base: onnx.ModelProto):
 
 def _fallback(
     base: onnx.ModelProto, plan: QuantPlan, placements: dict[str, Placement], cfg: QuantizeConfig,
-    loader, use_labels: bool, say: Notify, emit=None,
+    loader, use_labels: bool, say: Notify, emit=None, target: str | None = None,
 ) -> FallbackResult:
-    """Rank layers on a few images, then search the fewest to keep in float (see fallback.py)."""
+    """Rank layers on a few images, then search the fewest to keep in float (see fallback.py), for one
+    target's file (default: the ONNX Runtime one if placed)."""
     emit = emit or _default_emit(base)
-    target = "onnxruntime" if "onnxruntime" in placements else "tensorrt"
+    target = target or ("onnxruntime" if "onnxruntime" in placements else "tensorrt")
     layers = [n for n in placements[target].quantized_nodes]
     fp_session = make_session(base, cfg.threads)
     logits_fp, labels = run_sessions({"fp32": fp_session}, loader)
@@ -817,7 +820,7 @@ def _fallback(
         got = run_sessions({"q": make_session(q, cfg.threads)}, small)[0]["q"]
         return sqnr_db(ref_small, got)
 
-    say(f"ranking {len(layers)} layers by sensitivity on {len(ref_small)} images")
+    say(f"{target}: ranking {len(layers)} layers by sensitivity on {len(ref_small)} images")
     ranking = rank_layers(layers, only)
 
     def measure(float_nodes: tuple[str, ...]) -> float:
@@ -829,8 +832,11 @@ def _fallback(
     metric = "top1_drop" if labels is not None else "disagreement"
     if labels is None:
         say("no labeled --eval-data: --max-drop applies to top-1 disagreement with FP32 (percent)")
-    res = search_fallback(ranking, measure, cfg.max_drop, metric, cfg.max_float_layers)
-    say(f"fallback: {len(res.float_nodes)} layer(s) in float, {metric} {res.achieved:.3g}")
+    try:
+        res = search_fallback(ranking, measure, cfg.max_drop, metric, cfg.max_float_layers)
+    except CheckFailed as exc:  # say which file could not meet it
+        raise CheckFailed(f"{target} file: {exc}", {"target": target, **exc.details}) from None
+    say(f"{target} fallback: {len(res.float_nodes)} layer(s) in float, {metric} {res.achieved:.3g}")
     return res
 
 
@@ -903,10 +909,10 @@ def render_markdown(r: QuantizeResult) -> str:
     if r.latency:
         lines += ["", "Latency on ONNX Runtime CPU (INT8 speed-up over FP32): " + ", ".join(
             f"batch {b}: {_f(s)}x" for b, s in r.latency["speedup"].items())]
-    if r.fallback:
-        lines += ["", f"Fallback (--max-drop {r.fallback.max_drop:g}, {r.fallback.metric}): "
-                  f"{len(r.fallback.float_nodes)} layer(s) in float: "
-                  + (", ".join(f"`{n}`" for n in r.fallback.float_nodes) or "none")]
+    for t, fb in (r.fallback or {}).items():
+        lines += ["", f"Fallback for the {t} file (--max-drop {fb.max_drop:g}, {fb.metric} {fb.achieved:.3g}): "
+                  f"{len(fb.float_nodes)} layer(s) in float: "
+                  + (", ".join(f"`{n}`" for n in fb.float_nodes) or "none")]
     if r.warnings:
         lines += ["", "Warnings:", *[f"- {w}" for w in r.warnings]]
     return "\n".join(lines) + "\n"

@@ -240,13 +240,9 @@ class QuantPlan:
             raise RescompressError(f"{path} is not a valid quantization plan: {exc!r}") from exc
 
     def check_model(self, fingerprint: str, preprocess: dict | None = None) -> None:
-        """Refuse a plan made for another graph, or measured through other preprocessing (other mean/std
-        give other activation ranges: the scales would be silently wrong)."""
-        if fingerprint != self.provenance.model_fingerprint:
-            raise RescompressError(
-                "the quantization plan was made for another model (fingerprint "
-                f"{self.provenance.model_fingerprint[:12]} != {fingerprint[:12]}); recalibrate without --plan"
-            )
+        """Refuse a plan measured through other preprocessing (other mean/std give other activation ranges:
+        the scales would be silently wrong), or made for another graph. Preprocessing first: an exported
+        graph carries its input size, so another --input-size changes the fingerprint too."""
         recorded = self.provenance.preprocess
         differ = []
         if preprocess is not None and recorded is not None:
@@ -256,11 +252,22 @@ class QuantPlan:
             if not a.same_pixels(b):  # the name alone, or a mean given once or per channel, changes no pixel
                 differ = [k for k in ("size", "channels", "resize", "mean", "std")
                           if recorded.get(k) != preprocess.get(k)]
+            if a.size != b.size:
+                h, w = a.size
+                raise RescompressError(
+                    f"the quantization plan was calibrated at {h}x{w} input, this run uses "
+                    f"{b.size[0]}x{b.size[1]}; pass --input-size {h if h == w else f'{h}x{w}'} (or recalibrate)"
+                )
         if differ:
             shown = ", ".join(f"{k} {recorded.get(k)} vs {preprocess.get(k)}" for k in differ[:3])
             raise RescompressError(
                 f"the quantization plan was calibrated with other preprocessing ({shown}); use the plan's "
-                "(drop --preset/--mean/--std overrides) or recalibrate without --plan"
+                "(drop or match the --preset/--mean/--std/--channels options) or recalibrate without --plan"
+            )
+        if fingerprint != self.provenance.model_fingerprint:
+            raise RescompressError(
+                "the quantization plan was made for another model (fingerprint "
+                f"{self.provenance.model_fingerprint[:12]} != {fingerprint[:12]}); recalibrate without --plan"
             )
 
 
