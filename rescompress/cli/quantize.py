@@ -81,8 +81,8 @@ def quantize_command(
     ] = None,
     max_drop: Annotated[
         float | None,
-        typer.Option("--max-drop", help="Max top-1 drop (points) vs FP32; sensitive layers fall back to float. "
-                 "Without labeled --eval-data: max top-1 disagreement with FP32 (percent)."),
+        typer.Option("--max-drop", help="Max top-1 drop (points) vs FP32, for each file; sensitive layers fall "
+                     "back to float. Without labeled --eval-data: max top-1 disagreement with FP32 (percent)."),
     ] = None,
     max_fallback: Annotated[
         int | None, typer.Option("--max-fallback", help="At most this many layers back to float.", min=0)
