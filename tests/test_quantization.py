@@ -86,14 +86,19 @@ def plan(fp32, images):
     return QuantPlan(activation_entries(hists, "max", 99.99), weights, prov)
 
 
-def _optimized_ops(model: onnx.ModelProto, tmp_path) -> Counter:
+def _ort_optimized(model: onnx.ModelProto, tmp_path) -> onnx.ModelProto:
+    """The graph ONNX Runtime runs for ``model`` (written by ``optimized_model_filepath``)."""
     src, opt = tmp_path / "m.onnx", tmp_path / "m.opt.onnx"
     onnx.save(model, str(src))
     so = ort.SessionOptions()
     so.optimized_model_filepath = str(opt)
     so.log_severity_level = 3
     ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
-    return Counter(n.op_type for n in onnx.load(str(opt)).graph.node)
+    return onnx.load(str(opt))
+
+
+def _optimized_ops(model: onnx.ModelProto, tmp_path) -> Counter:
+    return Counter(n.op_type for n in _ort_optimized(model, tmp_path).graph.node)
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
@@ -155,13 +160,7 @@ def test_ort_excluded_middle_conv_stays_float_after_ort_optimizes(fp32, plan, im
     """A float Conv fed by a DequantizeLinear is quantized by ONNX Runtime itself (per-tensor weight):
     an excluded layer must reach ORT's optimized graph as a float Conv with its own float weights."""
     q = emit_qdq(fp32, plan, place(fp32, "onnxruntime", exclude=[node]))
-    src, opt = tmp_path / "m.onnx", tmp_path / "m.opt.onnx"
-    onnx.save(q, str(src))
-    so = ort.SessionOptions()
-    so.optimized_model_filepath = str(opt)
-    so.log_severity_level = 3
-    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
-    optimized = onnx.load(str(opt))
+    optimized = _ort_optimized(q, tmp_path)
     kept = [n for n in optimized.graph.node  # ORT may suffix a fused node's name
             if n.name.startswith(node) and n.op_type not in ("QuantizeLinear", "DequantizeLinear")]
     assert len(kept) == 1 and kept[0].op_type in ("Conv", "FusedConv"), [n.op_type for n in kept]
