@@ -646,9 +646,12 @@ def quantize_model(
     if cfg.max_drop is not None:
         if eval_loader is None:
             raise UsageError("--max-drop needs --eval-data (or --calib-data to measure agreement)")
-        # Each file meets --max-drop on its own: the TensorRT placement loses more than the ORT one.
-        fallback = {t: _fallback(base, qplan, placements, cfg, eval_loader, use_labels, say, emit, target=t)
-                    for t in want}
+        # Each file meets --max-drop on its own: the TensorRT placement loses more than the ORT one. The FP32
+        # reference is computed once for both searches.
+        ref = _fallback_reference(base, eval_loader, use_labels, cfg.threads)
+        if ref.labels is None:
+            say("no labeled --eval-data: --max-drop applies to top-1 disagreement with FP32 (percent)")
+        fallback = {t: _fallback(base, qplan, placements[t], cfg, eval_loader, ref, say, emit) for t in want}
         placements = {t: place(base, t, cfg.exclude + fallback[t].float_nodes) for t in want}
 
     # Emit the artifacts.
@@ -793,31 +796,39 @@ def _default_emit(base: onnx.ModelProto):
     return lambda plan_, placement_: _emit_checked(base, plan_, placement_)
 
 
-def _fallback(
-    base: onnx.ModelProto, plan: QuantPlan, placements: dict[str, Placement], cfg: QuantizeConfig,
-    loader, use_labels: bool, say: Notify, emit=None, target: str | None = None,
-) -> FallbackResult:
-    """Rank layers on a few images, then search the fewest to keep in float (see fallback.py), for one
-    target's file (default: the ONNX Runtime one if placed)."""
-    emit = emit or _default_emit(base)
-    target = target or ("onnxruntime" if "onnxruntime" in placements else "tensorrt")
-    layers = [n for n in placements[target].quantized_nodes]
-    fp_session = make_session(base, cfg.threads)
-    logits_fp, labels = run_sessions({"fp32": fp_session}, loader)
-    logits_fp = logits_fp["fp32"]
-    labels = labels if use_labels else None
+@dataclass(frozen=True)
+class _FallbackReference:
+    logits: np.ndarray  # FP32 logits over the whole evaluation loader
+    labels: np.ndarray | None  # None: no labels, the budget is disagreement with FP32
+    small: list[np.ndarray]  # the first SENSITIVITY_IMAGES images, for ranking layers
+
+
+def _fallback_reference(base: onnx.ModelProto, loader, use_labels: bool, threads: int | None) -> _FallbackReference:
+    logits, labels = run_sessions({"fp32": make_session(base, threads)}, loader)
     small, have = [], 0
     for b in loader:  # only the first few batches: sensitivity needs a ranking, not a precise number
         small.append(b[0].numpy()[: SENSITIVITY_IMAGES - have])
         have += len(small[-1])
         if have >= SENSITIVITY_IMAGES:
             break
-    ref_small = logits_fp[:SENSITIVITY_IMAGES]
+    return _FallbackReference(logits["fp32"], labels if use_labels else None, small)
+
+
+def _fallback(
+    base: onnx.ModelProto, plan: QuantPlan, placement: Placement, cfg: QuantizeConfig, loader,
+    ref: _FallbackReference, say: Notify, emit=None,
+) -> FallbackResult:
+    """Rank ``placement``'s layers on a few images, then search the fewest to keep in float (see
+    fallback.py) so that its target's file meets ``cfg.max_drop``."""
+    emit = emit or _default_emit(base)
+    target = placement.target
+    layers = list(placement.quantized_nodes)
+    ref_small = ref.logits[:SENSITIVITY_IMAGES]
 
     def only(node: str) -> float:
         others = tuple(n for n in layers if n != node)
         q = emit(plan, place(base, target, cfg.exclude + others))
-        got = run_sessions({"q": make_session(q, cfg.threads)}, small)[0]["q"]
+        got = run_sessions({"q": make_session(q, cfg.threads)}, ref.small)[0]["q"]
         return sqnr_db(ref_small, got)
 
     say(f"{target}: ranking {len(layers)} layers by sensitivity on {len(ref_small)} images")
@@ -826,12 +837,10 @@ def _fallback(
     def measure(float_nodes: tuple[str, ...]) -> float:
         q = emit(plan, place(base, target, cfg.exclude + float_nodes))
         got = run_sessions({"q": make_session(q, cfg.threads)}, loader)[0]["q"]
-        f = compare(logits_fp, got, labels)
+        f = compare(ref.logits, got, ref.labels)
         return f.top1_drop if f.top1_drop is not None else 100.0 - f.top1_agreement
 
-    metric = "top1_drop" if labels is not None else "disagreement"
-    if labels is None:
-        say("no labeled --eval-data: --max-drop applies to top-1 disagreement with FP32 (percent)")
+    metric = "top1_drop" if ref.labels is not None else "disagreement"
     try:
         res = search_fallback(ranking, measure, cfg.max_drop, metric, cfg.max_float_layers)
     except CheckFailed as exc:  # say which file could not meet it
