@@ -191,3 +191,15 @@ def test_cli_starts_without_importing_torch():
                          env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_error_line_keeps_a_dataloader_workers_original_message():
+    """torch re-raises a worker's exception with the worker's traceback as its message; the one-line error
+    keeps the original message."""
+    from rescompress.cli.common import _message
+    from rescompress.errors import DataError
+
+    wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                        "last):\n  File \"data.py\", line 137\nrescompress.errors.DataError: cannot read image z.png")
+    assert _message(wrapped) == "cannot read image z.png"
+    assert _message(DataError("plain: message")) == "plain: message"

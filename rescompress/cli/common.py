@@ -218,15 +218,15 @@ def debug_enabled() -> bool:
     return os.environ.get("RESCOMPRESS_DEBUG", "") not in ("", "0")
 
 
-def _unwrap_worker_error(line: str) -> str:
-    """torch's DataLoader re-raises a worker's exception with the worker's whole traceback as its message
-    ("Caught DataError in DataLoader worker process 0. Original Traceback ..."); keep the original message."""
-    if "Original Traceback" not in line:
-        return line
-    prefix = line.split(":", 1)[0] if ":" in line else "Error"
-    last = line.rstrip().splitlines()[-1]
-    original = last.split(": ", 1)[1] if ": " in last else last  # "rescompress.errors.DataError: cannot ..."
-    return f"{prefix}: {original}"
+def _message(exc: BaseException) -> str:
+    """``str(exc)``; for an exception torch's DataLoader re-raised from a worker, whose message is then the
+    worker's whole traceback ("Caught DataError in DataLoader worker process 0. Original Traceback ..."), the
+    original message (its last line, without the "module.Type: " prefix)."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
 
 
 def handle_errors(func: Callable) -> Callable:
@@ -237,7 +237,6 @@ def handle_errors(func: Callable) -> Callable:
     """
 
     def fail(line: str, code: int) -> typer.Exit:
-        line = _unwrap_worker_error(line)
         if debug_enabled():
             stderr.print(traceback.format_exc().rstrip(), markup=False, highlight=False)
         stderr.print(line, markup=False, highlight=False)
@@ -254,16 +253,15 @@ def handle_errors(func: Callable) -> Callable:
         except UsageError as exc:
             raise fail(f"Error: {exc}", EXIT_USAGE) from None
         except RescompressError as exc:
-            raise fail(f"Error: {exc}", EXIT_ERROR) from None
+            raise fail(f"Error: {_message(exc)}", EXIT_ERROR) from None
         except KeyboardInterrupt as exc:
             raise fail("Error: interrupted", 143 if isinstance(exc, Terminated) else 130) from None
         except OSError as exc:  # a path that cannot be read or written: say which, without a traceback
             where = f": {exc.filename}" if exc.filename else ""
             raise fail(f"Error: {exc.strerror or exc}{where}", EXIT_ERROR) from None
         except Exception as exc:  # an unexpected failure: still one line, traceback on request
-            if "Original Traceback" in str(exc):  # from a DataLoader worker
-                raise fail(f"Error: {exc}", EXIT_ERROR) from None
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            text = _message(exc).strip()
+            msg = text.splitlines()[0] if text else ""
             hint = "" if debug_enabled() else " (set RESCOMPRESS_DEBUG=1 for the traceback)"
             raise fail(f"Error: {type(exc).__name__}: {msg}{hint}", EXIT_ERROR) from None
 
