@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import platform
 from pathlib import Path
@@ -10,17 +11,33 @@ from pathlib import Path
 LIBRARIES = ("torch", "torchvision", "onnx", "onnxruntime", "openvino", "tensorrt", "torch_pruning", "numpy")
 
 
-def library_version(name: str) -> str | None:
+def library_status(name: str) -> tuple[str | None, str | None]:
+    """(version, None) when ``name`` imports; (None, why) when it is installed but fails to import (a
+    TensorRT wheel without its CUDA libraries); (None, None) when it is not installed."""
     try:
         mod = importlib.import_module(name)
-    except Exception:
-        return None
-    return str(getattr(mod, "__version__", "unknown"))
+    except Exception as exc:
+        try:
+            installed = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            installed = False
+        why = (str(exc).splitlines() or [""])[0] or type(exc).__name__
+        return None, (why if installed else None)
+    return str(getattr(mod, "__version__", "unknown")), None
+
+
+def library_version(name: str) -> str | None:
+    return library_status(name)[0]
 
 
 def library_versions() -> dict[str, str | None]:
-    """Installed versions (``None`` where a library is not installed)."""
+    """Importable versions (``None`` where a library is not installed or does not import)."""
     return {name: library_version(name) for name in LIBRARIES}
+
+
+def library_import_errors() -> dict[str, str]:
+    """The libraries that are installed but fail to import, and why."""
+    return {name: why for name in LIBRARIES if (why := library_status(name)[1]) is not None}
 
 
 def cpu_flags() -> set[str]:
@@ -120,6 +137,7 @@ def machine_report() -> dict[str, object]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "libraries": library_versions(),
+        "library_import_errors": library_import_errors(),
         "cpu": features,
         "int8_cpu_paths": int8_cpu_paths(features),
         "torch": torch_runtime(),

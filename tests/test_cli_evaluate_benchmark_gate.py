@@ -247,6 +247,11 @@ def test_gate_record_only_then_against_other_data_is_an_error(files, eval_npz):
     assert json.loads(metrics.read_text())["n"] == 100
     r = _gate(files, eval_npz, "--against", str(metrics), "--candidate", str(files["a"]))
     assert r.exit_code == 1 and "different images" in r.stderr
+    # refused from the image count alone, before any model is evaluated
+    assert "(100 images" in r.stderr and "this run (200 images" in r.stderr and "evaluating" not in r.stderr
+    for bad in ("-0.1", "nan"):
+        r = _gate(files, eval_npz, "--against", str(metrics), "--candidate", str(files["a"]), "--max-drop", bad)
+        assert r.exit_code == 2 and "non-negative" in r.stderr
 
 
 def test_gate_latency_check(files, eval_npz):

@@ -179,6 +179,24 @@ def test_doctor_human_and_json():
     assert {k for k, f in flags.items() if d["cpu"][f]} == set(d["int8_cpu_paths"])
 
 
+def test_doctor_tells_a_broken_install_from_a_missing_one(tmp_path, monkeypatch):
+    """A TensorRT wheel without its CUDA libraries imports with an error; doctor says so, not "not installed"."""
+    import sys
+
+    pkg = tmp_path / "tensorrt"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise OSError('libnvinfer.so.10: cannot open shared object file')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
+    result = runner.invoke(app, ["doctor", "--json"])
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.stdout)
+    assert d["libraries"]["tensorrt"] is None
+    assert d["library_import_errors"] == {"tensorrt": "libnvinfer.so.10: cannot open shared object file"}
+    result = runner.invoke(app, ["doctor"])
+    assert "installed, does not import: libnvinfer.so.10" in " ".join(result.stdout.split())
+
+
 def test_cli_starts_without_importing_torch():
     """`rescompress --help` / `--version` must not pay torch's multi-second import (and a Ctrl-C during
     that import gave a traceback): command modules import the heavy libraries inside their functions."""

@@ -286,11 +286,13 @@ def test_unlabeled_eval_data_gives_agreement_and_a_disagreement_budget(first_run
     data = json.loads(res.stdout)
     assert data["fallback"]["metric"] == "disagreement" and data["fallback"]["best"]["value"] > 0
     assert "disagreement with FP32" in res.stderr
+    assert data["fallback"]["ranking"] == [] and "ranking" not in res.stderr  # --max-fallback 0: nothing to rank
     res = runner.invoke(app, [*args, "--method", "max", "--max-drop", "100"])  # any disagreement passes
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert data["fidelity"]["onnxruntime"]["top1"] is None
-    assert data["fallback"]["onnxruntime"]["metric"] == "disagreement"
+    fb = data["fallback"]["onnxruntime"]
+    assert fb["metric"] == "disagreement" and fb["num_float"] == 0 and fb["ranking"] == []  # met without ranking
 
 
 def test_bad_target_and_method_exit_2(checkpoint, calib_npz, tmp_path):

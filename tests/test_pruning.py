@@ -518,3 +518,19 @@ def test_notes_say_when_the_ask_is_not_what_was_done():
     rx = resnext50_32x4d(num_classes=5).eval()
     res = prune_model(rx, SMALL_RGB.with_overrides(size=32), PruneConfig(ratio=0.3))
     assert any("grouped convolution" in n and "layer1.0.conv2" in n for n in res.report.notes)
+
+
+@pytest.mark.parametrize(("n", "batch", "sizes"), [
+    (120, 64, [64, 56]),  # a tiny fine-tuning set keeps its second, ragged batch
+    (129, 64, [64, 64]),  # a remainder of one image (breaks BatchNorm) is dropped
+    (70, 64, [64]),  # six images: a quarter batch or less is dropped
+    (40, 64, [40]),  # smaller than one batch: nothing would be left, so it is kept
+])
+def test_training_loader_drops_only_a_small_ragged_batch(n, batch, sizes):
+    from torch.utils.data import TensorDataset
+
+    from rescompress.pruning.pruner import _loader
+
+    data = TensorDataset(torch.zeros(n, 1, 4, 4), torch.zeros(n, dtype=torch.long))
+    loader = _loader(data, batch, shuffle=True, seed=0, drop_last=True)
+    assert sorted((len(x) for x, _ in loader), reverse=True) == sizes

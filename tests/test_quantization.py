@@ -366,6 +366,25 @@ def test_fallback_impossible_raises_check_failed():
         search_fallback(_ranking(20), lambda f: max(0.0, 1.0 - 0.1 * len(f)), max_drop=0.25, max_float=3)
 
 
+def test_fallback_ranks_layers_only_when_a_fallback_can_help():
+    """Ranking costs one run per layer: a model that meets the limit fully quantized, or --max-fallback 0,
+    must not pay for it."""
+    ranked = []
+
+    def rank():
+        ranked.append(1)
+        return _ranking(5)
+
+    res = search_fallback(rank, lambda f: 0.1, max_drop=0.5)
+    assert res.float_nodes == () and res.tried == ((0, 0.1),) and ranked == []
+    with pytest.raises(CheckFailed, match="at most 0 layer"):
+        search_fallback(rank, lambda f: 1.0, max_drop=0.5, max_float=0)
+    assert ranked == []
+    res = search_fallback(rank, lambda f: 1.0 - 0.3 * len(f), max_drop=0.5)
+    assert res.float_nodes == ("L0", "L1") and ranked == [1]  # ranked once, when needed
+    assert [r.node for r in res.ranking] == [f"L{i}" for i in range(5)]
+
+
 # ------------------------------------------------------------------------------------------ trained model
 def test_fidelity_on_trained_reference(reference_checkpoint, calib_npz, eval_npz, tmp_path):
     if not reference_checkpoint.exists():

@@ -1,8 +1,9 @@
 """``rescompress doctor``: what this machine offers the pipeline.
 
 Library versions (torch, torchvision, onnx, onnxruntime, openvino, TensorRT; "not installed" where
-absent), CUDA availability and device, the CPU model and the instruction sets that decide INT8 speed
-(AVX2, AVX-512, AVX-512 VNNI, AVX-VNNI, AMX), torch's thread count and ONNX Runtime's providers.
+absent, and why where installed but failing to import), CUDA availability and device, the CPU model and
+the instruction sets that decide INT8 speed (AVX2, AVX-512, AVX-512 VNNI, AVX-VNNI, AMX), torch's thread
+count and ONNX Runtime's providers.
 """
 
 from __future__ import annotations
@@ -35,7 +36,11 @@ def _yes(flag: object) -> str:
 
 
 def _render(console: Console, r: dict[str, Any]) -> None:
-    libs = {name: version or NOT_INSTALLED for name, version in r["libraries"].items()}
+    broken = r.get("library_import_errors", {})
+    libs = {
+        name: version or (f"installed, does not import: {broken[name]}" if name in broken else NOT_INSTALLED)
+        for name, version in r["libraries"].items()
+    }
     cpu, tr = r["cpu"], r["torch"]
     rows: dict[str, Any] = {"python": r["python"], "platform": r["platform"]}
     rows.update(libs)

@@ -51,8 +51,8 @@ class GateThresholds:
     batch: int = 1  # batch size of the latency check
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.max_drop):
-            raise UsageError(f"--max-drop must be a number of points, got {self.max_drop}")
+        if not (math.isfinite(self.max_drop) and self.max_drop >= 0):
+            raise UsageError(f"--max-drop must be a non-negative number of points, got {self.max_drop}")
         if not 0.0 <= self.min_agreement <= 100.0:
             raise UsageError(f"--min-agreement is a percentage (0-100), got {self.min_agreement}")
         if self.max_latency_ratio is not None and not 0 < self.max_latency_ratio < math.inf:
@@ -362,9 +362,12 @@ def run_gate(
     # With an unknown class count only the labels are required; the runners' outputs are checked per batch.
     classes = num_classes if num_classes is not None else (dataset.info.num_classes or 1)
     check_compatible(dataset.info, classes, require_labels=True, purpose="the gate")
+    planned = min(len(dataset), limit or len(dataset))
+    if stored is not None and stored.n != planned:  # refused before any evaluation; labels are compared after
+        _check_same_data(stored, planned, stored.labels_sha256, stored_source)
     loader = make_loader(dataset, batch_size=eval_batch_size, limit=limit)
     if log:
-        log(f"evaluating {len(runners)} model(s) on {min(len(dataset), limit or len(dataset))} images")
+        log(f"evaluating {len(runners)} model(s) on {planned} images")
     ev = evaluate_runners(runners, loader, limit=limit, progress=progress, require_labels=True, keep_predictions=True)
     if stored is not None:
         _check_same_data(stored, ev.n, ev.labels_sha256, stored_source)

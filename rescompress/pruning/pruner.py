@@ -214,8 +214,10 @@ def _loader(data: Dataset, batch_size: int, shuffle: bool, seed: int, limit: int
             drop_last: bool = False):
     from rescompress.data import make_loader
 
-    # Training drops a ragged last batch (a batch of one breaks BatchNorm) unless that leaves nothing.
-    drop_last = drop_last and len(data) >= batch_size
+    # Training drops a ragged last batch only when it is small (a batch of one breaks BatchNorm, a few images
+    # give noisy batch statistics) and something is left; a larger remainder is trained on, not thrown away.
+    n = len(data) if limit is None else min(limit, len(data))
+    drop_last = drop_last and n >= batch_size and 0 < n % batch_size < max(2, batch_size // 4)
     return make_loader(data, batch_size=batch_size, shuffle=shuffle, seed=seed, limit=limit, drop_last=drop_last)
 
 

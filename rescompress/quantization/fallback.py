@@ -49,7 +49,7 @@ def rank_layers(nodes: Sequence[str], sensitivity: Callable[[str], float]) -> li
 
 
 def search_fallback(
-    ranking: Sequence[LayerSensitivity],
+    ranking: Sequence[LayerSensitivity] | Callable[[], Sequence[LayerSensitivity]],
     measure: Callable[[tuple[str, ...]], float],
     max_drop: float,
     metric: str = "top1_drop",
@@ -57,23 +57,33 @@ def search_fallback(
 ) -> FallbackResult:
     """The smallest k such that keeping the k most sensitive layers in float gives ``measure <= max_drop``.
 
-    ``max_float`` caps k (default: all but one layer, so something stays quantized). Raises
-    :class:`CheckFailed` when no k up to the cap meets the target.
+    ``ranking`` may be a callable: ranking costs one run per layer, so it is only called when the fully
+    quantized model (k = 0) misses the target and ``max_float`` allows a fallback at all. ``max_float``
+    caps k (default: all but one layer, so something stays quantized). Raises :class:`CheckFailed` when no
+    k up to the cap meets the target.
     """
-    order = tuple(r.node for r in ranking)
-    cap = len(order) - 1 if max_float is None else min(max_float, len(order))
-    cap = max(cap, 0)
     cache: dict[int, float] = {}
+    ranked: list[tuple[LayerSensitivity, ...]] = []  # filled on first need
+
+    def order() -> tuple[LayerSensitivity, ...]:
+        if not ranked:
+            ranked.append(tuple(ranking() if callable(ranking) else ranking))
+        return ranked[0]
 
     def value(k: int) -> float:
         if k not in cache:
-            cache[k] = float(measure(order[:k]))
+            cache[k] = float(measure(tuple(r.node for r in order()[:k]) if k else ()))
         return cache[k]
 
-    k, last_fail = 0, -1
     def meets(k: int) -> bool:  # inclusive, like the gate: a drop equal to the limit passes
         return value(k) <= max_drop + TOLERANCE
 
+    k, last_fail = 0, -1
+    if meets(0):
+        return FallbackResult(max_drop=max_drop, metric=metric, float_nodes=(), achieved=value(0),
+                              tried=((0, value(0)),), ranking=tuple(ranked[0]) if ranked else ())
+    cap = 0 if max_float == 0 else len(order()) - 1 if max_float is None else min(max_float, len(order()))
+    cap = max(cap, 0)
     while not meets(k):
         last_fail = k
         if k >= cap:
@@ -87,7 +97,7 @@ def search_fallback(
                     "max_drop": max_drop, "metric": metric, "max_float": cap,
                     "best": {"num_float": best, "value": cache[best]},
                     "tried": [{"num_float": n, "value": v} for n, v in tried],
-                    "ranking": [r.to_dict() for r in ranking],
+                    "ranking": [r.to_dict() for r in (ranked[0] if ranked else ())],
                 },
             )
         k = min(cap, 1 if k == 0 else 2 * k)
@@ -99,6 +109,6 @@ def search_fallback(
         else:
             lo = mid
     return FallbackResult(
-        max_drop=max_drop, metric=metric, float_nodes=order[:hi], achieved=value(hi),
-        tried=tuple(sorted(cache.items())), ranking=tuple(ranking),
+        max_drop=max_drop, metric=metric, float_nodes=tuple(r.node for r in order()[:hi]), achieved=value(hi),
+        tried=tuple(sorted(cache.items())), ranking=order(),
     )

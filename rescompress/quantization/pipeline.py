@@ -831,8 +831,9 @@ def _fallback(
         got = run_sessions({"q": make_session(q, cfg.threads)}, ref.small)[0]["q"]
         return sqnr_db(ref_small, got)
 
-    say(f"{target}: ranking {len(layers)} layers by sensitivity on {len(ref_small)} images")
-    ranking = rank_layers(layers, only)
+    def ranking() -> list:  # only needed when the fully quantized file misses the target
+        say(f"{target}: ranking {len(layers)} layers by sensitivity on {len(ref_small)} images")
+        return rank_layers(layers, only)
 
     def measure(float_nodes: tuple[str, ...]) -> float:
         q = emit(plan, place(base, target, cfg.exclude + float_nodes))
