@@ -145,6 +145,26 @@ def test_sampled_histogram_keeps_exact_extremes_and_the_shape():
     assert p_samp == pytest.approx(p_full, rel=0.05)
 
 
+def test_sampling_sees_every_column_of_the_feature_map():
+    """A 16x28x28 batch of 32 needs a step of about 7, which divides 28: a stride of 7 bins only columns 0, 7,
+    14 and 21. The step must share no factor with the image's C*H*W, so the one hot column is seen."""
+    x = np.random.default_rng(0).random((32, 16, 28, 28)).astype(np.float32)
+    x[..., 1] = 5.0  # 3.6% of the values, all in one column
+    assert sample_stride(x.size, 1 << 16) == 7 and 28 % 7 == 0
+    step = sample_stride(x.size, 1 << 16, period=16 * 28 * 28)
+    assert step == 11 and (16 * 28 * 28) % step
+    for shape_period in (56 * 56 * 64, 112 * 112 * 64, 7 * 7 * 2048, 32 * 32 * 16):
+        for size in (shape_period * 8, shape_period * 32, shape_period * 128):
+            st = sample_stride(size, 1 << 16, shape_period)
+            assert st == 1 or shape_period % st, (shape_period, size, st)
+    h = StreamingHistogram()  # default sampling
+    h.collect(x)
+    assert h.count < x.size / 5
+    assert percentile_amax(h.counts, h.range, 99.0) == pytest.approx(5.0, rel=0.01)
+    counts_hot = h.counts[int(4.99 / h.range * h.num_bins):].sum()
+    assert counts_hot / h.count == pytest.approx(1 / 28, rel=0.05)  # the column's share of the sample
+
+
 def test_doubling_merges_adjacent_bins_exactly():
     h = StreamingHistogram(8)
     h.collect(np.array([0.05, 0.15, 0.3, 0.45, 0.55, 0.8, 1.0], dtype=np.float32))
@@ -244,7 +264,7 @@ def test_in_graph_summaries_match_whole_tensor_histograms(tiny_onnx):
         for name in names:
             want = StreamingHistogram(256, max_samples=max_samples)
             for x in batches:
-                step = 1 if max_samples is None else sample_stride(sizes[name] * 4, max_samples)
+                step = 1 if max_samples is None else sample_stride(sizes[name] * 4, max_samples, sizes[name])
                 whole = sess.run([name], {"input": x})[0].reshape(-1)
                 want.collect_summary(float(whole.min()), float(whole.max()), whole[::step])
             h = got[name]
@@ -252,7 +272,7 @@ def test_in_graph_summaries_match_whole_tensor_histograms(tiny_onnx):
                 (want.min, want.max, want.count, want.zeros, want.range), rel=1e-6)
             np.testing.assert_array_equal(h.counts, want.counts)
         assert got[conv_out].count == (14 * 8 * 16 * 16 if max_samples is None else
-                                       sum(-(-len(x) * 2048 // sample_stride(4 * 2048, 1000)) for x in batches))
+                                       sum(-(-len(x) * 2048 // sample_stride(4 * 2048, 1000, 2048)) for x in batches))
 
 
 def test_calibration_batch_size_follows_the_activation_volume():
@@ -273,3 +293,27 @@ def test_entropy_threshold_of_degenerate_histograms_is_finite():
         assert entropy_amax(np.r_[np.zeros(2047), 5.0], 1.0) == 1.0
         assert entropy_amax(np.zeros(2048), 1.0) == 0.0
         assert 0 < entropy_amax(np.r_[100.0, np.zeros(2047)], 1.0) < 0.01
+
+
+def test_max_calibrator_refuses_nan_and_inf():
+    from rescompress.calibration.max_calib import MaxCalibrator
+
+    for bad in (np.nan, np.inf):
+        cal = MaxCalibrator()
+        cal.collect(np.array([1.0, 2.0], np.float32))
+        with pytest.raises(RescompressError, match="NaN or Inf"):
+            cal.collect(np.array([1.0, bad], np.float32))  # max(0.0, nan) is 0.0: it used to vanish
+
+
+def test_histogram_of_a_vanishingly_small_tensor_and_its_scale():
+    """A range below ~1e-35 overflowed float32 in the bin arithmetic (a bare numpy ValueError); such a
+    tensor is zero for any following layer and gets the all-zeros scale, never a subnormal one."""
+    from rescompress.quantization.plan import asymmetric_uint8, symmetric_int8, unsigned_uint8
+
+    h = StreamingHistogram(64)
+    h.collect(np.array([0.0, 1e-36, -5e-37], np.float32))
+    assert h.count == 3 and int(h.counts.sum()) == 3 and h.counts[-1] == 1
+    assert h.amax == pytest.approx(1e-36)
+    for params in (symmetric_int8(1e-36), unsigned_uint8(1e-36), asymmetric_uint8(-5e-37, 1e-36, 1e-36)):
+        assert params.scale == 1.0
+    assert symmetric_int8(1e-6).scale == pytest.approx(1e-6 / 127)

@@ -91,6 +91,11 @@ def entropy_amax(
     folded into bin ``i-1``; ``Q`` merges ``counts[:i]`` into ``levels+1`` groups and spreads each group's
     mass evenly over its non-empty bins. The amax is the upper edge of the best ``i``.
 
+    TensorRT tries every bin from 128 up; this tries about ``MAX_ENTROPY_CANDIDATES`` evenly spaced bins
+    (every 15th of 2048), 15 times fewer KL evaluations. The KL curve is jagged at the bin scale, so the two
+    can pick different thresholds: on the bundled ResNet-20, 48 of 53 tensors agree, and where they differ
+    the every-bin minimum is often a narrow dip that clips hard (the input at 0.81 instead of 2.02).
+
     ``zeros`` exact zeros are taken out of the first bin: they are representable exactly, and a ReLU's
     spike at zero would otherwise pull the threshold far down (half-normal data: 1.9 sigma instead of ~4).
     """

@@ -166,7 +166,7 @@ def with_summary_outputs(
                 nodes.append(_reduce(op, part, out, None, opset, g, f"{tag}_{op}"))
             else:
                 nodes.append(_reduce(op, flat, out, None, opset, g, f"{tag}_{op}"))
-        step = 1 if max_samples is None else sample_stride(size * batch_size, max_samples)
+        step = 1 if max_samples is None else sample_stride(size * batch_size, max_samples, period=size)
         if step > 1:
             consts = {f"{tag}_{k}": v for k, v in (("starts", 0), ("ends", INT64_MAX), ("axes", 0), ("steps", step))}
             g.initializer.extend(numpy_helper.from_array(np.array([v], np.int64), k) for k, v in consts.items())

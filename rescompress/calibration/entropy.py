@@ -1,4 +1,5 @@
-"""Entropy calibration (TensorRT's algorithm): the threshold minimizing KL divergence to the clipped data."""
+"""Entropy calibration (TensorRT's KL criterion, on a grid of thresholds: see ``entropy_amax``): the
+threshold minimizing KL divergence to the clipped data."""
 
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ would hold. Min, max and the count of exact zeros are tracked alongside (zeros m
 and min >= 0 marks tensors that may use an unsigned range).
 
 Min and max are exact over every value. A batch larger than ``max_samples`` values is binned through a
-strided view (a prime stride, so it does not alias with the rows and columns of NCHW data): over many
+strided view (a prime stride that does not divide one image's C*H*W, so it does not alias with the rows
+and columns of NCHW data): over many
 batches that is still millions of samples per tensor, and binning costs as much as running the model.
 ``zeros`` and ``count`` are in histogram units (sampled values).
 """
@@ -32,9 +33,20 @@ def _next_prime(n: int) -> int:
     return n
 
 
-def sample_stride(size: int, max_samples: int) -> int:
-    """The stride that keeps at most about ``max_samples`` of ``size`` values: 1, or a prime."""
-    return 1 if size <= max_samples else _next_prime(-(-size // max_samples))
+def sample_stride(size: int, max_samples: int, period: int | None = None) -> int:
+    """The stride that keeps at most about ``max_samples`` of ``size`` values: 1, or a prime.
+
+    ``period`` is the size of one image's tensor (C*H*W). The prime is chosen not to divide it: a stride
+    that divides the width (7 for a 28- or 56-wide map) would visit the same few columns of every row and
+    never see the others. A prime that does not divide C*H*W shares no factor with C, H or W, so the
+    samples cycle through every position of the image's tensor.
+    """
+    if size <= max_samples:
+        return 1
+    step = _next_prime(-(-size // max_samples))
+    while period and period % step == 0:
+        step = _next_prime(step + 1)
+    return step
 
 
 class StreamingHistogram:
@@ -70,7 +82,9 @@ class StreamingHistogram:
             return
         lo, hi_signed = float(flat.min()), float(flat.max())
         if self.max_samples is not None and flat.size > self.max_samples:
-            flat = flat[:: sample_stride(flat.size, self.max_samples)]
+            x = np.asarray(x)
+            period = int(np.prod(x.shape[1:])) if x.ndim >= 2 else None  # one image's C*H*W
+            flat = flat[:: sample_stride(flat.size, self.max_samples, period)]
         self.collect_summary(lo, hi_signed, flat)
 
     def collect_summary(self, lo: float, hi_signed: float, sample: np.ndarray) -> None:
@@ -97,10 +111,11 @@ class StreamingHistogram:
             self.range = hi
         while hi > self.range:
             self._double()
-        k = np.float32(self.num_bins / self.range)
+        k = self.num_bins / self.range
+        dtype = np.float32 if k < 1e30 else np.float64  # a range below ~1e-35 would overflow float32 to inf
         for start in range(0, flat.size, CHUNK):
-            a = np.abs(flat[start : start + CHUNK].astype(np.float32, copy=False))
-            a *= k
+            a = np.abs(flat[start : start + CHUNK].astype(dtype, copy=False))
+            a *= dtype(k)
             idx = a.astype(np.int32)
             np.minimum(idx, self.num_bins - 1, out=idx)
             self.counts += np.bincount(idx, minlength=self.num_bins)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from rescompress.calibration.amax import max_amax
+from rescompress.errors import RescompressError
 
 
 class MaxCalibrator:
@@ -21,7 +24,10 @@ class MaxCalibrator:
             self._histogram.reset()
 
     def collect(self, x: np.ndarray) -> None:
-        self._amax = max(self._amax, max_amax(np.asarray(x)))
+        amax = max_amax(np.asarray(x))
+        if not math.isfinite(amax):  # max(0.0, nan) is 0.0: a NaN would vanish silently
+            raise RescompressError("activation values contain NaN or Inf; check the model weights and inputs")
+        self._amax = max(self._amax, amax)
 
     def compute_amax(self) -> float:
         if self._histogram is not None:

@@ -47,9 +47,14 @@ class QParams:
         return cls(float(d["scale"]), int(d["zero_point"]), str(d["dtype"]))
 
 
+# Below this a range is taken as all zeros: its scale would be a float32 subnormal that kernels may flush
+# to zero (a division by zero), and values this small are zero for any following layer anyway.
+MIN_AMAX = 1e-30
+
+
 def _safe_scale(amax: float, levels: int) -> float:
     # A tensor that is all zeros still needs a positive scale (ONNX requires scale > 0).
-    return float(amax) / levels if amax > 0 and math.isfinite(amax) else 1.0
+    return float(amax) / levels if amax > MIN_AMAX and math.isfinite(amax) else 1.0
 
 
 def symmetric_int8(amax: float) -> QParams:
@@ -95,7 +100,7 @@ def asymmetric_uint8(vmin: float, vmax: float, amax: float) -> QParams:
     symmetric grid, but no code is spent on a side the tensor never reaches (e.g. a normalized image
     in [-0.8, 2.0] gets a 30% finer step)."""
     lo, hi = max(min(vmin, 0.0), -amax), min(max(vmax, 0.0), amax)
-    if not hi - lo > 0 or not math.isfinite(hi - lo):
+    if not hi - lo > MIN_AMAX or not math.isfinite(hi - lo):
         return QParams(1.0, 128, "uint8")
     scale = (hi - lo) / UINT8_MAX
     return QParams(float(scale), int(np.clip(round(-lo / scale), 0, UINT8_MAX)), "uint8")
