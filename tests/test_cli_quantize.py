@@ -94,6 +94,23 @@ def test_plan_reuse_skips_calibration(first_run, checkpoint, tmp_path):
     assert (tmp_path / "r20.weights.npz").read_bytes() == (out / "r20.weights.npz").read_bytes()
 
 
+def test_trt_version_sets_the_cache_header(first_run, checkpoint, tmp_path):
+    """TensorRT skips a calibration cache tagged for another version: --trt-version names the one that reads it."""
+    _, out = first_run
+    assert (out / "r20.int8.trt.cache").read_text().splitlines()[0] == "TRT-100000-EntropyCalibration2"
+    res = runner.invoke(app, ["quantize", str(checkpoint), "--plan", str(out / "r20.plan.json"), "--target",
+                              "tensorrt", "--trt-version", "10.8.0", "-o", str(tmp_path / "o"), "--no-latency"])
+    assert res.exit_code == 0, res.output
+    lines = (tmp_path / "o" / "r20.int8.trt.cache").read_text().splitlines()
+    assert lines[0] == "TRT-100800-EntropyCalibration2"
+    assert lines[1:] == (out / "r20.int8.trt.cache").read_text().splitlines()[1:]
+    for bad in ("ten", "7.2.1", "10.x"):
+        res = runner.invoke(app, ["quantize", str(checkpoint), "--plan", str(out / "r20.plan.json"),
+                                  "--trt-version", bad, "-o", str(tmp_path / "bad")])
+        assert res.exit_code == 2 and "--trt-version" in res.stderr, bad
+    assert not (tmp_path / "bad").exists()
+
+
 def test_plan_is_never_overwritten_and_calibration_options_are_refused(first_run, checkpoint, tmp_path):
     """--plan with -o its own folder would replace the plan (with --weight-rounding nearest, by one that no
     longer points at the rounded weights); calibration options are refused, not silently ignored."""

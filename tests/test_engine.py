@@ -415,6 +415,13 @@ def test_int8_implicit_path(tmp_path):
     assert any("needs TensorRT 10" in e for e in on11.errors)
     newer = preflight(cfg, tensorrt_version="10.9.1")
     assert newer.ok and any("TRT-100800" in w and "100901" in w for w in newer.warnings)
+    # What the build hands TensorRT 10.9.1: the same scales, bit for bit, under its own version's header.
+    retagged = read_calib_cache(cache).retagged("10.9.1.4")
+    assert retagged.splitlines()[0] == b"TRT-100901-EntropyCalibration2"
+    again = tmp_path / "retagged.cache"
+    again.write_bytes(retagged)
+    assert read_calib_cache(again).scales == read_calib_cache(cache).scales
+    assert retagged.splitlines()[1:] == cache.read_bytes().splitlines()[1:]
 
     other = write_cache(tmp_path / "other.cache", {"layer9": 0.1})
     foreign = preflight(EngineBuildConfig(onnx_path, precision="int8-implicit", calib_cache=other), "10.8.0")

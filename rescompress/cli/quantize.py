@@ -102,6 +102,12 @@ def quantize_command(
             "(zero point 128, TensorRT's grid).",
         ),
     ] = "asymmetric",
+    trt_version: Annotated[
+        str | None,
+        typer.Option("--trt-version", help="TensorRT version in the calibration cache's header (TensorRT skips a "
+                     "cache made for another version): default the installed TensorRT, else 10.0.0. build-engine "
+                     "re-tags the cache for the TensorRT it runs."),
+    ] = None,
     arch: ArchOpt = None,
     trust_pickle: TrustPickleOpt = False,
     preset: PresetOpt = None,
@@ -113,6 +119,7 @@ def quantize_command(
 ) -> None:
     """Quantize a model to INT8 (ONNX Runtime and TensorRT Q/DQ files, TensorRT cache, plan, report)."""
     from rescompress.quantization.pipeline import QuantizeConfig, quantize_model
+    from rescompress.quantization.trt_cache import default_trt_version
 
     if target not in TARGET_CHOICES:
         raise UsageError(f"--target must be onnxruntime, tensorrt or both, got {target!r}")
@@ -129,6 +136,7 @@ def quantize_command(
         targets=TARGET_CHOICES[target], exclude=tuple(exclude or ()), max_drop=max_drop,
         max_float_layers=max_fallback, ort_range=ort_range, eval_limit=eval_limit,
         latency=latency, refine_tensors=refine_tensors, weight_rounding=weight_rounding,
+        trt_version=trt_version or default_trt_version(),
     )
     custom = any(v is not None for v in (preset, input_size, channels, mean, std))
 

@@ -356,6 +356,15 @@ class CalibCache:
             "tensors": len(self.scales),
         }
 
+    def retagged(self, tensorrt_version: str) -> bytes:
+        """The cache with its header naming ``tensorrt_version``: TensorRT skips a cache tagged for another
+        version, and the scales (float32 bits, kept exactly) do not depend on it."""
+        number = trt_version_number(tensorrt_version)
+        tag = self.version_tag if number is None else str(number)
+        lines = [f"TRT-{tag}-{self.algorithm}"]
+        lines += [f"{name}: {struct.pack('>f', scale).hex()}" for name, scale in self.scales.items()]
+        return ("\n".join(lines) + "\n").encode("ascii")
+
 
 def read_calib_cache(path: Path | str) -> CalibCache:
     """Parse a TensorRT calibration cache (the text form written by TensorRT and by the quantize stage)."""
@@ -752,9 +761,9 @@ def _check_implicit(
     installed = trt_version_number(tensorrt_version) if tensorrt_version else None
     if installed is not None and cache.version_tag != str(installed):
         warnings.append(
-            f"calibration cache header TRT-{cache.version_tag} does not match the installed TensorRT "
-            f"{tensorrt_version} ({installed}); TensorRT may ignore the cache, which fails the build: "
-            f"rewrite it for this version"
+            f"calibration cache header TRT-{cache.version_tag} names another TensorRT than the installed "
+            f"{tensorrt_version} ({installed}), which skips such a cache: the build passes it re-tagged "
+            f"TRT-{installed} (same scales); for trtexec --calib, quantize again with --trt-version {tensorrt_version}"
         )
     known = [n for n in cache.scales if n in facts.tensor_names]
     unscaled = sorted(facts.activation_names - set(cache.scales))

@@ -211,7 +211,8 @@ def _configure(
     if report.precision == "int8-implicit" and report.calib_cache is not None:
         cache = read_calib_cache(report.calib_cache)
         bconf.set_flag(trt.BuilderFlag.INT8)
-        calibrator = _cache_calibrator(trt, report.calib_cache.read_bytes(), cache.algorithm, report.profiles[0].opt)
+        calibrator = _cache_calibrator(trt, cache.retagged(str(trt.__version__)), cache.algorithm,
+                                       report.profiles[0].opt)
         bconf.int8_calibrator = calibrator
         # Dynamic shapes need a calibration profile even when the cache makes calibration a no-op.
         bconf.set_calibration_profile(keep_alive[0])

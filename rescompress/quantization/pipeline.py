@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -133,6 +134,8 @@ class QuantizeConfig:
             raise UsageError("--num-images and --batch-size must be positive")
         if self.max_drop is not None and (self.max_drop < 0 or not math.isfinite(self.max_drop)):
             raise UsageError(f"--max-drop must be a non-negative number of points, got {self.max_drop}")
+        if not re.fullmatch(r"\d+(\.\d+){0,2}", self.trt_version) or int(self.trt_version.split(".")[0]) < 8:
+            raise UsageError(f"--trt-version must look like 10.3.0 (TensorRT 8 or later), got {self.trt_version!r}")
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}

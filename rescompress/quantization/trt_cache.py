@@ -3,9 +3,10 @@
 Text format as TensorRT's calibrators write it: a header line ``TRT-<version>-EntropyCalibration2``,
 then one ``tensor_name: <hex>`` line per tensor, where ``<hex>`` is the big-endian IEEE-754 float32 of
 the scale ``amax / 127``. ``<version>`` is TensorRT's integer version (``NV_TENSORRT_VERSION``,
-major*10000 + minor*100 + patch for TensorRT 10). Tensor names are the FP32 ONNX graph's tensor names,
-which the ONNX parser keeps. Not exercised against a real TensorRT here (none can run on these
-machines); the format is checked by a round-trip parse.
+major*10000 + minor*100 + patch for TensorRT 10); TensorRT skips a cache whose header names another
+version, so ``build-engine`` re-tags the cache for the TensorRT it runs (the scales do not depend on it).
+Tensor names are the FP32 ONNX graph's tensor names, which the ONNX parser keeps. Not exercised against
+a real TensorRT here (none can run on these machines); the format is checked by a round-trip parse.
 """
 
 from __future__ import annotations
@@ -19,6 +20,14 @@ from rescompress.fileio import write_text_atomic
 
 ALGORITHM = "EntropyCalibration2"
 DEFAULT_TRT_VERSION = "10.0.0"
+
+
+def default_trt_version() -> str:
+    """The installed TensorRT's version (a cache made here is then read by it), else ``DEFAULT_TRT_VERSION``."""
+    from rescompress.engine.tensorrt import installed_tensorrt_version
+
+    found = installed_tensorrt_version()
+    return ".".join(found.split(".")[:3]) if found else DEFAULT_TRT_VERSION
 
 
 def trt_version_number(version: str) -> int:
