@@ -8,6 +8,12 @@ uses uint8 with zero point 0 over ``[0, amax]`` (twice the resolution, and ORT t
 into the quantize). Per weight: per-channel amax (symmetric int8, axis 0 of Conv/Gemm weights).
 Provenance ties the plan to one model (fingerprint of the FP32 ONNX graph) so ``--plan`` can refuse a
 plan made for another model.
+
+The per-target ``params`` (scale, zero point) are what every file and the TensorRT cache are written
+from, and what ``--plan`` applies as they are. ``amax`` is the calibrated range they were first derived
+from: where ``--method auto`` refined a tensor's scale on held-out images, its scale differs from
+``amax / levels``, and editing ``amax`` in a saved plan changes nothing. A convolution output read only by
+its ReLU is recorded with the ReLU output's range (min 0): it is never observed separately.
 """
 
 from __future__ import annotations
