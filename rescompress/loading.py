@@ -843,7 +843,8 @@ def _load_into(spec: ResNetSpec, state: dict[str, torch.Tensor]) -> tuple[nn.Mod
 
 
 def _fit_shapes(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
-    """Rebuild Conv/BN/Linear layers whose stored shape is smaller (pruned); True if any was rebuilt.
+    """Rebuild Conv/BN/Linear layers whose stored shape is smaller (pruned), and Linear layers stored
+    without a bias; True if a shape changed (the model is pruned).
 
     A stored dimension larger than the architecture's cannot come from pruning it: that means another
     architecture, so it raises.
@@ -854,7 +855,8 @@ def _fit_shapes(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
         if w is None or not isinstance(m, nn.Conv2d | nn.BatchNorm2d | nn.Linear):
             continue
         want, got = tuple(m.weight.shape), tuple(w.shape)
-        if want == got:
+        bias_dropped = isinstance(m, nn.Linear) and m.bias is not None and f"{name}.bias" not in state
+        if want == got and not bias_dropped:  # (a classifier saved without bias is rebuilt without one)
             continue
         if len(want) != len(got) or any(g > e for g, e in zip(got, want, strict=True)):
             raise _DoesNotFit(f"{name}.weight has shape {got}, expected {want} or smaller (pruned)")
@@ -870,7 +872,7 @@ def _fit_shapes(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
             new = nn.Linear(got[1], got[0], bias=has_bias)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-        changed = True
+        changed = changed or want != got
     return changed
 
 

@@ -623,3 +623,21 @@ def test_feature_extractor_is_refused_with_the_right_reason(tmp_path):
     torch.save(model.eval(), tmp_path / "features.pt")
     with pytest.raises(UnsupportedModelError, match="without a Linear classifier; not an image classifier"):
         load_model(tmp_path / "features.pt", input_size=32)
+
+
+def test_state_dict_of_a_classifier_without_bias_loads_and_round_trips(tmp_path):
+    """fc = Linear(..., bias=False) (some training recipes): the state_dict has no fc.bias. It loads as the
+    architecture with a bias-less fc (not as 'pruned'), and a fold/prune checkpoint of it reloads."""
+    model = _model("resnet18", 10, 3)
+    model.fc = nn.Linear(512, 10, bias=False).eval()
+    torch.save(model.state_dict(), tmp_path / "nobias.pt")
+    loaded = load_model(tmp_path / "nobias.pt", input_size=32)
+    assert (loaded.arch, loaded.num_classes, loaded.source_format) == ("resnet18", 10, "state_dict")
+    assert loaded.module.fc.bias is None and not loaded.pruned
+    torch.testing.assert_close(_logits(loaded.module, (2, 3, 32, 32)), _logits(model, (2, 3, 32, 32)))
+    out = save_checkpoint(loaded.module, tmp_path / "nobias.safetensors",
+                          CheckpointHeader(arch="resnet18", num_classes=10, in_channels=3,
+                                           preprocess=get_preset("cifar")))
+    again = load_model(out)
+    assert again.module.fc.bias is None and not again.pruned
+    torch.testing.assert_close(_logits(again.module, (2, 3, 32, 32)), _logits(model, (2, 3, 32, 32)))

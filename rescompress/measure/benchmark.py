@@ -189,7 +189,7 @@ def check_input_fits(
     if input_size is not None and tuple(input_size) != tuple(preprocess.size):
         h, w = input_size
         raise DataError(
-            f"{name} has a fixed {h}x{w} input but the preprocessing gives "
+            f"{name} takes {h}x{w} input (fixed in its graph or recorded with it) but the preprocessing gives "
             f"{preprocess.size[0]}x{preprocess.size[1]}; pass --input-size {h if h == w else f'{h}x{w}'}"
         )
 
