@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -136,3 +137,73 @@ def file_sha256(path: Path | str, limit: int | None = None) -> str:
             if remaining is not None:
                 remaining -= len(chunk)
     return h.hexdigest()
+
+
+class StagedOutputs:
+    """The files of one multi-file run, written into a hidden staging folder inside ``out`` and moved into
+    ``out`` together by :meth:`commit`.
+
+    Until the commit, ``out`` is untouched: a run that fails or is interrupted removes only its staging
+    folder (and the folders it created for ``out``, when they are left empty), never a file it did not
+    write; a re-run into a folder of earlier outputs leaves that set whole, not half replaced. The commit is
+    one rename per file, so a mixed set needs an interrupt within those few renames.
+    """
+
+    def __init__(self, out: Path | str) -> None:
+        self.out = Path(out)
+        self.created: list[Path] = []  # folders this run made for ``out``, outermost first
+        self.stage: Path | None = None
+        self.names: list[str] = []
+
+    def __enter__(self) -> StagedOutputs:
+        if self.out.exists() and not self.out.is_dir():
+            raise RescompressError(f"the output folder {self.out} exists and is not a folder; choose another -o")
+        missing = []
+        folder = self.out
+        while not folder.exists() and folder != folder.parent:
+            missing.append(folder)
+            folder = folder.parent
+        if not folder.is_dir():
+            raise RescompressError(f"cannot write into {self.out}: {folder} is a file, not a folder")
+        try:
+            for d in reversed(missing):
+                d.mkdir()
+                self.created.append(d)
+            self.stage = Path(tempfile.mkdtemp(prefix=".rescompress-staging-", dir=self.out))
+        except OSError as exc:
+            self._remove_created()
+            raise RescompressError(f"cannot write into {self.out}: {exc.strerror or exc}") from None
+        return self
+
+    def path(self, final: Path | str) -> Path:
+        """Where to write the output that will be ``final`` (a file directly in ``out``)."""
+        final = Path(final)
+        if self.stage is None or final.parent.resolve() != self.out.resolve():
+            raise RescompressError(f"internal error: {final} is not an output of {self.out}")
+        if final.name not in self.names:
+            self.names.append(final.name)
+        return self.stage / final.name
+
+    def commit(self) -> None:
+        assert self.stage is not None
+        names = self.names + sorted(p.name for p in self.stage.iterdir() if p.name not in self.names)
+        for name in names:  # (anything written beside a staged file, e.g. external data, goes too)
+            staged = self.stage / name
+            if staged.is_file():
+                try:
+                    os.replace(staged, self.out / name)
+                except OSError as exc:
+                    raise _cannot_write(self.out / name, exc) from None
+        shutil.rmtree(self.stage, ignore_errors=True)
+        self.stage = None
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.stage is not None:  # not committed: a failure or an interrupt
+            shutil.rmtree(self.stage, ignore_errors=True)
+            self.stage = None
+            self._remove_created()
+
+    def _remove_created(self) -> None:
+        for d in reversed(self.created):
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only when empty: another run may have written there meanwhile

@@ -237,6 +237,36 @@ def test_failure_after_export_leaves_nothing_behind(checkpoint, calib_npz, tmp_p
             assert not out.exists()
 
 
+def test_interrupted_run_touches_nothing_in_the_output_folder(first_run, checkpoint, calib_npz, tmp_path):
+    """A run interrupted mid-way (here during calibration) keeps an earlier run's outputs whole (none half
+    replaced), never removes a file it did not write (a user's, or another run's written meanwhile), and
+    removes the folders it created for -o."""
+    from rescompress.quantization.pipeline import QuantizeConfig, quantize_model
+
+    _, first = first_run
+    out = tmp_path / "o"
+    out.mkdir()
+    for f in first.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+
+    def interrupt(it, total, desc):
+        (out / "written_meanwhile.txt").write_text("another run's file")
+        raise KeyboardInterrupt
+
+    cfg = QuantizeConfig(num_images=32, method="max", seed=7, latency=False, weight_rounding="nearest")
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(checkpoint, calib_npz, out, config=cfg, progress=interrupt)
+    after = {f.name: f.read_bytes() for f in out.iterdir()}
+    assert after.pop("written_meanwhile.txt") == b"another run's file"
+    assert after == before  # no staging folder left, no output replaced
+    deep = tmp_path / "a" / "b"
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(checkpoint, calib_npz, deep, config=cfg, progress=lambda *a: (_ for _ in ()).throw(
+            KeyboardInterrupt()))
+    assert not (tmp_path / "a").exists()  # both folders it created are gone
+
+
 def test_nan_weights_exit_1(first_run, calib_npz, tmp_path):
     _, out = first_run
     m = onnx.load(str(out / "r20.fp32.onnx"))

@@ -36,7 +36,7 @@ from rescompress.calibration.collect import (
     with_extra_outputs,
 )
 from rescompress.errors import CheckFailed, DataError, RescompressError, UsageError
-from rescompress.fileio import ensure_not_input, write_text_atomic
+from rescompress.fileio import StagedOutputs, ensure_not_input, write_text_atomic
 from rescompress.quantization.calibrate import activation_entries, check_finite_weights, weight_entries
 from rescompress.quantization.checker import INTEGER_OPS, check_trt_qdq
 from rescompress.quantization.emit import emit_qdq, save_model
@@ -228,11 +228,15 @@ def load_fp32(
     trust_pickle: bool = False,
     preprocess: PreprocessArg = None,
     notify: Notify | None = None,
+    stage: Callable[[Path], Path] | None = None,
 ) -> Fp32Model:
     """A FP32 ONNX model with BatchNorm folded: the given .onnx, or a PyTorch file folded and exported.
 
     ``preprocess`` replaces the model's own preprocessing, or (a callable) maps it to the one to use.
+    ``stage`` maps the written file's final path to where it is written during the run (see
+    :func:`_nothing_left_on_failure`); the returned ``path`` is the final one.
     """
+    stage = stage or (lambda final: final)
     import torch
 
     from rescompress.export import export_onnx, preprocess_metadata, read_onnx_info, set_metadata
@@ -267,7 +271,7 @@ def load_fp32(
         fp32_path = outdir / f"{stem}.fp32.onnx"
         ensure_not_input(fp32_path, [p])
         outdir.mkdir(parents=True, exist_ok=True)
-        save_model(proto, fp32_path)
+        save_model(proto, stage(fp32_path))
         if notify:
             notify(f"{p.name}: {'; '.join(changes)} (outputs checked equal), written as {fp32_path.name}")
         return Fp32Model(fp32_path, proto, pre, info.num_classes, info.arch, stem, exported=True,
@@ -285,19 +289,20 @@ def load_fp32(
         notify(f"loaded {loaded.arch} ({loaded.num_classes} classes, input {pre.input_shape(1)[1:]})")
     fp32_path = outdir / f"{stem}.fp32.onnx"
     ensure_not_input(fp32_path, [p])
+    written = stage(fp32_path)
     if isinstance(loaded.module, torch.jit.ScriptModule):
         # torch.fx cannot trace TorchScript, so BatchNorm is folded in the exported graph instead (where the
         # exporter has not folded it already); checked in ORT against the unfolded export.
-        export_onnx(loaded.module, pre, fp32_path, arch=loaded.arch, num_classes=loaded.num_classes, source=p)
-        proto, changes = _normalized_onnx(onnx.load(str(fp32_path)), fp32_path, pre)
+        export_onnx(loaded.module, pre, written, arch=loaded.arch, num_classes=loaded.num_classes, source=p)
+        proto, changes = _normalized_onnx(onnx.load(str(written)), written, pre)
         if changes:
-            save_model(proto, fp32_path)
+            save_model(proto, written)
         return Fp32Model(fp32_path, proto, pre, loaded.num_classes, loaded.arch, stem, exported=True)
     folded = fold_batchnorm(loaded.module, input_shape=pre.input_shape(8))
     export_onnx(
-        folded.model, pre, fp32_path, arch=loaded.arch, num_classes=loaded.num_classes, source=p, folded=True,
+        folded.model, pre, written, arch=loaded.arch, num_classes=loaded.num_classes, source=p, folded=True,
     )
-    return Fp32Model(fp32_path, onnx.load(str(fp32_path)), pre, loaded.num_classes, loaded.arch, stem, exported=True)
+    return Fp32Model(fp32_path, onnx.load(str(written)), pre, loaded.num_classes, loaded.arch, stem, exported=True)
 
 
 QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", *INTEGER_OPS)
@@ -448,27 +453,17 @@ def choose_method(fids: dict[str, Fidelity]) -> str:
 
 # ------------------------------------------------------------------------------------------ main entry
 def _nothing_left_on_failure(run):
-    """On any failure, remove the files a quantize run created in its output folder (an exported FP32 model,
-    artifacts written before the error), and the folder when the run created it; files that were there
-    before stay."""
+    """Every file of a run is written into a staging folder inside ``outdir`` and moved into it at the end
+    (:class:`~rescompress.fileio.StagedOutputs`): a run that fails or is interrupted leaves ``outdir`` as
+    it was (no half set of outputs, no file of another run or user removed), and removes the folders it
+    created for it."""
 
     @functools.wraps(run)
     def wrapper(model, calib_data, outdir="out", **kwargs):
-        out = Path(outdir)
-        if out.exists() and not out.is_dir():
-            raise RescompressError(f"the output folder {out} exists and is not a folder; choose another -o")
-        existed = out.exists()
-        before = set(out.iterdir()) if out.is_dir() else set()
-        try:
-            return run(model, calib_data, out, **kwargs)
-        except BaseException:
-            if out.is_dir():
-                for f in out.iterdir():
-                    if f not in before and f.is_file():
-                        f.unlink(missing_ok=True)
-                if not existed and not any(out.iterdir()):
-                    out.rmdir()
-            raise
+        with StagedOutputs(outdir) as staged:
+            result = run(model, calib_data, Path(outdir), staged=staged, **kwargs)
+            staged.commit()
+            return result
 
     return wrapper
 
@@ -487,10 +482,12 @@ def quantize_model(
     preprocess: PreprocessArg = None,
     progress: ProgressFn | None = None,
     notify: Notify | None = None,
+    staged: StagedOutputs | None = None,
 ) -> QuantizeResult:
     """Quantize ``model`` to INT8 artifacts in ``outdir``; see the module docstring for the stages.
 
-    A run that fails leaves nothing behind in ``outdir`` (see :func:`_nothing_left_on_failure`).
+    A run that fails leaves nothing behind in ``outdir`` (see :func:`_nothing_left_on_failure`, which
+    passes ``staged``: files are written there and land in ``outdir`` together at the end).
     """
     from rescompress.data import check_compatible, describe_source, limit_indices, open_dataset
     from rescompress.system import library_versions
@@ -499,6 +496,10 @@ def quantize_model(
     say = notify or (lambda msg: log.info(msg))
     prog = progress or (lambda it, total, desc: it)
     out = Path(outdir)
+
+    def w(final: Path) -> Path:  # where an output that will be ``final`` is written during the run
+        return staged.path(final) if staged is not None else final
+
     warnings: list[str] = []
     # Refuse unusable data before anything is exported or written.
     for d, split in ((calib_data, "train"), (eval_data, "test")):
@@ -507,7 +508,7 @@ def quantize_model(
                 raise DataError(f"{d} holds no images")
     if plan is not None and not isinstance(plan, QuantPlan):  # the plan this run writes must not replace it
         ensure_not_input(out / f"{output_stem(Path(model))}.plan.json", [plan])  # before anything is written
-    src = load_fp32(model, out, arch=arch, trust_pickle=trust_pickle, preprocess=preprocess, notify=say)
+    src = load_fp32(model, out, arch=arch, trust_pickle=trust_pickle, preprocess=preprocess, notify=say, stage=w)
     base = prepare_model(src.proto)
     check_finite_weights(base)
     fingerprint = model_fingerprint(base)
@@ -667,15 +668,16 @@ def quantize_model(
         qmodels[t] = emit(qplan, placements[t])
         path = out / f"{src.stem}.int8.{suffix[t]}.onnx"
         ensure_not_input(path, inputs)
-        save_model(qmodels[t], path)
+        save_model(qmodels[t], w(path))
         artifacts[t] = path
     if "tensorrt" in want:
         scales = {n: qplan.activation(n).params["tensorrt"].scale for n in cache_tensors}
-        artifacts["trt_cache"] = write_cache(out / f"{src.stem}.int8.trt.cache", scales, cfg.trt_version)
+        artifacts["trt_cache"] = out / f"{src.stem}.int8.trt.cache"
+        write_cache(w(artifacts["trt_cache"]), scales, cfg.trt_version)
     if rounded and not reuse:
         weights_file = out / f"{src.stem}.weights.npz"
         ensure_not_input(weights_file, inputs)
-        sha = save_levels(weights_file, rounded, qplan)
+        sha = save_levels(w(weights_file), rounded, qplan)
         qplan = replace(qplan, rounding={"method": "hessian", "file": weights_file.name, "sha256": sha,
                                          "images": calib_stats["weight_rounding"]["images"]})
         artifacts["weights"] = weights_file
@@ -688,10 +690,11 @@ def quantize_model(
         weights_file = out / qplan.rounding["file"]
         if weights_file.resolve() != src_file.resolve():
             ensure_not_input(weights_file, inputs)
-            with atomic_path(weights_file) as tmp:
+            with atomic_path(w(weights_file)) as tmp:
                 shutil.copyfile(src_file, tmp)
         artifacts["weights"] = weights_file
-    artifacts["plan"] = qplan.save(out / f"{src.stem}.plan.json")
+    artifacts["plan"] = out / f"{src.stem}.plan.json"
+    qplan.save(w(artifacts["plan"]))
 
     # Measure.
     fidelity: dict[str, Fidelity] = {}
@@ -716,8 +719,8 @@ def quantize_model(
     report_md = out / f"{src.stem}.quantize.md"
     artifacts["report_json"] = report_json
     artifacts["report_md"] = report_md
-    write_text_atomic(report_json, json.dumps(result.to_dict(), indent=2, default=str) + "\n")
-    write_text_atomic(report_md, render_markdown(result))
+    write_text_atomic(w(report_json), json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    write_text_atomic(w(report_md), render_markdown(result))
     return result
 
 
