@@ -34,6 +34,11 @@ class DemoConfig:
     rounds: int = 3
     threads: int | None = None
 
+    def __post_init__(self) -> None:
+        from rescompress.runtimes import check_threads
+
+        check_threads(self.threads)  # before any work, not when the first runner is made
+
 
 @dataclass(frozen=True)
 class DemoResult:
@@ -52,6 +57,22 @@ class DemoResult:
 
 
 def run_demo(config: DemoConfig, notify: Notify | None = None, progress: ProgressFn | None = None) -> DemoResult:
+    """Run every stage into a staging folder inside ``config.outdir`` and move the files in at the end: an
+    interrupted or failed demo leaves the folder as it was (see :class:`~rescompress.fileio.StagedOutputs`)."""
+    from dataclasses import replace
+
+    from rescompress.fileio import StagedOutputs
+
+    out = Path(config.outdir)
+    with StagedOutputs(out) as staged:
+        work = staged.folder
+        result = _run(replace(config, outdir=work), notify, progress)
+        staged.commit()
+    files = {k: str(out / Path(v).name) if Path(v).parent == work else v for k, v in result.files.items()}
+    return replace(result, files=files)
+
+
+def _run(config: DemoConfig, notify: Notify | None, progress: ProgressFn | None) -> DemoResult:
     from rescompress.export import export_onnx
     from rescompress.folding import fold_batchnorm
     from rescompress.loading import load_model

@@ -43,7 +43,7 @@ def require_suffix(output: Path | str, suffix: str, what: str) -> None:
     commands, and users, tell a file's format by its name."""
     name = Path(output).name
     if not name.lower().endswith(suffix) or len(name) == len(suffix):
-        raise UsageError(f"this command writes {what}: name the output *{suffix}, not {name}")
+        raise UsageError(f"this command writes {what}: name the output *{suffix}, not {name or str(output)}")
 
 
 def _existing_folder(target: Path) -> Path:
@@ -174,6 +174,13 @@ class StagedOutputs:
             self._remove_created()
             raise RescompressError(f"cannot write into {self.out}: {exc.strerror or exc}") from None
         return self
+
+    @property
+    def folder(self) -> Path:
+        """The staging folder (files written here land in ``out`` at :meth:`commit`)."""
+        if self.stage is None:
+            raise RescompressError("internal error: the staged outputs are not open")
+        return self.stage
 
     def path(self, final: Path | str) -> Path:
         """Where to write the output that will be ``final`` (a file directly in ``out``)."""

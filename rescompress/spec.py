@@ -8,6 +8,7 @@ validates them. The same object is written into ONNX metadata so later stages re
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, replace
 
 from rescompress.errors import RescompressError, UsageError
@@ -47,6 +48,8 @@ class Preprocess:
             if len(vals) not in (1, self.channels):
                 allowed = "1 value" if self.channels == 1 else f"1 or {self.channels} values"
                 raise RescompressError(f"{name} needs {allowed} for {self.channels}-channel input, got {len(vals)}")
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)):
+            raise RescompressError(f"mean and std must be finite numbers, got mean {self.mean}, std {self.std}")
         if any(s <= 0 for s in self.std):
             raise RescompressError(f"std values must be positive, got {self.std}")
 

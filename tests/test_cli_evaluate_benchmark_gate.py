@@ -290,6 +290,19 @@ def test_gate_bad_input_is_one_line_exit_1_and_writes_nothing(files, eval_npz):
     assert files["a_onnx"].read_bytes() == before
 
 
+def test_runaway_threads_and_warmup_are_usage_errors(files, eval_npz):
+    """--threads 100000 hung ONNX Runtime (32,000 threads) or made torch fail to load a library;
+    --warmup inf never ended."""
+    for args in (["evaluate", str(files["a_onnx"]), "--data", str(eval_npz), "--threads", "100000"],
+                 ["benchmark", str(files["a"]), str(files["a_onnx"]), "--data", str(eval_npz), "--warmup", "inf"],
+                 ["gate", "--baseline", str(files["a"]), "--candidate", str(files["a_onnx"]), "--data",
+                  str(eval_npz), "--warmup", "inf"]):
+        r = cli.invoke(app, args)
+        assert r.exit_code == 2, (args, r.output)
+    r = cli.invoke(app, ["evaluate", str(files["a_onnx"]), "--data", str(eval_npz), "--threads", "100000"])
+    assert "more than this machine can use" in r.stderr
+
+
 def test_unknown_runtimes_are_refused_for_torch_files_too(files, eval_npz):
     r = cli.invoke(app, ["gate", "--baseline", str(files["a"]), "--candidate", str(files["noisy"]), "--data",
                          str(eval_npz), "--limit", "50", "--runtime", "bogus"])

@@ -221,3 +221,19 @@ def test_error_line_keeps_a_dataloader_workers_original_message():
                         "last):\n  File \"data.py\", line 137\nrescompress.errors.DataError: cannot read image z.png")
     assert _message(wrapped) == "cannot read image z.png"
     assert _message(DataError("plain: message")) == "plain: message"
+
+
+@pytest.mark.parametrize("columns", ["0", "1", "abc"])
+def test_error_line_and_tables_survive_a_tiny_columns_setting(columns, r20_path, tmp_path):
+    """COLUMNS=0 made rich print nothing at all, the promised Error: line included."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COLUMNS": columns, "PYTHONPATH": os.getcwd()}
+    run = [sys.executable, "-m", "rescompress"]
+    out = subprocess.run([*run, "inspect", str(tmp_path / "missing.onnx")], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 1 and out.stderr.startswith("Error: ") and "missing.onnx" in out.stderr
+    out = subprocess.run([*run, "inspect", str(r20_path)], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0 and "resnet20" in out.stdout

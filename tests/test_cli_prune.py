@@ -105,6 +105,12 @@ def test_usage_errors_exit_2(model_file, tmp_path):
     assert res.exit_code == 2
     res = runner.invoke(app, ["prune", str(model_file), "--ratio", "0.3", "--steps", "0", "-o", str(tmp_path / "o")])
     assert res.exit_code == 2
+    # Values that used to reach the code (an OverflowError, or a misleading error after the work):
+    for bad in (["--epochs", "inf"], ["--lr", "inf"], ["--seed", "99999999999999999999"], ["--seed", "-1"],
+                ["--mean", "nan"], ["--std", "inf"], ["--lr", "nan"]):
+        res = runner.invoke(app, ["prune", str(model_file), "--ratio", "0.3", *bad, "-o", str(tmp_path / "o")])
+        assert res.exit_code == 2, (bad, res.output)
+    assert not (tmp_path / "o").exists()
 
 
 def test_not_a_model_is_one_line_error(tmp_path):

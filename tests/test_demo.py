@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -37,4 +38,22 @@ def test_demo_runs_every_stage(tmp_path):
     for name in ("resnet20_fashion_mnist.fp32.onnx", "resnet20_fashion_mnist.int8.ort.onnx",
                  "resnet20_fashion_mnist.int8.trt.onnx", "resnet20_fashion_mnist.pruned.safetensors"):
         assert name in files
-    assert not [n for n in files if n.endswith(".tmp")]
+    assert not [n for n in files if n.endswith(".tmp") or n.startswith(".")]  # no staging folder left
+    assert all(Path(f).parent == out and Path(f).exists() for k, f in doc["files"].items() if k != "FP32 torch")
+
+
+def test_demo_interrupted_or_refused_leaves_no_folder(tmp_path):
+    from rescompress.demo import DemoConfig, run_demo
+
+    out = tmp_path / "demo"
+
+    def interrupt(it, total, desc):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # during calibration, after the FP32 export was written
+        run_demo(DemoConfig(outdir=out), progress=interrupt)
+    assert not out.exists()
+    for bad in ("0", "-1", "100000"):  # refused before any work (0 and -1 used to fail after a minute)
+        result = CliRunner().invoke(app, ["demo", "-o", str(out), "--threads", bad])
+        assert result.exit_code == 2, (bad, result.output)
+    assert not out.exists()

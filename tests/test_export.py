@@ -359,6 +359,9 @@ def test_outputs_named_for_another_format_are_refused(model_files, tmp_path, cmd
     assert res.exit_code == 2, res.output
     assert f"name the output *{fmt}, not {name}" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert not list(out.iterdir())
+    res = runner.invoke(app, [cmd[0], str(ckpt), *cmd[1:], "-o", "."])  # a path without a name: one line
+    assert res.exit_code in (1, 2) and len(res.stderr.strip().splitlines()) == 1
+    assert res.stderr.rstrip().endswith((f"name the output *{fmt}, not .", "it is a folder")), res.stderr
 
 
 def test_unwritable_outputs_get_one_line_errors(tmp_path):

@@ -48,7 +48,9 @@ def register(app: typer.Typer) -> None:
         batch: Annotated[str, typer.Option("--batch", help="Comma-separated batch sizes to time.")] = "1,8,32",
         threads: ThreadsOpt = None,
         device: DeviceOpt = "cpu",
-        warmup: Annotated[float, typer.Option("--warmup", help="Warm-up seconds per model and batch.", min=0)] = 1.0,
+        warmup: Annotated[
+            float, typer.Option("--warmup", help="Warm-up seconds per model and batch.", min=0, max=600)
+        ] = 1.0,
         iters: Annotated[int, typer.Option("--iters", help="Timed calls per block.", min=1)] = 20,
         rounds: Annotated[int, typer.Option("--rounds", help="Rounds of interleaved blocks.", min=1)] = 5,
         limit: LimitOpt = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import sys
 import traceback
@@ -32,8 +33,17 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so the same clean-up runs; the exit code is 143 (128 + 15), not 130."""
 
 
-stdout = Console(soft_wrap=True, emoji=False)  # ":b:" in a path or value stays text
-stderr = Console(stderr=True, soft_wrap=True, emoji=False)
+def _forced_width() -> int | None:
+    """80 columns when $COLUMNS is set below 20: rich would print nothing at 0 (errors included) and only
+    blank lines at 1; None leaves the width to rich (the terminal, or $COLUMNS)."""
+    try:
+        return 80 if int(os.environ.get("COLUMNS", "")) < 20 else None
+    except ValueError:
+        return None
+
+
+stdout = Console(soft_wrap=True, emoji=False, width=_forced_width())  # ":b:" in a path or value stays text
+stderr = Console(stderr=True, soft_wrap=True, emoji=False, width=_forced_width())
 log = logging.getLogger("rescompress")
 
 # ------------------------------------------------------------------------------------ option aliases
@@ -76,9 +86,12 @@ def parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
     if text is None:
         return None
     try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
+        values = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise UsageError(f"{option} expects comma-separated numbers, got {text!r}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise UsageError(f"{option} expects finite numbers, got {text!r}")
+    return values
 
 
 def parse_ints(text: str, option: str) -> tuple[int, ...]:
@@ -166,8 +179,9 @@ def rows_table(rows: Sequence[dict[str, Any]], columns: Iterable[str] | None = N
     table = Table(title=title)
     for c in cols:
         text = not rows or isinstance(rows[0].get(c), str)
-        # Names (file names, tensors) fold onto more lines rather than lose their distinguishing end.
-        table.add_column(c, justify="left" if text else "right", overflow="fold" if text else "ellipsis")
+        # A narrow cell folds onto more lines rather than lose its end: a name its distinguishing part, a
+        # number its digits ("87…").
+        table.add_column(c, justify="left" if text else "right", overflow="fold")
     for r in rows:
         table.add_row(*(_fmt(r.get(c)) for c in cols))
     return table

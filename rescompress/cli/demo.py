@@ -21,7 +21,8 @@ def demo(
         "rescompress-demo"
     ),
     threads: Annotated[
-        int | None, typer.Option("--threads", help="Threads per runtime (default: ONNX Runtime's own; torch 1).")
+        int | None,
+        typer.Option("--threads", help="Threads per runtime (default: ONNX Runtime's own; torch 1).", min=1),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:

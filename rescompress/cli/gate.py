@@ -78,7 +78,7 @@ def register(app: typer.Typer) -> None:
         runtime: RuntimeOpt = "auto",
         threads: ThreadsOpt = None,
         device: DeviceOpt = "cpu",
-        warmup: Annotated[float, typer.Option("--warmup", help="Latency warm-up seconds.", min=0)] = 1.0,
+        warmup: Annotated[float, typer.Option("--warmup", help="Latency warm-up seconds.", min=0, max=600)] = 1.0,
         iters: Annotated[int, typer.Option("--iters", help="Timed calls per latency block.", min=1)] = 20,
         rounds: Annotated[int, typer.Option("--rounds", help="Interleaved latency rounds.", min=1)] = 5,
         junit: Annotated[Path | None, typer.Option("--junit", help="Write JUnit XML here.")] = None,

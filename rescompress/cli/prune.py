@@ -74,8 +74,9 @@ def prune_command(
         typer.Option("--finetune-data", help="Training images (labeled for fine-tuning; unlabeled: BN only)."),
     ] = None,
     epochs: Annotated[float, typer.Option("--epochs", help="Fine-tuning epochs (0: BN re-estimation only).",
-                                          min=0)] = 1.0,
-    lr: Annotated[float, typer.Option("--lr", help="Fine-tuning learning rate (SGD, cosine decay).", min=0)] = 0.01,
+                                          min=0, max=10000)] = 1.0,
+    lr: Annotated[float, typer.Option("--lr", help="Fine-tuning learning rate (SGD, cosine decay).", min=0,
+                                      max=10)] = 0.01,
     distill: Annotated[
         bool, typer.Option("--distill/--no-distill", help="Distill from the unpruned model while fine-tuning.")
     ] = True,
@@ -93,7 +94,8 @@ def prune_command(
         bool, typer.Option("--latency/--no-latency", help="Measure ORT CPU latency before/after (batch 1, 8).")
     ] = True,
     device: Annotated[str, typer.Option("--device", help="Fine-tuning device: auto, cpu, cuda.")] = "auto",
-    seed: Annotated[int, typer.Option("--seed", help="Seed for data order and the random criterion.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for data order and the random criterion.", min=0,
+                                      max=2**32 - 1)] = 0,
     arch: ArchOpt = None,
     trust_pickle: TrustPickleOpt = False,
     preset: PresetOpt = None,

@@ -64,7 +64,7 @@ def quantize_command(
              "the method.",
     )] = 512,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch.", min=1)] = 32,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the calibration sample.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the calibration sample.", min=0, max=2**32 - 1)] = 0,
     weight_rounding: Annotated[
         str, typer.Option("--weight-rounding", help="hessian: round int8 weights to minimize each layer's output "
                           "error on calibration images (no speed cost); nearest: plain rounding; auto: hessian "

@@ -107,6 +107,24 @@ class Runner(Protocol):
     def run(self, batch: np.ndarray) -> np.ndarray: ...
 
 
+def max_threads() -> int:
+    """The most intra-op threads accepted: far more than any machine benefits from, far fewer than the tens
+    of thousands that made ONNX Runtime hang and torch fail to load its libraries."""
+    import os
+
+    return max(64, 8 * (os.cpu_count() or 1))
+
+
+def check_threads(threads: int | None) -> None:
+    """Refuse a thread count below 1 or above :func:`max_threads` (a usage error)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise UsageError(f"--threads must be a positive integer, got {threads}")
+    if threads > max_threads():
+        raise UsageError(f"--threads {threads} is more than this machine can use (at most {max_threads()})")
+
+
 @dataclass(frozen=True)
 class RunnerOptions:
     """Options for every runtime; each factory reads the ones that concern it.
@@ -123,8 +141,7 @@ class RunnerOptions:
     optimized_model_path: Path | str | None = None  # onnxruntime: write the optimized graph here
 
     def __post_init__(self) -> None:
-        if self.threads is not None and self.threads < 1:
-            raise RescompressError(f"threads must be a positive integer, got {self.threads}")
+        check_threads(self.threads)
         if self.device not in ("cpu", "cuda"):
             raise RescompressError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
 
