@@ -91,6 +91,16 @@ def test_mse_amax_beats_max_and_percentile_on_real_error():
     assert err <= 1.02 * min(_fake_quant_mse(x, a) for a in np.linspace(0.3, 1.0, 50) * h.amax)
 
 
+def test_mse_judges_a_step_wider_than_the_data_by_its_real_error():
+    """One outlier among N(0, 1) values: a uniform step**2/12 error model picked amax 491, whose real error
+    (2.1: the bulk rounds to zero) is twice that of keeping the outlier's range (1.0)."""
+    x = np.random.default_rng(0).normal(size=200_000)
+    x[0] = 1000.0
+    h = _hist(x)
+    best = mse_amax(h.counts, h.range, 127, zeros=h.zeros)
+    assert _fake_quant_mse(x, best) <= 1.01 * min(_fake_quant_mse(x, a) for a in (491.0, 750.0, 1000.0))
+
+
 def test_mse_on_uniform_keeps_the_full_range():
     x = np.random.default_rng(4).uniform(-1, 1, size=200_000)
     h = _hist(x)

@@ -138,9 +138,12 @@ def mse_amax(
 ) -> float:
     """The amax minimizing the expected squared quantization error over the histogram.
 
-    Values below amax cost the uniform rounding error ``step**2 / 12`` (``step = amax / levels``); values
-    above cost their clipping error ``(|x| - amax)**2`` at the bin centre. ``zeros`` exact zeros (ReLU
-    outputs) are representable without error and are taken out of the first bin.
+    Values below amax cost the uniform rounding error ``step**2 / 12`` (``step = amax / levels``), except
+    those below half a step, which round to zero and cost ``|x|**2``; values above amax cost their clipping
+    error ``(|x| - amax)**2``. Bins are taken at their centre. Without the half-step case, a range set by one
+    outlier (a step wider than the bulk of the data, which then all rounds to zero) was judged far better
+    than it is. ``zeros`` exact zeros (ReLU outputs) are representable without error and are taken out of
+    the first bin.
     """
     bin_width = hist_range / max(len(counts), 1)
     counts = _without_zeros(counts, zeros)
@@ -159,6 +162,7 @@ def mse_amax(
         step = amax / levels
         clipped = np.maximum(centers - amax, 0.0)
         err = np.where(centers <= amax, step * step / 12.0, clipped * clipped)
+        err = np.where(centers < step / 2, centers * centers, err)  # these round to zero
         total = float(np.dot(err, counts))
         if total < best_err:
             best_err, best_amax = total, float(amax)
