@@ -9,6 +9,7 @@ file lands in ``outdir``.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -61,15 +62,28 @@ def run_demo(config: DemoConfig, notify: Notify | None = None, progress: Progres
     interrupted or failed demo leaves the folder as it was (see :class:`~rescompress.fileio.StagedOutputs`)."""
     from dataclasses import replace
 
-    from rescompress.fileio import StagedOutputs
+    from rescompress.fileio import StagedOutputs, write_text_atomic
 
     out = Path(config.outdir)
     with StagedOutputs(out) as staged:
         work = staged.folder
         result = _run(replace(config, outdir=work), notify, progress)
+        for report in work.glob("*.quantize.json"):  # the quantize reports name their files where they land
+            doc = _moved(json.loads(report.read_text(encoding="utf-8")), work, out)
+            write_text_atomic(report, json.dumps(doc, indent=2) + "\n")
         staged.commit()
-    files = {k: str(out / Path(v).name) if Path(v).parent == work else v for k, v in result.files.items()}
-    return replace(result, files=files)
+    return replace(result, files=_moved(result.files, work, out))
+
+
+def _moved(value, work: Path, out: Path):
+    """``value`` (JSON-like) with every path string of a file directly in ``work`` made a path in ``out``."""
+    if isinstance(value, dict):
+        return {k: _moved(v, work, out) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_moved(v, work, out) for v in value]
+    if isinstance(value, str) and Path(value).parent == work:
+        return str(out / Path(value).name)
+    return value
 
 
 def _run(config: DemoConfig, notify: Notify | None, progress: ProgressFn | None) -> DemoResult:

@@ -167,7 +167,12 @@ class StagedOutputs:
             raise RescompressError(f"cannot write into {self.out}: {folder} is a file, not a folder")
         try:
             for d in reversed(missing):
-                d.mkdir()
+                try:
+                    d.mkdir()
+                except FileExistsError:  # "new/.." exists once "new" does
+                    if not d.is_dir():
+                        raise
+                    continue
                 self.created.append(d)
             self.stage = Path(tempfile.mkdtemp(prefix=".rescompress-staging-", dir=self.out))
         except OSError as exc:
@@ -194,6 +199,10 @@ class StagedOutputs:
     def commit(self) -> None:
         assert self.stage is not None
         names = self.names + sorted(p.name for p in self.stage.iterdir() if p.name not in self.names)
+        names = [n for n in names if (self.stage / n).is_file()]
+        for name in names:  # every target is checked before the first file moves: none, or the whole set
+            if (self.out / name).is_dir():
+                raise RescompressError(f"cannot write {self.out / name}: it is a folder")
         for name in names:  # (anything written beside a staged file, e.g. external data, goes too)
             staged = self.stage / name
             if staged.is_file():

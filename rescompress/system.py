@@ -35,11 +35,6 @@ def library_versions() -> dict[str, str | None]:
     return {name: library_version(name) for name in LIBRARIES}
 
 
-def library_import_errors() -> dict[str, str]:
-    """The libraries that are installed but fail to import, and why."""
-    return {name: why for name in LIBRARIES if (why := library_status(name)[1]) is not None}
-
-
 def cpu_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -133,11 +128,12 @@ def openvino_devices() -> list[str] | None:
 def machine_report() -> dict[str, object]:
     """Everything ``rescompress doctor`` shows: versions, CPU, INT8 paths, threads, accelerators."""
     features = cpu_features()
+    statuses = {name: library_status(name) for name in LIBRARIES}  # one import attempt per library
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "libraries": library_versions(),
-        "library_import_errors": library_import_errors(),
+        "libraries": {name: version for name, (version, _) in statuses.items()},
+        "library_import_errors": {name: why for name, (_, why) in statuses.items() if why is not None},
         "cpu": features,
         "int8_cpu_paths": int8_cpu_paths(features),
         "torch": torch_runtime(),

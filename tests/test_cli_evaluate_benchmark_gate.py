@@ -119,7 +119,7 @@ def test_evaluate_errors(files, eval_npz):
     r = cli.invoke(app, ["evaluate", str(files["a"]), "--data", str(eval_npz), "--channels", "3"])
     assert r.exit_code == 1 and "1-channel input" in r.stderr and "--channels 1" in r.stderr
     r = cli.invoke(app, ["evaluate", str(files["a_onnx"]), "--data", str(eval_npz), "--input-size", "32"])
-    assert r.exit_code == 1 and "fixed 28x28 input" in r.stderr
+    assert r.exit_code == 1 and "takes 28x28 input" in r.stderr
     r = cli.invoke(app, ["evaluate", str(files["relu"]), "--data", str(eval_npz)])
     assert r.exit_code == 1 and "not an image classifier" in r.stderr
 
@@ -246,9 +246,9 @@ def test_gate_record_only_then_against_other_data_is_an_error(files, eval_npz):
     assert d["checks"] == [] and d["verdict"].startswith("RECORDED") and "checked nothing" in r.stderr
     assert json.loads(metrics.read_text())["n"] == 100
     r = _gate(files, eval_npz, "--against", str(metrics), "--candidate", str(files["a"]))
-    assert r.exit_code == 1 and "different images" in r.stderr
+    assert r.exit_code == 1 and "use the same --data and --limit" in r.stderr
     # refused from the image count alone, before any model is evaluated
-    assert "(100 images" in r.stderr and "this run (200 images" in r.stderr and "evaluating" not in r.stderr
+    assert "measured on 100 images, this run would evaluate 200" in r.stderr and "evaluating" not in r.stderr
     for bad in ("-0.1", "nan"):
         r = _gate(files, eval_npz, "--against", str(metrics), "--candidate", str(files["a"]), "--max-drop", bad)
         assert r.exit_code == 2 and "non-negative" in r.stderr

@@ -40,6 +40,10 @@ def test_demo_runs_every_stage(tmp_path):
         assert name in files
     assert not [n for n in files if n.endswith(".tmp") or n.startswith(".")]  # no staging folder left
     assert all(Path(f).parent == out and Path(f).exists() for k, f in doc["files"].items() if k != "FP32 torch")
+    for report in out.glob("*.quantize.json"):  # the nested quantize reports name files that exist
+        d = json.loads(report.read_text())
+        paths = [d["model"], *d["artifacts"].values()]
+        assert len(paths) >= 8 and all(Path(p).exists() and Path(p).parent == out for p in paths), paths
 
 
 def test_demo_interrupted_or_refused_leaves_no_folder(tmp_path):

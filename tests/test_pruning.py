@@ -523,7 +523,7 @@ def test_notes_say_when_the_ask_is_not_what_was_done():
 @pytest.mark.parametrize(("n", "batch", "sizes"), [
     (120, 64, [64, 56]),  # a tiny fine-tuning set keeps its second, ragged batch
     (129, 64, [64, 64]),  # a remainder of one image (breaks BatchNorm) is dropped
-    (70, 64, [64]),  # six images: a quarter batch or less is dropped
+    (70, 64, [64]),  # six images, under a quarter batch: dropped
     (40, 64, [40]),  # smaller than one batch: nothing would be left, so it is kept
 ])
 def test_training_loader_drops_only_a_small_ragged_batch(n, batch, sizes):

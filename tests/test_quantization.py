@@ -292,6 +292,19 @@ def test_calibration_cache_format(fp32, plan):
     for n in names:
         assert parsed[n] == struct.unpack(">f", struct.pack(">f", plan.activation(n).amax / 127))[0]
     assert trt_version_number("8.6.1") == 8601 and trt_version_number("10.0.1") == 100001
+    assert trt_version_number("10.0.0b6") == 100000 and trt_version_number("10.8.0.43") == 100800
+
+
+@pytest.mark.parametrize(("installed", "expected"), [("10.0.0b6", "10.0.0"), ("10.8.0.43", "10.8.0"), (None, "10.0.0")])
+def test_default_cache_version_follows_the_installed_tensorrt(monkeypatch, installed, expected):
+    """A pre-release wheel (10.0.0b6) made every quantize fail: its version was refused as --trt-version."""
+    import rescompress.engine.tensorrt as trt_module
+    from rescompress.quantization.pipeline import QuantizeConfig
+    from rescompress.quantization.trt_cache import default_trt_version
+
+    monkeypatch.setattr(trt_module, "installed_tensorrt_version", lambda: installed)
+    assert default_trt_version() == expected
+    assert QuantizeConfig(trt_version=default_trt_version()).trt_version == expected
 
 
 def test_plan_json_round_trip(plan, tmp_path, fp32):
@@ -380,6 +393,8 @@ def test_fallback_ranks_layers_only_when_a_fallback_can_help():
     with pytest.raises(CheckFailed, match="at most 0 layer"):
         search_fallback(rank, lambda f: 1.0, max_drop=0.5, max_float=0)
     assert ranked == []
+    given = search_fallback(_ranking(5), lambda f: 0.1, max_drop=0.5)  # a given list is returned, not dropped
+    assert [r.node for r in given.ranking] == [f"L{i}" for i in range(5)]
     res = search_fallback(rank, lambda f: 1.0 - 0.3 * len(f), max_drop=0.5)
     assert res.float_nodes == ("L0", "L1") and ranked == [1]  # ranked once, when needed
     assert [r.node for r in res.ranking] == [f"L{i}" for i in range(5)]

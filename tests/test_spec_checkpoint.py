@@ -146,3 +146,29 @@ def test_structure_a_header_cannot_describe_is_refused_before_writing(tmp_path):
         with pytest.raises(UnsupportedModelError, match=message):
             save_checkpoint(model, tmp_path / "m.safetensors", header)
         assert list(tmp_path.iterdir()) == []
+
+
+def test_staged_outputs_commit_whole_sets_and_clean_up(tmp_path):
+    from rescompress.fileio import StagedOutputs
+
+    # "new/../out" names a folder whose path passes through one this run creates
+    odd = tmp_path / "new" / ".." / "out"
+    with StagedOutputs(odd) as staged:
+        staged.path(odd / "a.txt").write_text("a")
+        staged.commit()
+    assert (tmp_path / "out" / "a.txt").read_text() == "a"
+    # a target that is a folder refuses the commit before any file moves: the old set stays whole
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "a").write_text("old a")
+    (out / "b").mkdir()
+    with pytest.raises(RescompressError, match="it is a folder"), StagedOutputs(out) as staged:
+        staged.path(out / "a").write_text("new a")
+        staged.path(out / "b").write_text("new b")
+        staged.commit()
+    assert (out / "a").read_text() == "old a" and sorted(p.name for p in out.iterdir()) == ["a", "b"]
+    # an interrupted run removes the folders it created, and only those
+    with pytest.raises(KeyboardInterrupt), StagedOutputs(tmp_path / "x" / "y") as staged:
+        staged.path(tmp_path / "x" / "y" / "f").write_text("f")
+        raise KeyboardInterrupt
+    assert not (tmp_path / "x").exists()

@@ -119,7 +119,7 @@ def quantize_command(
 ) -> None:
     """Quantize a model to INT8 (ONNX Runtime and TensorRT Q/DQ files, TensorRT cache, plan, report)."""
     from rescompress.quantization.pipeline import QuantizeConfig, quantize_model
-    from rescompress.quantization.trt_cache import default_trt_version
+    from rescompress.quantization.trt_cache import DEFAULT_TRT_VERSION, default_trt_version
 
     if target not in TARGET_CHOICES:
         raise UsageError(f"--target must be onnxruntime, tensorrt or both, got {target!r}")
@@ -136,7 +136,9 @@ def quantize_command(
         targets=TARGET_CHOICES[target], exclude=tuple(exclude or ()), max_drop=max_drop,
         max_float_layers=max_fallback, ort_range=ort_range, eval_limit=eval_limit,
         latency=latency, refine_tensors=refine_tensors, weight_rounding=weight_rounding,
-        trt_version=trt_version or default_trt_version(),
+        # TensorRT is imported for its version only when a cache is written
+        trt_version=trt_version or (default_trt_version() if "tensorrt" in TARGET_CHOICES[target] else
+                                    DEFAULT_TRT_VERSION),
     )
     custom = any(v is not None for v in (preset, input_size, channels, mean, std))
 

@@ -548,12 +548,14 @@ def _run_qdq_checker(path: Path) -> tuple[str, list[str], list[str]]:
 
 
 def trt_version_number(version: str) -> int | None:
-    """``"10.3.0"`` -> 100300, ``"8.6.1"`` -> 8601: the number TensorRT writes in a calibration cache header."""
-    parts = [int(p) for p in re.findall(r"\d+", version)[:3]]
-    if not parts:
+    """``"10.3.0"`` -> 100300, ``"8.6.1"`` -> 8601: the number TensorRT writes in a calibration cache header
+    (None for a version string that starts with no number)."""
+    from rescompress.quantization.trt_cache import trt_version_number as number
+
+    try:
+        return number(version)
+    except RescompressError:
         return None
-    major, minor, patch = (parts + [0, 0])[:3]
-    return major * 10000 + minor * 100 + patch if major >= 10 else major * 1000 + minor * 100 + patch
 
 
 def preflight(config: EngineBuildConfig, tensorrt_version: str | None = None) -> PreflightReport:

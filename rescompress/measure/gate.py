@@ -364,7 +364,10 @@ def run_gate(
     check_compatible(dataset.info, classes, require_labels=True, purpose="the gate")
     planned = min(len(dataset), limit or len(dataset))
     if stored is not None and stored.n != planned:  # refused before any evaluation; labels are compared after
-        _check_same_data(stored, planned, stored.labels_sha256, stored_source)
+        raise DataError(
+            f"{stored_source} was measured on {stored.n} images, this run would evaluate {planned}; "
+            "use the same --data and --limit as when the metrics were saved"
+        )
     loader = make_loader(dataset, batch_size=eval_batch_size, limit=limit)
     if log:
         log(f"evaluating {len(runners)} model(s) on {planned} images")

@@ -80,8 +80,9 @@ def search_fallback(
 
     k, last_fail = 0, -1
     if meets(0):
+        given = () if callable(ranking) else tuple(ranking)  # a ranking given as a list costs nothing to return
         return FallbackResult(max_drop=max_drop, metric=metric, float_nodes=(), achieved=value(0),
-                              tried=((0, value(0)),), ranking=tuple(ranked[0]) if ranked else ())
+                              tried=((0, value(0)),), ranking=ranked[0] if ranked else given)
     cap = 0 if max_float == 0 else len(order()) - 1 if max_float is None else min(max_float, len(order()))
     cap = max(cap, 0)
     while not meets(k):

@@ -136,6 +136,7 @@ class QuantizeConfig:
             raise UsageError(f"--max-drop must be a non-negative number of points, got {self.max_drop}")
         if not re.fullmatch(r"\d+(\.\d+){0,2}", self.trt_version) or int(self.trt_version.split(".")[0]) < 8:
             raise UsageError(f"--trt-version must look like 10.3.0 (TensorRT 8 or later), got {self.trt_version!r}")
+        # (the default, default_trt_version(), always has this form: a pre-release suffix is dropped)
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
@@ -461,7 +462,7 @@ def _nothing_left_on_failure(run):
     @functools.wraps(run)
     def wrapper(model, calib_data, outdir="out", **kwargs):
         with StagedOutputs(outdir) as staged:
-            result = run(model, calib_data, Path(outdir), staged=staged, **kwargs)
+            result = run(model, calib_data, Path(outdir), _staged=staged, **kwargs)
             staged.commit()
             return result
 
@@ -482,12 +483,12 @@ def quantize_model(
     preprocess: PreprocessArg = None,
     progress: ProgressFn | None = None,
     notify: Notify | None = None,
-    staged: StagedOutputs | None = None,
+    _staged: StagedOutputs | None = None,
 ) -> QuantizeResult:
     """Quantize ``model`` to INT8 artifacts in ``outdir``; see the module docstring for the stages.
 
     A run that fails leaves nothing behind in ``outdir`` (see :func:`_nothing_left_on_failure`, which
-    passes ``staged``: files are written there and land in ``outdir`` together at the end).
+    passes ``_staged``: files are written there and land in ``outdir`` together at the end).
     """
     from rescompress.data import check_compatible, describe_source, limit_indices, open_dataset
     from rescompress.system import library_versions
@@ -498,7 +499,7 @@ def quantize_model(
     out = Path(outdir)
 
     def w(final: Path) -> Path:  # where an output that will be ``final`` is written during the run
-        return staged.path(final) if staged is not None else final
+        return _staged.path(final) if _staged is not None else final
 
     warnings: list[str] = []
     # Refuse unusable data before anything is exported or written.

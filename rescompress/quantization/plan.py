@@ -9,10 +9,11 @@ into the quantize). Per weight: per-channel amax (symmetric int8, axis 0 of Conv
 Provenance ties the plan to one model (fingerprint of the FP32 ONNX graph) so ``--plan`` can refuse a
 plan made for another model.
 
-The per-target ``params`` (scale, zero point) are what every file and the TensorRT cache are written
-from, and what ``--plan`` applies as they are. ``amax`` is the calibrated range they were first derived
-from: where ``--method auto`` refined a tensor's scale on held-out images, its scale differs from
-``amax / levels``, and editing ``amax`` in a saved plan changes nothing. A convolution output read only by
+An activation's per-target ``params`` (scale, zero point) are what every file and the TensorRT cache
+are written from, and what ``--plan`` applies as they are. Its ``amax`` is the calibrated range they were
+first derived from: where ``--method auto`` refined a tensor's scale on held-out images, its scale
+differs from ``amax / levels``, and editing an activation's ``amax`` in a saved plan changes nothing (a
+weight's per-channel ``amax`` is what its scales are computed from). A convolution output read only by
 its ReLU is recorded with the ReLU output's range (min 0): it is never observed separately.
 """
 
@@ -149,7 +150,7 @@ class WeightEntry:
     @property
     def scales(self) -> np.ndarray:
         a = np.asarray(self.amax, dtype=np.float64)
-        return np.where(a > 0, a / INT8_MAX, 1.0 / INT8_MAX).astype(np.float32)
+        return np.where(a > MIN_AMAX, a / INT8_MAX, 1.0 / INT8_MAX).astype(np.float32)  # never a subnormal
 
     def to_dict(self) -> dict:
         return {"name": self.name, "axis": self.axis, "amax": list(self.amax)}

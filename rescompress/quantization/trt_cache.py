@@ -12,6 +12,7 @@ a real TensorRT here (none can run on these machines); the format is checked by 
 from __future__ import annotations
 
 import math
+import re
 import struct
 from pathlib import Path
 
@@ -22,21 +23,30 @@ ALGORITHM = "EntropyCalibration2"
 DEFAULT_TRT_VERSION = "10.0.0"
 
 
+def version_parts(version: str) -> tuple[int, int, int] | None:
+    """``"10.3.0.26"`` -> (10, 3, 0); a pre-release ``"10.0.0b6"`` -> (10, 0, 0); None if it starts with no
+    number."""
+    m = re.match(r"\s*(\d+)(?:\.(\d+))?(?:\.(\d+))?", version)
+    if m is None:
+        return None
+    major, minor, patch = (int(g) if g else 0 for g in m.groups())
+    return major, minor, patch
+
+
 def default_trt_version() -> str:
     """The installed TensorRT's version (a cache made here is then read by it), else ``DEFAULT_TRT_VERSION``."""
     from rescompress.engine.tensorrt import installed_tensorrt_version
 
-    found = installed_tensorrt_version()
-    return ".".join(found.split(".")[:3]) if found else DEFAULT_TRT_VERSION
+    parts = version_parts(installed_tensorrt_version() or "")
+    return ".".join(map(str, parts)) if parts else DEFAULT_TRT_VERSION
 
 
 def trt_version_number(version: str) -> int:
-    """``"10.3.0"`` -> 100300 (``"8.6.1"`` -> 8601, TensorRT 8's numbering)."""
-    try:
-        parts = [int(p) for p in version.split(".")[:3]]
-    except ValueError:
-        raise RescompressError(f"TensorRT version must look like 10.3.0, got {version!r}") from None
-    major, minor, patch = (parts + [0, 0, 0])[:3]
+    """``"10.3.0"`` -> 100300 (``"8.6.1"`` -> 8601, TensorRT 8's numbering), as cache headers write it."""
+    parts = version_parts(version)
+    if parts is None:
+        raise RescompressError(f"TensorRT version must look like 10.3.0, got {version!r}")
+    major, minor, patch = parts
     return major * 10000 + minor * 100 + patch if major >= 10 else major * 1000 + minor * 100 + patch
 
 
