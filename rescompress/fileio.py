@@ -139,6 +139,10 @@ def file_sha256(path: Path | str, limit: int | None = None) -> str:
     return h.hexdigest()
 
 
+COMMITTED: list[Path] = []  # output folders whose staged files have landed in this process (for messages)
+STAGING_PREFIX = ".rescompress-staging-"
+
+
 class StagedOutputs:
     """The files of one multi-file run, written into a hidden staging folder inside ``out`` and moved into
     ``out`` together by :meth:`commit`.
@@ -174,7 +178,7 @@ class StagedOutputs:
                         raise
                     continue
                 self.created.append(d)
-            self.stage = Path(tempfile.mkdtemp(prefix=".rescompress-staging-", dir=self.out))
+            self.stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.out))
         except OSError as exc:
             self._remove_created()
             raise RescompressError(f"cannot write into {self.out}: {exc.strerror or exc}") from None
@@ -212,6 +216,8 @@ class StagedOutputs:
                     raise _cannot_write(self.out / name, exc) from None
         shutil.rmtree(self.stage, ignore_errors=True)
         self.stage = None
+        if not self.out.name.startswith(STAGING_PREFIX):  # (a nested run's files have not landed yet)
+            COMMITTED.append(self.out)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.stage is not None:  # not committed: a failure or an interrupt

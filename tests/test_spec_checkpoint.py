@@ -172,3 +172,34 @@ def test_staged_outputs_commit_whole_sets_and_clean_up(tmp_path):
         staged.path(tmp_path / "x" / "y" / "f").write_text("f")
         raise KeyboardInterrupt
     assert not (tmp_path / "x").exists()
+
+
+def test_an_interrupt_after_the_commit_says_the_outputs_landed(tmp_path, monkeypatch, capsys):
+    import typer
+
+    from rescompress import fileio
+    from rescompress.cli.common import handle_errors
+    from rescompress.fileio import StagedOutputs
+
+    monkeypatch.setattr(fileio, "COMMITTED", [])
+
+    @handle_errors
+    def job(out):
+        with StagedOutputs(out) as staged:
+            staged.path(out / "f").write_text("x")
+            if out.name == "late":
+                staged.commit()
+            raise KeyboardInterrupt
+
+    with StagedOutputs(tmp_path / "outer") as outer, StagedOutputs(outer.folder) as inner:  # demo's nesting
+        inner.path(outer.folder / "g").write_text("y")
+        inner.commit()
+    assert fileio.COMMITTED == []  # landed in the outer staging folder only, not in an output folder
+    for name, landed in (("early", False), ("late", True)):
+        with pytest.raises(typer.Exit) as exit_info:
+            job(tmp_path / name)
+        assert exit_info.value.exit_code == 130
+        err = capsys.readouterr().err.strip()
+        assert (tmp_path / name / "f").exists() == landed
+        assert err == (f"Error: interrupted after writing the outputs to {tmp_path / name}" if landed
+                       else "Error: interrupted")

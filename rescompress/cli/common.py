@@ -269,7 +269,12 @@ def handle_errors(func: Callable) -> Callable:
         except RescompressError as exc:
             raise fail(f"Error: {_message(exc)}", EXIT_ERROR) from None
         except KeyboardInterrupt as exc:
-            raise fail("Error: interrupted", 143 if isinstance(exc, Terminated) else 130) from None
+            from rescompress.fileio import COMMITTED
+
+            # An interrupt while the results print comes after the outputs landed: say so, since the
+            # folder is not "as it was".
+            after = f" after writing the outputs to {COMMITTED[-1]}" if COMMITTED else ""
+            raise fail(f"Error: interrupted{after}", 143 if isinstance(exc, Terminated) else 130) from None
         except OSError as exc:  # a path that cannot be read or written: say which, without a traceback
             where = f": {exc.filename}" if exc.filename else ""
             raise fail(f"Error: {exc.strerror or exc}{where}", EXIT_ERROR) from None
