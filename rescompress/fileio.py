@@ -208,12 +208,10 @@ class StagedOutputs:
             if (self.out / name).is_dir():
                 raise RescompressError(f"cannot write {self.out / name}: it is a folder")
         for name in names:  # (anything written beside a staged file, e.g. external data, goes too)
-            staged = self.stage / name
-            if staged.is_file():
-                try:
-                    os.replace(staged, self.out / name)
-                except OSError as exc:
-                    raise _cannot_write(self.out / name, exc) from None
+            try:
+                os.replace(self.stage / name, self.out / name)
+            except OSError as exc:
+                raise _cannot_write(self.out / name, exc) from None
         shutil.rmtree(self.stage, ignore_errors=True)
         self.stage = None
         if not self.out.name.startswith(STAGING_PREFIX):  # (a nested run's files have not landed yet)

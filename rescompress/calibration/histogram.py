@@ -8,8 +8,8 @@ and min >= 0 marks tensors that may use an unsigned range).
 
 Min and max are exact over every value. A batch larger than ``max_samples`` values is binned through a
 strided view (a prime stride that does not divide one image's C*H*W, so it does not alias with the rows
-and columns of NCHW data): over many
-batches that is still millions of samples per tensor, and binning costs as much as running the model.
+and columns of NCHW data): over many batches that is still millions of samples per tensor, and binning
+costs as much as running the model.
 ``zeros`` and ``count`` are in histogram units (sampled values).
 """
 
@@ -77,12 +77,12 @@ class StreamingHistogram:
         return self.count > 0 and self.min >= 0.0
 
     def collect(self, x: np.ndarray) -> None:
-        flat = np.asarray(x).reshape(-1)
+        x = np.asarray(x)
+        flat = x.reshape(-1)
         if flat.size == 0:
             return
         lo, hi_signed = float(flat.min()), float(flat.max())
         if self.max_samples is not None and flat.size > self.max_samples:
-            x = np.asarray(x)
             period = int(np.prod(x.shape[1:])) if x.ndim >= 2 else None  # one image's C*H*W
             flat = flat[:: sample_stride(flat.size, self.max_samples, period)]
         self.collect_summary(lo, hi_signed, flat)

@@ -359,11 +359,11 @@ class CalibCache:
     def retagged(self, tensorrt_version: str) -> bytes:
         """The cache with its header naming ``tensorrt_version``: TensorRT skips a cache tagged for another
         version, and the scales (float32 bits, kept exactly) do not depend on it."""
+        from rescompress.quantization.trt_cache import cache_text
+
         number = trt_version_number(tensorrt_version)
         tag = self.version_tag if number is None else str(number)
-        lines = [f"TRT-{tag}-{self.algorithm}"]
-        lines += [f"{name}: {struct.pack('>f', scale).hex()}" for name, scale in self.scales.items()]
-        return ("\n".join(lines) + "\n").encode("ascii")
+        return cache_text(self.scales, algorithm=self.algorithm, version_tag=tag).encode("ascii")
 
 
 def read_calib_cache(path: Path | str) -> CalibCache:

@@ -660,7 +660,6 @@ def quantize_model(
         placements = {t: place(base, t, cfg.exclude + fallback[t].float_nodes) for t in want}
 
     # Emit the artifacts.
-    out.mkdir(parents=True, exist_ok=True)
     artifacts: dict[str, Path] = {"fp32": src.path}
     qmodels: dict[str, onnx.ModelProto] = {}
     suffix = {"onnxruntime": "ort", "tensorrt": "trt"}

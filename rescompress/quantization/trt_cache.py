@@ -54,8 +54,11 @@ def scale_hex(scale: float) -> str:
     return struct.pack(">f", scale).hex()
 
 
-def cache_text(scales: dict[str, float], trt_version: str = DEFAULT_TRT_VERSION, algorithm: str = ALGORITHM) -> str:
-    lines = [f"TRT-{trt_version_number(trt_version)}-{algorithm}"]
+def cache_text(scales: dict[str, float], trt_version: str = DEFAULT_TRT_VERSION, algorithm: str = ALGORITHM,
+               version_tag: str | None = None) -> str:
+    """The cache file's text; ``version_tag`` (the header's number as found in a file) overrides
+    ``trt_version``."""
+    lines = [f"TRT-{version_tag or trt_version_number(trt_version)}-{algorithm}"]
     for name, s in scales.items():
         if not (math.isfinite(s) and s > 0):
             raise RescompressError(f"tensor {name!r} has an invalid scale {s}; recalibrate")
