@@ -17,6 +17,17 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def count_folded_params(module: nn.Module) -> int:
+    """Parameters once each BatchNorm is folded into the bias-less conv before it (what an exported file holds).
+
+    A BatchNorm's scale and shift become one bias per channel, so an unfolded torchvision ResNet counts the
+    same as its ONNX export (``benchmark`` tables compare the two side by side).
+    """
+    bn = sum(m.weight.numel() for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None and m.bias is not None)
+    return count_params(module) - bn
+
+
 # Weight and bias inputs of the ONNX ops that hold a layer's parameters.
 # BatchNormalization counts its scale and bias, as torch counts a BatchNorm's weight and bias (its running
 # statistics are buffers, not parameters).

@@ -303,6 +303,12 @@ def test_runaway_threads_and_warmup_are_usage_errors(files, eval_npz):
     assert "more than this machine can use" in r.stderr
 
 
+def test_benchmark_refuses_a_batch_size_given_twice(files):
+    """--batch 2,2 measured batch 2 twice, and the tables showed the first measurement on both rows."""
+    r = cli.invoke(app, ["benchmark", str(files["a_onnx"]), "--batch", "1,2,2", *TIMING])
+    assert r.exit_code == 2 and "--batch lists 2 more than once" in r.stderr
+
+
 def test_unknown_runtimes_are_refused_for_torch_files_too(files, eval_npz):
     r = cli.invoke(app, ["gate", "--baseline", str(files["a"]), "--candidate", str(files["noisy"]), "--data",
                          str(eval_npz), "--limit", "50", "--runtime", "bogus"])

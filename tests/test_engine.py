@@ -344,10 +344,18 @@ def test_preflight_dla_needs_reduced_precision(fp32_onnx, qdq_onnx):
     dla = EngineBuildConfig(qdq_onnx, precision="int8", dla_core=0, profiles=parse_profiles("8"))
     report = preflight(dla)
     assert report.ok and not report.warnings
-    # NVIDIA: no DLA in TensorRT 11.0-11.3; 11.4.1 brought it back (Jetson AGX Orin, JetPack 7.2.2+).
-    for version, warned in (("10.3.0.30", False), ("11.3.0.7", True), ("11.4.0", True), ("11.4.1.5", False)):
+    # NVIDIA: 10.7 was the last 10.x with DLA, none in 11.0-11.3; 11.4.1 brought it back (AGX Orin, JetPack 7.2.2+).
+    for version, warned in (("10.3.0.30", False), ("10.7.0.23", False), ("10.8.0.43", True), ("11.3.0.7", True),
+                            ("11.4.0", True), ("11.4.1.5", False)):
         report = preflight(dla, tensorrt_version=version)
         assert report.ok and any("no DLA support" in w for w in report.warnings) == warned, version
+
+
+def test_preflight_refuses_tensorrt_before_10(qdq_onnx):
+    """TensorRT 8.6 (JetPack 6.0) has no strongly typed networks: its parser would reject the network."""
+    report = preflight(EngineBuildConfig(qdq_onnx, precision="int8"), tensorrt_version="8.6.2.3")
+    assert not report.ok and any("TensorRT 8.6.2.3 is too old" in e for e in report.errors)
+    assert preflight(EngineBuildConfig(qdq_onnx, precision="int8"), tensorrt_version="10.3.0").ok
 
 
 def test_preflight_fp16_depends_on_tensorrt_version(fp32_onnx):

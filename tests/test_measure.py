@@ -128,6 +128,11 @@ def test_topk_and_counter_by_hand():
     ranked = np.array([[5.0, 4, 3, 2, 1, 0], [0.0, 1, 2, 3, 4, 5]])  # label 1: 2nd, then 5th largest
     fid6 = compare(ranked, ranked[::-1], np.array([1, 1]))
     assert fid6.top5 == 100.0 and fid6.top1 == 0.0
+    # Ties: top-k breaks them towards the lower index, as top-1 does, so it always holds the top-1 class.
+    tied = np.array([[1, 1, 0, 1, 0, 0, 0, 1, 2, 1, 2, 2, 1, 2, 2, 2, 1.0]])  # argmax (top-1) is class 8
+    assert topk_correct(tied, np.array([8]), 1) == 1
+    assert topk_correct(tied, np.array([8]), 5) == 1
+    assert topk_correct(tied, np.array([13]), 5) == 1 and topk_correct(tied, np.array([15]), 5) == 0
     with pytest.raises(DataError, match="labeled"):
         AccuracyCounter().update(np.zeros((1, 3)), np.array([-1]))
     with pytest.raises(DataError, match="out of range"):
@@ -276,6 +281,10 @@ def test_onnx_macs_match_torch_count(small_model, tmp_path):
     params, macs = onnx_params_macs(path, (1, 1, 28, 28))
     assert macs == count_macs(small_model, (1, 1, 28, 28))
     assert 0 < params <= sum(p.numel() for p in small_model.parameters())
+    # The unfolded torch model counts as its folded export does (a benchmark table shows both side by side).
+    from rescompress.profile import count_folded_params
+
+    assert count_folded_params(small_model) == params
     # A Q/DQ INT8 file (ONNX Runtime's own quantizer) has the same convolutions: same MACs.
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 

@@ -377,6 +377,9 @@ def test_fallback_impossible_raises_check_failed():
         search_fallback(_ranking(5), lambda f: 1.0, max_drop=0.5)
     with pytest.raises(CheckFailed):
         search_fallback(_ranking(20), lambda f: max(0.0, 1.0 - 0.1 * len(f)), max_drop=0.25, max_float=3)
+    # --max-fallback at or above the layer count still keeps one layer quantized (as the default does).
+    with pytest.raises(CheckFailed, match="at most 4 layer"):
+        search_fallback(_ranking(5), lambda f: 0.0 if len(f) == 5 else 1.0, max_drop=0.5, max_float=50)
 
 
 def test_fallback_ranks_layers_only_when_a_fallback_can_help():
@@ -745,3 +748,13 @@ def test_plan_preprocessing_compares_pixels_not_spelling(plan):
     p.check_model(fp, pre.with_overrides(mean=(0.5, 0.5, 0.5)).to_dict())
     with pytest.raises(RescompressError, match="other preprocessing"):
         p.check_model(fp, pre.with_overrides(std=(0.5,)).to_dict())
+
+
+def test_first_images_spans_batches():
+    """The per-layer SQNR table took only the first batch (32 images, or 7 with --batch-size 7), not 64."""
+    from rescompress.quantization.pipeline import LAYER_SQNR_IMAGES, _first_images
+
+    loader = [(torch.full((7, 1, 2, 2), float(i)), torch.zeros(7)) for i in range(12)]
+    got = np.concatenate(_first_images(loader, LAYER_SQNR_IMAGES))
+    assert got.shape == (LAYER_SQNR_IMAGES, 1, 2, 2) and got[-1, 0, 0, 0] == (LAYER_SQNR_IMAGES - 1) // 7
+    assert np.concatenate(_first_images(loader[:2], LAYER_SQNR_IMAGES)).shape[0] == 14  # fewer when fewer

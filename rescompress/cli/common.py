@@ -101,6 +101,9 @@ def parse_ints(text: str, option: str) -> tuple[int, ...]:
         raise UsageError(f"{option} expects comma-separated integers, got {text!r}") from None
     if not values or any(v < 1 for v in values):
         raise UsageError(f"{option} expects positive integers, got {text!r}")
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise UsageError(f"{option} lists {', '.join(map(str, repeated))} more than once: {text!r}")
     return values
 
 

@@ -655,6 +655,10 @@ def preflight(config: EngineBuildConfig, tensorrt_version: str | None = None) ->
             "python -m modelopt.onnx.autocast --onnx_path IN --output_path OUT) and build that file"
         )
 
+    if major is not None and major < 10:
+        errors.append(f"TensorRT {tensorrt_version} is too old: build-engine uses TensorRT 10 or 11 (name-based "
+                      "tensor API, strongly typed networks); JetPack 6.1 and later ship TensorRT 10")
+
     # --- DLA (Jetson)
     if config.dla_core is not None:
         if precision == "fp32":
@@ -662,10 +666,10 @@ def preflight(config: EngineBuildConfig, tensorrt_version: str | None = None) ->
         if any(not p.is_static for p in profiles):
             warnings.append("DLA needs static shapes: with a dynamic batch profile, layers fall back to the GPU; "
                             "use --batch N for a DLA engine")
-        if major is not None and major >= 11 and _version_tuple(tensorrt_version) < (11, 4, 1):
-            warnings.append(f"TensorRT {tensorrt_version} has no DLA support on Jetson (TensorRT 11.0-11.3 have "
-                            "none; 11.4.1 brought it back for Jetson AGX Orin with JetPack 7.2.2 or later); "
-                            "TensorRT 10 from JetPack 6 has it")
+        if major is not None and (10, 8) <= _version_tuple(tensorrt_version) < (11, 4, 1):
+            warnings.append(f"TensorRT {tensorrt_version} has no DLA support on Jetson (10.7 was the last 10.x "
+                            "release with DLA, 11.0-11.3 have none; 11.4.1 brought it back for Jetson AGX Orin "
+                            "with JetPack 7.2.2 or later)")
 
     return PreflightReport(
         onnx_path=facts.path,

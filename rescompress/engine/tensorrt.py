@@ -111,7 +111,9 @@ def _make_logger(trt: Any) -> Any:
                 log.error("TensorRT: %s", msg)
             elif severity == trt.ILogger.Severity.WARNING:
                 log.warning("TensorRT: %s", msg)
-            else:
+            elif severity == trt.ILogger.Severity.INFO:  # shown with rescompress -v
+                log.info("TensorRT: %s", msg)
+            else:  # VERBOSE
                 log.debug("TensorRT: %s", msg)
 
     return _Logger()
@@ -230,7 +232,8 @@ def _load_timing_cache(bconf: Any, path: Path | None) -> Any:
     data = path.read_bytes() if path.exists() else b""
     cache = bconf.create_timing_cache(data)
     # ignore_mismatch=False: a cache from another GPU or TensorRT version is ignored rather than trusted.
-    if not bconf.set_timing_cache(cache, False):
+    # (A blob TensorRT cannot read at all may come back as no cache object: start a fresh one then too.)
+    if cache is None or not bconf.set_timing_cache(cache, False):
         log.warning("timing cache %s does not match this GPU/TensorRT; starting a fresh one", path)
         cache = bconf.create_timing_cache(b"")
         bconf.set_timing_cache(cache, False)

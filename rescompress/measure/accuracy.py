@@ -39,10 +39,13 @@ class AccuracyResult:
 
 
 def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> int:
-    """How many rows have their label among the ``k`` largest logits (k=1: :func:`predicted_class`)."""
+    """How many rows have their label among the ``k`` largest logits (k=1: :func:`predicted_class`).
+
+    Ties are broken towards the lower class index, as for top-1, so top-k never misses the top-1 class.
+    """
     if k == 1:
         return int((predicted_class(logits) == labels).sum())
-    top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    top = np.argsort(-np.asarray(logits), axis=1, kind="stable")[:, :k]
     return int((top == labels[:, None]).any(axis=1).sum())
 
 

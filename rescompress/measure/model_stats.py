@@ -1,6 +1,7 @@
 """File size, parameter count and MACs of a model as a runner sees it (torch module or ONNX file).
 
-For torch modules the counts come from :mod:`rescompress.profile`. For ONNX files ``params`` is the
+For torch modules the counts come from :mod:`rescompress.profile` (params as folded: a BatchNorm counts as
+the one bias per channel it becomes, as in the exported file). For ONNX files ``params`` is the
 number of weight and bias elements of the Conv/Gemm/MatMul layers (``profile.count_onnx_params``: quantized
 weights count once, scales and zero points not at all), and MACs are computed from
 Conv/ConvInteger/QLinearConv and Gemm/MatMul shapes after ONNX
@@ -92,9 +93,9 @@ def runner_stats(runner, input_shape: tuple[int, ...]) -> ModelStats:
     file_bytes = source.stat().st_size if source.is_file() else None
     module = getattr(runner, "module", None)
     if module is not None:
-        from rescompress.profile import count_macs, count_params
+        from rescompress.profile import count_folded_params, count_macs
 
-        return ModelStats(file_bytes, count_params(module), count_macs(module, (1, *tuple(input_shape)[1:])))
+        return ModelStats(file_bytes, count_folded_params(module), count_macs(module, (1, *tuple(input_shape)[1:])))
     if source.suffix.lower() == ".onnx" and source.is_file():
         params, macs = onnx_params_macs(source, input_shape)
         return ModelStats(file_bytes, params, macs)

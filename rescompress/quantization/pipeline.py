@@ -704,7 +704,7 @@ def quantize_model(
         logits, labels = run_sessions(sessions, prog(eval_loader, len(eval_loader), "evaluating"))
         labels = labels if use_labels else None
         fidelity = {t: compare(logits["fp32"], logits[t], labels) for t in qmodels}
-        x = next(iter(eval_loader))[0].numpy()[:LAYER_SQNR_IMAGES]
+        x = np.concatenate(_first_images(eval_loader, LAYER_SQNR_IMAGES))
         for t in qmodels:
             worst[t] = _layer_sqnr(base, qmodels[t], placements[t], x, cfg.threads)[:5]
     latency = _latency(src, qmodels.get("onnxruntime"), cfg, say) if cfg.latency and "onnxruntime" in qmodels else None
@@ -758,6 +758,17 @@ def _round_weights(
     return rounded
 
 
+def _first_images(loader, n: int) -> list[np.ndarray]:
+    """The first ``n`` images of ``loader`` (fewer if it holds fewer), as its batches, whatever its batch size."""
+    out, have = [], 0
+    for b in loader:
+        out.append(b[0].numpy()[: n - have])
+        have += len(out[-1])
+        if have >= n:
+            break
+    return out
+
+
 def _refine(
     base: onnx.ModelProto, plan: QuantPlan, placements: dict[str, Placement], loader, cfg: QuantizeConfig,
     calib_stats: dict, say: Notify, emit=None, shapes: dict | None = None,
@@ -776,13 +787,7 @@ def _refine(
         calib_stats["refine"] = {"skipped": budget.note}
         say(f"refine: {budget.note}")
         return plan
-    xs, have = [], 0
-    for b in loader:
-        xs.append(b[0].numpy()[: budget.images - have])
-        have += len(xs[-1])
-        if have >= budget.images:
-            break
-    x = np.concatenate(xs)
+    x = np.concatenate(_first_images(loader, budget.images))
     t0 = time.perf_counter()
     report = {}
     if budget.note:
@@ -811,13 +816,8 @@ class _FallbackReference:
 
 def _fallback_reference(base: onnx.ModelProto, loader, use_labels: bool, threads: int | None) -> _FallbackReference:
     logits, labels = run_sessions({"fp32": make_session(base, threads)}, loader)
-    small, have = [], 0
-    for b in loader:  # only the first few batches: sensitivity needs a ranking, not a precise number
-        small.append(b[0].numpy()[: SENSITIVITY_IMAGES - have])
-        have += len(small[-1])
-        if have >= SENSITIVITY_IMAGES:
-            break
-    return _FallbackReference(logits["fp32"], labels if use_labels else None, small)
+    # Only the first few batches: sensitivity needs a ranking, not a precise number.
+    return _FallbackReference(logits["fp32"], labels if use_labels else None, _first_images(loader, SENSITIVITY_IMAGES))
 
 
 def _fallback(

@@ -26,7 +26,9 @@ def _torch_dtype(trt: Any, dtype: Any) -> Any:
     if hasattr(trt.DataType, "BF16"):
         table[trt.DataType.BF16] = torch.bfloat16
     if dtype not in table:
-        raise RescompressError(f"engine I/O type {dtype} is not supported by the runner (float32/float16 only)")
+        raise RescompressError(
+            f"engine I/O type {dtype} is not supported by the runner (float32, float16, bfloat16 or int32 only)"
+        )
     return table[dtype]
 
 
