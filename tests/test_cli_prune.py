@@ -212,6 +212,12 @@ def test_folded_checkpoint_prunes_and_reloads(model_file, calib_npz, tmp_path):
                               str(calib_npz), "--epochs", "1", "--limit", "32", "-o", str(tmp_path / "ft.safetensors")])
     assert res.exit_code == 2 and "no BatchNorm (folded)" in res.stderr
     assert not (tmp_path / "ft.safetensors").exists()
+    # With data but no fine-tuning, nothing can recover the accuracy: said, not silent.
+    res = runner.invoke(app, ["prune", str(folded), "--ratio", "0.3", "--no-latency", "--finetune-data",
+                              str(calib_npz), "--epochs", "0", "--limit", "32", "--json",
+                              "-o", str(tmp_path / "bn.safetensors")])
+    assert res.exit_code == 0, res.output
+    assert any("no statistics to re-estimate" in n for n in json.loads(res.stdout)["report"]["notes"])
 
 
 def test_dependency_graph_refuses_a_script_module():

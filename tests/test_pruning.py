@@ -291,10 +291,28 @@ def test_bn_recalibration_matches_batch_statistics(calib_npz):
     with torch.no_grad():
         act = model.conv1(x)
     torch.testing.assert_close(model.bn1.running_mean, act.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
-    # momentum=None averages each batch's (unbiased) variance: the standard BN re-estimation estimate.
+    # Each batch's (unbiased) variance, averaged over images: the standard BN re-estimation estimate.
     batch_var = torch.stack([act[i : i + 50].var(dim=(0, 2, 3), unbiased=True) for i in (0, 50, 100)]).mean(0)
     torch.testing.assert_close(model.bn1.running_var, batch_var, rtol=1e-4, atol=1e-5)
     assert model.bn1.momentum == 0.1 and not model.training
+
+
+def test_bn_recalibration_weighs_batches_by_images_and_skips_single_images():
+    """A ragged last batch weighed as much as a full one (one image as much as 64: var off by 20%); a last
+    batch of one image crashed where a layer's output is 1x1 (torchvision resnet at 32x32)."""
+    torch.manual_seed(0)
+    x = torch.randn(65, 1, 28, 28)
+    ragged, whole = build_model("resnet20", 10, 1).eval(), build_model("resnet20", 10, 1).eval()
+    whole.load_state_dict(ragged.state_dict())
+    assert recalibrate_bn(ragged, [(x[:40], None), (x[40:], None)], 65) == 65
+    assert recalibrate_bn(whole, [(x, None)], 65) == 65
+    # The first BatchNorm's input does not depend on the batching (later ones see batch-normalized inputs).
+    torch.testing.assert_close(ragged.bn1.running_mean, whole.bn1.running_mean, rtol=1e-4, atol=1e-6)
+    import torchvision
+
+    r18 = torchvision.models.resnet18(num_classes=5).eval()  # layer4 output is 1x1 at 32x32
+    xs = torch.randn(65, 3, 32, 32)
+    assert recalibrate_bn(r18, [(xs[:64], None), (xs[64:], None)], 65) == 64
 
 
 def test_distillation_loss():
@@ -511,6 +529,15 @@ def test_notes_say_when_the_ask_is_not_what_was_done():
     capped = prune_model(model, FMNIST, PruneConfig(ratio=0.9, ranking="global", round_to=1))
     assert capped.report.steps[-1].ratio < 0.85
     assert any("not 90%" in n and "--max-layer-ratio" in n for n in capped.report.notes)
+    assert not any("--round-to" in n for n in capped.report.notes)  # at --round-to 1 it cannot help
+    # Over-shoot: at --round-to 16, 16-wide layers move in steps of 4 (13.6 channels -> 12): 25% went, not 15%.
+    over = prune_model(model, FMNIST, PruneConfig(ratio=0.15, round_to=16))
+    assert over.report.steps[-1].ratio > 0.2
+    assert any("not 15%" in n and "nearest multiples of --round-to" in n for n in over.report.notes)
+    # Two steps whose rounded widths are the same: the second removes nothing, and that is said.
+    idle = prune_model(model, FMNIST, PruneConfig(ratio=0.3, steps=2, round_to=16))
+    assert idle.report.steps[0].macs == idle.report.steps[1].macs
+    assert any(n.startswith("step 2 of 2 removed no channel") for n in idle.report.notes)
     plain = prune_model(model, FMNIST, PruneConfig(ratio=0.3, round_to=1))
     assert not any("not 30%" in n or "grouped" in n for n in plain.report.notes)
     from torchvision.models import resnext50_32x4d

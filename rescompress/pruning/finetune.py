@@ -55,8 +55,11 @@ def _take_images(loader: Iterable, limit: int) -> Iterator[tuple[torch.Tensor, t
 def recalibrate_bn(model: nn.Module, loader: Iterable, num_images: int, device: torch.device | None = None) -> int:
     """Re-estimate every BatchNorm's running statistics on up to ``num_images`` images; returns the count.
 
-    Statistics are reset and accumulated as an exact cumulative average (``momentum=None``) so the
-    result does not depend on the batch order; everything else runs in eval mode.
+    Statistics are reset and accumulated as an average over images (each batch weighs its image count:
+    the momentum of a batch of ``n`` after ``seen`` images is ``n / (seen + n)``), so the result does not
+    depend on the batch order or on a ragged last batch; everything else runs in eval mode. Batches of one
+    image are skipped: they give no variance, and training-mode BatchNorm refuses them where a layer's output
+    is 1x1.
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns or num_images <= 0:
@@ -66,13 +69,14 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, num_images: int, device: 
     model.eval()
     for m in bns:
         m.reset_running_stats()
-        m.momentum = None
         m.train()
     seen = 0
     try:
         for x, _ in _take_images(loader, num_images):
-            if len(x) < 2 and seen == 0:
-                continue  # a batch of one gives a zero variance estimate
+            if len(x) < 2:
+                continue
+            for m in bns:
+                m.momentum = len(x) / (seen + len(x))
             model(x.to(device))
             seen += len(x)
     finally:

@@ -370,6 +370,9 @@ def prune_model(
         )
     if data is None and config.bn_recalib > 0 and has_bn:
         notes.append("no data given: BatchNorm statistics were not re-estimated (accuracy may drop sharply)")
+    if data is not None and ft is None and not has_bn:
+        notes.append("the model has no BatchNorm (folded): there are no statistics to re-estimate, so nothing "
+                     "recovers the accuracy lost by pruning; prune the unfolded model, then fold")
     grouped = [n for n, m in teacher.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
     if grouped:
         notes.append(f"{len(grouped)} grouped convolution(s) (e.g. {grouped[0]}, as in ResNeXt): the channels "
@@ -425,10 +428,21 @@ def prune_model(
                                 ft_report))
         log.info("step %d/%d: ratio %.3f, MACs %d", k, config.steps, ratio, steps[-1].macs)
 
-    if config.ratio is not None and steps[-1].ratio < config.ratio - 0.05:
-        notes.append(f"removed {steps[-1].ratio:.0%} of the channels, not {config.ratio:.0%}: widths are rounded "
-                     f"to multiples of --round-to (here {round_to}) and --max-layer-ratio "
-                     f"{config.max_layer_ratio:g} caps each layer; a smaller --round-to gets closer")
+    if config.ratio is not None and abs(steps[-1].ratio - config.ratio) > 0.05:
+        why = []
+        if round_to > 1:  # nearest multiples: narrow layers (steps of 4 on a 16-wide layer) can overshoot too
+            why.append(f"widths are rounded to the nearest multiples of --round-to (here {round_to}; a smaller "
+                       "one gets closer)")
+        if steps[-1].ratio < config.ratio:
+            why.append(f"--max-layer-ratio {config.max_layer_ratio:g} caps each layer")
+        notes.append(f"removed {steps[-1].ratio:.0%} of the channels, not {config.ratio:.0%}: "
+                     + ("; ".join(why) or "each layer keeps at least one channel"))
+    idle = [s.step for prev, s in zip(steps[:-1], steps[1:], strict=True)
+            if (s.macs, s.params) == (prev.macs, prev.params)]
+    if idle:
+        notes.append(f"step{'s' if len(idle) > 1 else ''} {', '.join(map(str, idle))} of {config.steps} removed no "
+                     f"channel (the rounded widths did not change); fewer --steps or a smaller --round-to "
+                     "spread the pruning")
     if search and min(p["latency_ratio"] for p in search) > config.target_latency:
         notes.append(f"no pruned candidate reached {config.target_latency:.0%} of the latency (best "
                      f"{min(p['latency_ratio'] for p in search):.0%}): pruned to the smallest MAC fraction tried, "
