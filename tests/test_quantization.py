@@ -758,3 +758,25 @@ def test_first_images_spans_batches():
     got = np.concatenate(_first_images(loader, LAYER_SQNR_IMAGES))
     assert got.shape == (LAYER_SQNR_IMAGES, 1, 2, 2) and got[-1, 0, 0, 0] == (LAYER_SQNR_IMAGES - 1) // 7
     assert np.concatenate(_first_images(loader[:2], LAYER_SQNR_IMAGES)).shape[0] == 14  # fewer when fewer
+
+
+def test_rounding_statistics_come_from_the_quantized_model(fp32, plan, images):
+    """The layer statistics H = sum x x^T use what the quantized layer reads (its dequantized input), not the
+    FP32 input: for the first convolution, the image on the uint8 grid of the ONNX Runtime file."""
+    from rescompress.quantization.rounding import _columns, _layers, collect_hessians, round_weights
+
+    placements = [place(fp32, "tensorrt"), place(fp32, "onnxruntime")]
+    rounded, report = round_weights(fp32, plan, placements, [images[:16]])
+    assert report.observed == "onnxruntime Q/DQ model" and report.layers == 22 and len(rounded) == 22
+    x_name = fp32.graph.input[0].name
+    first = next(layer for layer in _layers(fp32, placements[1].weights)[0] if layer.input == x_name)
+    observed = emit_qdq(fp32, plan, placements[1])
+    h_q = collect_hessians(fp32, [first], [images[:16]], observed=observed)[0][first.key]
+    h_f = collect_hessians(fp32, [first], [images[:16]])[0][first.key]
+    p = plan.activation(x_name).params["onnxruntime"]
+    x_q = (np.clip(np.rint(images[:16] / p.scale) + p.zero_point, 0, 255) - p.zero_point) * p.scale
+    cols = _columns(first, x_q.astype(np.float32))
+    torch.testing.assert_close(h_q, (cols @ cols.T).double(), rtol=1e-4, atol=1e-3)
+    cols_f = _columns(first, images[:16])
+    torch.testing.assert_close(h_f, (cols_f @ cols_f.T).double(), rtol=1e-4, atol=1e-3)
+    assert not torch.allclose(h_q, h_f, rtol=1e-4, atol=1e-3)

@@ -2,7 +2,11 @@
 
 Rounding each weight to its nearest int8 level minimizes the error of the weight itself, not of the
 layer's output. With the layer's input statistics ``H = sum x x^T`` (collected on calibration images),
-the output error of a rounding choice is ``(w - q)^T H (w - q)`` per output channel. Following the
+the output error of a rounding choice is ``(w - q)^T H (w - q)`` per output channel. ``x`` is what the
+layer reads in the quantized model (its dequantized input, with every weight nearest-rounded), not in the
+FP32 one: that is the input the rounded layer will see. Measured on Fashion-MNIST (full test set, logit
+SQNR of the ONNX Runtime / TensorRT file): resnet18 at 64x64 38.3 -> 39.5 / 35.8 -> 36.1 dB, ResNet-20
+35.0 -> 35.2 / 31.2 -> 31.3 dB, against statistics from the FP32 model. Following the
 optimal-brain-quantization idea (Frantar et al., GPTQ, 2022), the input dimensions are rounded one at a
 time and the rounding error of each is pushed onto the not-yet-rounded dimensions through the Cholesky
 factor of ``H^-1``, so later choices compensate earlier ones. Scales stay the plan's per-channel ones;
@@ -64,9 +68,11 @@ class RoundingReport:
     skipped: tuple[str, ...]  # weights left to nearest rounding, with the reason
     images: int
     passes: int
+    observed: str = ""  # the model whose layer inputs gave the statistics
 
     def to_dict(self) -> dict:
-        return {"layers": self.layers, "skipped": list(self.skipped), "images": self.images, "passes": self.passes}
+        return {"layers": self.layers, "skipped": list(self.skipped), "images": self.images, "passes": self.passes,
+                "observed": self.observed}
 
 
 def _attr(node: onnx.NodeProto, name: str, default):
@@ -118,8 +124,16 @@ def _columns(layer: _Layer, x: np.ndarray) -> torch.Tensor:
 
 
 def collect_hessians(model: onnx.ModelProto, layers: list[_Layer], batches: list[np.ndarray],
-                     threads: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
-    """``sum x x^T`` of every layer's input columns over ``batches``, in as few passes as the budget allows."""
+                     threads: int | None = None, observed: onnx.ModelProto | None = None,
+                     ) -> tuple[dict[str, torch.Tensor], int]:
+    """``sum x x^T`` of every layer's input columns over ``batches``, in as few passes as the budget allows.
+
+    The inputs are read in ``observed`` (a Q/DQ copy of ``model``: the tensor its same-named node reads) when
+    given, else in ``model``.
+    """
+    seen_in = observed if observed is not None else model
+    reads = {n.name: n.input[0] for n in seen_in.graph.node if n.input}
+    source = {layer.key: reads.get(layer.weight.node, layer.input) for layer in layers}
     groups: list[list[_Layer]] = [[]]
     held = 0
     for layer in layers:
@@ -131,13 +145,13 @@ def collect_hessians(model: onnx.ModelProto, layers: list[_Layer], batches: list
         held += d * d
     hessians: dict[str, torch.Tensor] = {}
     for group in groups:
-        names = list(dict.fromkeys(layer.input for layer in group))
-        session = make_session(with_extra_outputs(model, names), threads)
+        names = list(dict.fromkeys(source[layer.key] for layer in group))
+        session = make_session(with_extra_outputs(seen_in, names), threads)
         acc: dict[str, torch.Tensor] = {}
         for x in batches:
             values = dict(zip(names, session.run(names, {session.get_inputs()[0].name: x}), strict=True))
             for layer in group:
-                cols = _columns(layer, values[layer.input])
+                cols = _columns(layer, values[source[layer.key]])
                 h = (cols @ cols.T).double()  # float32 product per batch, float64 sum over batches
                 acc[layer.key] = acc[layer.key] + h if layer.key in acc else h
         hessians.update(acc)
@@ -202,10 +216,18 @@ def round_weights(
     batches: list[np.ndarray],
     threads: int | None = None,
 ) -> tuple[dict[str, onnx.TensorProto], RoundingReport]:
-    """Hessian-rounded weights ``scale * q`` (float initializers by name) for every quantized weight."""
+    """Hessian-rounded weights ``scale * q`` (float initializers by name) for every quantized weight.
+
+    The layer statistics come from the quantized model of the first placement (the ONNX Runtime one when
+    there is one: its uint8 activations are the finer grid), with nearest-rounded weights.
+    """
+    from rescompress.quantization.emit import emit_qdq
+
+    placements = sorted(placements, key=lambda p: p.target != "onnxruntime")
     weights = [w for p in placements for w in p.weights]
     layers, skipped = _layers(model, weights)
-    hessians, passes = collect_hessians(model, layers, batches, threads)
+    observed = emit_qdq(model, plan, placements[0]) if placements else None
+    hessians, passes = collect_hessians(model, layers, batches, threads, observed)
     inits = {i.name: i for i in model.graph.initializer}
     rounded: dict[str, onnx.TensorProto] = {}
     for layer in layers:
@@ -217,7 +239,8 @@ def round_weights(
         new = (q * scales.reshape(-1, 1)).float()
         new = new.T.contiguous() if layer.transpose else new.reshape(w.shape)
         rounded[layer.key] = numpy_helper.from_array(new.numpy(), layer.key)
-    return rounded, RoundingReport(len(layers), tuple(skipped), sum(len(b) for b in batches), passes)
+    where = f"{placements[0].target} Q/DQ model" if placements else "FP32 model"
+    return rounded, RoundingReport(len(layers), tuple(skipped), sum(len(b) for b in batches), passes, where)
 
 
 def with_rounded_weights(model: onnx.ModelProto, rounded: dict[str, onnx.TensorProto],
