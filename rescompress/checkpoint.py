@@ -168,8 +168,30 @@ def save_checkpoint(module: nn.Module, path: Path | str, header: CheckpointHeade
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header.to_metadata(layer_widths(module)))
+        _sort_header(tmp)
         _check_reloads(module, tmp, header)
     return Path(path)
+
+
+def _sort_header(path: Path) -> None:
+    """Rewrite a safetensors header with its keys sorted, in place (same length: only the order changes).
+
+    safetensors writes the header's keys in hash-map order, which differs from run to run; sorted, the same
+    model and header give the same bytes every time (files can be compared and cached by hash).
+    """
+    import struct
+
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(n)
+        head = json.loads(raw)
+        if isinstance(head.get("__metadata__"), dict):
+            head["__metadata__"] = dict(sorted(head["__metadata__"].items()))
+        text = json.dumps(head, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > n:  # cannot happen for the same keys and values; keep the file as written then
+            return
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))
 
 
 def _structure(module: nn.Module, header: CheckpointHeader) -> dict | None:

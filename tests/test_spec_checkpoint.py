@@ -69,6 +69,17 @@ def test_checkpoint_round_trip_with_pruned_widths(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
     assert b"pickle" not in path.read_bytes()[:64]
+    # The same model and header give the same bytes (safetensors writes its header in hash-map order).
+    import json
+    import struct
+
+    for i in range(3):
+        again = CheckpointHeader("resnet20", 10, 1, pre, pruned=True)
+        save_checkpoint(model, tmp_path / f"again{i}.safetensors", again)
+        assert (tmp_path / f"again{i}.safetensors").read_bytes() == path.read_bytes()
+    raw = path.read_bytes()
+    head = json.loads(raw[8 : 8 + struct.unpack("<Q", raw[:8])[0]])
+    assert list(head) == sorted(head) and list(head["__metadata__"]) == sorted(head["__metadata__"])
 
 
 def test_read_header_of_non_checkpoint_is_none(tmp_path):
