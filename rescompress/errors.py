@@ -23,14 +23,6 @@ class DataError(RescompressError):
     """The data source is missing, empty, unreadable, or does not match the model."""
 
 
-class BrokenOutputError(RescompressError):
-    """A model's logits hold NaN or Inf. ``runner`` names the model (the gate fails a broken candidate)."""
-
-    def __init__(self, message: str, runner: str = "") -> None:
-        super().__init__(message)
-        self.runner = runner
-
-
 class CheckFailed(RescompressError):
     """A requested threshold (accuracy drop, agreement, latency) did not hold. Exit code 3.
 

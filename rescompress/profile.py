@@ -17,15 +17,22 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def count_folded_params(module: nn.Module) -> int:
-    """Parameters once each BatchNorm is folded into the bias-less conv before it (what an exported file holds).
+def count_folded_params(module: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Parameters once BatchNorm is folded (what an exported file holds), so an unfolded torch model counts
+    as its ONNX export does (``benchmark`` tables compare the two side by side).
 
-    A BatchNorm's scale and shift become one bias per channel, so an unfolded torchvision ResNet counts the
-    same as its ONNX export (``benchmark`` tables compare the two side by side).
+    ``input_shape`` is one (C, H, W) or (N, C, H, W) input for the fold's shape check. A module the fold cannot
+    take (TorchScript, dilated) counts as it is.
     """
-    bn = sum(m.weight.numel() for m in module.modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None and m.bias is not None)
-    return count_params(module) - bn
+    from rescompress.errors import RescompressError
+    from rescompress.folding import count_batchnorm, fold_batchnorm
+
+    if isinstance(module, torch.jit.ScriptModule) or count_batchnorm(module) == 0:
+        return count_params(module)
+    try:
+        return count_params(fold_batchnorm(module, input_shape=tuple(input_shape)).model)
+    except RescompressError:
+        return count_params(module)
 
 
 # Weight and bias inputs of the ONNX ops that hold a layer's parameters.

@@ -393,7 +393,7 @@ def test_gate_value_never_rounds_onto_its_threshold():
     assert check_drop("d", 1.000012, 0.0, 1.00001).shown == "1.000012"  # "1" would read as passing
 
 
-def test_nan_logits_are_an_error_in_evaluate_and_record_only_gate_and_fail_a_gated_candidate(files, eval_npz, tmp_path):
+def test_nan_logits_are_an_error_in_evaluate_and_record_only_gate(files, eval_npz, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -407,13 +407,6 @@ def test_nan_logits_are_an_error_in_evaluate_and_record_only_gate_and_fail_a_gat
     r = cli.invoke(app, ["gate", "--candidate", str(nan_file), "--data", str(eval_npz), "--limit", "50",
                          "--save-metrics", str(tmp_path / "m.json")])
     assert r.exit_code == 1 and "NaN or Inf" in r.stderr and not (tmp_path / "m.json").exists()
-    # Against a reference, a candidate whose output is broken fails the gate (exit 3), a broken baseline is an error.
-    r = cli.invoke(app, ["gate", "--baseline", str(files["a"]), "--candidate", str(nan_file), "--data", str(eval_npz),
-                         "--limit", "50"])
-    assert r.exit_code == 3 and "NaN or Inf" in r.stderr and "the candidate fails the gate" in r.stderr
-    r = cli.invoke(app, ["gate", "--baseline", str(nan_file), "--candidate", str(files["a"]), "--data", str(eval_npz),
-                         "--limit", "50"])
-    assert r.exit_code == 1 and "NaN or Inf" in r.stderr
 
 
 def test_evaluate_takes_file_at_runtime_and_refuses_onnx_runtimes_for_torch_files(files, eval_npz):

@@ -284,7 +284,14 @@ def test_onnx_macs_match_torch_count(small_model, tmp_path):
     # The unfolded torch model counts as its folded export does (a benchmark table shows both side by side).
     from rescompress.profile import count_folded_params
 
-    assert count_folded_params(small_model) == params
+    assert count_folded_params(small_model, (1, 1, 28, 28)) == params
+    # A conv with a bias (the BN folds into it), affine=False BN (the fold creates a bias), a BatchNorm1d head.
+    odd = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, bias=True), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 4, 1, bias=False), torch.nn.BatchNorm2d(4, affine=False), torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(), torch.nn.Linear(4, 5), torch.nn.BatchNorm1d(5),
+    ).eval()
+    assert count_folded_params(odd, (1, 3, 16, 16)) == (8 * 27 + 8) + (4 * 8 + 4) + (4 * 5 + 5)
     # A Q/DQ INT8 file (ONNX Runtime's own quantizer) has the same convolutions: same MACs.
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 

@@ -538,6 +538,11 @@ def test_notes_say_when_the_ask_is_not_what_was_done():
     idle = prune_model(model, FMNIST, PruneConfig(ratio=0.3, steps=2, round_to=16))
     assert idle.report.steps[0].macs == idle.report.steps[1].macs
     assert any(n.startswith("step 2 of 2 removed no channel") for n in idle.report.notes)
+    # Nothing removed at all (10% of a 16-wide layer rounds back to 16): every idle step, the first included.
+    none = prune_model(model, FMNIST, PruneConfig(ratio=0.1, steps=3, round_to=16))
+    assert none.report.steps[-1].ratio == 0
+    assert any(n.startswith("steps 1, 2, 3 of 3 removed no channel") for n in none.report.notes)
+    assert any("removed 0% of the channels, not 10%" in n and "--max-layer-ratio" not in n for n in none.report.notes)
     plain = prune_model(model, FMNIST, PruneConfig(ratio=0.3, round_to=1))
     assert not any("not 30%" in n or "grouped" in n for n in plain.report.notes)
     from torchvision.models import resnext50_32x4d

@@ -768,6 +768,7 @@ def test_rounding_statistics_come_from_the_quantized_model(fp32, plan, images):
     placements = [place(fp32, "tensorrt"), place(fp32, "onnxruntime")]
     rounded, report = round_weights(fp32, plan, placements, [images[:16]])
     assert report.observed == "onnxruntime Q/DQ model" and report.layers == 22 and len(rounded) == 22
+    assert round_weights(fp32, plan, [], [images[:16]])[1].layers == 0  # nothing to round: no session run
     x_name = fp32.graph.input[0].name
     first = next(layer for layer in _layers(fp32, placements[1].weights)[0] if layer.input == x_name)
     observed = emit_qdq(fp32, plan, placements[1])
@@ -780,3 +781,21 @@ def test_rounding_statistics_come_from_the_quantized_model(fp32, plan, images):
     cols_f = _columns(first, images[:16])
     torch.testing.assert_close(h_f, (cols_f @ cols_f.T).double(), rtol=1e-4, atol=1e-3)
     assert not torch.allclose(h_q, h_f, rtol=1e-4, atol=1e-3)
+
+
+def test_layer_sqnr_pools_batches_like_one_pass(fp32, plan, images):
+    """The per-layer table runs batch by batch (memory of one batch) and gives the pooled SQNR of all images."""
+    from rescompress.calibration.collect import make_session, with_extra_outputs
+    from rescompress.quantization.pipeline import _layer_sqnr
+
+    placement = place(fp32, "onnxruntime")
+    qmodel = emit_qdq(fp32, plan, placement)
+    x = images[:40]
+    split = {s.tensor: s.sqnr_db for s in _layer_sqnr(fp32, qmodel, placement, [x[:16], x[16:32], x[32:]], None)}
+    names = [a.name for a in placement.activations]
+    ref = make_session(with_extra_outputs(fp32, names)).run(names, {fp32.graph.input[0].name: x})
+    deq = [f"{n}_dequantized" for n in names]
+    got = make_session(with_extra_outputs(qmodel, deq)).run(deq, {qmodel.graph.input[0].name: x})
+    assert len(split) == len(names) > 10
+    for n, r, g in zip(names, ref, got, strict=True):
+        assert split[n] == pytest.approx(sqnr_db(r, g), abs=1e-6)

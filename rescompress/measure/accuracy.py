@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from rescompress.errors import BrokenOutputError, DataError, RescompressError
+from rescompress.errors import DataError, RescompressError
 from rescompress.measure.agreement import Agreement, AgreementCounter, predicted_class
 
 TOLERANCE = 1e-9  # points / percent: float rounding, never a real difference in accuracy
@@ -107,7 +107,7 @@ def finite_logits(logits: np.ndarray, name: str) -> np.ndarray:
     """``logits`` unchanged, or an error: argmax of NaN is a class, so a broken model would otherwise get a
     plausible-looking top-1."""
     if not np.isfinite(logits).all():
-        raise BrokenOutputError(f"{name}: logits contain NaN or Inf; the model output is broken", name)
+        raise RescompressError(f"{name}: logits contain NaN or Inf; the model output is broken")
     return logits
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rescompress import __version__
-from rescompress.errors import BrokenOutputError, CheckFailed, DataError, RescompressError, UsageError
+from rescompress.errors import DataError, RescompressError, UsageError
 from rescompress.fileio import atomic_path, write_text_atomic
 from rescompress.measure.accuracy import TOLERANCE, ProgressFn, evaluate_runners
 from rescompress.measure.agreement import Agreement
@@ -371,15 +371,7 @@ def run_gate(
     loader = make_loader(dataset, batch_size=eval_batch_size, limit=limit)
     if log:
         log(f"evaluating {len(runners)} model(s) on {planned} images")
-    try:
-        ev = evaluate_runners(runners, loader, limit=limit, progress=progress, require_labels=True,
-                              keep_predictions=True)
-    except BrokenOutputError as exc:
-        # A broken baseline is an input problem (nothing to compare with), as is any broken model in a
-        # record-only run (no check to fail); a broken candidate fails the gate.
-        if exc.runner != "candidate" or (baseline is None and stored is None):
-            raise
-        raise CheckFailed(f"{exc}: the candidate fails the gate", details={"candidate_output": "NaN or Inf"}) from None
+    ev = evaluate_runners(runners, loader, limit=limit, progress=progress, require_labels=True, keep_predictions=True)
     if stored is not None:
         _check_same_data(stored, ev.n, ev.labels_sha256, stored_source)
     data_info = {**dataset.info.to_dict(), "evaluated": ev.n, "limit": limit}

@@ -95,7 +95,8 @@ def runner_stats(runner, input_shape: tuple[int, ...]) -> ModelStats:
     if module is not None:
         from rescompress.profile import count_folded_params, count_macs
 
-        return ModelStats(file_bytes, count_folded_params(module), count_macs(module, (1, *tuple(input_shape)[1:])))
+        one = (1, *tuple(input_shape)[1:])
+        return ModelStats(file_bytes, count_folded_params(module, one), count_macs(module, one))
     if source.suffix.lower() == ".onnx" and source.is_file():
         params, macs = onnx_params_macs(source, input_shape)
         return ModelStats(file_bytes, params, macs)

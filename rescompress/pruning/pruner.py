@@ -358,10 +358,11 @@ def prune_model(
     ft = config.finetune if (config.finetune and config.finetune.epochs > 0) else None
     if ft is not None and data is None:
         raise UsageError("fine-tuning needs data: pass --finetune-data")
-    if ft is not None and not labeled:
-        notes.append("the fine-tuning data has no labels: re-estimating BatchNorm statistics instead of fine-tuning")
-        ft = None
     has_bn = count_batchnorm(teacher) > 0
+    if ft is not None and not labeled:
+        notes.append("the fine-tuning data has no labels: "
+                     + ("re-estimating BatchNorm statistics instead of fine-tuning" if has_bn else "no fine-tuning"))
+        ft = None
     if ft is not None and not has_bn:
         raise UsageError(
             "the model has no BatchNorm (folded): this fine-tuning recipe (its learning rate) is made for a model "
@@ -428,18 +429,19 @@ def prune_model(
                                 ft_report))
         log.info("step %d/%d: ratio %.3f, MACs %d", k, config.steps, ratio, steps[-1].macs)
 
-    if config.ratio is not None and abs(steps[-1].ratio - config.ratio) > 0.05:
+    done = steps[-1].ratio
+    if config.ratio is not None and (abs(done - config.ratio) > 0.05 or done == 0):
         why = []
         if round_to > 1:  # nearest multiples: narrow layers (steps of 4 on a 16-wide layer) can overshoot too
             why.append(f"widths are rounded to the nearest multiples of --round-to (here {round_to}; a smaller "
                        "one gets closer)")
-        if steps[-1].ratio < config.ratio:
+        if done < config.ratio and config.ranking == "global":  # uniform ratios are refused above the cap
             why.append(f"--max-layer-ratio {config.max_layer_ratio:g} caps each layer")
-        notes.append(f"removed {steps[-1].ratio:.0%} of the channels, not {config.ratio:.0%}: "
-                     + ("; ".join(why) or "each layer keeps at least one channel"))
-    idle = [s.step for prev, s in zip(steps[:-1], steps[1:], strict=True)
-            if (s.macs, s.params) == (prev.macs, prev.params)]
-    if idle:
+        notes.append(f"removed {done:.0%} of the channels, not {config.ratio:.0%}: "
+                     + ("; ".join(why) or "widths are whole channels"))
+    sizes = [(before.macs, before.params)] + [(s.macs, s.params) for s in steps]
+    idle = [s.step for s, prev in zip(steps, sizes[:-1], strict=True) if (s.macs, s.params) == prev]
+    if idle and config.steps > 1:
         notes.append(f"step{'s' if len(idle) > 1 else ''} {', '.join(map(str, idle))} of {config.steps} removed no "
                      f"channel (the rounded widths did not change); fewer --steps or a smaller --round-to "
                      "spread the pruning")

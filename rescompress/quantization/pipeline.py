@@ -37,6 +37,7 @@ from rescompress.calibration.collect import (
 )
 from rescompress.errors import CheckFailed, DataError, RescompressError, UsageError
 from rescompress.fileio import StagedOutputs, ensure_not_input, write_text_atomic
+from rescompress.measure.agreement import sqnr_db as capped_sqnr_db
 from rescompress.quantization.calibrate import activation_entries, check_finite_weights, weight_entries
 from rescompress.quantization.checker import INTEGER_OPS, check_trt_qdq
 from rescompress.quantization.emit import emit_qdq, save_model
@@ -430,15 +431,24 @@ def _emit_checked(model: onnx.ModelProto, plan: QuantPlan, placement: Placement)
 
 
 def _layer_sqnr(
-    fp32: onnx.ModelProto, qmodel: onnx.ModelProto, placement: Placement, x: np.ndarray, threads: int | None
+    fp32: onnx.ModelProto, qmodel: onnx.ModelProto, placement: Placement, xs: list[np.ndarray],
+    threads: int | None,
 ) -> tuple[LayerSqnr, ...]:
+    """SQNR of every quantized activation over the batches ``xs``, one batch at a time (every activation of
+    both models is held for one batch only)."""
     names = [a.name for a in placement.activations]
     fp = make_session(with_extra_outputs(fp32, names), threads)
     qs = make_session(with_extra_outputs(qmodel, [f"{n}_dequantized" for n in names]), threads)
     in_fp, in_q = fp.get_inputs()[0].name, qs.get_inputs()[0].name
-    ref = fp.run(names, {in_fp: x})
-    got = qs.run([f"{n}_dequantized" for n in names], {in_q: x})
-    scores = [LayerSqnr(n, sqnr_db(r, g)) for n, r, g in zip(names, ref, got, strict=True)]
+    signal, noise = np.zeros(len(names)), np.zeros(len(names))
+    for x in xs:
+        ref = fp.run(names, {in_fp: x})
+        got = qs.run([f"{n}_dequantized" for n in names], {in_q: x})
+        for i, (r, g) in enumerate(zip(ref, got, strict=True)):
+            r = r.astype(np.float64)
+            signal[i] += float(np.sum(r * r))
+            noise[i] += float(np.sum((r - g) ** 2))
+    scores = [LayerSqnr(n, capped_sqnr_db(signal[i], noise[i])) for i, n in enumerate(names)]
     return tuple(sorted(scores, key=lambda s: s.sqnr_db))
 
 
@@ -704,9 +714,9 @@ def quantize_model(
         logits, labels = run_sessions(sessions, prog(eval_loader, len(eval_loader), "evaluating"))
         labels = labels if use_labels else None
         fidelity = {t: compare(logits["fp32"], logits[t], labels) for t in qmodels}
-        x = np.concatenate(_first_images(eval_loader, LAYER_SQNR_IMAGES))
+        xs = _first_images(eval_loader, LAYER_SQNR_IMAGES)
         for t in qmodels:
-            worst[t] = _layer_sqnr(base, qmodels[t], placements[t], x, cfg.threads)[:5]
+            worst[t] = _layer_sqnr(base, qmodels[t], placements[t], xs, cfg.threads)[:5]
     latency = _latency(src, qmodels.get("onnxruntime"), cfg, say) if cfg.latency and "onnxruntime" in qmodels else None
 
     result = QuantizeResult(

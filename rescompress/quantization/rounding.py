@@ -226,7 +226,10 @@ def round_weights(
     placements = sorted(placements, key=lambda p: p.target != "onnxruntime")
     weights = [w for p in placements for w in p.weights]
     layers, skipped = _layers(model, weights)
-    observed = emit_qdq(model, plan, placements[0]) if placements else None
+    images = sum(len(b) for b in batches)
+    if not layers:  # every weight excluded or of a kind this rounding skips
+        return {}, RoundingReport(0, tuple(skipped), images, 0, "nothing")
+    observed = emit_qdq(model, plan, placements[0])
     hessians, passes = collect_hessians(model, layers, batches, threads, observed)
     inits = {i.name: i for i in model.graph.initializer}
     rounded: dict[str, onnx.TensorProto] = {}
@@ -239,8 +242,7 @@ def round_weights(
         new = (q * scales.reshape(-1, 1)).float()
         new = new.T.contiguous() if layer.transpose else new.reshape(w.shape)
         rounded[layer.key] = numpy_helper.from_array(new.numpy(), layer.key)
-    where = f"{placements[0].target} Q/DQ model" if placements else "FP32 model"
-    return rounded, RoundingReport(len(layers), tuple(skipped), sum(len(b) for b in batches), passes, where)
+    return rounded, RoundingReport(len(layers), tuple(skipped), images, passes, f"{placements[0].target} Q/DQ model")
 
 
 def with_rounded_weights(model: onnx.ModelProto, rounded: dict[str, onnx.TensorProto],
