@@ -237,3 +237,21 @@ def test_error_line_and_tables_survive_a_tiny_columns_setting(columns, r20_path,
     assert out.returncode == 1 and out.stderr.startswith("Error: ") and "missing.onnx" in out.stderr
     out = subprocess.run([*run, "inspect", str(r20_path)], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0 and "resnet20" in out.stdout
+
+
+def test_errors_with_json_print_one_json_document(r20_path, tmp_path):
+    """With --json a CI job reads stdout: an error gives a JSON document there too (and the line on stderr)."""
+    cases = [
+        (["inspect", str(tmp_path / "missing.pt"), "--json"], 1, "error", "does not exist"),
+        (["prune", str(r20_path), "--ratio", "1.5", "--json", "-o", str(tmp_path / "p.safetensors")], 2, "usage",
+         "--ratio must be in (0, 1)"),
+        (["evaluate", str(r20_path), "--data", str(tmp_path / "nodata"), "--json"], 1, "error", "nodata"),
+    ]
+    for args, code, kind, text in cases:
+        r = runner.invoke(app, args)
+        assert r.exit_code == code, (args, r.output)
+        doc = json.loads(r.stdout)
+        assert doc["exit_code"] == code and doc["kind"] == kind and text in doc["error"], (args, doc)
+        assert r.stderr.strip().splitlines()[-1].startswith("Error: ")
+    r = runner.invoke(app, ["inspect", str(tmp_path / "missing.pt")])  # without --json: nothing on stdout
+    assert r.exit_code == 1 and r.stdout == ""

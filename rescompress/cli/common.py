@@ -148,10 +148,13 @@ class Output:
     def __init__(self, as_json: bool) -> None:
         self.as_json = as_json
 
+    wrote_json = False  # a JSON document went to stdout in this command (handle_errors adds none then)
+
     def result(self, data: dict[str, Any], render: Callable[[Console], None] | None = None) -> None:
         if self.as_json:
             sys.stdout.write(json.dumps(data, indent=2, default=_json_default) + "\n")
             sys.stdout.flush()
+            Output.wrote_json = True
         elif render is not None:
             render(stdout)
         else:
@@ -250,17 +253,26 @@ def handle_errors(func: Callable) -> Callable:
     """Decorator for command functions: known errors -> one line on stderr and the right exit code.
 
     ``RESCOMPRESS_DEBUG=1`` adds the traceback before that line; the exit code stays the same, so a CI job
-    that tells a failed check (3) from an error (1) behaves the same with debugging on.
+    that tells a failed check (3) from an error (1) behaves the same with debugging on. With ``--json``, stdout
+    also gets one document, ``{"error": ..., "exit_code": ...}``, unless the command already wrote its own.
     """
+    as_json = False
 
     def fail(line: str, code: int) -> typer.Exit:
         if debug_enabled():
             stderr.print(traceback.format_exc().rstrip(), markup=False, highlight=False)
         stderr.print(line, markup=False, highlight=False)
+        if as_json and not Output.wrote_json:
+            kind = {EXIT_CHECK_FAILED: "check_failed", EXIT_USAGE: "usage", 130: "interrupted", 143: "interrupted"}
+            Output(True).result({"error": line.partition(": ")[2], "kind": kind.get(code, "error"),
+                                 "exit_code": code})
         return typer.Exit(code)
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        nonlocal as_json
+        as_json = bool(kwargs.get("as_json"))
+        Output.wrote_json = False
         try:
             return func(*args, **kwargs)
         except typer.Exit:
