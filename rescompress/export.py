@@ -662,7 +662,8 @@ def dynamic_batch_copy(proto, what: str = "the ONNX model"):
     shape = [int(d.dim_value) for d in dims[1:]]
     x = np.random.default_rng(0).standard_normal((fixed + 1, *shape)).astype(np.float32)
     refuse = (f"{what} has a fixed batch size of {fixed} and its graph depends on it; re-export it with a "
-              "dynamic batch, e.g. torch.onnx.export(..., dynamic_axes={'input': {0: 'batch'}})")
+              "dynamic batch, e.g. torch.onnx.export(..., dynamic_axes={'input': {0: 'batch'}}) or, with "
+              "dynamo=True, dynamic_shapes=({0: torch.export.Dim('batch')},)")
     try:
         ref = ort_logits(proto.SerializeToString(), x[:fixed])
         # log level 4: a graph that cannot take another batch fails here on purpose; ORT need not print it
