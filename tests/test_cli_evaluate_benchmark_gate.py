@@ -268,8 +268,13 @@ def test_gate_latency_check(files, eval_npz):
     assert r.exit_code == 2 and "needs --baseline" in r.stderr
 
 
-def test_gate_bad_input_is_one_line_exit_1_and_writes_nothing(files, eval_npz):
+def test_gate_bad_input_is_one_line_exit_1_and_writes_only_an_error_report(files, eval_npz):
+    """A model or data problem exits 1 and replaces --junit's file with an error report (an earlier run's PASS
+    must not stay for CI to show); option problems write nothing at all."""
+    import xml.etree.ElementTree as ET
+
     junit = files["dir"] / "never.xml"
+    junit.write_text("<testsuites><testsuite name='old'><testcase name='pass'/></testsuite></testsuites>")
     base = ["--baseline", str(files["a"]), "--junit", str(junit)]
     cases = [
         ([*base, "--candidate", str(files["a_onnx"]), "--data", str(files["unlabeled"])], "labeled"),
@@ -280,7 +285,11 @@ def test_gate_bad_input_is_one_line_exit_1_and_writes_nothing(files, eval_npz):
         r = cli.invoke(app, ["gate", *args])
         assert r.exit_code == 1, (args, r.stderr)
         assert message in r.stderr and r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1
-    r = cli.invoke(app, ["gate", "--candidate", str(files["a"]), "--data", str(eval_npz)])
+        suite = ET.parse(junit).getroot().find("testsuite")
+        assert suite.get("errors") == "1" and message in suite.find("testcase/error").get("message")
+        assert suite.find("testcase/failure") is None
+    junit.unlink()
+    r = cli.invoke(app, ["gate", "--candidate", str(files["a"]), "--data", str(eval_npz), "--junit", str(junit)])
     assert r.exit_code == 2 and "needs a reference" in r.stderr  # a usage error, like the others
     assert not junit.exists()
     before = files["a_onnx"].read_bytes()

@@ -102,9 +102,10 @@ def register(app: typer.Typer) -> None:
             open_runners,
             split_model_spec,
         )
-        from rescompress.measure.gate import GateMetrics, GateThresholds, run_gate, write_junit
+        from rescompress.measure.gate import GateMetrics, GateThresholds, run_gate, write_junit, write_junit_error
 
-        # Every input problem is found before any work, so an error leaves no file behind.
+        # Option and output-path problems are found before any work and leave no file behind. A later error
+        # (a model or data problem) replaces --junit's file with an error report, and writes nothing else.
         thresholds = GateThresholds(max_drop, min_agreement, max_latency_ratio, batch)
         record_only = baseline is None and against is None
         if record_only and save_metrics is None:
@@ -120,28 +121,34 @@ def register(app: typer.Typer) -> None:
             check_writable(out)
         if len(outputs) == 2:
             ensure_not_input(junit, [save_metrics])
-        stored = GateMetrics.load(against) if against is not None else None
-        models = [str(baseline), str(candidate)] if baseline is not None else [str(candidate)]
-        runners = open_runners(models, runtime, threads, spinning=False, arch=arch, trust_pickle=trust_pickle,
-                               device=device)
-        values = list(runners.values())
-        cand_runner, base_runner = values[-1], (values[0] if baseline is not None else None)
-        recorded = default_preprocess(runners)
-        if recorded is None and stored is not None and stored.preprocess:
-            from rescompress.spec import Preprocess
+        try:  # from here on an error replaces --junit's file with an error report (no stale verdict)
+            stored = GateMetrics.load(against) if against is not None else None
+            models = [str(baseline), str(candidate)] if baseline is not None else [str(candidate)]
+            runners = open_runners(models, runtime, threads, spinning=False, arch=arch, trust_pickle=trust_pickle,
+                                   device=device)
+            values = list(runners.values())
+            cand_runner, base_runner = values[-1], (values[0] if baseline is not None else None)
+            recorded = default_preprocess(runners)
+            if recorded is None and stored is not None and stored.preprocess:
+                from rescompress.spec import Preprocess
 
-            recorded = Preprocess.from_dict(stored.preprocess)
-        pre = resolve_preprocess(recorded, preset, input_size, channels, mean, std)
-        for note in check_same_normalization(runners, pre, chosen=any(v is not None for v in (preset, mean, std))):
-            warn(note)
-        if stored is not None and stored.preprocess and stored.preprocess != pre.to_dict():
-            warn(f"{against} was measured with other preprocessing ({stored.preprocess}); comparing anyway")
+                recorded = Preprocess.from_dict(stored.preprocess)
+            pre = resolve_preprocess(recorded, preset, input_size, channels, mean, std)
+            for note in check_same_normalization(runners, pre, chosen=any(v is not None for v in (preset, mean, std))):
+                warn(note)
+            if stored is not None and stored.preprocess and stored.preprocess != pre.to_dict():
+                warn(f"{against} was measured with other preprocessing ({stored.preprocess}); comparing anyway")
 
-        result = run_gate(
-            cand_runner, pre, data, baseline=base_runner, stored=stored, stored_source=str(against),
-            thresholds=thresholds, limit=limit, eval_batch_size=batch_size, warmup_s=warmup, iters=iters,
-            rounds=rounds, progress=progress, log=info, record_only=record_only,
-        )
+            result = run_gate(
+                cand_runner, pre, data, baseline=base_runner, stored=stored, stored_source=str(against),
+                thresholds=thresholds, limit=limit, eval_batch_size=batch_size, warmup_s=warmup, iters=iters,
+                rounds=rounds, progress=progress, log=info, record_only=record_only,
+            )
+        except Exception as exc:  # re-raised as it is: handle_errors makes it one line and the exit code
+            if junit is not None:
+                write_junit_error(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                                  junit)
+            raise
         if record_only:
             info("no reference given: recorded the candidate's metrics, checked nothing")
         for note in result.notes:

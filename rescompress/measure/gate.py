@@ -289,6 +289,23 @@ def write_junit(result: GateResult, path: Path | str) -> Path:
     return Path(path)
 
 
+def junit_error_xml(message: str, suite: str = "rescompress.gate") -> str:
+    """JUnit XML for a gate that could not measure (exit 1): one testcase with an ``error`` element."""
+    root = ET.Element("testsuites", name="rescompress", tests="1", failures="0", errors="1")
+    ts = ET.SubElement(root, "testsuite", name=suite, tests="1", failures="0", errors="1", skipped="0")
+    case = ET.SubElement(ts, "testcase", classname=suite, name="gate")
+    err = ET.SubElement(case, "error", message=message, type="GateError")
+    err.text = message
+    return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
+
+
+def write_junit_error(message: str, path: Path | str) -> Path:
+    """Replace ``path`` with an error report, so CI never shows an earlier run's verdict for a broken one."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(junit_error_xml(message), encoding="utf-8")
+    return Path(path)
+
+
 def _metrics_for(label: str, runner, ev, data_info: dict, preprocess: Preprocess) -> GateMetrics:
     acc = ev.accuracy[label]
     return GateMetrics(
