@@ -43,7 +43,7 @@ HELP = "\n\n".join((
     "the same --data and --limit), or both. --against alone pins a repository's accuracy without keeping the "
     "baseline model; its checks are accuracy_drop_vs_stored and top1_agreement_vs_stored (the file holds each "
     "image's predicted class). --save-metrics writes the candidate's metrics; --junit writes JUnit XML, one "
-    "testcase per check.",
+    "testcase per check (after a model or data error: one testcase holding the error).",
     "To pin a model's accuracy: rescompress gate --candidate model.pt --data val/ --save-metrics ci/metrics.json "
     "(no reference: records, checks nothing), commit the file, and in CI run rescompress gate --candidate NEW "
     "--against ci/metrics.json --data val/ --junit gate.xml.",
