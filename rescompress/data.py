@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -57,6 +58,24 @@ class SourceInfo:
         }
 
 
+def _trim_long_side(image: torch.Tensor, pre: Preprocess) -> torch.Tensor:
+    """A very elongated image (long side over 4x the short one) cut, about its centre, to what the centre crop
+    after resizing keeps plus a margin: resizing a 1x8000 banner's short side to 256 first made a 256x2M image.
+    The result can differ from resizing the whole image by the rounding of the resized length (under a pixel
+    of shift); images up to 4:1 are not touched."""
+    h, w = image.shape[-2:]
+    short, long = min(h, w), max(h, w)
+    if long <= 4 * short:
+        return image
+    crop_long = pre.size[0] if h > w else pre.size[1]
+    keep = max(short, math.ceil((crop_long + 8) * short / pre.resize) + 2)  # never shorter than the short side
+    keep += (long - keep) % 2  # an even cut on both ends keeps the centre exactly where it was
+    if keep >= long:
+        return image
+    start = (long - keep) // 2
+    return image[..., start : start + keep, :] if h > w else image[..., start : start + keep]
+
+
 def to_model_input(image: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     """uint8 (C,H,W) or (H,W) image tensor -> normalized float32 (channels, H, W) model input."""
     if image.ndim == 2:
@@ -68,6 +87,7 @@ def to_model_input(image: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     if c not in (1, 3):
         raise DataError(f"images with {c} channels are not supported (expected 1, 3 or 4)")
     if pre.resize is not None:
+        image = _trim_long_side(image, pre)
         image = TF.resize(image, [pre.resize], antialias=True)
         image = TF.center_crop(image, list(pre.size))
     elif tuple(image.shape[-2:]) != tuple(pre.size):
@@ -112,13 +132,18 @@ class _ArrayReader:
         return img, (UNLABELED if self.y is None else int(self.y[i]))
 
 
+# Float pixels up to this are [0, 1] data (resizing overshoots 1 by a few percent), clipped; above, [0, 255].
+# A [0, 255] image whose brightest pixel is 2 would be black anyway.
+FLOAT_UNIT_MAX = 2.0
+
+
 def _grey_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
     """A 16-bit / 32-bit integer or float grey image scaled to 8 bits (PIL's own conversion clips at 255,
-    which turns a 16-bit image white). Integer images are taken as 16-bit, float ones as [0, 1] unless their
-    values exceed 1 (then [0, 255])."""
+    which turns a 16-bit image white). Integer images are taken as 16-bit, float ones as [0, 1] (clipped) unless
+    their values exceed ``FLOAT_UNIT_MAX`` (then [0, 255])."""
     a = a.astype(np.float64)
     if mode == "F":
-        scale = 255.0 if a.size and np.nanmax(a) <= 1.0 else 1.0
+        scale = 255.0 if a.size and np.nanmax(a) <= FLOAT_UNIT_MAX else 1.0
     else:
         scale = 255.0 / 65535.0
     return np.clip(np.rint(np.nan_to_num(a) * scale), 0, 255).astype(np.uint8)
@@ -148,9 +173,12 @@ def _list_images(folder: Path, recursive: bool = False) -> list[Path]:
     """Image files in ``folder`` (and, if ``recursive``, in its sub-folders at any depth, in torchvision
     ImageFolder's order: folder by folder, sorted by path, files sorted); hidden files and folders skipped."""
     listed, seen = [], set()
+    start = os.path.realpath(folder)
     for root, dirs, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
-        if real in seen:  # a symlink loop, or a folder linked twice
+        # A symlink loop, a folder linked twice, or a link back to the folder or above it (it would bring in
+        # the other classes' images under this one's label).
+        if real in seen or (seen and (start == real or start.startswith(real.rstrip(os.sep) + os.sep))):
             dirs[:] = []
             continue
         seen.add(real)
@@ -171,9 +199,10 @@ def _split_folders(subdirs: list[Path], per_class: list[list[Path]]) -> list[str
     """Names of the sub-folders of a folder of splits (root/{train,val}/{cat,dog}/...), else [].
 
     Taken as splits when every sub-folder holding images holds them only in sub-folders and either all have
-    usual split names (train, val, test, ...) or one has and at least two class folders repeat across them
-    (root/{train,val,test_set}/{cat,dog}/). Other layouts are trees of classes, as torchvision's ImageFolder
-    reads them (root/{bus,car,train}/flickr/ has three classes); when their image sub-folders repeat across
+    usual split names (train, val, test, ...) or at least half have and at least two class folders repeat across
+    them (root/{train,val,test_set}/{cat,dog}/; root/{bus,car,train}/{day,night}/ is three classes). Other
+    layouts are trees of classes, as torchvision's ImageFolder reads them (root/{bus,car,train}/flickr/ has
+    three classes); when their image sub-folders repeat across
     them and outnumber them (root/{fold1,fold2}/{bird,cat,dog}/), which may be splits, a warning says so."""
     holding = [(d, files) for d, files in zip(subdirs, per_class, strict=True) if files]
     if not holding or any(f.parent == d for d, files in holding for f in files):
@@ -183,7 +212,7 @@ def _split_folders(subdirs: list[Path], per_class: list[list[Path]]) -> list[str
         return names
     inner = [{f.relative_to(d).parts[0] for f in files} for d, files in holding]
     repeated = set().union(*(a & b for a, b in combinations(inner, 2)))
-    if any(n.lower() in _SPLIT_NAMES for n in names) and len(repeated) >= 2:
+    if 2 * sum(n.lower() in _SPLIT_NAMES for n in names) >= len(names) and len(repeated) >= 2:
         return names  # {train, val, test_set}/{cats, dogs}: splits, one of them oddly named
     if len(repeated) > len(holding):
         logging.getLogger(__name__).warning(
@@ -259,9 +288,11 @@ def _normalize_array_images(x: np.ndarray, path: Path) -> np.ndarray:
     if is_float:
         if hi > 255.5:
             raise DataError(f"{path}: 'x' holds floats up to {hi:.6g}; expected pixels in [0, 1] or [0, 255]")
-        scale = 255.0 if hi <= 1.0 + 1e-6 else 1.0
+        scale = 255.0 if hi <= FLOAT_UNIT_MAX else 1.0
         return _chunked(x, lambda c: np.clip(np.rint(c * scale), 0, 255).astype(np.uint8))
-    if hi <= 255:
+    if x.dtype == np.uint16:  # 16-bit pixels, as a 16-bit image file's, whatever their largest value
+        return _chunked(x, lambda c: _grey_to_uint8(c, "I;16"))
+    if hi <= 255:  # e.g. int64 from np.array of Python ints holding 8-bit values
         return x.astype(np.uint8)
     if hi <= 65535:
         return _chunked(x, lambda c: _grey_to_uint8(c, "I;16"))  # the 16-bit image files' policy
@@ -321,7 +352,9 @@ def describe_source(path: Path | str, split: str = "test") -> tuple[SourceInfo, 
     # ImageFolder: every non-hidden sub-folder is a class, numbered in sorted order, its images found at any
     # depth (like torchvision). A class folder without images keeps its number, so the labels after it still
     # match the model's outputs.
-    subdirs = sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
+    here = os.path.realpath(p)
+    subdirs = sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith(".")
+                     and not (here == (r := os.path.realpath(d)) or here.startswith(r.rstrip(os.sep) + os.sep)))
     if explicit:  # DIR@val: the split folder DIR/val
         match = [d for d in subdirs if d.name == split] or [d for d in subdirs if d.name.lower() == split.lower()]
         if not match:
@@ -344,6 +377,11 @@ def describe_source(path: Path | str, split: str = "test") -> tuple[SourceInfo, 
             files += found
             labels += [idx] * len(found)
         classes = tuple(d.name for d in subdirs)
+        moved = [(i, c) for i, c in enumerate(classes) if c.isdigit() and int(c) != i]
+        if moved and all(c.isdigit() for c in classes) and list(classes) != sorted(classes, key=int):
+            logging.getLogger(__name__).warning(
+                "%s: class folders are numbered in sorted order, as torchvision does, so folder %s is class %d; "
+                "if the labels are the folder numbers, rename them with leading zeros", p, moved[0][1], moved[0][0])
         info = SourceInfo(str(p), "imagefolder", None, len(files), True, len(classes), classes)
         return info, _FileReader(files, labels)
     if top:

@@ -438,3 +438,59 @@ def test_binary_model_mismatch_message_says_one_logit(tmp_path, images):
     np.savez(tmp_path / "three.npz", x=x, y=np.array([0, 1, 2, 0, 1, 2]))
     with pytest.raises(DataError, match=re.escape("has 3 classes but the model outputs one logit (a binary")):
         check_compatible(describe_source(tmp_path / "three.npz")[0], 1)
+
+
+def test_user_data_pitfalls(tmp_path, images, caplog):
+    """Found probing users' data: a float [0, 1] set with one pixel at 1.02 went black; uint16 pixels under 256
+    were read as 8-bit (a 16-bit PNG of the same values is not); a symlink back to the root counted other
+    classes' images under one label; {bus,car,train}/{day,night} was refused as splits; numeric class folders
+    were silently numbered 0, 1, 10, 11, 2, ...; a 1x8000 banner took 1.6 GB to resize."""
+    import logging
+    import os
+
+    x, y = images
+    pre = get_preset("fashion-mnist")
+    f = x.astype(np.float32) / 255.0
+    f[0, 0, 0] = 1.02  # resize overshoot
+    np.savez(tmp_path / "f.npz", x=f)
+    np.savez(tmp_path / "u8.npz", x=x)
+    over, ref = open_dataset(tmp_path / "f.npz", pre), open_dataset(tmp_path / "u8.npz", pre)
+    torch.testing.assert_close(over[1][0], ref[1][0], rtol=0, atol=1e-5)
+    np.savez(tmp_path / "u16.npz", x=np.full((2, 28, 28), 200, np.uint16))
+    Image.fromarray(np.full((28, 28), 200, np.uint16)).save(tmp_path / "u16.png")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.fromarray(np.full((28, 28), 200, np.uint16)).save(flat / "a.png")
+    torch.testing.assert_close(open_dataset(tmp_path / "u16.npz", pre)[0][0], open_dataset(flat, pre)[0][0])
+
+    tree = tmp_path / "tree"
+    for c in ("a", "b"):
+        (tree / c).mkdir(parents=True)
+        Image.fromarray(x[0]).save(tree / c / "x.png")
+    os.symlink("..", tree / "a" / "up")
+    os.symlink(".", tree / "zloop")
+    info, _ = describe_source(tree, "test")
+    assert info.length == 2 and info.classes == ("a", "b")
+
+    rides = tmp_path / "rides"
+    for c in ("bus", "car", "train"):
+        for t in ("day", "night"):
+            (rides / c / t).mkdir(parents=True)
+            Image.fromarray(x[0]).save(rides / c / t / "x.png")
+    info, _ = describe_source(rides, "test")
+    assert info.classes == ("bus", "car", "train") and info.length == 6
+
+    numbered = tmp_path / "numbered"
+    for c in range(12):
+        (numbered / str(c)).mkdir(parents=True)
+        Image.fromarray(x[0]).save(numbered / str(c) / "x.png")
+    with caplog.at_level(logging.WARNING):
+        info, _ = describe_source(numbered, "test")
+    assert info.classes[2] == "10" and "folder 10 is class 2" in caplog.text
+
+    banner = torch.randint(0, 256, (3, 1, 8000), dtype=torch.uint8)
+    out = to_model_input(banner, get_preset("imagenet"))
+    assert out.shape == (3, 224, 224)
+    from rescompress.data import _trim_long_side
+
+    assert _trim_long_side(banner, get_preset("imagenet")).shape[-1] < 16  # 1 px tall: ~1 px of 8000 kept
