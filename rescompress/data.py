@@ -442,6 +442,11 @@ def open_dataset(path: Path | str, preprocess: Preprocess, split: str = "test") 
     return ImageDataset(info, preprocess, reader)
 
 
+def labels_fit(info: SourceInfo, num_classes: int) -> bool:
+    """Whether the data's labels can be classes of a model with ``num_classes`` outputs (unlabeled data: yes)."""
+    return not (info.labeled and info.num_classes is not None and info.num_classes > max(num_classes, 2))
+
+
 def check_compatible(
     info: SourceInfo, num_classes: int, require_labels: bool = False, purpose: str = "this command"
 ) -> None:
@@ -450,7 +455,7 @@ def check_compatible(
     if require_labels and not info.labeled:
         raise DataError(f"{purpose} needs labeled data, but {info.path} ({info.kind}) has no labels")
     outputs, num_classes = num_classes, max(num_classes, 2)
-    if info.labeled and info.num_classes is not None and info.num_classes > num_classes:
+    if not labels_fit(info, outputs):
         what = "one logit (a binary classifier: classes 0 and 1)" if outputs == 1 else f"{num_classes} classes"
         raise DataError(f"the data at {info.path} has {info.num_classes} classes but the model outputs {what}")
     if info.kind == "imagefolder" and info.labeled and info.num_classes is not None and \

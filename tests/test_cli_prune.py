@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -279,3 +280,19 @@ def test_prune_option_conflicts_fail_before_loading(model_file, calib_npz, tmp_p
                               "--epochs", "0.1", "--batch-size", "1", "-o", str(tmp_path / "b.safetensors")])
     assert res.exit_code == 2 and "--batch-size 2 or more" in res.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_bn_reestimation_takes_a_bigger_labeled_set_fine_tuning_does_not(model_file, tmp_path, calib_npz):
+    """BatchNorm re-estimation (--epochs 0) needs images only, so labels of other classes do not matter; fine-tuning
+    on them is refused before any work."""
+    with np.load(calib_npz) as z:
+        x, y = z["x"][:64], z["y"][:64].astype(np.int64)
+    y[:8] = 11
+    big = tmp_path / "big.npz"
+    np.savez(big, x=x, y=y)
+    base = ["prune", str(model_file), "--ratio", "0.3", "--no-latency", "--finetune-data", str(big)]
+    res = runner.invoke(app, [*base, "--epochs", "0", "-o", str(tmp_path / "bn.safetensors")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, [*base, "--epochs", "1", "-o", str(tmp_path / "ft.safetensors")])
+    assert res.exit_code == 1 and "12 classes but the model outputs 10" in res.stderr
+    assert not (tmp_path / "ft.safetensors").exists()

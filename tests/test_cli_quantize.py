@@ -451,3 +451,20 @@ def test_prune_then_quantize_at_a_non_square_size(checkpoint, calib_npz, tmp_pat
         dims = [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim[1:]]
         assert dims == [1, 24, 40], (target, dims)
         assert data["fidelity"][target]["sqnr_db"] > 20.0
+
+
+def test_calibration_on_a_bigger_labeled_set_ignores_its_labels(checkpoint, calib_npz, tmp_path):
+    """Calibration needs images only: a labeled set with more classes than the model (ImageNet folders for a
+    10-class fine-tuned model) was refused. Its labels are now ignored, and --method auto compares by agreement."""
+    with np.load(calib_npz) as z:
+        x, y = z["x"][:64], z["y"][:64].astype(np.int64)
+    y[:8] = 11  # 12 classes in the labels, 10 model outputs
+    big = tmp_path / "big.npz"
+    np.savez(big, x=x, y=y)
+    res = runner.invoke(app, ["quantize", str(checkpoint), "--calib-data", str(big), "--num-images", "64",
+                              "--target", "onnxruntime", "--refine-tensors", "0", "--weight-rounding", "nearest",
+                              "-o", str(tmp_path / "o"), "--json", *FAST])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert any("labels are ignored" in w for w in data["warnings"])
+    assert all(s["top1"] is None for s in data["method_scores"].values())  # chosen by agreement, not accuracy

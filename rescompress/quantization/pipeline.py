@@ -500,7 +500,7 @@ def quantize_model(
     A run that fails leaves nothing behind in ``outdir`` (see :func:`_nothing_left_on_failure`, which
     passes ``_staged``: files are written there and land in ``outdir`` together at the end).
     """
-    from rescompress.data import check_compatible, describe_source, limit_indices, open_dataset
+    from rescompress.data import check_compatible, describe_source, labels_fit, limit_indices, open_dataset
     from rescompress.system import library_versions
 
     cfg = config or QuantizeConfig()
@@ -565,7 +565,14 @@ def quantize_model(
         if calib_data is None:
             raise UsageError("--calib-data is required (or --plan to reuse a calibration)")
         dataset = open_dataset(calib_data, pre, split="train")
-        check_compatible(dataset.info, src.num_classes, purpose="calibration")
+        # Calibration needs images only: labels that cannot be the model's classes (a bigger labeled set, e.g.
+        # ImageNet folders for a 10-class fine-tuned model) are ignored, and --method auto compares by agreement.
+        calib_labels = labels_fit(dataset.info, src.num_classes)
+        if calib_labels:
+            check_compatible(dataset.info, src.num_classes, purpose="calibration")
+        else:
+            warnings.append(f"the calibration data has {dataset.info.num_classes} classes, the model "
+                            f"{src.num_classes}: its labels are ignored (calibration needs images only)")
         n_avail = len(dataset)
         n = min(cfg.num_images, n_avail)
         if n < cfg.num_images:
@@ -606,7 +613,7 @@ def quantize_model(
             chooser = "onnxruntime" if "onnxruntime" in want else "tensorrt"
             cands = {m: _emit_checked(base, p, placements[chooser]) for m, p in plans.items()}
             logits, labels = run_sessions(_sessions_for({"fp32": base, **cands}, cfg.threads), holdout_batches)
-            fids = {m: compare(logits["fp32"], logits[m], labels) for m in cands}
+            fids = {m: compare(logits["fp32"], logits[m], labels if calib_labels else None) for m in cands}
             method_scores = {m: f.to_dict() for m, f in fids.items()}
             method = choose_method(fids)
             say(f"auto: chose {method} on {len(hold_idx)} held-out images ({chooser} file: "
