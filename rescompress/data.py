@@ -169,6 +169,12 @@ class _FileReader:
         return img, (UNLABELED if self.labels is None else self.labels[i])
 
 
+def _at_or_above(real: str, of: str) -> bool:
+    """Whether the resolved folder ``real`` is the resolved folder ``of`` or one of its ancestors (a symlink
+    there would walk the tree again)."""
+    return of == real or of.startswith(real.rstrip(os.sep) + os.sep)
+
+
 def _list_images(folder: Path, recursive: bool = False) -> list[Path]:
     """Image files in ``folder`` (and, if ``recursive``, in its sub-folders at any depth, in torchvision
     ImageFolder's order: folder by folder, sorted by path, files sorted); hidden files and folders skipped."""
@@ -178,7 +184,7 @@ def _list_images(folder: Path, recursive: bool = False) -> list[Path]:
         real = os.path.realpath(root)
         # A symlink loop, a folder linked twice, or a link back to the folder or above it (it would bring in
         # the other classes' images under this one's label).
-        if real in seen or (seen and (start == real or start.startswith(real.rstrip(os.sep) + os.sep))):
+        if real in seen or (seen and _at_or_above(real, start)):
             dirs[:] = []
             continue
         seen.add(real)
@@ -354,7 +360,7 @@ def describe_source(path: Path | str, split: str = "test") -> tuple[SourceInfo, 
     # match the model's outputs.
     here = os.path.realpath(p)
     subdirs = sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith(".")
-                     and not (here == (r := os.path.realpath(d)) or here.startswith(r.rstrip(os.sep) + os.sep)))
+                     and not _at_or_above(os.path.realpath(d), here))
     if explicit:  # DIR@val: the split folder DIR/val
         match = [d for d in subdirs if d.name == split] or [d for d in subdirs if d.name.lower() == split.lower()]
         if not match:

@@ -27,11 +27,11 @@ def count_folded_params(module: nn.Module, input_shape: tuple[int, ...]) -> int:
     from rescompress.errors import RescompressError
     from rescompress.folding import count_batchnorm, fold_batchnorm
 
-    if isinstance(module, torch.jit.ScriptModule) or count_batchnorm(module) == 0:
+    if count_batchnorm(module) == 0:
         return count_params(module)
     try:
         return count_params(fold_batchnorm(module, input_shape=tuple(input_shape)).model)
-    except RescompressError:
+    except RescompressError:  # the fold refuses TorchScript, dilation, training mode
         return count_params(module)
 
 

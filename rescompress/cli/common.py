@@ -249,6 +249,11 @@ def _message(exc: BaseException) -> str:
     return last.split(": ", 1)[1] if ": " in last else last
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of :func:`_message` (empty for an exception without a message)."""
+    text = _message(exc).strip()
+    return text.splitlines()[0] if text else ""
+
 def handle_errors(func: Callable) -> Callable:
     """Decorator for command functions: known errors -> one line on stderr and the right exit code.
 
@@ -256,9 +261,8 @@ def handle_errors(func: Callable) -> Callable:
     that tells a failed check (3) from an error (1) behaves the same with debugging on. With ``--json``, stdout
     also gets one document, ``{"error": ..., "exit_code": ...}``, unless the command already wrote its own.
     """
-    as_json = False
 
-    def fail(line: str, code: int) -> typer.Exit:
+    def fail(line: str, code: int, as_json: bool) -> typer.Exit:
         if debug_enabled():
             stderr.print(traceback.format_exc().rstrip(), markup=False, highlight=False)
         stderr.print(line, markup=False, highlight=False)
@@ -270,7 +274,6 @@ def handle_errors(func: Callable) -> Callable:
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        nonlocal as_json
         as_json = bool(kwargs.get("as_json"))
         Output.wrote_json = False
         try:
@@ -278,25 +281,23 @@ def handle_errors(func: Callable) -> Callable:
         except typer.Exit:
             raise
         except CheckFailed as exc:  # a measured threshold did not hold: not an error of the tool or its input
-            raise fail(f"FAILED: {exc}", EXIT_CHECK_FAILED) from None
+            raise fail(f"FAILED: {exc}", EXIT_CHECK_FAILED, as_json) from None
         except UsageError as exc:
-            raise fail(f"Error: {exc}", EXIT_USAGE) from None
+            raise fail(f"Error: {exc}", EXIT_USAGE, as_json) from None
         except RescompressError as exc:
-            raise fail(f"Error: {_message(exc)}", EXIT_ERROR) from None
+            raise fail(f"Error: {_message(exc)}", EXIT_ERROR, as_json) from None
         except KeyboardInterrupt as exc:
             from rescompress.fileio import COMMITTED
 
             # An interrupt while the results print comes after the outputs landed: say so, since the
             # folder is not "as it was".
             after = f" after writing the outputs to {COMMITTED[-1]}" if COMMITTED else ""
-            raise fail(f"Error: interrupted{after}", 143 if isinstance(exc, Terminated) else 130) from None
+            raise fail(f"Error: interrupted{after}", 143 if isinstance(exc, Terminated) else 130, as_json) from None
         except OSError as exc:  # a path that cannot be read or written: say which, without a traceback
             where = f": {exc.filename}" if exc.filename else ""
-            raise fail(f"Error: {exc.strerror or exc}{where}", EXIT_ERROR) from None
+            raise fail(f"Error: {exc.strerror or exc}{where}", EXIT_ERROR, as_json) from None
         except Exception as exc:  # an unexpected failure: still one line, traceback on request
-            text = _message(exc).strip()
-            msg = text.splitlines()[0] if text else ""
             hint = "" if debug_enabled() else " (set RESCOMPRESS_DEBUG=1 for the traceback)"
-            raise fail(f"Error: {type(exc).__name__}: {msg}{hint}", EXIT_ERROR) from None
+            raise fail(f"Error: {type(exc).__name__}: {first_line(exc)}{hint}", EXIT_ERROR, as_json) from None
 
     return wrapper

@@ -20,6 +20,7 @@ from rescompress.cli.common import (
     PresetOpt,
     StdOpt,
     TrustPickleOpt,
+    first_line,
     handle_errors,
     info,
     progress,
@@ -146,8 +147,7 @@ def register(app: typer.Typer) -> None:
             )
         except Exception as exc:  # re-raised as it is: handle_errors makes it one line and the exit code
             if junit is not None:
-                write_junit_error(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
-                                  junit)
+                write_junit_error(first_line(exc) or type(exc).__name__, junit)
             raise
         if record_only:
             info("no reference given: recorded the candidate's metrics, checked nothing")

@@ -138,7 +138,7 @@ def prune_command(
     data = evald = None
     if finetune_data is not None:
         data = open_dataset(finetune_data, pre, split="train")
-        if config.finetune is not None and config.finetune.epochs > 0:  # BatchNorm re-estimation needs no labels
+        if config.active_finetune is not None:  # BatchNorm re-estimation needs no labels
             check_compatible(data.info, loaded.num_classes, purpose="fine-tuning")
         if config.finetune is not None and data.info.labeled and batch_size < 2:
             raise UsageError("fine-tuning needs --batch-size 2 or more (BatchNorm cannot train on batches of one)")

@@ -81,6 +81,11 @@ class PruneConfig:
     seed: int = 0
     device: str = "auto"
 
+    @property
+    def active_finetune(self) -> FinetuneConfig | None:
+        """``finetune`` when it trains (epochs > 0), else None: BatchNorm re-estimation only."""
+        return self.finetune if self.finetune is not None and self.finetune.epochs > 0 else None
+
     def validate(self) -> None:
         given = [n for n in ("ratio", "target_macs", "target_latency") if getattr(self, n) is not None]
         if len(given) != 1:
@@ -355,7 +360,7 @@ def prune_model(
     before = ModelStats(count_params(teacher), count_macs(teacher, input_shape))
 
     labeled = data is not None and _is_labeled(data)
-    ft = config.finetune if (config.finetune and config.finetune.epochs > 0) else None
+    ft = config.active_finetune
     if ft is not None and data is None:
         raise UsageError("fine-tuning needs data: pass --finetune-data")
     has_bn = count_batchnorm(teacher) > 0

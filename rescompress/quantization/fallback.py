@@ -83,8 +83,10 @@ def search_fallback(
         given = () if callable(ranking) else tuple(ranking)  # a ranking given as a list costs nothing to return
         return FallbackResult(max_drop=max_drop, metric=metric, float_nodes=(), achieved=value(0),
                               tried=((0, value(0)),), ranking=ranked[0] if ranked else given)
-    # At least one layer stays quantized: a file with every layer in float is not an INT8 file.
-    cap = max(0, len(order()) - 1 if max_float is None else min(max_float, len(order()) - 1)) if max_float != 0 else 0
+    cap = 0
+    if max_float != 0:  # (0: no ranking at all) at least one layer stays quantized, or it is not an INT8 file
+        most = max(0, len(order()) - 1)
+        cap = most if max_float is None else min(max_float, most)
     while not meets(k):
         last_fail = k
         if k >= cap:
