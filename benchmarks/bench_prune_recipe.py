@@ -94,10 +94,14 @@ class Recipe:
     batch_size: int = 128
     steps: int = 1
     temperature: float = 4.0
+    reconstruct: int = 0  # images for least-squares layer reconstruction after pruning (0: off)
+    bn: bool = True  # BatchNorm re-estimation before fine-tuning
 
     def label(self) -> str:
+        extra = (f" rec={self.reconstruct}" if self.reconstruct else "") + ("" if self.bn else " bn=0")
+        extra += "" if self.temperature == 4.0 else f" T={self.temperature}"
         return (f"{self.criterion} lr={self.lr} alpha={self.alpha} aug={int(self.augment)} "
-                f"bs={self.batch_size} steps={self.steps}")
+                f"bs={self.batch_size} steps={self.steps}{extra}")
 
 
 OLD_DEFAULT = Recipe()
@@ -119,13 +123,15 @@ def run(teacher, pre, recipe: Recipe, kept: float, fit, held, device, seed: int 
     xf, yf = fit
     cpu_data = TensorDataset(xf[:4096].cpu(), yf[:4096].cpu())  # taylor scores need a few batches
     cfg = PruneConfig(target_macs=kept, criterion=crit, ranking=ranking or "uniform", bn_recalib=0, seed=seed,
-                      device="cpu")
+                      reconstruct=recipe.reconstruct, device=str(device) if recipe.reconstruct else "cpu")
     row: dict = {"recipe": asdict(recipe), "label": recipe.label(), "macs_kept_target": kept, "seed": seed}
     if recipe.steps == 1:
-        res = prune_model(teacher, pre, cfg, data=cpu_data if crit == "taylor" else None)
+        # top1_pruned is after the layer reconstruction when the recipe has one
+        res = prune_model(teacher, pre, cfg, data=cpu_data if crit == "taylor" or recipe.reconstruct else None)
         model = res.model.to(device)
         row["top1_pruned"] = top1(model, *held)
-        recalibrate_bn(model, TensorBatches(xf, yf, 256, seed=seed + 1), bn_images, device)
+        if recipe.bn:
+            recalibrate_bn(model, TensorBatches(xf, yf, 256, seed=seed + 1), bn_images, device)
         row["top1_bn_recalib"] = top1(model, *held)
         rep = finetune(model, TensorBatches(xf, yf, recipe.batch_size, seed=seed + 2), ft,
                        teacher=copy.deepcopy(teacher), device=device)
@@ -184,8 +190,53 @@ def search(teacher, pre, fit, held, device, log, kept=(0.5, 0.4)) -> Recipe:
     return best
 
 
-def final(teacher, pre, best: Recipe, train, test, device, base_top1, log, seeds=(0, 1, 2), extremes=True) -> None:
-    for recipe in (best, OLD_DEFAULT) if best != OLD_DEFAULT else (best,):
+SEARCH_CHOICE = Recipe(criterion="l2", lr=0.03, alpha=0.9)  # the "search" part's choice (prune_recipe_search.json)
+RECONSTRUCT_CANDIDATES = (
+    SEARCH_CHOICE,
+    replace(SEARCH_CHOICE, reconstruct=512),
+    replace(SEARCH_CHOICE, reconstruct=512, lr=0.01),
+    replace(SEARCH_CHOICE, reconstruct=512, lr=0.003),
+    replace(SEARCH_CHOICE, reconstruct=512, lr=0.01, alpha=0.5),
+    replace(SEARCH_CHOICE, reconstruct=512, lr=0.01, alpha=1.0),
+    replace(SEARCH_CHOICE, reconstruct=512, lr=0.01, bn=False),
+    replace(SEARCH_CHOICE, reconstruct=512, lr=0.01, criterion="l1"),
+    replace(SEARCH_CHOICE, reconstruct=2048, lr=0.01),
+    OLD_DEFAULT,
+)
+
+
+def search_reconstruct(teacher, pre, fit, held, device, log, kept=(0.5, 0.4), seeds=(0, 1)) -> Recipe:
+    """Stage D: least-squares layer reconstruction after pruning, with the learning rates and distillation
+    weights it may want (it starts fine-tuning near the unpruned accuracy), against the search's choice and
+    the old default; two seeds each at 50% and 40% kept, on the held-out split."""
+    scores = {}
+    cut = False
+    for recipe in RECONSTRUCT_CANDIDATES:
+        rows = []
+        try:
+            for k in kept:
+                for seed in seeds:
+                    r = run(teacher, pre, recipe, k, fit, held, device, seed=seed)
+                    rows.append(r)
+                    log.append({"stage": "D reconstruct", **r})
+                    print(f"[D reconstruct] {r['label']} kept {k} seed {seed}: held-out {_chain(r)} "
+                          f"({r['seconds']:.0f} s)", flush=True)
+        except OutOfTime:
+            if not scores:
+                raise
+            cut = True  # choose among the candidates scored in full
+            print("deadline reached: choosing among the candidates scored in full", flush=True)
+            break
+        scores[recipe] = _score(rows)
+    best = max(scores, key=scores.get)
+    log.append({"stage": "chosen", "recipe": asdict(best), "label": best.label(), "held_out_score": scores[best],
+                "recipe_scores": {r.label(): s for r, s in scores.items()}, "cut_by_deadline": cut})
+    return best
+
+
+def final(teacher, pre, best: Recipe, train, test, device, base_top1, log, seeds=(0, 1, 2), extremes=True,
+          baseline: Recipe = OLD_DEFAULT) -> None:
+    for recipe in (best, baseline) if best != baseline else (best,):
         for kept in (0.5, 0.4):
             for seed in seeds:
                 r = run(teacher, pre, recipe, kept, train, test, device, seed=seed)
@@ -279,13 +330,16 @@ def latency_part(args, teacher, pre, arch: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", nargs="+", choices=("search", "final", "rows", "latency"), default=["search", "final"])
+    p.add_argument("--part", nargs="+", choices=("search", "reconstruct", "final", "rows", "latency"),
+                   default=["search", "final"])
     p.add_argument("--rounds", type=int, default=5, help="latency: interleaved rounds")
     p.add_argument("--iters", type=int, default=10, help="latency: timed runs per model per round")
     p.add_argument("--model", type=Path, default=REFERENCE)
     p.add_argument("--device", default="auto")
     p.add_argument("--recipe", default=None, help="JSON of a Recipe for final/rows (default: the search's choice, "
                    "else the chosen recipe in prune_recipe_search.json)")
+    p.add_argument("--baseline", default=None, help="JSON of a Recipe compared in final (default: the old default, "
+                   "or the search's choice with --part reconstruct)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--seed-start", type=int, default=0, help="final: first seed (70%%/30%% rows only from seed 0)")
     p.add_argument("--limit", type=int, default=None, help="smoke runs: images per split")
@@ -313,7 +367,8 @@ def main() -> None:
     print(f"data on {device} in {time.time() - t0:.0f} s", flush=True)
     base_top1 = top1(teacher.to(device), *test)
     teacher.cpu()
-    name = args.name or ("prune_recipe_search" if "search" in args.part else f"prune_rows_{header.arch}")
+    name = args.name or ("prune_recipe_search" if "search" in args.part else
+                         "prune_recipe_reconstruct" if "reconstruct" in args.part else f"prune_rows_{header.arch}")
     head = {"command": "python " + " ".join(sys.argv), "model": f"{header.arch} from {args.model.name}",
             "input": pre.to_dict(), "reference_top1_test": base_top1, "macs": count_macs(teacher, pre.input_shape(1)),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -338,14 +393,15 @@ def run_parts(args, teacher, pre, train, test, device, base_top1, head, log, sav
     recipe = None
     if args.recipe:
         recipe = Recipe(**json.loads(args.recipe))
-    if "search" in args.part:
+    if "search" in args.part or "reconstruct" in args.part:
         g = torch.Generator().manual_seed(1234)
         perm = torch.randperm(len(train[0]), generator=g).to(device)
         cut = len(perm) // 6  # 10k of 60k held out
         held = tuple(t[perm[:cut]] for t in train)
         fit = tuple(t[perm[cut:]] for t in train)
         head["search_split"] = {"fit": len(fit[0]), "held_out": len(held[0]), "seed": 1234}
-        recipe = search(teacher, pre, fit, held, device, log)
+        search_fn = search if "search" in args.part else search_reconstruct
+        recipe = search_fn(teacher, pre, fit, held, device, log)
         save(partial=True)
     if recipe is None:
         prev = json.loads((RESULTS / "prune_recipe_search.json").read_text())
@@ -353,7 +409,9 @@ def run_parts(args, teacher, pre, train, test, device, base_top1, head, log, sav
     head["chosen_recipe"] = asdict(recipe)
     if "final" in args.part:
         seeds = tuple(range(args.seed_start, args.seed_start + args.seeds))
-        final(teacher, pre, recipe, train, test, device, base_top1, log, seeds=seeds, extremes=args.seed_start == 0)
+        final(teacher, pre, recipe, train, test, device, base_top1, log, seeds=seeds, extremes=args.seed_start == 0,
+              baseline=Recipe(**json.loads(args.baseline)) if args.baseline
+              else SEARCH_CHOICE if "reconstruct" in args.part else OLD_DEFAULT)
         save(partial=True, summary=summarize(log, base_top1))
     if "rows" in args.part:
         rows_part(teacher, pre, recipe, train, test, device, base_top1, log)

@@ -87,6 +87,10 @@ def prune_command(
     bn_recalib: Annotated[
         int, typer.Option("--bn-recalib", help="Images for BatchNorm re-estimation after pruning (0: off).", min=0)
     ] = 1024,
+    reconstruct: Annotated[
+        int, typer.Option("--reconstruct", help="Images for refitting each pruned layer to the unpruned layer's "
+                          "output (least squares, before BN re-estimation; 0: off).", min=0)
+    ] = 0,
     eval_data: Annotated[Path | None, typer.Option("--eval-data", help="Labeled images for top-1.")] = None,
     limit: LimitOpt = None,
     batch_size: BatchSizeOpt = 64,
@@ -118,7 +122,7 @@ def prune_command(
     config = PruneConfig(
         ratio=ratio, target_macs=target_macs, target_latency=target_latency, criterion=criterion,
         ranking="global" if global_ranking else "uniform", max_layer_ratio=max_layer_ratio, round_to=round_to,
-        steps=steps, bn_recalib=bn_recalib,
+        steps=steps, bn_recalib=bn_recalib, reconstruct=reconstruct,
         finetune=FinetuneConfig(epochs=epochs, lr=lr, distill=distill, augment=augment, seed=seed)
         if finetune_data and epochs > 0 else None,
         batch_size=batch_size, seed=seed, device=device,

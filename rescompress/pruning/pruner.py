@@ -34,6 +34,7 @@ from rescompress.pruning.finetune import (
 )
 from rescompress.pruning.groups import MacModel, build_graph, channel_groups, prune_groups
 from rescompress.pruning.importance import CRITERIA, TaylorImportance, make_importance
+from rescompress.pruning.reconstruct import ReconstructReport, reconstruct_layers, take_batches
 from rescompress.pruning.schedule import linear_steps
 from rescompress.pruning.speed import LatencyResult, ort_latency
 from rescompress.pruning.targets import (
@@ -74,6 +75,7 @@ class PruneConfig:
     round_to: int | None = None
     steps: int = 1
     bn_recalib: int = 1024
+    reconstruct: int = 0
     finetune: FinetuneConfig | None = None
     taylor_images: int = 256
     latency_batch: int = 8
@@ -111,6 +113,8 @@ class PruneConfig:
             raise UsageError(f"--steps must be at least 1, got {self.steps}")
         if self.bn_recalib < 0:
             raise UsageError(f"--bn-recalib must be >= 0, got {self.bn_recalib}")
+        if self.reconstruct < 0:
+            raise UsageError(f"--reconstruct must be >= 0, got {self.reconstruct}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -152,10 +156,12 @@ class StepReport:
     macs_target: int | None
     bn_recalib_images: int
     finetune: FinetuneReport | None
+    reconstruct: ReconstructReport | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["finetune"] = self.finetune.to_dict() if self.finetune else None
+        d["reconstruct"] = self.reconstruct.to_dict() if self.reconstruct else None
         return d
 
 
@@ -255,10 +261,20 @@ def top1_accuracy(model: nn.Module, data: Dataset, batch_size: int = 256, limit:
 
 
 class _State:
-    """Original widths by group root name, so rounding and caps stay fixed across steps."""
+    """Original widths by group root name, so rounding and caps stay fixed across steps, and which of the
+    original output channels each layer still has (for layer reconstruction)."""
 
     def __init__(self) -> None:
         self.original: dict[str, int] = {}
+        self.kept_out: dict[str, list[int]] = {}
+
+    def record(self, groups, remove: dict[int, list[int]]) -> None:
+        for g in groups:
+            gone = set(remove.get(g.index, ()))
+            kept = [i for i in range(g.width) if i not in gone]
+            for name in g.out_layers:
+                prev = self.kept_out.get(name, range(g.width))
+                self.kept_out[name] = [prev[i] for i in kept]
 
 
 def _specs(groups, state: _State, round_to: int, max_layer_ratio: float) -> list[GroupSpec]:
@@ -319,6 +335,7 @@ def _prune_step(model, example, out_shape, config: PruneConfig, state: _State, r
         keep = plan_keep(specs, r, "global", scores)
     remove = {g.index: channels_to_remove(scores[g.index], keep[g.index]) for g in groups}
     prune_groups(dg, groups, remove)
+    state.record(groups, remove)
     _check_runs(model, example, out_shape)
     changes = [GroupChange(g.root_name, g.width, keep[g.index], s.step) for g, s in zip(groups, specs, strict=True)]
     removed = 1.0 - sum(keep.values()) / sum(state.original[g.root_name] for g in groups)
@@ -417,7 +434,15 @@ def prune_model(
             first = changes.get(c.root)
             changes[c.root] = replace(c, width_before=first.width_before) if first else c
         recal = 0
-        ft_report = None
+        ft_report = rec_report = None
+        if data is not None and config.reconstruct > 0:
+            work.to(device)
+            teacher.to(device)
+            batches = take_batches(_loader(data, max(config.batch_size, BN_RECALIB_BATCH), True, config.seed + k),
+                                   config.reconstruct, device)
+            rec_report = reconstruct_layers(teacher, work, state.kept_out, batches)
+            del batches
+            teacher.cpu()
         if data is not None and config.bn_recalib > 0:
             work.to(device)
             # Own batch size: statistics need several images per batch (one image gives no variance where a
@@ -431,7 +456,7 @@ def prune_model(
                                  else None, device=device, progress=progress)
         work.cpu().eval()
         steps.append(StepReport(k, ratio, count_macs(work, input_shape), count_params(work), macs_target, recal,
-                                ft_report))
+                                ft_report, rec_report))
         log.info("step %d/%d: ratio %.3f, MACs %d", k, config.steps, ratio, steps[-1].macs)
 
     done = steps[-1].ratio
