@@ -39,7 +39,7 @@ def test_reconstruction_is_exact_when_the_removed_channel_is_redundant():
     x = [torch.rand(8, 3, 6, 6, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     probe = torch.rand(4, 3, 6, 6, generator=torch.Generator().manual_seed(9))
     sliced_error = (student(probe) - teacher(probe)).abs().max().item()
-    report = reconstruct_layers(teacher, student, kept, x, ridge=1e-9)
+    report = reconstruct_layers(teacher, student, kept, x, ridges=(1e-9,))
     fitted_error = (student(probe) - teacher(probe)).abs().max().item()
     assert sliced_error > 0.5  # the plain slice loses channel 3's contribution
     assert fitted_error < 2e-3  # the refit folds it into channels 0 and 1, on images it never saw
@@ -54,7 +54,7 @@ def test_reconstruction_is_exact_when_the_removed_channel_is_redundant():
 def test_ridge_keeps_a_layer_seen_on_one_image_near_its_slice():
     teacher, student, kept = _redundant_pair()
     w0 = student[2].weight.data.clone()
-    reconstruct_layers(teacher, student, kept, [torch.zeros(1, 3, 6, 6)], ridge=1e-2)
+    reconstruct_layers(teacher, student, kept, [torch.zeros(1, 3, 6, 6)])
     # Zero images carry no information beyond the bias feature: the weights must stay the slice.
     assert torch.allclose(student[2].weight.data, w0, atol=1e-6)
 
@@ -102,5 +102,63 @@ def test_reconstruction_on_cuda_matches_cpu(reference):
     on_cpu = prune_model(model, pre, cfg, data=calib).model
     on_gpu = prune_model(model, pre, PruneConfig(**{**cfg.__dict__, "device": "cuda"}), data=calib).model
     assert next(on_gpu.parameters()).device.type == "cpu"
+    # Sums of float32 products run in another order on the GPU, and each layer's refit reads the layers before
+    # it: measured on an H100, the largest difference was 6e-4 of the fc weights' scale (7e-5 elsewhere).
     for (name, a), (_, b) in zip(on_cpu.state_dict().items(), on_gpu.state_dict().items(), strict=True):
-        assert torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4), name
+        scale = max(1.0, a.float().abs().max().item())
+        assert (a.float() - b.float()).abs().max().item() < 2e-3 * scale, name
+
+
+def test_block_cache_gives_the_same_refit_as_running_from_the_image(reference, monkeypatch):
+    import rescompress.pruning.reconstruct as rec
+
+    model, pre, calib, _ = reference
+    cfg = PruneConfig(target_macs=0.5, criterion="l2", bn_recalib=0, reconstruct=96, device="cpu")
+    cached = prune_model(model, pre, cfg, data=calib)
+    monkeypatch.setattr(rec, "_block_chain", lambda *_: [])
+    plain = prune_model(model, pre, cfg, data=calib)
+    a, b = cached.model.state_dict(), plain.model.state_dict()
+    assert cached.report.steps[0].reconstruct.layers == plain.report.steps[0].reconstruct.layers >= 19
+    for name in a:
+        scale = max(1.0, a[name].float().abs().max().item())
+        assert (a[name].float() - b[name].float()).abs().max().item() < 1e-4 * scale, name
+
+
+def test_a_refit_that_moves_the_logits_away_is_not_kept(reference, monkeypatch):
+    """The whole refit is judged on the held-out images after BatchNorm re-estimation: one that leaves the
+    logits further from the unpruned model's than the plain pruned weights is dropped, with a note."""
+    import rescompress.pruning.pruner as pruner_module
+    from rescompress.pruning.reconstruct import reconstruct_layers as real
+
+    def harmful(teacher, student, kept_out, batches, **kw):
+        report = real(teacher, student, kept_out, batches, **kw)
+        student.fc.weight.data = -student.fc.weight.data  # what a refit learned by heart could do to new images
+        return report
+
+    model, pre, calib, _ = reference
+    cfg = PruneConfig(target_macs=0.5, criterion="l2", bn_recalib=128, reconstruct=128, device="cpu")
+    good = prune_model(model, pre, cfg, data=calib)
+    monkeypatch.setattr(pruner_module, "reconstruct_layers", harmful)
+    dropped = prune_model(model, pre, cfg, data=calib)
+    monkeypatch.undo()
+    plain = prune_model(model, pre, PruneConfig(**{**cfg.__dict__, "reconstruct": 0}), data=calib)
+
+    rep = good.report.steps[0].reconstruct
+    assert rep.used and rep.logit_error_refit < rep.logit_error_sliced  # measured: ~0.2 vs ~0.5
+    rep = dropped.report.steps[0].reconstruct
+    assert not rep.used and rep.logit_error_refit > rep.logit_error_sliced
+    assert any("kept the plain pruned weights" in n for n in dropped.report.notes)
+    # Dropped means the plain pruned model, BatchNorm re-estimated as without reconstruction.
+    for (name, a), (_, b) in zip(dropped.model.state_dict().items(), plain.model.state_dict().items(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+
+
+def test_default_image_count_follows_the_cache_budget(reference):
+    from torchvision.models import resnet50
+
+    from rescompress.pruning.pruner import RECONSTRUCT_IMAGES, _default_reconstruct
+
+    model, pre, _, _ = reference
+    assert _default_reconstruct(model, torch.zeros(2, *pre.input_shape(1)[1:])) == RECONSTRUCT_IMAGES
+    # resnet50 at 224x224: layer1's 256x56x56 outputs, float32, two models, inputs and outputs: 12.8 MB an image.
+    assert _default_reconstruct(resnet50().eval(), torch.zeros(1, 3, 224, 224)) == (1 << 30) // (4 * 4 * 256 * 56 * 56)

@@ -88,9 +88,11 @@ def prune_command(
         int, typer.Option("--bn-recalib", help="Images for BatchNorm re-estimation after pruning (0: off).", min=0)
     ] = 1024,
     reconstruct: Annotated[
-        int, typer.Option("--reconstruct", help="Images for refitting each pruned layer to the unpruned layer's "
-                          "output (least squares, before BN re-estimation; 0: off).", min=0)
-    ] = 0,
+        int | None,
+        typer.Option("--reconstruct", help="Images for refitting each pruned layer to the unpruned layer's output "
+                     "(least squares, before BN re-estimation; 0: off). Default: 512 when no fine-tuning "
+                     "follows (unlabeled data, --epochs 0), else off.", min=0, show_default=False)
+    ] = None,
     eval_data: Annotated[Path | None, typer.Option("--eval-data", help="Labeled images for top-1.")] = None,
     limit: LimitOpt = None,
     batch_size: BatchSizeOpt = 64,
@@ -160,6 +162,12 @@ def prune_command(
          f"{4 * rep.round_to} channels uses a step of at most a quarter of its width")
     for s in rep.steps:
         done = f"step {s.step}/{len(rep.steps)}: {s.macs / 1e6:.2f} M MACs"
+        if s.reconstruct is not None:
+            r = s.reconstruct
+            done += f", {r.layers} layers refit on {r.images} images"
+            if r.layers:
+                done += (f" (relative output error {sum(r.error_before.values()) / r.layers:.2f} -> "
+                         f"{sum(r.error_after.values()) / r.layers:.2f}, mean over layers)")
         if s.bn_recalib_images:
             done += f", BatchNorm re-estimated on {s.bn_recalib_images} images"
         if s.finetune is not None:

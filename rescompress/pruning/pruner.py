@@ -4,8 +4,8 @@
 scores them with the chosen criterion, finds the channel ratio whose (rounded) widths reach the step's
 MAC target (or applies the requested ratio), removes the lowest-scoring channels of every group through
 Torch-Pruning, checks that the network still runs with unchanged input and output shapes, and recovers
-(BN re-estimation, then fine-tuning with distillation) when data is given. A latency target is first
-turned into a MAC target by measuring pruned candidates in ONNX Runtime.
+(least-squares layer reconstruction, BN re-estimation, then fine-tuning with distillation) when data is
+given. A latency target is first turned into a MAC target by measuring pruned candidates in ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -34,7 +34,15 @@ from rescompress.pruning.finetune import (
 )
 from rescompress.pruning.groups import MacModel, build_graph, channel_groups, prune_groups
 from rescompress.pruning.importance import CRITERIA, TaylorImportance, make_importance
-from rescompress.pruning.reconstruct import ReconstructReport, reconstruct_layers, take_batches
+from rescompress.pruning.reconstruct import (
+    ReconstructReport,
+    cache_bytes_per_image,
+    fit_images,
+    held_out_images,
+    logit_error,
+    reconstruct_layers,
+    take_batches,
+)
 from rescompress.pruning.schedule import linear_steps
 from rescompress.pruning.speed import LatencyResult, ort_latency
 from rescompress.pruning.targets import (
@@ -61,9 +69,11 @@ class PruneConfig:
     """What to prune and how. Exactly one of ``ratio``, ``target_macs``, ``target_latency`` is set.
 
     ``ratio``: fraction of channels removed; ``target_macs`` / ``target_latency``: fraction of MACs /
-    of measured ORT CPU latency kept. ``round_to=None`` picks the CPU's SIMD width. ``bn_recalib``
-    images re-estimate BatchNorm after each step when data is given; ``finetune`` (epochs > 0) trains
-    after each step, its epochs split evenly across the steps.
+    of measured ORT CPU latency kept. ``round_to=None`` picks the CPU's SIMD width. When data is given,
+    ``reconstruct`` images refit the pruned layers (:mod:`rescompress.pruning.reconstruct`; ``None``: on,
+    with ``_default_reconstruct`` images, only where no fine-tuning follows), then ``bn_recalib`` images
+    re-estimate BatchNorm, after each step; ``finetune`` (epochs > 0) trains after each step, its epochs
+    split evenly across the steps.
     """
 
     ratio: float | None = None
@@ -75,7 +85,7 @@ class PruneConfig:
     round_to: int | None = None
     steps: int = 1
     bn_recalib: int = 1024
-    reconstruct: int = 0
+    reconstruct: int | None = None  # None: RECONSTRUCT_IMAGES when data is given and no fine-tuning runs, else 0
     finetune: FinetuneConfig | None = None
     taylor_images: int = 256
     latency_batch: int = 8
@@ -113,7 +123,7 @@ class PruneConfig:
             raise UsageError(f"--steps must be at least 1, got {self.steps}")
         if self.bn_recalib < 0:
             raise UsageError(f"--bn-recalib must be >= 0, got {self.bn_recalib}")
-        if self.reconstruct < 0:
+        if self.reconstruct is not None and self.reconstruct < 0:
             raise UsageError(f"--reconstruct must be >= 0, got {self.reconstruct}")
 
     def to_dict(self) -> dict:
@@ -381,9 +391,8 @@ def prune_model(
     if ft is not None and data is None:
         raise UsageError("fine-tuning needs data: pass --finetune-data")
     has_bn = count_batchnorm(teacher) > 0
-    if ft is not None and not labeled:
-        notes.append("the fine-tuning data has no labels: "
-                     + ("re-estimating BatchNorm statistics instead of fine-tuning" if has_bn else "no fine-tuning"))
+    unlabeled = ft is not None and not labeled
+    if unlabeled:
         ft = None
     if ft is not None and not has_bn:
         raise UsageError(
@@ -393,9 +402,21 @@ def prune_model(
         )
     if data is None and config.bn_recalib > 0 and has_bn:
         notes.append("no data given: BatchNorm statistics were not re-estimated (accuracy may drop sharply)")
-    if data is not None and ft is None and not has_bn:
-        notes.append("the model has no BatchNorm (folded): there are no statistics to re-estimate, so nothing "
-                     "recovers the accuracy lost by pruning; prune the unfolded model, then fold")
+    rec_images = 0 if data is None else (config.reconstruct if config.reconstruct is not None
+                                         else _default_reconstruct(teacher, example) if ft is None else 0)
+    if data is not None and rec_images > len(data):
+        if config.reconstruct is not None:
+            notes.append(f"layer reconstruction used the {len(data)} images the data holds, not {rec_images}")
+        rec_images = len(data)
+    if unlabeled:
+        instead = [what for what, on in (("refitting the pruned layers to the unpruned outputs", rec_images > 0),
+                                         ("re-estimating BatchNorm statistics", has_bn and config.bn_recalib > 0))
+                   if on]
+        notes.append("the fine-tuning data has no labels: "
+                     + (" and ".join(instead) + " instead of fine-tuning" if instead else "no fine-tuning"))
+    if data is not None and ft is None and not has_bn and rec_images == 0:
+        notes.append("the model has no BatchNorm (folded) and --reconstruct is 0: nothing recovers the accuracy "
+                     "lost by pruning; prune the unfolded model, then fold, or leave --reconstruct on")
     grouped = [n for n, m in teacher.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
     if grouped:
         notes.append(f"{len(grouped)} grouped convolution(s) (e.g. {grouped[0]}, as in ResNeXt): the channels "
@@ -435,20 +456,44 @@ def prune_model(
             changes[c.root] = replace(c, width_before=first.width_before) if first else c
         recal = 0
         ft_report = rec_report = None
-        if data is not None and config.reconstruct > 0:
-            work.to(device)
-            teacher.to(device)
-            batches = take_batches(_loader(data, max(config.batch_size, BN_RECALIB_BATCH), True, config.seed + k),
-                                   config.reconstruct, device)
-            rec_report = reconstruct_layers(teacher, work, state.kept_out, batches)
-            del batches
-            teacher.cpu()
-        if data is not None and config.bn_recalib > 0:
-            work.to(device)
+
+        def re_estimate(model: nn.Module, k: int = k) -> int:
+            model.to(device)
             # Own batch size: statistics need several images per batch (one image gives no variance where a
             # layer's output is 1x1), whatever --batch-size the fine-tuning uses.
             bn_batch = max(config.batch_size, BN_RECALIB_BATCH)
-            recal = recalibrate_bn(work, _loader(data, bn_batch, True, config.seed + k), config.bn_recalib, device)
+            return recalibrate_bn(model, _loader(data, bn_batch, True, config.seed + k), config.bn_recalib, device)
+
+        if rec_images > 0:
+            work.to(device)
+            teacher.to(device)
+            batches = take_batches(_loader(data, max(config.batch_size, BN_RECALIB_BATCH), True, config.seed + k),
+                                   rec_images, device)
+            sliced = copy.deepcopy(work)
+            rec_report = reconstruct_layers(teacher, work, state.kept_out, batches)
+            # The refit is judged as a whole, on the images no layer was fit on, after a BatchNorm
+            # re-estimation on the fit images alone (the judged images must stay out of it too: statistics
+            # taken on them would flatter any model there): kept only if the logits come closer to the
+            # unpruned model's than with the plain pruned weights. Each layer's own check cannot see what
+            # the layers after it make of its change.
+            fit, held = fit_images(batches), held_out_images(batches)
+            judged = [copy.deepcopy(work), copy.deepcopy(sliced)] if config.bn_recalib > 0 else [work, sliced]
+            for m in judged if config.bn_recalib > 0 else ():
+                if count_batchnorm(m) and sum(len(b) for b in fit) >= 2:
+                    recalibrate_bn(m, [(b, torch.zeros(len(b))) for b in fit], config.bn_recalib, device)
+            rec_report = replace(rec_report, logit_error_sliced=logit_error(teacher, judged[1], held),
+                                 logit_error_refit=logit_error(teacher, judged[0], held))
+            del judged
+            if not rec_report.logit_error_refit < rec_report.logit_error_sliced:
+                rec_report = replace(rec_report, used=False)
+                notes.append(f"step {k}: layer reconstruction left the logits further from the unpruned model's on "
+                             f"held-out images (relative error {rec_report.logit_error_refit:.3f}, plain pruned "
+                             f"weights {rec_report.logit_error_sliced:.3f}): kept the plain pruned weights")
+                work = sliced
+            del batches, sliced, held, fit
+            teacher.cpu()
+        if data is not None and config.bn_recalib > 0:
+            recal = re_estimate(work)
         if per_step_ft is not None:
             work.to(device)
             loader = _loader(data, config.batch_size, True, config.seed + k, drop_last=True)
@@ -493,10 +538,24 @@ def prune_model(
         target=target, steps=tuple(steps), groups=tuple(changes.values()), latency_search=tuple(search),
         notes=tuple(notes),
     )
-    return PruneResult(work.eval(), before, after, report, latency, config)
+    # The config as run: the default reconstruction resolved to its image count.
+    return PruneResult(work.eval(), before, after, report, latency, replace(config, reconstruct=rec_images))
 
 
-BN_RECALIB_BATCH = 32  # smallest batch for BatchNorm re-estimation
+BN_RECALIB_BATCH = 32  # smallest batch for BatchNorm re-estimation and layer reconstruction
+# Layer reconstruction is on by default only where no fine-tuning follows (unlabeled data, --epochs 0): there it
+# recovers far more than BatchNorm re-estimation alone; followed by one epoch of fine-tuning it was measured worse
+# (benchmarks/results/prune_recipe_reconstruct_final.json).
+RECONSTRUCT_IMAGES = 512
+RECONSTRUCT_MIN_IMAGES = 32
+RECONSTRUCT_CACHE_BYTES = 1 << 30  # the default image count keeps the block-input cache under this
+
+
+def _default_reconstruct(teacher: nn.Module, example: torch.Tensor) -> int:
+    """RECONSTRUCT_IMAGES, fewer where the block-input cache would outgrow RECONSTRUCT_CACHE_BYTES (large inputs:
+    resnet50 at 224x224 gets 83 images)."""
+    per_image = max(1, cache_bytes_per_image(teacher, example[:1]))
+    return max(RECONSTRUCT_MIN_IMAGES, min(RECONSTRUCT_IMAGES, RECONSTRUCT_CACHE_BYTES // per_image))
 LATENCY_PROBES = (0.7, 0.85, 1.0, 1.15, 1.3)  # MAC fractions tried, as multiples of the latency target
 
 

@@ -10,19 +10,22 @@ images matches the unpruned layer's output (at the output channels it keeps):
 same layer reads in the pruned model *after the layers before it were refit* (so each layer also absorbs the
 error its predecessors left), ``W_t`` the unpruned weights at the kept output channels and ``W_0`` the plain
 slice of them the pruning left. The solution is closed-form from two streamed statistics,
-``H = sum x_s x_s^T`` and ``A = sum x_s x_t^T``:  ``W = (W_t A^T + lam W_0)(H + lam I)^-1``, with ``lam`` a
-small fraction of ``H``'s mean diagonal so a layer seen on few images stays near its slice. This is the
-reconstruction step of channel-pruning methods such as ThiNet (Luo et al. 2017) and He et al. 2017, applied
-to the channels any criterion chose. Because the pre-BatchNorm outputs then match the unpruned ones, the
-unpruned BatchNorm statistics fit again; BatchNorm re-estimation afterwards corrects what remains.
+``H = sum x_s x_s^T`` and ``A = sum x_s x_t^T``:  ``W = (W_t A^T + lam W_0)(H + lam I)^-1``. ``lam`` (a
+fraction of ``H``'s mean diagonal) is chosen per layer on held-out images, and the slice is kept where no refit
+beats it there. This is the reconstruction step of channel-pruning methods such as ThiNet (Luo et al. 2017)
+and He et al. 2017, applied to the channels any criterion chose. Because the pre-BatchNorm outputs then match
+the unpruned ones, the unpruned BatchNorm statistics fit again; BatchNorm re-estimation afterwards corrects
+what remains.
 
-Statistics are accumulated batch by batch (memory: one batch of one layer's patches plus ``H`` and ``A``).
-Each layer costs one forward pass of both models up to that layer; the pass stops at the layer.
+Statistics are accumulated batch by batch (memory: one batch of one layer's patches plus ``H`` and ``A``, and
+the cached inputs of the ResNet block being refit, for every image, in both models). A layer inside a block
+costs a pass of that block from its cached inputs; a layer outside (stem, classifier) a pass from the image.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
@@ -33,16 +36,20 @@ from rescompress.errors import RescompressError
 
 log = logging.getLogger(__name__)
 
-RIDGE = 1e-2  # lam as a fraction of mean(diag(H))
-
-
 @dataclass(frozen=True)
 class ReconstructReport:
     images: int
-    layers: int
-    # relative output error (||W_t x_t - W x_s|| / ||W_t x_t||) of the plain slice and of the refit, per layer
+    layers: int  # layers refit
+    # relative output error (||W_t x_t - W x_s|| / ||W_t x_t||) on the held-out images, of the plain slice and of
+    # the result, per layer looked at (for a layer kept as sliced, both are the slice's)
     error_before: dict[str, float]
     error_after: dict[str, float]
+    kept_slice: tuple[str, ...] = ()  # looked at, left as sliced: no refit did better on the held-out images
+    # relative logit error vs the unpruned model on the held-out images, with the plain pruned weights and with
+    # the refit (each after BatchNorm re-estimation where the pruner runs one); the refit is used only if lower
+    logit_error_sliced: float | None = None
+    logit_error_refit: float | None = None
+    used: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,20 +125,175 @@ def _execution_order(model: nn.Module, x: torch.Tensor) -> list[str]:
     return [n for n in order if not (n in seen or seen.add(n))]
 
 
+@dataclass
+class _Stats:
+    """Streamed least-squares statistics of one layer: H = sum x_s x_s^T, A = sum x_s x_t^T, sum ||W_t x_t||^2."""
+
+    h: torch.Tensor | None = None
+    a: torch.Tensor | None = None
+    y_energy: torch.Tensor | None = None  # per output channel
+    rows: int = 0
+
+    def add(self, xs: torch.Tensor, xt: torch.Tensor, w_t: torch.Tensor) -> None:
+        if len(xs) == 0:
+            return
+        self.rows += len(xs)
+        hb, ab = (xs.T @ xs).double(), (xs.T @ xt).double()  # float32 products, float64 sums
+        yb = (xt @ w_t.T.to(xt.dtype)).double().pow(2).sum(0)
+        self.h = hb if self.h is None else self.h.add_(hb)
+        self.a = ab if self.a is None else self.a.add_(ab)
+        self.y_energy = yb if self.y_energy is None else self.y_energy.add_(yb)
+
+    def __add__(self, other: _Stats) -> _Stats:
+        if other.h is None:
+            return self
+        if self.h is None:
+            return other
+        return _Stats(self.h + other.h, self.a + other.a, self.y_energy + other.y_energy, self.rows + other.rows)
+
+    def channel_errors(self, w: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+        """Squared output error of each output channel over the images, from the statistics alone:
+        ||y - w x_s||^2 = ||y||^2 - 2 w A w_t^T + w H w^T, with y = w_t x_t."""
+        cross = ((w @ self.a) * w_t).sum(1)
+        quad = ((w @ self.h) * w).sum(1)
+        return (self.y_energy - 2.0 * cross + quad).clamp_min(0.0)
+
+    def error(self, w: torch.Tensor, w_t: torch.Tensor) -> float:
+        """||W_t x_t - W x_s|| / ||W_t x_t|| over the images and channels."""
+        if self.h is None:
+            return float("nan")
+        return (float(self.channel_errors(w, w_t).sum()) / max(float(self.y_energy.sum()), 1e-30)) ** 0.5
+
+    def solve(self, w_t: torch.Tensor, w_0: torch.Tensor, lam: float) -> torch.Tensor:
+        """argmin_W ||W_t x_t - W x_s||^2 + lam ||W - W_0||^2 = (W_t A^T + lam W_0)(H + lam I)^-1."""
+        reg = self.h.clone()
+        reg.diagonal().add_(lam)  # in place: no identity matrix the size of H
+        return torch.linalg.solve(reg, (w_t @ self.a.T + lam * w_0).T).T
+
+
+def _fit_split(n: int) -> int:
+    """How many of a batch's ``n`` images feed the fit; the rest (a quarter) judge it."""
+    return n if n < 2 else n - max(1, n // 4)
+
+
+class _Runner:
+    """Where each layer's input comes from: a forward pass from the image, or from cached block inputs.
+
+    Re-running the network from the image for every layer costs a number of passes that grows with the
+    depth squared. ResNet blocks (``layerN.M``) form a chain, so the inputs of the block being refit are kept
+    for every batch (for both models) and only that block runs; when the block is done, its outputs become the
+    next block's inputs. Layers outside the blocks (the stem, the classifier) run from the image. The chain is
+    checked on the first batch (each block's output is the next one's input); where it does not hold, every
+    layer runs from the image.
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, batches: list[torch.Tensor]) -> None:
+        self.teacher, self.student, self.batches = teacher, student, batches
+        self.blocks = _block_chain(student, batches[0])
+        self.block_of = {}
+        for name in self.blocks:
+            for sub, m in dict(student.named_modules())[name].named_modules():
+                if _reconstructible(m):
+                    self.block_of[f"{name}.{sub}"] = name
+        self.current: str | None = None
+        self.cache: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+
+    def inputs(self, name: str, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``b``'s input of layer ``name`` in the student and in the teacher."""
+        s_layer = dict(self.student.named_modules())[name]
+        t_layer = dict(self.teacher.named_modules())[name]
+        block = self.block_of.get(name)
+        if block is None:
+            x = self.batches[b]
+            return _capture_input(self.student, s_layer, x), _capture_input(self.teacher, t_layer, x)
+        self._enter(block)
+        s_block = dict(self.student.named_modules())[block]
+        t_block = dict(self.teacher.named_modules())[block]
+        return (_capture_input(s_block, s_layer, self.cache[0][b]),
+                _capture_input(t_block, t_layer, self.cache[1][b]))
+
+    def _enter(self, block: str) -> None:
+        if block == self.current:
+            return
+        s_mods, t_mods = dict(self.student.named_modules()), dict(self.teacher.named_modules())
+        index = self.blocks.index(block)
+        if self.current is not None and self.blocks.index(self.current) == index - 1:
+            prev = self.current  # advance the cache through the block just refit
+            self.cache = ([s_mods[prev](x) for x in self.cache[0]], [t_mods[prev](x) for x in self.cache[1]])
+        else:
+            self.cache = ([_capture_input(self.student, s_mods[block], x) for x in self.batches],
+                          [_capture_input(self.teacher, t_mods[block], x) for x in self.batches])
+        self.current = block
+
+    def release(self) -> None:
+        self.cache = None
+        self.current = None
+
+
+@torch.no_grad()
+def _block_chain(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """The ResNet blocks (``layerN.M``) in execution order, if each one's output is the next one's input."""
+    blocks = [n for n, _ in model.named_modules() if re.fullmatch(r"layer\d+\.\d+", n)]
+    if not blocks:
+        return []
+    mods = dict(model.named_modules())
+    seen: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+    handles = [mods[n].register_forward_hook(lambda _m, a, out, n=n: seen.append((n, a[0], out))) for n in blocks]
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    order = [n for n, _, _ in seen]
+    if sorted(order) != sorted(blocks) or len(order) != len(blocks):
+        return []  # a block runs twice or not at all
+    for (_, _, out), (_, nxt, _) in zip(seen, seen[1:], strict=False):
+        if out.shape != nxt.shape or not torch.equal(out, nxt):
+            return []
+    return order
+
+
+@torch.no_grad()
+def cache_bytes_per_image(model: nn.Module, example: torch.Tensor) -> int:
+    """Memory the block-input cache of :func:`reconstruct_layers` takes per image, for both models (the
+    largest block input or output, twice: a block's inputs and outputs coexist while the cache advances)."""
+    blocks = set(_block_chain(model, example))
+    largest = [0]
+
+    def hook(_m: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        largest[0] = max(largest[0], args[0][0].numel(), out[0].numel())
+
+    handles = [m.register_forward_hook(hook) for n, m in model.named_modules() if n in blocks]
+    try:
+        model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return 2 * 2 * largest[0] * example.element_size()
+
+
+RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # lam candidates, as fractions of mean(diag(H))
+
+
 @torch.no_grad()
 def reconstruct_layers(
     teacher: nn.Module,
     student: nn.Module,
     kept_out: dict[str, list[int]],
     batches: list[torch.Tensor],
-    ridge: float = RIDGE,
+    ridges: tuple[float, ...] = RIDGES,
 ) -> ReconstructReport:
     """Refit ``student``'s convs and linears in place, in execution order, to reproduce ``teacher``'s outputs.
 
     ``kept_out[name]`` lists the teacher's output channels the student's layer ``name`` kept (all when
     absent). ``batches`` are input batches already on the models' device; both models run in eval mode.
-    Layers whose weights would not change (the student's input is the teacher's and nothing was removed)
-    are skipped. Grouped convolutions are left as they are.
+
+    A quarter of each batch's images is held out and never enters a fit: each output channel takes, of the
+    plain slice and the refits with each of ``ridges``, the one that reproduces the teacher best on the
+    held-out images (a layer with more weights than its images give equations, such as a classifier refit on
+    fewer images than it has inputs, would otherwise learn those images by heart). Layers
+    whose weights would not change (the stem: same input, same weights) are skipped; grouped convolutions are
+    left as they are. The report's errors are the held-out ones.
     """
     teacher.eval()
     student.eval()
@@ -142,56 +304,83 @@ def reconstruct_layers(
         raise RescompressError("layer reconstruction needs images")
     before: dict[str, float] = {}
     after: dict[str, float] = {}
-    for name in _execution_order(student, batches[0]):
-        t_layer, s_layer = t_layers.get(name), s_layers[name]
-        if t_layer is None or type(t_layer) is not type(s_layer):
-            continue
-        keep = kept_out.get(name)
-        w_t = _flat_weight(t_layer)
-        if keep is not None:
-            w_t = w_t[torch.as_tensor(keep, device=w_t.device)]
-        w_0 = _flat_weight(s_layer)
-        if w_t.shape[0] != w_0.shape[0]:
-            raise RescompressError(f"layer reconstruction: {name} keeps {w_0.shape[0]} outputs, "
-                                   f"but {len(keep or ())} were recorded")
-        h = a = None
-        y_energy = 0.0
-        for x in batches:
-            xs = _features(s_layer, _capture_input(student, s_layer, x)).float()
-            xt = _features(t_layer, _capture_input(teacher, t_layer, x)).float()
-            hb, ab = (xs.T @ xs).double(), (xs.T @ xt).double()  # float32 products, float64 sums
-            h = hb if h is None else h + hb
-            a = ab if a is None else a + ab
-            y_energy += float((xt @ w_t.T.float()).double().pow(2).sum())
-        if torch.equal(h, a) and w_t.shape == w_0.shape and torch.equal(w_t, w_0):
-            continue  # same input, same weights: nothing to refit (e.g. the stem)
-        lam = ridge * float(h.diagonal().mean().clamp_min(1e-12))
-        eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-        rhs = w_t @ a.T + lam * w_0
-        try:
-            w = torch.linalg.solve(h + lam * eye, rhs.T).T
-        except RuntimeError as exc:  # singular even with the ridge: keep the slice
-            log.warning("layer reconstruction skipped %s (%s)", name, exc)
-            continue
-        before[name] = _rel_error(w_0, w_t, h, a, y_energy)
-        after[name] = _rel_error(w, w_t, h, a, y_energy)
-        if after[name] <= before[name]:
+    kept_slice: list[str] = []
+    runner = _Runner(teacher, student, batches)
+    try:
+        for name in _execution_order(student, batches[0]):
+            t_layer, s_layer = t_layers.get(name), s_layers[name]
+            if t_layer is None or type(t_layer) is not type(s_layer):
+                continue
+            keep = kept_out.get(name)
+            w_t = _flat_weight(t_layer)
+            if keep is not None:
+                w_t = w_t[torch.as_tensor(keep, device=w_t.device)]
+            w_0 = _flat_weight(s_layer)
+            if w_t.shape[0] != w_0.shape[0]:
+                raise RescompressError(f"layer reconstruction: {name} keeps {w_0.shape[0]} outputs, "
+                                       f"but {len(keep or ())} were recorded")
+            fit, check = _Stats(), _Stats()
+            for b, x in enumerate(batches):
+                xs, xt = runner.inputs(name, b)
+                cut = _fit_split(len(x))
+                rows_s, rows_t = _features(s_layer, xs).float(), _features(t_layer, xt).float()
+                per_image = len(rows_s) // len(x)
+                fit.add(rows_s[: cut * per_image], rows_t[: cut * per_image], w_t)
+                check.add(rows_s[cut * per_image :], rows_t[cut * per_image :], w_t)
+            both = fit + check
+            if torch.equal(both.h, both.a) and w_t.shape == w_0.shape and torch.equal(w_t, w_0):
+                continue  # same input, same weights: nothing to refit (e.g. the stem)
+            judge = check if check.h is not None else fit  # one-image batches: nothing held out
+            scale = float(both.h.diagonal().mean().clamp_min(1e-12))
+            # Candidates: the slice and one refit per ridge, each solved on the fit images only (the held-out
+            # images must stay unseen by every layer before the ones they judge). Each output channel takes the
+            # candidate with the least held-out error: a channel's error is scaled by its BatchNorm afterwards,
+            # so a layer-wide choice would let loud channels decide for quiet ones the BatchNorm amplifies.
+            candidates = [w_0]
+            for r in ridges:
+                try:
+                    candidates.append(fit.solve(w_t, w_0, r * scale))
+                except RuntimeError:  # singular even with this ridge
+                    continue
+            errs = torch.stack([judge.channel_errors(w, w_t) for w in candidates])  # (candidates, channels)
+            pick = errs.argmin(0)
+            w = torch.stack(candidates)[pick, torch.arange(len(pick), device=pick.device)]
+            before[name] = judge.error(w_0, w_t)
+            after[name] = judge.error(w, w_t)
+            if bool((pick == 0).all()):
+                kept_slice.append(name)  # the plain slice generalizes better everywhere: keep it
+                continue
             _set_weight(s_layer, w)
-        else:
-            after[name] = before[name]
-    log.info("reconstructed %d layers on %d images", len(after), images)
-    return ReconstructReport(images, len(after), before, after)
+    finally:
+        runner.release()
+    log.info("reconstructed %d layers on %d images (%d kept as sliced)", len(after) - len(kept_slice), images,
+             len(kept_slice))
+    return ReconstructReport(images, len(after) - len(kept_slice), before, after, tuple(kept_slice))
 
 
-def _rel_error(w: torch.Tensor, w_t: torch.Tensor, h: torch.Tensor, a: torch.Tensor, y_energy: float) -> float:
-    """||W_t x_t - W x_s|| / ||W_t x_t|| summed over the images, from the statistics alone.
+def fit_images(batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The images of ``batches`` that :func:`reconstruct_layers` fit on."""
+    return [b[: _fit_split(len(b))] for b in batches]
 
-    ||y - W x_s||^2 = ||y||^2 - 2 tr(W A W_t^T) + tr(W H W^T), with y = W_t x_t.
-    """
-    cross = float((w @ a @ w_t.T).diagonal().sum())
-    quad = float((w @ h @ w.T).diagonal().sum())
-    err = max(0.0, y_energy - 2.0 * cross + quad)
-    return (err / max(y_energy, 1e-30)) ** 0.5
+
+def held_out_images(batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The images of ``batches`` that :func:`reconstruct_layers` held out (all, where it could hold none out)."""
+    held = [b[_fit_split(len(b)) :] for b in batches]
+    held = [b for b in held if len(b)]
+    return held or batches
+
+
+@torch.no_grad()
+def logit_error(teacher: nn.Module, student: nn.Module, batches: list[torch.Tensor]) -> float:
+    """||student(x) - teacher(x)|| / ||teacher(x)|| over the batches (eval mode)."""
+    teacher.eval()
+    student.eval()
+    err = ref = 0.0
+    for x in batches:
+        t, s = teacher(x).double(), student(x).double()
+        err += float((s - t).pow(2).sum())
+        ref += float(t.pow(2).sum())
+    return (err / max(ref, 1e-30)) ** 0.5
 
 
 def take_batches(loader: Iterable, num_images: int, device: torch.device) -> list[torch.Tensor]:
