@@ -51,14 +51,6 @@ def test_reconstruction_is_exact_when_the_removed_channel_is_redundant():
     assert torch.allclose(student[2].weight.data[:, 2], w_t[:, 2], atol=2e-2)
 
 
-def test_ridge_keeps_a_layer_seen_on_one_image_near_its_slice():
-    teacher, student, kept = _redundant_pair()
-    w0 = student[2].weight.data.clone()
-    reconstruct_layers(teacher, student, kept, [torch.zeros(1, 3, 6, 6)])
-    # Zero images carry no information beyond the bias feature: the weights must stay the slice.
-    assert torch.allclose(student[2].weight.data, w0, atol=1e-6)
-
-
 @pytest.fixture(scope="module")
 def reference(reference_checkpoint, calib_npz, eval_npz):
     model, header = load_checkpoint(reference_checkpoint)
@@ -82,7 +74,9 @@ def test_reconstruction_recovers_most_of_the_accuracy_pruning_lost(reference, st
     assert top_rebuilt > top_base - 0.04
     rep = rebuilt.report.steps[-1].reconstruct
     assert rep is not None and rep.images == 256 and rep.layers >= 19  # every conv after the stem, and the fc
-    assert all(rep.error_after[n] <= rep.error_before[n] for n in rep.error_after)
+    assert all(rep.error_after[n] <= rep.error_before[n] for n in rep.error_after)  # the slice is a candidate
+    mean_before = sum(rep.error_before.values()) / len(rep.error_before)
+    assert sum(rep.error_after.values()) / len(rep.error_after) < 0.7 * mean_before  # measured: 0.41 -> 0.23
     assert rebuilt.report.steps[0].reconstruct is not None
     if steps == 2:
         # Step 2 targets the *original* channels through two removals: wrong bookkeeping would refit layers
@@ -162,3 +156,20 @@ def test_default_image_count_follows_the_cache_budget(reference):
     assert _default_reconstruct(model, torch.zeros(2, *pre.input_shape(1)[1:])) == RECONSTRUCT_IMAGES
     # resnet50 at 224x224: layer1's 256x56x56 outputs, float32, two models, inputs and outputs: 12.8 MB an image.
     assert _default_reconstruct(resnet50().eval(), torch.zeros(1, 3, 224, 224)) == (1 << 30) // (4 * 4 * 256 * 56 * 56)
+
+
+def test_default_is_on_without_fine_tuning_and_off_before_it(reference):
+    from torch.utils.data import Subset
+
+    from rescompress.pruning import FinetuneConfig
+
+    model, pre, calib, _ = reference
+    small = Subset(calib, range(96))
+    small.info = calib.info  # labeled
+    no_ft = prune_model(model, pre, PruneConfig(target_macs=0.6, bn_recalib=32, device="cpu"), data=small)
+    assert no_ft.config.reconstruct == 96 and no_ft.report.steps[0].reconstruct.images == 96
+    with_ft = prune_model(model, pre, PruneConfig(target_macs=0.6, bn_recalib=32, batch_size=32, device="cpu",
+                                                  finetune=FinetuneConfig(epochs=1)), data=small)
+    assert with_ft.config.reconstruct == 0 and with_ft.report.steps[0].reconstruct is None
+    assert with_ft.report.steps[0].finetune.batches == 3
+    assert not any("reconstruct" in n for n in no_ft.report.notes + with_ft.report.notes)

@@ -90,8 +90,9 @@ def prune_command(
     reconstruct: Annotated[
         int | None,
         typer.Option("--reconstruct", help="Images for refitting each pruned layer to the unpruned layer's output "
-                     "(least squares, before BN re-estimation; 0: off). Default: 512 when no fine-tuning "
-                     "follows (unlabeled data, --epochs 0), else off.", min=0, show_default=False)
+                     "(least squares, before BN re-estimation; 0: off). Default: 512 (fewer for large inputs, to "
+                     "keep its cache under 1 GiB) when no fine-tuning follows (unlabeled data, --epochs 0), else "
+                     "off.", min=0, show_default=False)
     ] = None,
     eval_data: Annotated[Path | None, typer.Option("--eval-data", help="Labeled images for top-1.")] = None,
     limit: LimitOpt = None,
@@ -164,10 +165,13 @@ def prune_command(
         done = f"step {s.step}/{len(rep.steps)}: {s.macs / 1e6:.2f} M MACs"
         if s.reconstruct is not None:
             r = s.reconstruct
-            done += f", {r.layers} layers refit on {r.images} images"
-            if r.layers:
-                done += (f" (relative output error {sum(r.error_before.values()) / r.layers:.2f} -> "
-                         f"{sum(r.error_after.values()) / r.layers:.2f}, mean over layers)")
+            done += f", {r.layers} layers refit on {r.images} images, a quarter held out"
+            if r.error_before:
+                looked = len(r.error_before)
+                done += (f" (relative output error on those {sum(r.error_before.values()) / looked:.2f} -> "
+                         f"{sum(r.error_after.values()) / looked:.2f}, mean over layers)")
+            if not r.used:
+                done += " then dropped (see the note)"
         if s.bn_recalib_images:
             done += f", BatchNorm re-estimated on {s.bn_recalib_images} images"
         if s.finetune is not None:

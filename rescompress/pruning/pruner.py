@@ -85,7 +85,7 @@ class PruneConfig:
     round_to: int | None = None
     steps: int = 1
     bn_recalib: int = 1024
-    reconstruct: int | None = None  # None: RECONSTRUCT_IMAGES when data is given and no fine-tuning runs, else 0
+    reconstruct: int | None = None  # None: _default_reconstruct's count where data is given and no fine-tuning runs
     finetune: FinetuneConfig | None = None
     taylor_images: int = 256
     latency_batch: int = 8
@@ -404,6 +404,8 @@ def prune_model(
         notes.append("no data given: BatchNorm statistics were not re-estimated (accuracy may drop sharply)")
     rec_images = 0 if data is None else (config.reconstruct if config.reconstruct is not None
                                          else _default_reconstruct(teacher, example) if ft is None else 0)
+    if data is None and config.reconstruct:
+        notes.append("no data given: layers were not refit (--reconstruct needs --finetune-data)")
     if data is not None and rec_images > len(data):
         if config.reconstruct is not None:
             notes.append(f"layer reconstruction used the {len(data)} images the data holds, not {rec_images}")
@@ -476,21 +478,22 @@ def prune_model(
             # taken on them would flatter any model there): kept only if the logits come closer to the
             # unpruned model's than with the plain pruned weights. Each layer's own check cannot see what
             # the layers after it make of its change.
-            fit, held = fit_images(batches), held_out_images(batches)
-            judged = [copy.deepcopy(work), copy.deepcopy(sliced)] if config.bn_recalib > 0 else [work, sliced]
-            for m in judged if config.bn_recalib > 0 else ():
-                if count_batchnorm(m) and sum(len(b) for b in fit) >= 2:
-                    recalibrate_bn(m, [(b, torch.zeros(len(b))) for b in fit], config.bn_recalib, device)
-            rec_report = replace(rec_report, logit_error_sliced=logit_error(teacher, judged[1], held),
-                                 logit_error_refit=logit_error(teacher, judged[0], held))
-            del judged
-            if not rec_report.logit_error_refit < rec_report.logit_error_sliced:
+            if rec_report.layers:  # else every layer kept its slice: the model is the plain pruned one
+                fit, held = fit_images(batches), held_out_images(batches)
+                judged = [copy.deepcopy(work), copy.deepcopy(sliced)] if config.bn_recalib > 0 else [work, sliced]
+                for m in judged if config.bn_recalib > 0 else ():
+                    if count_batchnorm(m) and sum(len(b) for b in fit) >= 2:
+                        recalibrate_bn(m, [(b, torch.zeros(len(b))) for b in fit], config.bn_recalib, device)
+                rec_report = replace(rec_report, logit_error_sliced=logit_error(teacher, judged[1], held),
+                                     logit_error_refit=logit_error(teacher, judged[0], held))
+                del judged, fit, held
+            if rec_report.layers and not rec_report.logit_error_refit < rec_report.logit_error_sliced:
                 rec_report = replace(rec_report, used=False)
                 notes.append(f"step {k}: layer reconstruction left the logits further from the unpruned model's on "
                              f"held-out images (relative error {rec_report.logit_error_refit:.3f}, plain pruned "
                              f"weights {rec_report.logit_error_sliced:.3f}): kept the plain pruned weights")
                 work = sliced
-            del batches, sliced, held, fit
+            del batches, sliced
             teacher.cpu()
         if data is not None and config.bn_recalib > 0:
             recal = re_estimate(work)
@@ -544,7 +547,8 @@ def prune_model(
 
 BN_RECALIB_BATCH = 32  # smallest batch for BatchNorm re-estimation and layer reconstruction
 # Layer reconstruction is on by default only where no fine-tuning follows (unlabeled data, --epochs 0): there it
-# recovers far more than BatchNorm re-estimation alone; followed by one epoch of fine-tuning it was measured worse
+# recovers far more than BatchNorm re-estimation alone (benchmarks/results/prune_recovery_*.json); followed by one
+# epoch of fine-tuning its first version (one fixed ridge) was measured worse
 # (benchmarks/results/prune_recipe_reconstruct_final.json).
 RECONSTRUCT_IMAGES = 512
 RECONSTRUCT_MIN_IMAGES = 32
@@ -553,7 +557,8 @@ RECONSTRUCT_CACHE_BYTES = 1 << 30  # the default image count keeps the block-inp
 
 def _default_reconstruct(teacher: nn.Module, example: torch.Tensor) -> int:
     """RECONSTRUCT_IMAGES, fewer where the block-input cache would outgrow RECONSTRUCT_CACHE_BYTES (large inputs:
-    resnet50 at 224x224 gets 83 images)."""
+    resnet50 at 224x224 gets 83 images), but never fewer than RECONSTRUCT_MIN_IMAGES (which can pass the budget
+    for very large inputs)."""
     per_image = max(1, cache_bytes_per_image(teacher, example[:1]))
     return max(RECONSTRUCT_MIN_IMAGES, min(RECONSTRUCT_IMAGES, RECONSTRUCT_CACHE_BYTES // per_image))
 LATENCY_PROBES = (0.7, 0.85, 1.0, 1.15, 1.3)  # MAC fractions tried, as multiples of the latency target

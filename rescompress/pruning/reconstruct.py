@@ -10,14 +10,17 @@ images matches the unpruned layer's output (at the output channels it keeps):
 same layer reads in the pruned model *after the layers before it were refit* (so each layer also absorbs the
 error its predecessors left), ``W_t`` the unpruned weights at the kept output channels and ``W_0`` the plain
 slice of them the pruning left. The solution is closed-form from two streamed statistics,
-``H = sum x_s x_s^T`` and ``A = sum x_s x_t^T``:  ``W = (W_t A^T + lam W_0)(H + lam I)^-1``. ``lam`` (a
-fraction of ``H``'s mean diagonal) is chosen per layer on held-out images, and the slice is kept where no refit
-beats it there. This is the reconstruction step of channel-pruning methods such as ThiNet (Luo et al. 2017)
-and He et al. 2017, applied to the channels any criterion chose. Because the pre-BatchNorm outputs then match
-the unpruned ones, the unpruned BatchNorm statistics fit again; BatchNorm re-estimation afterwards corrects
-what remains.
+``H = sum x_s x_s^T`` and ``A = sum x_s x_t^T``:  ``W = (W_t A^T + lam W_0)(H + lam I)^-1``. Each output
+channel takes, of the slice and the refits with several ``lam`` (fractions of ``H``'s mean diagonal), the one
+that reproduces the unpruned output best on held-out images. This is the reconstruction step of
+channel-pruning methods such as ThiNet (Luo et al. 2017) and He et al. 2017, applied to the channels any
+criterion chose. Because the pre-BatchNorm outputs then match
+the unpruned ones, the unpruned BatchNorm statistics fit again (at the first pruning step; at later steps the
+targets are still the unpruned model's pre-BatchNorm outputs, while the BatchNorm statistics are the re-estimated
+ones); BatchNorm re-estimation afterwards corrects what remains.
 
-Statistics are accumulated batch by batch (memory: one batch of one layer's patches plus ``H`` and ``A``, and
+Statistics are accumulated batch by batch (memory: one batch of one layer's patches in both models, ``H``, ``A``,
+and
 the cached inputs of the ResNet block being refit, for every image, in both models). A layer inside a block
 costs a pass of that block from its cached inputs; a layer outside (stem, classifier) a pass from the image.
 """
@@ -132,12 +135,10 @@ class _Stats:
     h: torch.Tensor | None = None
     a: torch.Tensor | None = None
     y_energy: torch.Tensor | None = None  # per output channel
-    rows: int = 0
 
     def add(self, xs: torch.Tensor, xt: torch.Tensor, w_t: torch.Tensor) -> None:
         if len(xs) == 0:
             return
-        self.rows += len(xs)
         hb, ab = (xs.T @ xs).double(), (xs.T @ xt).double()  # float32 products, float64 sums
         yb = (xt @ w_t.T.to(xt.dtype)).double().pow(2).sum(0)
         self.h = hb if self.h is None else self.h.add_(hb)
@@ -149,7 +150,7 @@ class _Stats:
             return self
         if self.h is None:
             return other
-        return _Stats(self.h + other.h, self.a + other.a, self.y_energy + other.y_energy, self.rows + other.rows)
+        return _Stats(self.h + other.h, self.a + other.a, self.y_energy + other.y_energy)
 
     def channel_errors(self, w: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
         """Squared output error of each output channel over the images, from the statistics alone:
@@ -189,10 +190,11 @@ class _Runner:
 
     def __init__(self, teacher: nn.Module, student: nn.Module, batches: list[torch.Tensor]) -> None:
         self.teacher, self.student, self.batches = teacher, student, batches
+        self.s_mods, self.t_mods = dict(student.named_modules()), dict(teacher.named_modules())
         self.blocks = _block_chain(student, batches[0])
         self.block_of = {}
         for name in self.blocks:
-            for sub, m in dict(student.named_modules())[name].named_modules():
+            for sub, m in self.s_mods[name].named_modules():
                 if _reconstructible(m):
                     self.block_of[f"{name}.{sub}"] = name
         self.current: str | None = None
@@ -200,22 +202,20 @@ class _Runner:
 
     def inputs(self, name: str, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch ``b``'s input of layer ``name`` in the student and in the teacher."""
-        s_layer = dict(self.student.named_modules())[name]
-        t_layer = dict(self.teacher.named_modules())[name]
+        s_layer, t_layer = self.s_mods[name], self.t_mods[name]
         block = self.block_of.get(name)
         if block is None:
             x = self.batches[b]
             return _capture_input(self.student, s_layer, x), _capture_input(self.teacher, t_layer, x)
         self._enter(block)
-        s_block = dict(self.student.named_modules())[block]
-        t_block = dict(self.teacher.named_modules())[block]
+        s_block, t_block = self.s_mods[block], self.t_mods[block]
         return (_capture_input(s_block, s_layer, self.cache[0][b]),
                 _capture_input(t_block, t_layer, self.cache[1][b]))
 
     def _enter(self, block: str) -> None:
         if block == self.current:
             return
-        s_mods, t_mods = dict(self.student.named_modules()), dict(self.teacher.named_modules())
+        s_mods, t_mods = self.s_mods, self.t_mods
         index = self.blocks.index(block)
         if self.current is not None and self.blocks.index(self.current) == index - 1:
             prev = self.current  # advance the cache through the block just refit
@@ -233,43 +233,43 @@ class _Runner:
 @torch.no_grad()
 def _block_chain(model: nn.Module, x: torch.Tensor) -> list[str]:
     """The ResNet blocks (``layerN.M``) in execution order, if each one's output is the next one's input."""
+    return _trace_blocks(model, x)[0]
+
+
+@torch.no_grad()
+def _trace_blocks(model: nn.Module, x: torch.Tensor) -> tuple[list[str], int]:
+    """:func:`_block_chain`'s blocks, and the largest block input or output of one image (elements)."""
     blocks = [n for n, _ in model.named_modules() if re.fullmatch(r"layer\d+\.\d+", n)]
     if not blocks:
-        return []
+        return [], 0
     mods = dict(model.named_modules())
-    seen: list[tuple[str, torch.Tensor, torch.Tensor]] = []
-    handles = [mods[n].register_forward_hook(lambda _m, a, out, n=n: seen.append((n, a[0], out))) for n in blocks]
+    order: list[str] = []
+    state: dict = {"prev": None, "chained": True, "largest": 0}
+
+    def hook(_m: nn.Module, args: tuple, out: torch.Tensor, n: str) -> None:
+        prev, x = state["prev"], args[0]
+        if prev is not None and x is not prev and not (x.shape == prev.shape and torch.equal(x, prev)):
+            state["chained"] = False
+        state["prev"] = out  # only the last output is held, not every block's
+        state["largest"] = max(state["largest"], x[0].numel(), out[0].numel())
+        order.append(n)
+
+    handles = [mods[n].register_forward_hook(lambda m, a, out, n=n: hook(m, a, out, n)) for n in blocks]
     try:
         model(x)
     finally:
         for h in handles:
             h.remove()
-    order = [n for n, _, _ in seen]
-    if sorted(order) != sorted(blocks) or len(order) != len(blocks):
-        return []  # a block runs twice or not at all
-    for (_, _, out), (_, nxt, _) in zip(seen, seen[1:], strict=False):
-        if out.shape != nxt.shape or not torch.equal(out, nxt):
-            return []
-    return order
+    if not state["chained"] or sorted(order) != sorted(blocks) or len(order) != len(blocks):
+        return [], state["largest"]  # a block runs twice or not at all, or its output is not the next one's input
+    return order, state["largest"]
 
 
 @torch.no_grad()
 def cache_bytes_per_image(model: nn.Module, example: torch.Tensor) -> int:
     """Memory the block-input cache of :func:`reconstruct_layers` takes per image, for both models (the
     largest block input or output, twice: a block's inputs and outputs coexist while the cache advances)."""
-    blocks = set(_block_chain(model, example))
-    largest = [0]
-
-    def hook(_m: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        largest[0] = max(largest[0], args[0][0].numel(), out[0].numel())
-
-    handles = [m.register_forward_hook(hook) for n, m in model.named_modules() if n in blocks]
-    try:
-        model(example)
-    finally:
-        for h in handles:
-            h.remove()
-    return 2 * 2 * largest[0] * example.element_size()
+    return 2 * 2 * _trace_blocks(model, example)[1] * example.element_size()
 
 
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # lam candidates, as fractions of mean(diag(H))
@@ -327,11 +327,11 @@ def reconstruct_layers(
                 per_image = len(rows_s) // len(x)
                 fit.add(rows_s[: cut * per_image], rows_t[: cut * per_image], w_t)
                 check.add(rows_s[cut * per_image :], rows_t[cut * per_image :], w_t)
-            both = fit + check
-            if torch.equal(both.h, both.a) and w_t.shape == w_0.shape and torch.equal(w_t, w_0):
+            same_input = all(st.h is None or torch.equal(st.h, st.a) for st in (fit, check))
+            if same_input and w_t.shape == w_0.shape and torch.equal(w_t, w_0):
                 continue  # same input, same weights: nothing to refit (e.g. the stem)
             judge = check if check.h is not None else fit  # one-image batches: nothing held out
-            scale = float(both.h.diagonal().mean().clamp_min(1e-12))
+            scale = float(fit.h.diagonal().mean().clamp_min(1e-12))
             # Candidates: the slice and one refit per ridge, each solved on the fit images only (the held-out
             # images must stay unseen by every layer before the ones they judge). Each output channel takes the
             # candidate with the least held-out error: a channel's error is scaled by its BatchNorm afterwards,
@@ -343,6 +343,7 @@ def reconstruct_layers(
                 except RuntimeError:  # singular even with this ridge
                     continue
             errs = torch.stack([judge.channel_errors(w, w_t) for w in candidates])  # (candidates, channels)
+            errs = errs.nan_to_num(nan=float("inf"))  # a solve that returned NaN is never chosen
             pick = errs.argmin(0)
             w = torch.stack(candidates)[pick, torch.arange(len(pick), device=pick.device)]
             before[name] = judge.error(w_0, w_t)
