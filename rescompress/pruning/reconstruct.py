@@ -331,7 +331,9 @@ def reconstruct_layers(
             if same_input and w_t.shape == w_0.shape and torch.equal(w_t, w_0):
                 continue  # same input, same weights: nothing to refit (e.g. the stem)
             judge = check if check.h is not None else fit  # one-image batches: nothing held out
-            scale = float(fit.h.diagonal().mean().clamp_min(1e-12))
+            # lam's unit: the mean diagonal of H over all the images (summed without adding the matrices)
+            diag = sum(st.h.diagonal() for st in (fit, check) if st.h is not None)
+            scale = float(diag.mean().clamp_min(1e-12))
             # Candidates: the slice and one refit per ridge, each solved on the fit images only (the held-out
             # images must stay unseen by every layer before the ones they judge). Each output channel takes the
             # candidate with the least held-out error: a channel's error is scaled by its BatchNorm afterwards,
