@@ -458,45 +458,16 @@ def prune_model(
             changes[c.root] = replace(c, width_before=first.width_before) if first else c
         recal = 0
         ft_report = rec_report = None
-
-        def re_estimate(model: nn.Module, k: int = k) -> int:
-            model.to(device)
+        if rec_images > 0:
+            work, rec_report, note = _reconstruct_step(teacher, work, state, config, data, rec_images, k, device)
+            if note:
+                notes.append(note)
+        if data is not None and config.bn_recalib > 0:
+            work.to(device)
             # Own batch size: statistics need several images per batch (one image gives no variance where a
             # layer's output is 1x1), whatever --batch-size the fine-tuning uses.
             bn_batch = max(config.batch_size, BN_RECALIB_BATCH)
-            return recalibrate_bn(model, _loader(data, bn_batch, True, config.seed + k), config.bn_recalib, device)
-
-        if rec_images > 0:
-            work.to(device)
-            teacher.to(device)
-            batches = take_batches(_loader(data, max(config.batch_size, BN_RECALIB_BATCH), True, config.seed + k),
-                                   rec_images, device)
-            sliced = copy.deepcopy(work)
-            rec_report = reconstruct_layers(teacher, work, state.kept_out, batches)
-            # The refit is judged as a whole, on the images no layer was fit on, after a BatchNorm
-            # re-estimation on the fit images alone (the judged images must stay out of it too: statistics
-            # taken on them would flatter any model there): kept only if the logits come closer to the
-            # unpruned model's than with the plain pruned weights. Each layer's own check cannot see what
-            # the layers after it make of its change.
-            if rec_report.layers:  # else every layer kept its slice: the model is the plain pruned one
-                fit, held = fit_images(batches), held_out_images(batches)
-                judged = [copy.deepcopy(work), copy.deepcopy(sliced)] if config.bn_recalib > 0 else [work, sliced]
-                for m in judged if config.bn_recalib > 0 else ():
-                    if count_batchnorm(m) and sum(len(b) for b in fit) >= 2:
-                        recalibrate_bn(m, [(b, torch.zeros(len(b))) for b in fit], config.bn_recalib, device)
-                rec_report = replace(rec_report, logit_error_sliced=logit_error(teacher, judged[1], held),
-                                     logit_error_refit=logit_error(teacher, judged[0], held))
-                del judged, fit, held
-            if rec_report.layers and not rec_report.logit_error_refit < rec_report.logit_error_sliced:
-                rec_report = replace(rec_report, used=False)
-                notes.append(f"step {k}: layer reconstruction left the logits further from the unpruned model's on "
-                             f"held-out images (relative error {rec_report.logit_error_refit:.3f}, plain pruned "
-                             f"weights {rec_report.logit_error_sliced:.3f}): kept the plain pruned weights")
-                work = sliced
-            del batches, sliced
-            teacher.cpu()
-        if data is not None and config.bn_recalib > 0:
-            recal = re_estimate(work)
+            recal = recalibrate_bn(work, _loader(data, bn_batch, True, config.seed + k), config.bn_recalib, device)
         if per_step_ft is not None:
             work.to(device)
             loader = _loader(data, config.batch_size, True, config.seed + k, drop_last=True)
@@ -545,6 +516,44 @@ def prune_model(
     return PruneResult(work.eval(), before, after, report, latency, replace(config, reconstruct=rec_images))
 
 
+def _reconstruct_step(teacher: nn.Module, work: nn.Module, state: _State, config: PruneConfig, data,
+                      rec_images: int, k: int, device: torch.device) -> tuple[nn.Module, ReconstructReport, str | None]:
+    """Refit ``work``'s pruned layers (:func:`reconstruct_layers`) and judge the refit as a whole.
+
+    The refit is judged on the images no layer was fit on, after a BatchNorm re-estimation on the fit images
+    alone (the judged images must stay out of it too: statistics taken on them would flatter any model there),
+    and kept only if the logits come closer to the unpruned model's than with the plain pruned weights; each
+    layer's own check cannot see what the layers after it make of its change. Returns the model to go on with
+    (the refit or the plain pruned one), the report, and a note when the refit was dropped.
+    """
+    work.to(device)
+    teacher.to(device)
+    try:
+        batches = take_batches(_loader(data, max(config.batch_size, BN_RECALIB_BATCH), True, config.seed + k),
+                               rec_images, device)
+        sliced = copy.deepcopy(work)
+        report = reconstruct_layers(teacher, work, state.kept_out, batches)
+        if not report.layers:  # every layer kept its slice: the model is the plain pruned one
+            return work, report, None
+        fit, held = fit_images(batches), held_out_images(batches)
+        judged = [work, sliced]
+        if config.bn_recalib > 0:
+            judged = [copy.deepcopy(m) for m in judged]
+            for m in judged:
+                if count_batchnorm(m) and sum(len(b) for b in fit) >= 2:
+                    recalibrate_bn(m, [(b, torch.zeros(len(b))) for b in fit], config.bn_recalib, device)
+        report = replace(report, logit_error_refit=logit_error(teacher, judged[0], held),
+                         logit_error_sliced=logit_error(teacher, judged[1], held))
+        if report.logit_error_refit < report.logit_error_sliced:
+            return work, report, None
+        note = (f"step {k}: layer reconstruction left the logits further from the unpruned model's on held-out "
+                f"images (relative error {report.logit_error_refit:.3f}, plain pruned weights "
+                f"{report.logit_error_sliced:.3f}): kept the plain pruned weights")
+        return sliced, replace(report, used=False), note
+    finally:
+        teacher.cpu()
+
+
 BN_RECALIB_BATCH = 32  # smallest batch for BatchNorm re-estimation and layer reconstruction
 # Layer reconstruction is on by default only where no fine-tuning follows (unlabeled data, --epochs 0): there it
 # recovers far more than BatchNorm re-estimation alone (benchmarks/results/prune_recovery_*.json); followed by one
@@ -561,6 +570,8 @@ def _default_reconstruct(teacher: nn.Module, example: torch.Tensor) -> int:
     for very large inputs)."""
     per_image = max(1, cache_bytes_per_image(teacher, example[:1]))
     return max(RECONSTRUCT_MIN_IMAGES, min(RECONSTRUCT_IMAGES, RECONSTRUCT_CACHE_BYTES // per_image))
+
+
 LATENCY_PROBES = (0.7, 0.85, 1.0, 1.15, 1.3)  # MAC fractions tried, as multiples of the latency target
 
 

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from rescompress.errors import RescompressError
+from rescompress.pruning.finetune import _take_images
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +145,6 @@ class _Stats:
         self.h = hb if self.h is None else self.h.add_(hb)
         self.a = ab if self.a is None else self.a.add_(ab)
         self.y_energy = yb if self.y_energy is None else self.y_energy.add_(yb)
-
-    def __add__(self, other: _Stats) -> _Stats:
-        if other.h is None:
-            return self
-        if self.h is None:
-            return other
-        return _Stats(self.h + other.h, self.a + other.a, self.y_energy + other.y_energy)
 
     def channel_errors(self, w: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
         """Squared output error of each output channel over the images, from the statistics alone:
@@ -388,12 +382,4 @@ def logit_error(teacher: nn.Module, student: nn.Module, batches: list[torch.Tens
 
 def take_batches(loader: Iterable, num_images: int, device: torch.device) -> list[torch.Tensor]:
     """Up to ``num_images`` images of ``loader`` as batches on ``device`` (labels dropped)."""
-    out: list[torch.Tensor] = []
-    seen = 0
-    for x, *_ in loader:
-        if seen >= num_images:
-            break
-        x = x[: num_images - seen]
-        out.append(x.to(device))
-        seen += len(x)
-    return out
+    return [x.to(device) for x, _ in _take_images(loader, num_images)]
