@@ -107,34 +107,42 @@ class Recipe:
     temperature: float = 4.0
     reconstruct: int = 0  # images for least-squares layer reconstruction after pruning (0: off)
     bn: bool = True  # BatchNorm re-estimation before fine-tuning
+    ema: float = 0.0  # exponential moving average of the weights while fine-tuning (decay; 0: off)
+    residual_scale: float = 1.0  # residual-coupled groups lose this times the other groups' channel ratio
 
     def label(self) -> str:
         extra = (f" rec={self.reconstruct}" if self.reconstruct else "") + ("" if self.bn else " bn=0")
         extra += "" if self.temperature == 4.0 else f" T={self.temperature}"
+        extra += f" ema={self.ema}" if self.ema else ""
+        extra += "" if self.residual_scale == 1.0 else f" res={self.residual_scale}"
         return (f"{self.criterion} lr={self.lr} alpha={self.alpha} aug={int(self.augment)} "
                 f"bs={self.batch_size} steps={self.steps}{extra}")
 
 
 OLD_DEFAULT = Recipe()
 DEADLINE: float | None = None  # --deadline-s: no new run starts after it (the results so far are kept)
+T_START = 0.0
 
 
 class OutOfTime(Exception):
     pass
 
 
-def run(teacher, pre, recipe: Recipe, kept: float, fit, held, device, seed: int = 0, bn_images: int = 2048) -> dict:
-    """Prune ``teacher`` to ``kept`` of its MACs, then BN re-estimation and one epoch of fine-tuning."""
+def run(teacher, pre, recipe: Recipe, kept: float, fit, held, device, seed: int = 0, bn_images: int = 2048,
+        also: dict | None = None) -> dict:
+    """Prune ``teacher`` to ``kept`` of its MACs, then BN re-estimation and one epoch of fine-tuning; ``also``
+    names further (images, labels) splits on which the fine-tuned top-1 is recorded too."""
     if DEADLINE is not None and time.time() > DEADLINE:
         raise OutOfTime
     crit, _, ranking = recipe.criterion.partition(":")
     ft = FinetuneConfig(epochs=1.0, lr=recipe.lr, alpha=recipe.alpha, augment=recipe.augment, distill=True,
-                        temperature=recipe.temperature, seed=seed)
+                        temperature=recipe.temperature, seed=seed, ema=recipe.ema)
     t0 = time.time()
     xf, yf = fit
     cpu_data = TensorDataset(xf[:4096].cpu(), yf[:4096].cpu())  # taylor scores need a few batches
     cfg = PruneConfig(target_macs=kept, criterion=crit, ranking=ranking or "uniform", bn_recalib=0, seed=seed,
-                      reconstruct=recipe.reconstruct, device=str(device) if recipe.reconstruct else "cpu")
+                      reconstruct=recipe.reconstruct, device=str(device) if recipe.reconstruct else "cpu",
+                      residual_scale=recipe.residual_scale)
     row: dict = {"recipe": asdict(recipe), "label": recipe.label(), "macs_kept_target": kept, "seed": seed}
     if recipe.steps == 1:
         # top1_pruned is after the layer reconstruction when the recipe has one
@@ -156,6 +164,8 @@ def run(teacher, pre, recipe: Recipe, kept: float, fit, held, device, seed: int 
         rep = res.report.steps[-1].finetune
         row["top1_pruned"] = row["top1_bn_recalib"] = None  # intermediate states are not kept
     row["top1_finetuned"] = top1(model, *held)
+    for split, data in (also or {}).items():
+        row[f"top1_finetuned_{split}"] = top1(model, *data)
     row["macs_kept"] = res.macs_kept
     row["widths"] = {g.root: g.width_after for g in res.report.groups}
     row["round_to"] = res.report.round_to
@@ -243,6 +253,105 @@ def search_reconstruct(teacher, pre, fit, held, device, log, kept=(0.5, 0.4), se
     log.append({"stage": "chosen", "recipe": asdict(best), "label": best.label(), "held_out_score": scores[best],
                 "recipe_scores": {r.label(): s for r, s in scores.items()}, "cut_by_deadline": cut})
     return best
+
+
+SELECT_CANDIDATES = (  # stage S: one change at a time from the tool's defaults
+    OLD_DEFAULT,
+    SEARCH_CHOICE,
+    replace(OLD_DEFAULT, lr=0.03),
+    replace(OLD_DEFAULT, lr=0.06),
+    replace(OLD_DEFAULT, lr=0.03, ema=0.995),
+    replace(OLD_DEFAULT, criterion="l2"),
+    replace(OLD_DEFAULT, residual_scale=0.0),
+    replace(OLD_DEFAULT, temperature=2.0),
+    replace(OLD_DEFAULT, alpha=1.0),
+    replace(OLD_DEFAULT, batch_size=64),
+)
+
+
+def _merge(base: Recipe, a: Recipe, b: Recipe) -> Recipe:
+    """``base`` with every field that ``a`` or ``b`` changes from it (``a`` wins a clash)."""
+    fields = {k: v for k, v in asdict(b).items() if v != getattr(base, k)}
+    fields.update({k: v for k, v in asdict(a).items() if v != getattr(base, k)})
+    return replace(base, **fields)
+
+
+def split_halves(test, device, seed: int = 4321) -> tuple[tuple, tuple]:
+    """The test split cut (seeded) into halves A (for choosing) and B (for reporting)."""
+    perm = torch.randperm(len(test[0]), generator=torch.Generator().manual_seed(seed)).to(device)
+    half = len(perm) // 2
+    return tuple(t[perm[:half]] for t in test), tuple(t[perm[half:]] for t in test)
+
+
+def select_part(teacher, pre, train, test, device, base_top1_of, log, kept=(0.5, 0.4), seeds=(0, 1),
+                final_seeds=tuple(range(2, 8)), select_deadline: float | None = None) -> Recipe:
+    """Choose on one half of the test split, report on the other (the reference model was trained on the whole
+    train split, so held-out *training* images rank recipes by how well they copy the teacher there).
+
+    Stage S scores each of ``SELECT_CANDIDATES`` (one change from the tool's defaults) by its mean top-1 on half
+    A over ``kept`` x ``seeds``; stage S2 merges the two best changes that beat the defaults; the best of all
+    then runs against the defaults with ``final_seeds`` (not used in choosing), scored on half B. No choosing
+    run starts after ``select_deadline`` (a time), so the final runs keep their share of a limited budget.
+    """
+    global DEADLINE
+    a, b = split_halves(test, device)
+    splits = {"B": b, "full": test}
+
+    def trial(stage: str, recipe: Recipe, seeds_=seeds, chosen=None) -> float:
+        rows = []
+        for k in kept:
+            for seed in seeds_:
+                r = run(teacher, pre, recipe, k, train, a, device, seed=seed, also=splits)
+                for split in ("A", "B", "full"):
+                    r[f"top1_drop_points_{split}"] = 100 * (base_top1_of[split] - r[
+                        "top1_finetuned" if split == "A" else f"top1_finetuned_{split}"])
+                rows.append(r)
+                log.append({"stage": stage, **({} if chosen is None else {"chosen": chosen}), **r})
+                print(f"[{stage}] {r['label']} kept {k} seed {seed}: A {r['top1_finetuned']:.4f} "
+                      f"B {r['top1_finetuned_B']:.4f} (drop A {r['top1_drop_points_A']:.2f}, "
+                      f"B {r['top1_drop_points_B']:.2f} pt, {r['seconds']:.0f} s)", flush=True)
+        return _score(rows)
+
+    scores: dict[Recipe, float] = {}
+    overall = DEADLINE
+    if select_deadline is not None:
+        DEADLINE = select_deadline if overall is None else min(overall, select_deadline)
+    try:
+        for recipe in SELECT_CANDIDATES:
+            scores[recipe] = trial("S select", recipe)
+        better = sorted((r for r in scores if r != OLD_DEFAULT and scores[r] > scores[OLD_DEFAULT]),
+                        key=scores.get, reverse=True)
+        if len(better) >= 2:
+            merged = _merge(OLD_DEFAULT, better[0], better[1])
+            if merged not in scores:
+                scores[merged] = trial("S2 merge", merged)
+    except OutOfTime:
+        if len(scores) < 2:
+            raise
+        print("deadline reached: choosing among the candidates scored in full", flush=True)
+    finally:
+        DEADLINE = overall
+    best = max(scores, key=scores.get)
+    log.append({"stage": "chosen", "recipe": asdict(best), "label": best.label(), "score_A": scores[best],
+                "recipe_scores_A": {r.label(): s for r, s in scores.items()}})
+    for recipe in (best, OLD_DEFAULT) if best != OLD_DEFAULT else (best,):
+        trial("final B", recipe, final_seeds, chosen=recipe == best)
+    return best
+
+
+def summarize_select(log: list[dict]) -> dict:
+    out = {}
+    for chosen in (True, False):
+        for kept in (0.5, 0.4):
+            rows = [r for r in log if r.get("stage") == "final B" and r["chosen"] == chosen
+                    and r["macs_kept_target"] == kept]
+            if rows:
+                out[f"{'chosen' if chosen else 'tool_default'}@{kept}"] = {
+                    "label": rows[0]["label"], "seeds": len(rows),
+                    **{f"mean_drop_points_{s}": statistics.mean(r[f"top1_drop_points_{s}"] for r in rows)
+                       for s in ("B", "full")},
+                    "max_drop_points_B": max(r["top1_drop_points_B"] for r in rows)}
+    return out
 
 
 def final(teacher, pre, best: Recipe, train, test, device, base_top1, log, seeds=(0, 1, 2), extremes=True,
@@ -369,7 +478,8 @@ def latency_part(args, teacher, pre, arch: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", nargs="+", choices=("search", "reconstruct", "final", "rows", "latency", "recovery"),
+    p.add_argument("--part", nargs="+",
+                   choices=("select", "search", "reconstruct", "final", "rows", "latency", "recovery"),
                    default=["search", "final"])
     p.add_argument("--rounds", type=int, default=5, help="latency: interleaved rounds")
     p.add_argument("--iters", type=int, default=10, help="latency: timed runs per model per round")
@@ -386,9 +496,12 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="smoke runs: images per split")
     p.add_argument("--name", default=None)
     p.add_argument("--deadline-s", type=float, default=None, help="start no new run after this many seconds")
+    p.add_argument("--select-deadline-s", type=float, default=None,
+                   help="select: start no choosing run after this many seconds (the final runs go on)")
     args = p.parse_args()
-    global DEADLINE
-    DEADLINE = None if args.deadline_s is None else time.time() + args.deadline_s
+    global DEADLINE, T_START
+    T_START = time.time()
+    DEADLINE = None if args.deadline_s is None else T_START + args.deadline_s
 
     device = pick_device(args.device)
     teacher, header = load_checkpoint(args.model)
@@ -408,7 +521,8 @@ def main() -> None:
     print(f"data on {device} in {time.time() - t0:.0f} s", flush=True)
     base_top1 = top1(teacher.to(device), *test)
     teacher.cpu()
-    name = args.name or ("prune_recipe_search" if "search" in args.part else
+    name = args.name or ("prune_recipe_select" if "select" in args.part else
+                         "prune_recipe_search" if "search" in args.part else
                          "prune_recipe_reconstruct" if "reconstruct" in args.part else
                          f"prune_recovery_{header.arch}" if args.part == ["recovery"] else f"prune_rows_{header.arch}")
     head = {"command": "python " + " ".join(sys.argv), "model": f"{header.arch} from {args.model.name}",
@@ -440,6 +554,18 @@ def run_parts(args, teacher, pre, train, test, device, base_top1, head, log, sav
     recipe = None
     if args.recipe:
         recipe = Recipe(**json.loads(args.recipe))
+    if "select" in args.part:
+        a, b = split_halves(test, device)
+        base = {"A": top1(teacher.to(device), *a), "B": top1(teacher, *b), "full": base_top1}
+        teacher.cpu()
+        head["select_split"] = {"A": len(a[0]), "B": len(b[0]), "seed": 4321, "reference_top1": base}
+        try:
+            recipe = select_part(teacher, pre, train, test, device, base, log, select_deadline=None
+                                 if args.select_deadline_s is None else T_START + args.select_deadline_s)
+        finally:
+            head["summary_select"] = summarize_select(log)
+        save(summary_select=summarize_select(log))
+        return
     if "search" in args.part or "reconstruct" in args.part:
         g = torch.Generator().manual_seed(1234)
         perm = torch.randperm(len(train[0]), generator=g).to(device)

@@ -102,6 +102,7 @@ class FinetuneConfig:
     augment: bool = False  # random shifts (up to 1/8 of the side, edges replicated) and horizontal flips
     seed: int = 0
     max_batches: int | None = None
+    ema: float = 0.0  # decay of an exponential moving average of the weights, used at the end (0: off)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -160,6 +161,29 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
     ) * (t * t)
 
 
+class _WeightAverage:
+    """Exponential moving average of a model's floating-point parameters and buffers (BatchNorm statistics).
+
+    The decay ramps up as ``min(decay, (1 + t) / (10 + t))`` so the first steps do not weigh the starting point
+    for long."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay, self.steps = decay, 0
+        self.live = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+        self.avg = [t.detach().clone() for t in self.live]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.steps += 1
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        torch._foreach_lerp_(self.avg, [t.detach() for t in self.live], 1.0 - d)
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        for t, a in zip(self.live, self.avg, strict=True):
+            t.copy_(a)
+
+
 def finetune(
     model: nn.Module,
     loader: Iterable,
@@ -186,6 +210,7 @@ def finetune(
     losses: list[float] = []
     images = 0
     gen = torch.Generator().manual_seed(config.seed)
+    averaged = _WeightAverage(model, config.ema) if config.ema > 0 else None
 
     def batches() -> Iterator:
         done = 0
@@ -216,6 +241,10 @@ def finetune(
             raise RescompressError("fine-tuning diverged (loss is not finite); lower --lr")
         losses.append(loss.item())
         images += len(x)
+        if averaged is not None:
+            averaged.update()
+    if averaged is not None:
+        averaged.copy_to_model()
     model.eval()
     head = losses[: max(1, len(losses) // 10)]
     tail = losses[-max(1, len(losses) // 10):]

@@ -82,6 +82,7 @@ class PruneConfig:
     criterion: str = "l1"
     ranking: str = "uniform"
     max_layer_ratio: float = 0.8
+    residual_scale: float = 1.0  # uniform MAC/latency targets: residual-coupled groups lose this times the ratio
     round_to: int | None = None
     steps: int = 1
     bn_recalib: int = 1024
@@ -287,13 +288,16 @@ class _State:
                 self.kept_out[name] = [prev[i] for i in kept]
 
 
-def _specs(groups, state: _State, round_to: int, max_layer_ratio: float) -> list[GroupSpec]:
+def _specs(groups, state: _State, round_to: int, max_layer_ratio: float, convs: set[str] = frozenset(),
+           residual_scale: float = 1.0) -> list[GroupSpec]:
     specs = []
     for g in groups:
         orig = state.original.setdefault(g.root_name, g.width)
         step = effective_round_to(orig, round_to)
         min_keep = min(orig, math.ceil(orig * (1.0 - max_layer_ratio) / step) * step)
-        specs.append(GroupSpec(g.index, g.width, step, max(1, min(min_keep, g.width))))
+        residual = sum(name in convs for name in g.out_layers) > 1  # several convs write the same channels
+        specs.append(GroupSpec(g.index, g.width, step, max(1, min(min_keep, g.width)),
+                               residual_scale if residual else 1.0))
     return specs
 
 
@@ -321,7 +325,8 @@ def _prune_step(model, example, out_shape, config: PruneConfig, state: _State, r
     rounded to 16 end at 16 channels, not 32)."""
     dg = build_graph(model, example)
     groups = channel_groups(model, dg)
-    specs = _specs(groups, state, round_to, config.max_layer_ratio)
+    convs = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    specs = _specs(groups, state, round_to, config.max_layer_ratio, convs, config.residual_scale)
     criterion = make_importance(config.criterion, config.seed)
     scores = _score(groups, criterion, model, data, config)
     if macs_target is not None:

@@ -60,6 +60,7 @@ class GroupSpec:
     width: int
     step: int
     min_keep: int
+    scale: float = 1.0  # uniform ranking removes ``scale`` times the ratio from this group
 
 
 def plan_keep(
@@ -69,7 +70,7 @@ def plan_keep(
     if not 0.0 <= ratio < 1.0:
         raise RescompressError(f"pruning ratio must be in [0, 1), got {ratio}")
     if mode == "uniform":
-        return {s.index: round_keep(s.width, s.width * (1.0 - ratio), s.step, s.min_keep) for s in specs}
+        return {s.index: round_keep(s.width, s.width * (1.0 - ratio * s.scale), s.step, s.min_keep) for s in specs}
     if mode != "global":
         raise RescompressError(f"ranking mode must be 'uniform' or 'global', got {mode!r}")
     if scores is None:
