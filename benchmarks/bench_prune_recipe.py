@@ -62,7 +62,7 @@ from train_reference import load_split  # noqa: E402
 
 from rescompress.checkpoint import load_checkpoint  # noqa: E402
 from rescompress.profile import count_macs  # noqa: E402
-from rescompress.pruning import FinetuneConfig, PruneConfig, finetune, prune_model, recalibrate_bn  # noqa: E402
+from rescompress.pruning import FinetuneConfig, PruneConfig, finetune_auto, prune_model, recalibrate_bn  # noqa: E402
 from rescompress.pruning.finetune import pick_device  # noqa: E402
 
 REFERENCE = Path(__file__).resolve().parents[1] / "rescompress" / "assets" / "resnet20_fashion_mnist.safetensors"
@@ -99,7 +99,7 @@ def top1(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 
 @dataclass(frozen=True)
 class Recipe:
     criterion: str = "l1"  # "l1" (uniform ranking) or "l1:global"
-    lr: float = 0.01
+    lr: float = 0.01  # 0: chosen by the tool's trials (--lr auto)
     alpha: float = 0.5
     augment: bool = False
     batch_size: int = 128
@@ -115,7 +115,7 @@ class Recipe:
         extra += "" if self.temperature == 4.0 else f" T={self.temperature}"
         extra += f" ema={self.ema}" if self.ema else ""
         extra += "" if self.residual_scale == 1.0 else f" res={self.residual_scale}"
-        return (f"{self.criterion} lr={self.lr} alpha={self.alpha} aug={int(self.augment)} "
+        return (f"{self.criterion} lr={self.lr or 'auto'} alpha={self.alpha} aug={int(self.augment)} "
                 f"bs={self.batch_size} steps={self.steps}{extra}")
 
 
@@ -135,7 +135,7 @@ def run(teacher, pre, recipe: Recipe, kept: float, fit, held, device, seed: int 
     if DEADLINE is not None and time.time() > DEADLINE:
         raise OutOfTime
     crit, _, ranking = recipe.criterion.partition(":")
-    ft = FinetuneConfig(epochs=1.0, lr=recipe.lr, alpha=recipe.alpha, augment=recipe.augment, distill=True,
+    ft = FinetuneConfig(epochs=1.0, lr=recipe.lr or None, alpha=recipe.alpha, augment=recipe.augment, distill=True,
                         temperature=recipe.temperature, seed=seed, ema=recipe.ema)
     t0 = time.time()
     xf, yf = fit
@@ -152,8 +152,16 @@ def run(teacher, pre, recipe: Recipe, kept: float, fit, held, device, seed: int 
         if recipe.bn:
             recalibrate_bn(model, TensorBatches(xf, yf, 256, seed=seed + 1), bn_images, device)
         row["top1_bn_recalib"] = top1(model, *held)
-        rep = finetune(model, TensorBatches(xf, yf, recipe.batch_size, seed=seed + 2), ft,
-                       teacher=copy.deepcopy(teacher), device=device)
+        # lr 0: chosen by the tool's trials, trained on all but 512 seeded held-out images and judged on those
+        held_idx = torch.randperm(len(xf), generator=torch.Generator().manual_seed(seed + 3))[:512].to(xf.device)
+        rest = torch.ones(len(xf), dtype=torch.bool, device=xf.device)
+        rest[held_idx] = False
+        xr, yr = (xf[rest], yf[rest]) if ft.lr is None else (xf, yf)
+        rep = finetune_auto(
+            model, lambda: TensorBatches(xf, yf, recipe.batch_size, seed=seed + 2), ft,
+            teacher=copy.deepcopy(teacher), device=device,
+            trial_loader=lambda: TensorBatches(xr, yr, recipe.batch_size, seed=seed + 4),
+            held=TensorBatches(xf[held_idx], yf[held_idx], 256, shuffle=False, drop_last=False))
     else:
         # The tool's own iterative schedule: each step prunes, re-estimates BN, fine-tunes 1/steps epoch.
         data = TensorDataset(xf.cpu(), yf.cpu())

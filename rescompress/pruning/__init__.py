@@ -4,7 +4,14 @@
 pruned copy and before/after statistics; ``save_pruned`` writes it as a pickle-free project checkpoint.
 """
 
-from rescompress.pruning.finetune import FinetuneConfig, FinetuneReport, finetune, recalibrate_bn
+from rescompress.pruning.finetune import (
+    FinetuneConfig,
+    FinetuneReport,
+    choose_lr,
+    finetune,
+    finetune_auto,
+    recalibrate_bn,
+)
 from rescompress.pruning.groups import ChannelGroup, MacModel, PruningGraphError, build_graph, channel_groups
 from rescompress.pruning.importance import CRITERIA, make_importance
 from rescompress.pruning.pruner import ModelStats, PruneConfig, PruneReport, PruneResult, prune_model, top1_accuracy
@@ -13,7 +20,7 @@ from rescompress.pruning.targets import default_round_to, effective_round_to
 
 __all__ = [
     "CRITERIA", "ChannelGroup", "FinetuneConfig", "FinetuneReport", "MacModel", "ModelStats", "PruneConfig",
-    "PruneReport", "PruneResult", "PruningGraphError", "build_graph", "channel_groups", "default_round_to",
-    "effective_round_to", "finetune", "make_importance", "prune_model", "recalibrate_bn", "save_pruned",
-    "top1_accuracy",
+    "PruneReport", "PruneResult", "PruningGraphError", "build_graph", "channel_groups", "choose_lr", "default_round_to",
+    "effective_round_to", "finetune", "finetune_auto", "make_importance", "prune_model", "recalibrate_bn",
+    "save_pruned", "top1_accuracy",
 ]

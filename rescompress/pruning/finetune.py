@@ -9,10 +9,11 @@ outputs of the unpruned teacher and of the pruned student (Hinton et al. 2015), 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -93,7 +94,7 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, num_images: int, device: 
 @dataclass(frozen=True)
 class FinetuneConfig:
     epochs: float = 1.0
-    lr: float = 0.01
+    lr: float | None = 0.01  # None: chosen among LR_CANDIDATES by short trial runs (choose_lr)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     distill: bool = True
@@ -117,6 +118,8 @@ class FinetuneReport:
     first_loss: float
     last_loss: float
     device: str
+    lr: float = 0.0
+    lr_choice: dict | None = None  # LrChoice.to_dict() when the learning rate was chosen by trials
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -184,6 +187,115 @@ class _WeightAverage:
             t.copy_(a)
 
 
+LR_CANDIDATES = (0.003, 0.01, 0.03, 0.06)
+LR_TRIAL_SHARE = 0.1  # each trial trains on this share of the run's batches (at least LR_TRIAL_MIN)
+LR_TRIAL_MIN = 20
+
+
+@dataclass(frozen=True)
+class LrChoice:
+    """The learning rate chosen by trials and the held-out loss each candidate reached."""
+
+    lr: float
+    held_out_loss: dict[float, float]
+    trial_batches: int
+    held_out_images: int
+
+    def to_dict(self) -> dict:
+        return {"lr": self.lr, "held_out_loss": {str(k): v for k, v in self.held_out_loss.items()},
+                "trial_batches": self.trial_batches, "held_out_images": self.held_out_images}
+
+
+def _objective(logits: torch.Tensor, y: torch.Tensor, t_logits: torch.Tensor | None, config: FinetuneConfig,
+               reduction: str = "mean") -> torch.Tensor:
+    """Cross entropy, mixed with the distillation term when a teacher's logits are given."""
+    loss = nn.functional.cross_entropy(logits, y, reduction=reduction)
+    if t_logits is None:
+        return loss
+    kd = distillation_loss(logits, t_logits, config.temperature)
+    return (1 - config.alpha) * loss + config.alpha * (kd * len(y) if reduction == "sum" else kd)
+
+
+@torch.no_grad()
+def held_out_loss(model: nn.Module, held: Iterable[tuple[torch.Tensor, torch.Tensor]], config: FinetuneConfig,
+                  teacher: nn.Module | None, device: torch.device) -> float:
+    """The fine-tuning objective (mean per image) of ``model`` in eval mode on the ``held`` batches."""
+    model.eval()
+    total, n = 0.0, 0
+    for x, y in held:
+        x, y = x.to(device), y.to(device)
+        t_logits = as_two_class(teacher(x)) if teacher is not None else None
+        total += float(_objective(as_two_class(model(x)), y, t_logits, config, reduction="sum"))
+        n += len(y)
+    return total / max(1, n)
+
+
+def choose_lr(
+    model: nn.Module,
+    fit_loader: Callable[[], Iterable],
+    held: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    config: FinetuneConfig,
+    total_batches: int,
+    teacher: nn.Module | None = None,
+    device: torch.device | None = None,
+    candidates: tuple[float, ...] = LR_CANDIDATES,
+) -> LrChoice:
+    """Pick the fine-tuning learning rate by short trial runs, judged on images none of them trained on.
+
+    The best rate differs from model to model (measured on Fashion-MNIST at 40% of the MACs kept: 0.06 gave
+    the smallest top-1 drop on a ResNet-20 and a far larger one than 0.01 on a torchvision resnet18), so it is
+    measured rather than guessed: each candidate fine-tunes a copy of ``model`` for ``LR_TRIAL_SHARE`` of the
+    run's ``total_batches`` (its own cosine schedule, a compressed run), on batches from a fresh
+    ``fit_loader()`` each, and the rate whose copy reaches the lowest objective on ``held`` wins (a tie goes
+    to the smaller rate).
+    """
+    device = device or next(model.parameters()).device
+    trial_batches = min(total_batches, max(LR_TRIAL_MIN, round(LR_TRIAL_SHARE * total_batches)))
+    use_teacher = teacher if config.distill else None
+    losses: dict[float, float] = {}
+    for lr in sorted(candidates):
+        trial = copy.deepcopy(model)
+        trial_cfg = replace(config, lr=lr, epochs=1.0, max_batches=trial_batches, ema=0.0)
+        try:
+            finetune(trial, fit_loader(), trial_cfg, teacher=use_teacher, device=device)
+            losses[lr] = held_out_loss(trial, held, config, use_teacher, device)
+        except RescompressError:
+            losses[lr] = math.inf  # diverged
+        del trial
+    finite = {lr: v for lr, v in losses.items() if math.isfinite(v)}
+    if not finite:
+        raise RescompressError("fine-tuning diverged at every trial learning rate; pass a smaller --lr")
+    best = min(finite, key=lambda lr: (finite[lr], lr))
+    return LrChoice(best, losses, trial_batches, sum(len(y) for _, y in held))
+
+
+def finetune_auto(
+    model: nn.Module,
+    fit_loader: Callable[[], Iterable],
+    config: FinetuneConfig,
+    teacher: nn.Module | None = None,
+    device: torch.device | None = None,
+    progress: ProgressFn = no_progress,
+    trial_loader: Callable[[], Iterable] | None = None,
+    held: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> FinetuneReport:
+    """``finetune`` on ``fit_loader()``, after ``choose_lr`` (trials on ``trial_loader()``, judged on ``held``)
+    when ``config.lr`` is None."""
+    if config.lr is not None:
+        return finetune(model, fit_loader(), config, teacher=teacher, device=device, progress=progress)
+    if trial_loader is None or held is None:
+        raise UsageError("choosing the learning rate needs trial data and held-out data")
+    loader = fit_loader()
+    total = max(1, math.ceil(len(loader) * config.epochs))  # type: ignore[arg-type]
+    if config.max_batches is not None:
+        total = min(total, config.max_batches)
+    choice = choose_lr(model, trial_loader, held, config, total, teacher=teacher, device=device)
+    log.info("fine-tuning learning rate %g chosen by trials (held-out loss %s)", choice.lr, choice.held_out_loss)
+    report = finetune(model, loader, replace(config, lr=choice.lr), teacher=teacher, device=device,
+                      progress=progress)
+    return replace(report, lr_choice=choice.to_dict())
+
+
 def finetune(
     model: nn.Module,
     loader: Iterable,
@@ -192,7 +304,11 @@ def finetune(
     device: torch.device | None = None,
     progress: ProgressFn = no_progress,
 ) -> FinetuneReport:
-    """Train ``model`` in place on labeled batches; distill from ``teacher`` when ``config.distill``."""
+    """Train ``model`` in place on labeled batches; distill from ``teacher`` when ``config.distill``.
+
+    ``config.lr`` must be set here; ``finetune_auto`` chooses it first when it is None."""
+    if config.lr is None:
+        raise UsageError("finetune needs a learning rate; choose_lr picks one")
     device = device or next(model.parameters()).device
     per_epoch = len(loader)  # type: ignore[arg-type]
     if per_epoch == 0:
@@ -228,11 +344,11 @@ def finetune(
         if config.augment:
             x = augment_batch(x, gen)
         logits = as_two_class(model(x))
-        loss = nn.functional.cross_entropy(logits, y)
+        t_logits = None
         if use_teacher:
             with torch.no_grad():
                 t_logits = as_two_class(teacher(x))
-            loss = (1 - config.alpha) * loss + config.alpha * distillation_loss(logits, t_logits, config.temperature)
+        loss = _objective(logits, y, t_logits, config)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -250,5 +366,5 @@ def finetune(
     tail = losses[-max(1, len(losses) // 10):]
     return FinetuneReport(
         epochs=config.epochs, batches=len(losses), images=images, distill=use_teacher,
-        first_loss=sum(head) / len(head), last_loss=sum(tail) / len(tail), device=str(device),
+        first_loss=sum(head) / len(head), last_loss=sum(tail) / len(tail), device=str(device), lr=config.lr,
     )

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from rescompress.errors import RescompressError, UsageError
 from rescompress.folding import count_batchnorm
@@ -27,7 +27,7 @@ from rescompress.pruning.finetune import (
     FinetuneReport,
     ProgressFn,
     as_two_class,
-    finetune,
+    finetune_auto,
     no_progress,
     pick_device,
     recalibrate_bn,
@@ -241,6 +241,34 @@ def _loader(data: Dataset, batch_size: int, shuffle: bool, seed: int, limit: int
     n = len(data) if limit is None else min(limit, len(data))
     drop_last = drop_last and n >= batch_size and 0 < n % batch_size < max(2, batch_size // 4)
     return make_loader(data, batch_size=batch_size, shuffle=shuffle, seed=seed, limit=limit, drop_last=drop_last)
+
+
+LR_HELD_OUT = 512  # at most this many fine-tuning images judge the learning-rate trials (--lr auto)
+
+
+def _finetune_step(work, data, config: PruneConfig, ft: FinetuneConfig, teacher, device, progress, k: int):
+    """Fine-tune ``work`` on ``data``; with ``ft.lr`` None, the rate is chosen first by trials that train on
+    all but a seeded held-out tenth (at most ``LR_HELD_OUT`` images) and are judged on it; the run itself then
+    trains on everything."""
+    tutor = copy.deepcopy(teacher) if ft.distill else None
+
+    def everything():
+        return _loader(data, config.batch_size, True, config.seed + k, drop_last=True)
+
+    if ft.lr is not None:
+        return finetune_auto(work, everything, ft, teacher=tutor, device=device, progress=progress)
+    n = len(data)
+    n_held = min(LR_HELD_OUT, n // 10)
+    if n_held < 2 or n - n_held < config.batch_size:
+        raise UsageError(f"--lr auto needs a held-out tenth of the fine-tuning data and a batch to train on; "
+                         f"{n} images are too few (pass a learning rate)")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + 7919 * k)).tolist()
+    held, rest = Subset(data, order[:n_held]), Subset(data, order[n_held:])
+    return finetune_auto(
+        work, everything, ft, teacher=tutor, device=device, progress=progress,
+        trial_loader=lambda: _loader(rest, config.batch_size, True, config.seed + k, drop_last=True),
+        held=_loader(held, config.batch_size, False, config.seed),
+    )
 
 
 @torch.no_grad()
@@ -475,9 +503,7 @@ def prune_model(
             recal = recalibrate_bn(work, _loader(data, bn_batch, True, config.seed + k), config.bn_recalib, device)
         if per_step_ft is not None:
             work.to(device)
-            loader = _loader(data, config.batch_size, True, config.seed + k, drop_last=True)
-            ft_report = finetune(work, loader, per_step_ft, teacher=copy.deepcopy(teacher) if per_step_ft.distill
-                                 else None, device=device, progress=progress)
+            ft_report = _finetune_step(work, data, config, per_step_ft, teacher, device, progress, k)
         work.cpu().eval()
         steps.append(StepReport(k, ratio, count_macs(work, input_shape), count_params(work), macs_target, recal,
                                 ft_report, rec_report))
