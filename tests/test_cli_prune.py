@@ -108,7 +108,7 @@ def test_usage_errors_exit_2(model_file, tmp_path):
     assert res.exit_code == 2
     # Values that used to reach the code (an OverflowError, or a misleading error after the work):
     for bad in (["--epochs", "inf"], ["--lr", "inf"], ["--seed", "99999999999999999999"], ["--seed", "-1"],
-                ["--mean", "nan"], ["--std", "inf"], ["--lr", "nan"]):
+                ["--mean", "nan"], ["--std", "inf"], ["--lr", "nan"], ["--lr", "fast"], ["--lr", "0"]):
         res = runner.invoke(app, ["prune", str(model_file), "--ratio", "0.3", *bad, "-o", str(tmp_path / "o")])
         assert res.exit_code == 2, (bad, res.output)
     assert not (tmp_path / "o").exists()
@@ -170,6 +170,11 @@ def test_prune_finetunes_with_augmentation(model_file, tmp_path, calib_npz):
     assert ft["augment"] is True and ft["seed"] == 0 and ft["epochs"] == 0.05
     step = data["report"]["steps"][0]
     assert step["finetune"]["batches"] == 7 and step["finetune"]["images"] == 7 * 16  # ceil(128 * 0.05)
+    choice = step["finetune"]["lr_choice"]  # --lr auto by default: four trial runs, then the run at the best rate
+    losses = choice["held_out_loss"]
+    assert ft["lr"] is None and len(losses) == 4 and choice["trial_batches"] == 7
+    assert step["finetune"]["lr"] == choice["lr"] == float(min(losses, key=losses.get))
+    assert f"learning rate {choice['lr']:g} chosen by trials" in res.stderr
     assert out.exists()
 
 

@@ -566,3 +566,100 @@ def test_training_loader_drops_only_a_small_ragged_batch(n, batch, sizes):
     data = TensorDataset(torch.zeros(n, 1, 4, 4), torch.zeros(n, dtype=torch.long))
     loader = _loader(data, batch, shuffle=True, seed=0, drop_last=True)
     assert sorted((len(x) for x, _ in loader), reverse=True) == sizes
+
+
+# ------------------------------------------------------------------------- learning rate, averaging, residual
+
+
+def _lr_setup(calib_npz):
+    from torch.utils.data import Subset
+
+    torch.manual_seed(0)
+    teacher = build_model("resnet20", 10, 1).eval()
+    student = prune_model(teacher, TINY, PruneConfig(ratio=0.25, round_to=4)).model
+    data = open_dataset(calib_npz, TINY)
+    held = make_loader(Subset(data, range(64)), batch_size=32)
+    fit = Subset(data, range(64, 128))
+    return teacher, student, data, held, lambda: make_loader(fit, batch_size=16, shuffle=True, seed=1)
+
+
+def test_choose_lr_keeps_the_rate_with_the_lowest_held_out_loss(calib_npz):
+    from rescompress.pruning import choose_lr
+    from rescompress.pruning.finetune import held_out_loss
+
+    teacher, student, _, held, fit = _lr_setup(calib_npz)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    cfg = FinetuneConfig(lr=None, alpha=0.5)
+    choice = choose_lr(student, fit, held, cfg, total_batches=4, teacher=teacher, candidates=(1e-4, 0.05, 1e5))
+    assert set(choice.held_out_loss) == {1e-4, 0.05, 1e5}
+    assert choice.trial_batches == 4 and choice.held_out_images == 64  # at least 20 batches, at most the run's
+    finite = {lr: v for lr, v in choice.held_out_loss.items() if math.isfinite(v)}
+    assert choice.lr == min(finite, key=finite.get) and choice.lr != 1e5  # a rate of 1e5 diverges or is worst
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())  # trials train copies
+    # the recorded loss is what a fresh run at the chosen rate reaches (same batches, same seed)
+    import copy
+
+    again = copy.deepcopy(student)
+    finetune(again, fit(), FinetuneConfig(lr=choice.lr, alpha=0.5, max_batches=4), teacher=teacher)
+    assert held_out_loss(again, held, cfg, teacher, torch.device("cpu")) == pytest.approx(
+        choice.held_out_loss[choice.lr], rel=1e-4)
+
+
+def test_prune_chooses_the_learning_rate_unless_given(calib_npz):
+    from torch.utils.data import Subset
+
+    from rescompress.errors import UsageError
+    from rescompress.pruning.finetune import LR_CANDIDATES
+
+    teacher, _, data, _, _ = _lr_setup(calib_npz)
+    small = Subset(data, range(160))
+    small.info = data.info
+    auto = prune_model(teacher, TINY, PruneConfig(ratio=0.25, round_to=4, bn_recalib=32, batch_size=16,
+                                                  finetune=FinetuneConfig(epochs=1)), data=small)
+    ft = auto.report.steps[0].finetune
+    assert ft.lr_choice is not None and ft.lr == ft.lr_choice["lr"] and ft.lr in LR_CANDIDATES
+    assert ft.lr_choice["held_out_images"] == 16 and ft.lr_choice["trial_batches"] == 10  # 160 // 10; the run's 10
+    assert ft.batches == 10  # the run itself trains on every image
+    fixed = prune_model(teacher, TINY, PruneConfig(ratio=0.25, round_to=4, bn_recalib=32, batch_size=16,
+                                                   finetune=FinetuneConfig(epochs=1, lr=0.02)), data=small)
+    assert fixed.report.steps[0].finetune.lr_choice is None and fixed.report.steps[0].finetune.lr == 0.02
+    tiny = Subset(data, range(15))
+    tiny.info = data.info
+    with pytest.raises(UsageError, match="too few"):
+        prune_model(teacher, TINY, PruneConfig(ratio=0.25, round_to=4, bn_recalib=0, batch_size=16,
+                                               finetune=FinetuneConfig(epochs=1)), data=tiny)
+    with pytest.raises(UsageError, match="--lr"):
+        PruneConfig(ratio=0.25, finetune=FinetuneConfig(lr=-1.0)).validate()
+
+
+def test_weight_average_follows_the_ramped_decay():
+    from rescompress.pruning.finetune import _WeightAverage
+
+    model = nn.BatchNorm2d(2)
+    avg = _WeightAverage(model, decay=0.9)
+    want = model.weight.detach().clone()
+    for step in range(1, 6):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+            model.running_mean.add_(2.0)
+        avg.update()
+        d = min(0.9, (1 + step) / (10 + step))
+        want = d * want + (1 - d) * model.weight.detach()
+    avg.copy_to_model()
+    assert torch.allclose(model.weight, want)
+    assert int(model.num_batches_tracked) == 0  # integer buffers are left alone
+    assert 0.0 < float(model.running_mean[0]) < 10.0  # averaged, not the last value
+
+
+def test_residual_scale_zero_keeps_residual_streams_whole():
+    model = build_model("resnet20", 10, 1).eval()
+    res = prune_model(model, FMNIST, PruneConfig(target_macs=0.4, bn_recalib=0, residual_scale=0.0, round_to=16))
+    widths = {g.root: (g.width_before, g.width_after) for g in res.report.groups}
+    for root in ("conv1", "layer2.0.downsample.0", "layer3.0.downsample.0"):  # written by several convs
+        assert widths[root][0] == widths[root][1]
+    inner = [after / before for root, (before, after) in widths.items() if root.endswith(".conv1") and root != "conv1"]
+    assert max(inner) < 1.0 and res.macs_kept <= 0.4
+    from rescompress.errors import UsageError
+
+    with pytest.raises(UsageError, match="residual_scale"):
+        PruneConfig(target_macs=0.4, residual_scale=1.5).validate()

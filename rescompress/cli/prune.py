@@ -75,8 +75,11 @@ def prune_command(
     ] = None,
     epochs: Annotated[float, typer.Option("--epochs", help="Fine-tuning epochs (0: BN re-estimation only).",
                                           min=0, max=10000)] = 1.0,
-    lr: Annotated[float, typer.Option("--lr", help="Fine-tuning learning rate (SGD, cosine decay).", min=0,
-                                      max=10)] = 0.01,
+    lr: Annotated[
+        str, typer.Option("--lr", help="Fine-tuning learning rate (SGD, cosine decay), or auto: the best of "
+                          "0.003/0.01/0.03/0.06 after short trial runs (a tenth of the batches each) judged on "
+                          "held-out fine-tuning images.")
+    ] = "auto",
     distill: Annotated[
         bool, typer.Option("--distill/--no-distill", help="Distill from the unpruned model while fine-tuning.")
     ] = True,
@@ -126,7 +129,7 @@ def prune_command(
         ratio=ratio, target_macs=target_macs, target_latency=target_latency, criterion=criterion,
         ranking="global" if global_ranking else "uniform", max_layer_ratio=max_layer_ratio, round_to=round_to,
         steps=steps, bn_recalib=bn_recalib, reconstruct=reconstruct,
-        finetune=FinetuneConfig(epochs=epochs, lr=lr, distill=distill, augment=augment, seed=seed)
+        finetune=FinetuneConfig(epochs=epochs, lr=_parse_lr(lr), distill=distill, augment=augment, seed=seed)
         if finetune_data and epochs > 0 else None,
         batch_size=batch_size, seed=seed, device=device,
     )
@@ -175,6 +178,8 @@ def prune_command(
         if s.bn_recalib_images:
             done += f", BatchNorm re-estimated on {s.bn_recalib_images} images"
         if s.finetune is not None:
+            if s.finetune.lr_choice is not None:
+                done += f", learning rate {s.finetune.lr:g} chosen by trials"
             done += (f", fine-tuned {s.finetune.batches} batches (loss {s.finetune.first_loss:.3f} -> "
                      f"{s.finetune.last_loss:.3f}{', distilled' if s.finetune.distill else ''})")
         info(done)
@@ -204,6 +209,19 @@ def prune_command(
 
 def _row(name: str, before: float, after: float) -> dict:
     return {"": name, "before": before, "after": after, "after/before": f"{after / before:.3f}"}
+
+
+def _parse_lr(text: str) -> float | None:
+    """``auto`` (None: chosen by trials) or a learning rate in (0, 10]."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"--lr must be a number or auto, got {text!r}") from None
+    if not 0 < value <= 10:  # NaN fails this too
+        raise UsageError(f"--lr must be in (0, 10] or auto, got {text!r}")
+    return value
 
 
 def _limited(dataset, limit: int | None, seed: int):

@@ -94,7 +94,7 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, num_images: int, device: 
 @dataclass(frozen=True)
 class FinetuneConfig:
     epochs: float = 1.0
-    lr: float | None = 0.01  # None: chosen among LR_CANDIDATES by short trial runs (choose_lr)
+    lr: float | None = None  # None: chosen among LR_CANDIDATES by short trial runs (finetune_auto / choose_lr)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     distill: bool = True

@@ -82,7 +82,10 @@ class PruneConfig:
     criterion: str = "l1"
     ranking: str = "uniform"
     max_layer_ratio: float = 0.8
-    residual_scale: float = 1.0  # uniform MAC/latency targets: residual-coupled groups lose this times the ratio
+    # Uniform MAC/latency targets: groups written by several convs (a residual stream) lose this times the other
+    # groups' channel ratio. 1 (the default) treats all alike; 0 keeps the residual streams whole, which measured
+    # worse after fine-tuning (ResNet-20 at 40% of the MACs, benchmarks/results/prune_recipe_select.json).
+    residual_scale: float = 1.0
     round_to: int | None = None
     steps: int = 1
     bn_recalib: int = 1024
@@ -126,6 +129,10 @@ class PruneConfig:
             raise UsageError(f"--bn-recalib must be >= 0, got {self.bn_recalib}")
         if self.reconstruct is not None and self.reconstruct < 0:
             raise UsageError(f"--reconstruct must be >= 0, got {self.reconstruct}")
+        if not 0.0 <= self.residual_scale <= 1.0:  # NaN fails this too
+            raise UsageError(f"residual_scale must be in [0, 1], got {self.residual_scale}")
+        if self.finetune is not None and self.finetune.lr is not None and not 0 < self.finetune.lr <= 10:
+            raise UsageError(f"--lr must be in (0, 10] or auto, got {self.finetune.lr}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
