@@ -77,8 +77,8 @@ def prune_command(
                                           min=0, max=10000)] = 1.0,
     lr: Annotated[
         str, typer.Option("--lr", help="Fine-tuning learning rate (SGD, cosine decay), or auto: the best of "
-                          "0.003/0.01/0.03/0.06 after short trial runs (a tenth of the batches each) judged on "
-                          "held-out fine-tuning images.")
+                          "0.003/0.01/0.03/0.06 after short trial runs (a tenth of the run's batches each, at least "
+                          "20) judged on held-out fine-tuning images.")
     ] = "auto",
     distill: Annotated[
         bool, typer.Option("--distill/--no-distill", help="Distill from the unpruned model while fine-tuning.")

@@ -239,6 +239,7 @@ def choose_lr(
     teacher: nn.Module | None = None,
     device: torch.device | None = None,
     candidates: tuple[float, ...] = LR_CANDIDATES,
+    progress: ProgressFn = no_progress,
 ) -> LrChoice:
     """Pick the fine-tuning learning rate by short trial runs, judged on images none of them trained on.
 
@@ -257,7 +258,8 @@ def choose_lr(
         trial = copy.deepcopy(model)
         trial_cfg = replace(config, lr=lr, epochs=1.0, max_batches=trial_batches, ema=0.0)
         try:
-            finetune(trial, fit_loader(), trial_cfg, teacher=use_teacher, device=device)
+            finetune(trial, fit_loader(), trial_cfg, teacher=use_teacher, device=device,
+                     progress=lambda it, total, _, lr=lr: progress(it, total, f"learning-rate trial {lr:g}"))
             losses[lr] = held_out_loss(trial, held, config, use_teacher, device)
         except RescompressError:
             losses[lr] = math.inf  # diverged
@@ -289,7 +291,7 @@ def finetune_auto(
     total = max(1, math.ceil(len(loader) * config.epochs))  # type: ignore[arg-type]
     if config.max_batches is not None:
         total = min(total, config.max_batches)
-    choice = choose_lr(model, trial_loader, held, config, total, teacher=teacher, device=device)
+    choice = choose_lr(model, trial_loader, held, config, total, teacher=teacher, device=device, progress=progress)
     log.info("fine-tuning learning rate %g chosen by trials (held-out loss %s)", choice.lr, choice.held_out_loss)
     report = finetune(model, loader, replace(config, lr=choice.lr), teacher=teacher, device=device,
                       progress=progress)

@@ -253,6 +253,15 @@ def _loader(data: Dataset, batch_size: int, shuffle: bool, seed: int, limit: int
 LR_HELD_OUT = 512  # at most this many fine-tuning images judge the learning-rate trials (--lr auto)
 
 
+def _lr_held_out(n: int, batch_size: int) -> int:
+    """How many of ``n`` fine-tuning images judge the learning-rate trials; refuses data too small to split."""
+    n_held = min(LR_HELD_OUT, n // 10)
+    if n_held < 2 or n - n_held < batch_size:
+        raise UsageError(f"--lr auto needs a held-out tenth of the fine-tuning data and a batch to train on; "
+                         f"{n} images are too few (pass a learning rate, e.g. --lr 0.01)")
+    return n_held
+
+
 def _finetune_step(work, data, config: PruneConfig, ft: FinetuneConfig, teacher, device, progress, k: int):
     """Fine-tune ``work`` on ``data``; with ``ft.lr`` None, the rate is chosen first by trials that train on
     all but a seeded held-out tenth (at most ``LR_HELD_OUT`` images) and are judged on it; the run itself then
@@ -265,10 +274,7 @@ def _finetune_step(work, data, config: PruneConfig, ft: FinetuneConfig, teacher,
     if ft.lr is not None:
         return finetune_auto(work, everything, ft, teacher=tutor, device=device, progress=progress)
     n = len(data)
-    n_held = min(LR_HELD_OUT, n // 10)
-    if n_held < 2 or n - n_held < config.batch_size:
-        raise UsageError(f"--lr auto needs a held-out tenth of the fine-tuning data and a batch to train on; "
-                         f"{n} images are too few (pass a learning rate)")
+    n_held = _lr_held_out(n, config.batch_size)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + 7919 * k)).tolist()
     held, rest = Subset(data, order[:n_held]), Subset(data, order[n_held:])
     return finetune_auto(
@@ -440,6 +446,8 @@ def prune_model(
             "with BatchNorm and diverges without; prune and fine-tune the unfolded model and fold afterwards, or "
             "prune without fine-tuning (--epochs 0)"
         )
+    if ft is not None and ft.lr is None:
+        _lr_held_out(len(data), config.batch_size)  # refused now, not after pruning
     if data is None and config.bn_recalib > 0 and has_bn:
         notes.append("no data given: BatchNorm statistics were not re-estimated (accuracy may drop sharply)")
     rec_images = 0 if data is None else (config.reconstruct if config.reconstruct is not None
