@@ -130,7 +130,8 @@ def _run(config: DemoConfig, notify: Notify | None, progress: ProgressFn | None)
     t = time.perf_counter()
     from rescompress.data import open_dataset
 
-    say(f"pruning to {config.prune_macs:.0%} of the MACs and fine-tuning {config.finetune_epochs:g} epoch")
+    say(f"pruning to {config.prune_macs:.0%} of the MACs and fine-tuning {config.finetune_epochs:g} epoch"
+        + (" (learning rate chosen by four short trial runs first)" if config.finetune_epochs else ""))
     pcfg = PruneConfig(target_macs=config.prune_macs,
                        finetune=FinetuneConfig(epochs=config.finetune_epochs) if config.finetune_epochs else None)
     prune_progress = {"progress": progress} if progress else {}
@@ -139,7 +140,9 @@ def _run(config: DemoConfig, notify: Notify | None, progress: ProgressFn | None)
     save_pruned(pruned.model, pruned_path, arch=loaded.arch, num_classes=loaded.num_classes,
                 in_channels=loaded.in_channels, preprocess=pre, summary=pruned.report.to_dict(),
                 source=config.model)
-    stage("prune", t, macs_kept=round(pruned.macs_kept, 3), round_to=pruned.report.round_to)
+    ft = pruned.report.steps[-1].finetune
+    stage("prune", t, macs_kept=round(pruned.macs_kept, 3), round_to=pruned.report.round_to,
+          **({"finetune_lr": ft.lr} if ft is not None else {}))
 
     t = time.perf_counter()
     say("quantizing the pruned model")

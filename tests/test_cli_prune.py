@@ -108,10 +108,15 @@ def test_usage_errors_exit_2(model_file, tmp_path):
     assert res.exit_code == 2
     # Values that used to reach the code (an OverflowError, or a misleading error after the work):
     for bad in (["--epochs", "inf"], ["--lr", "inf"], ["--seed", "99999999999999999999"], ["--seed", "-1"],
-                ["--mean", "nan"], ["--std", "inf"], ["--lr", "nan"], ["--lr", "fast"], ["--lr", "0"]):
+                ["--mean", "nan"], ["--std", "inf"], ["--lr", "nan"]):
         res = runner.invoke(app, ["prune", str(model_file), "--ratio", "0.3", *bad, "-o", str(tmp_path / "o")])
         assert res.exit_code == 2, (bad, res.output)
     assert not (tmp_path / "o").exists()
+    for bad in ("fast", "0", "-0.1", "11", "nan", "inf"):  # --lr is parsed by the command: auto or (0, 10]
+        res = runner.invoke(app, ["prune", str(model_file), "--ratio", "0.3", "--lr", bad,
+                                  "-o", str(tmp_path / "o.safetensors")])
+        assert res.exit_code == 2 and "--lr must be" in res.stderr, (bad, res.output)
+    assert not (tmp_path / "o.safetensors").exists()
 
 
 def test_not_a_model_is_one_line_error(tmp_path):

@@ -601,8 +601,15 @@ def test_choose_lr_keeps_the_rate_with_the_lowest_held_out_loss(calib_npz):
 
     again = copy.deepcopy(student)
     finetune(again, fit(), FinetuneConfig(lr=choice.lr, alpha=0.5, max_batches=4), teacher=teacher)
-    assert held_out_loss(again, held, cfg, teacher, torch.device("cpu")) == pytest.approx(
-        choice.held_out_loss[choice.lr], rel=1e-4)
+    loss, images = held_out_loss(again, held, cfg, teacher, torch.device("cpu"))
+    assert images == 64 and loss == pytest.approx(choice.held_out_loss[choice.lr], rel=1e-4)
+    # an iterable that is read only once would leave later candidates with nothing to judge: refused
+    with pytest.raises(RescompressError, match="no batch"):
+        held_out_loss(again, iter(()), cfg, teacher, torch.device("cpu"))
+    # a diverged candidate is written as null, not as a JSON-breaking Infinity
+    from rescompress.pruning.finetune import LrChoice
+
+    assert LrChoice(0.01, {0.01: 0.5, 1.0: math.inf}, 4, 64).to_dict()["held_out_loss"] == {"0.01": 0.5, "1.0": None}
 
 
 def test_prune_chooses_the_learning_rate_unless_given(calib_npz):
@@ -618,18 +625,61 @@ def test_prune_chooses_the_learning_rate_unless_given(calib_npz):
                                                   finetune=FinetuneConfig(epochs=1)), data=small)
     ft = auto.report.steps[0].finetune
     assert ft.lr_choice is not None and ft.lr == ft.lr_choice["lr"] and ft.lr in LR_CANDIDATES
-    assert ft.lr_choice["held_out_images"] == 16 and ft.lr_choice["trial_batches"] == 10  # 160 // 10; the run's 10
+    # 16 of 160 images held out; each trial runs the run's 10 batches (at least 20, at most the run's), passing
+    # over its 144 images again rather than stopping after 9
+    assert ft.lr_choice["held_out_images"] == 16 and ft.lr_choice["trial_batches"] == 10
     assert ft.batches == 10  # the run itself trains on every image
+    steps = prune_model(teacher, TINY, PruneConfig(ratio=0.25, round_to=4, bn_recalib=32, batch_size=16, steps=2,
+                                                   finetune=FinetuneConfig(epochs=2)), data=small).report.steps
+    assert steps[0].finetune.lr_choice is not None and steps[1].finetune.lr_choice is None  # chosen once,
+    assert steps[1].finetune.lr == steps[0].finetune.lr  # then kept
     fixed = prune_model(teacher, TINY, PruneConfig(ratio=0.25, round_to=4, bn_recalib=32, batch_size=16,
                                                    finetune=FinetuneConfig(epochs=1, lr=0.02)), data=small)
     assert fixed.report.steps[0].finetune.lr_choice is None and fixed.report.steps[0].finetune.lr == 0.02
-    tiny = Subset(data, range(15))
-    tiny.info = data.info
-    with pytest.raises(UsageError, match="too few"):
-        prune_model(teacher, TINY, PruneConfig(ratio=0.25, round_to=4, bn_recalib=0, batch_size=16,
-                                               finetune=FinetuneConfig(epochs=1)), data=tiny)
+    for n, batch in ((15, 16), (40, 64)):  # no held-out tenth of 2 images; no batch left to train the trials
+        tiny = Subset(data, range(n))
+        tiny.info = data.info
+        with pytest.raises(UsageError, match=f"too few for --batch-size {batch}"):
+            prune_model(teacher, TINY, PruneConfig(ratio=0.25, round_to=4, bn_recalib=0, batch_size=batch,
+                                                   finetune=FinetuneConfig(epochs=1)), data=tiny)
     with pytest.raises(UsageError, match="--lr"):
         PruneConfig(ratio=0.25, finetune=FinetuneConfig(lr=-1.0)).validate()
+
+
+class _IndexImages(torch.utils.data.Dataset):
+    """Image ``i`` is filled with the value ``i``, so a batch tells which items it came from."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return torch.full((1, 4, 4), float(i)), i % 10
+
+
+def test_learning_rate_trials_never_train_on_the_held_out_images(monkeypatch):
+    from rescompress.pruning import pruner
+
+    seen = {}
+
+    def capture(work, everything, ft, **kw):
+        seen.update(kw, everything=everything)
+
+    monkeypatch.setattr(pruner, "finetune_auto", capture)
+    data = _IndexImages(3000)
+    pruner._finetune_step(nn.Identity(), data, PruneConfig(ratio=0.25, batch_size=32), FinetuneConfig(epochs=1),
+                          teacher=nn.Identity(), device=torch.device("cpu"), progress=None, k=1)
+
+    def items(loader) -> list[int]:
+        return [int(v) for x, _ in loader for v in x[:, 0, 0, 0]]
+
+    held, trial, run = items(seen["held"]), items(seen["trial_loader"]()), items(seen["everything"]())
+    assert len(held) == len(set(held)) == 300  # a tenth, under the 512 cap
+    assert not set(held) & set(trial)
+    assert len(set(held) | set(trial)) >= 3000 - 32  # the rest (less a ragged last batch) trains the trials
+    assert set(run) >= set(held)  # the run itself trains on the held-out images too
 
 
 def test_weight_average_follows_the_ramped_decay():

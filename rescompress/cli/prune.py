@@ -78,7 +78,7 @@ def prune_command(
     lr: Annotated[
         str, typer.Option("--lr", help="Fine-tuning learning rate (SGD, cosine decay), or auto: the best of "
                           "0.003/0.01/0.03/0.06 after short trial runs (a tenth of the run's batches each, at least "
-                          "20) judged on held-out fine-tuning images.")
+                          "20 and at most all of them) judged on held-out fine-tuning images.")
     ] = "auto",
     distill: Annotated[
         bool, typer.Option("--distill/--no-distill", help="Distill from the unpruned model while fine-tuning.")
@@ -122,6 +122,7 @@ def prune_command(
     from rescompress.loading import load_model
     from rescompress.pruning import FinetuneConfig, PruneConfig, prune_model, save_pruned
 
+    learning_rate = _parse_lr(lr)  # checked even where no fine-tuning runs
     ensure_not_input(output, [model, finetune_data, eval_data])
     check_writable(output)  # before pruning and fine-tuning, which can take hours
     require_suffix(output, ".safetensors", "a rescompress checkpoint in safetensors format")
@@ -129,7 +130,7 @@ def prune_command(
         ratio=ratio, target_macs=target_macs, target_latency=target_latency, criterion=criterion,
         ranking="global" if global_ranking else "uniform", max_layer_ratio=max_layer_ratio, round_to=round_to,
         steps=steps, bn_recalib=bn_recalib, reconstruct=reconstruct,
-        finetune=FinetuneConfig(epochs=epochs, lr=_parse_lr(lr), distill=distill, augment=augment, seed=seed)
+        finetune=FinetuneConfig(epochs=epochs, lr=learning_rate, distill=distill, augment=augment, seed=seed)
         if finetune_data and epochs > 0 else None,
         batch_size=batch_size, seed=seed, device=device,
     )

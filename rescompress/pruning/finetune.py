@@ -29,6 +29,10 @@ def no_progress(iterable: Iterable, total: int, description: str) -> Iterable:
     return iterable
 
 
+class DivergedError(RescompressError):
+    """Fine-tuning's loss stopped being finite (the learning rate is too high for the model)."""
+
+
 def pick_device(device: str = "auto") -> torch.device:
     """``auto`` chooses CUDA when present, else CPU; also ``cpu``, ``cuda``, ``cuda:N``."""
     if device == "auto":
@@ -103,7 +107,7 @@ class FinetuneConfig:
     augment: bool = False  # random shifts (up to 1/8 of the side, edges replicated) and horizontal flips
     seed: int = 0
     max_batches: int | None = None
-    ema: float = 0.0  # decay of an exponential moving average of the weights, used at the end (0: off)
+    ema: float = 0.0  # decay in [0, 1) of an exponential moving average of the weights, used at the end (0: off)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,7 +122,7 @@ class FinetuneReport:
     first_loss: float
     last_loss: float
     device: str
-    lr: float = 0.0
+    lr: float | None = None
     lr_choice: dict | None = None  # LrChoice.to_dict() when the learning rate was chosen by trials
 
     def to_dict(self) -> dict:
@@ -194,7 +198,8 @@ LR_TRIAL_MIN = 20
 
 @dataclass(frozen=True)
 class LrChoice:
-    """The learning rate chosen by trials and the held-out loss each candidate reached."""
+    """The learning rate chosen by trials and the held-out loss each candidate reached (inf, or null in
+    JSON, where its trial diverged)."""
 
     lr: float
     held_out_loss: dict[float, float]
@@ -202,7 +207,8 @@ class LrChoice:
     held_out_images: int
 
     def to_dict(self) -> dict:
-        return {"lr": self.lr, "held_out_loss": {str(k): v for k, v in self.held_out_loss.items()},
+        return {"lr": self.lr,
+                "held_out_loss": {str(k): v if math.isfinite(v) else None for k, v in self.held_out_loss.items()},
                 "trial_batches": self.trial_batches, "held_out_images": self.held_out_images}
 
 
@@ -218,8 +224,9 @@ def _objective(logits: torch.Tensor, y: torch.Tensor, t_logits: torch.Tensor | N
 
 @torch.no_grad()
 def held_out_loss(model: nn.Module, held: Iterable[tuple[torch.Tensor, torch.Tensor]], config: FinetuneConfig,
-                  teacher: nn.Module | None, device: torch.device) -> float:
-    """The fine-tuning objective (mean per image) of ``model`` in eval mode on the ``held`` batches."""
+                  teacher: nn.Module | None, device: torch.device) -> tuple[float, int]:
+    """The fine-tuning objective (mean per image) of ``model`` in eval mode on the ``held`` batches, and how
+    many images they held."""
     model.eval()
     total, n = 0.0, 0
     for x, y in held:
@@ -227,7 +234,10 @@ def held_out_loss(model: nn.Module, held: Iterable[tuple[torch.Tensor, torch.Ten
         t_logits = as_two_class(teacher(x)) if teacher is not None else None
         total += float(_objective(as_two_class(model(x)), y, t_logits, config, reduction="sum"))
         n += len(y)
-    return total / max(1, n)
+    if n == 0:
+        raise RescompressError("the held-out images for the learning-rate trials gave no batch (an iterable that "
+                               "can be read only once?)")
+    return total / n, n
 
 
 def choose_lr(
@@ -246,29 +256,32 @@ def choose_lr(
     The best rate differs from model to model (measured on Fashion-MNIST at 40% of the MACs kept: 0.06 gave
     the smallest top-1 drop on a ResNet-20 and a far larger one than 0.01 on a torchvision resnet18), so it is
     measured rather than guessed: each candidate fine-tunes a copy of ``model`` for ``LR_TRIAL_SHARE`` of the
-    run's ``total_batches`` (its own cosine schedule, a compressed run), on batches from a fresh
-    ``fit_loader()`` each, and the rate whose copy reaches the lowest objective on ``held`` wins (a tie goes
-    to the smaller rate).
+    run's ``total_batches`` (at least ``LR_TRIAL_MIN``, at most ``total_batches``; its own cosine schedule, a
+    compressed run), on batches from a fresh ``fit_loader()`` each, and the rate whose copy reaches the lowest
+    objective on ``held`` (read once per candidate, so it must be re-iterable) wins; a tie goes to the smaller
+    rate, a diverged trial never wins.
     """
     device = device or next(model.parameters()).device
     trial_batches = min(total_batches, max(LR_TRIAL_MIN, round(LR_TRIAL_SHARE * total_batches)))
     use_teacher = teacher if config.distill else None
     losses: dict[float, float] = {}
+    images = 0
     for lr in sorted(candidates):
         trial = copy.deepcopy(model)
-        trial_cfg = replace(config, lr=lr, epochs=1.0, max_batches=trial_batches, ema=0.0)
+        # epochs as large as the batch count, so a small trial split is passed over again rather than cut short
+        trial_cfg = replace(config, lr=lr, epochs=float(trial_batches), max_batches=trial_batches, ema=0.0)
         try:
             finetune(trial, fit_loader(), trial_cfg, teacher=use_teacher, device=device,
                      progress=lambda it, total, _, lr=lr: progress(it, total, f"learning-rate trial {lr:g}"))
-            losses[lr] = held_out_loss(trial, held, config, use_teacher, device)
-        except RescompressError:
-            losses[lr] = math.inf  # diverged
+            losses[lr], images = held_out_loss(trial, held, config, use_teacher, device)
+        except DivergedError:
+            losses[lr] = math.inf
         del trial
     finite = {lr: v for lr, v in losses.items() if math.isfinite(v)}
     if not finite:
         raise RescompressError("fine-tuning diverged at every trial learning rate; pass a smaller --lr")
     best = min(finite, key=lambda lr: (finite[lr], lr))
-    return LrChoice(best, losses, trial_batches, sum(len(y) for _, y in held))
+    return LrChoice(best, losses, trial_batches, images)
 
 
 def finetune_auto(
@@ -311,6 +324,8 @@ def finetune(
     ``config.lr`` must be set here; ``finetune_auto`` chooses it first when it is None."""
     if config.lr is None:
         raise UsageError("finetune needs a learning rate; choose_lr picks one")
+    if not 0.0 <= config.ema < 1.0:
+        raise UsageError(f"the weight-averaging decay must be in [0, 1), got {config.ema}")
     device = device or next(model.parameters()).device
     per_epoch = len(loader)  # type: ignore[arg-type]
     if per_epoch == 0:
@@ -356,7 +371,7 @@ def finetune(
         opt.step()
         sched.step()
         if not math.isfinite(loss.item()):
-            raise RescompressError("fine-tuning diverged (loss is not finite); lower --lr")
+            raise DivergedError("fine-tuning diverged (loss is not finite); lower --lr")
         losses.append(loss.item())
         images += len(x)
         if averaged is not None:

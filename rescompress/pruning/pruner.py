@@ -82,9 +82,10 @@ class PruneConfig:
     criterion: str = "l1"
     ranking: str = "uniform"
     max_layer_ratio: float = 0.8
-    # Uniform MAC/latency targets: groups written by several convs (a residual stream) lose this times the other
-    # groups' channel ratio. 1 (the default) treats all alike; 0 keeps the residual streams whole, which measured
-    # worse after fine-tuning (ResNet-20 at 40% of the MACs, benchmarks/results/prune_recipe_select.json).
+    # Uniform ranking with a MAC or latency target (not --ratio, not global ranking): groups written by several
+    # convs (a residual stream) lose this times the other groups' channel ratio. 1 (the default) treats all
+    # alike; 0 keeps the residual streams whole, which measured worse after fine-tuning (ResNet-20 at 40% of the
+    # MACs, benchmarks/results/prune_recipe_select.json).
     residual_scale: float = 1.0
     round_to: int | None = None
     steps: int = 1
@@ -258,14 +259,15 @@ def _lr_held_out(n: int, batch_size: int) -> int:
     n_held = min(LR_HELD_OUT, n // 10)
     if n_held < 2 or n - n_held < batch_size:
         raise UsageError(f"--lr auto needs a held-out tenth of the fine-tuning data and a batch to train on; "
-                         f"{n} images are too few (pass a learning rate, e.g. --lr 0.01)")
+                         f"{n} images are too few for --batch-size {batch_size} (pass a learning rate, e.g. --lr "
+                         "0.01, or a smaller --batch-size)")
     return n_held
 
 
 def _finetune_step(work, data, config: PruneConfig, ft: FinetuneConfig, teacher, device, progress, k: int):
     """Fine-tune ``work`` on ``data``; with ``ft.lr`` None, the rate is chosen first by trials that train on
     all but a seeded held-out tenth (at most ``LR_HELD_OUT`` images) and are judged on it; the run itself then
-    trains on everything."""
+    trains on everything. ``prune_model`` chooses at the first of ``--steps`` only and keeps that rate."""
     tutor = copy.deepcopy(teacher) if ft.distill else None
 
     def everything():
@@ -519,6 +521,8 @@ def prune_model(
         if per_step_ft is not None:
             work.to(device)
             ft_report = _finetune_step(work, data, config, per_step_ft, teacher, device, progress, k)
+            if per_step_ft.lr is None:  # chosen once: later steps would judge on images earlier steps trained on
+                per_step_ft = replace(per_step_ft, lr=ft_report.lr)
         work.cpu().eval()
         steps.append(StepReport(k, ratio, count_macs(work, input_shape), count_params(work), macs_target, recal,
                                 ft_report, rec_report))
