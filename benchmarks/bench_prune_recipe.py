@@ -50,8 +50,8 @@ what it finished.
         --model benchmarks/cache/resnet18_fashion_mnist_64.safetensors
 
 The committed results were made on one NVIDIA H100 (``benchmarks/run_on_cuda.sh``, ``run_on_cuda_2.sh`` and
-``run_on_cuda_3.sh``) and one H200 (``run_on_cuda_4.sh`` for ``select``; the ``prune_recipe_check_resnet18``
-and ``prune_recipe_auto_lr_*`` runs by the commands above, with ``--model`` for resnet18); the latency and
+``run_on_cuda_3.sh``) and one H200 (``run_on_cuda_4.sh``: ``select``, and with ``PART=check_resnet18`` /
+``PART=auto_lr`` the ``prune_recipe_check_resnet18`` and ``prune_recipe_auto_lr_*`` runs); the latency and
 recovery parts, and ``prune_recipe_auto_lr_resnet20_cpu``, on the 2-core CPU machine.
 """
 

@@ -4,19 +4,12 @@
 # choice against the search's earlier choice (6 seeds). Same layout as run_on_cuda.sh: .whl/ and .fmnist/
 # beside the working tree, $OUT for what comes back. DEV=cpu LIMIT=600 BUDGET=120 make a local dry run.
 set -u
-export PYTHONUNBUFFERED=1
 T0=$(date +%s)
 left() { echo $(( $1 - ($(date +%s) - T0) )); }
 DEV=${DEV:-cuda}
 LIM=${LIMIT:+--limit $LIMIT}
 BUDGET=${BUDGET:-540}   # seconds after which no new fine-tuning run starts
-if [ "$DEV" = cuda ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-  mkdir -p /usr/share/datasets/fashion-mnist && cp .fmnist/*.gz /usr/share/datasets/fashion-mnist/
-  nvidia-smi -L
-fi
-PY=${PY:-python3}
-$PY -c "import torch, torchvision, onnxruntime; print(torch.__version__, torchvision.__version__, onnxruntime.__version__)"
+source benchmarks/cuda_env.sh
 {
   $PY -m pytest -q -p no:cacheprovider -m needs_cuda tests/ -rA 2>&1 | tail -12
   $PY -m rescompress prune rescompress/assets/resnet20_fashion_mnist.safetensors --target-macs 0.4 --criterion l2 \
