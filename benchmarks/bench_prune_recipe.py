@@ -376,10 +376,11 @@ def summarize_select(log: list[dict]) -> dict:
 
 
 def final(teacher, pre, best: Recipe, train, test, device, base_top1, log, seeds=(0, 1, 2), extremes=True,
-          baseline: Recipe = OLD_DEFAULT) -> None:
-    for recipe in (best, baseline) if best != baseline else (best,):
-        for kept in (0.5, 0.4):
-            for seed in seeds:
+          baseline: Recipe = OLD_DEFAULT, kept_fractions=(0.5, 0.4)) -> None:
+    # recipes alternate within each (kept, seed), so a run cut short by its deadline still holds pairs
+    for kept in kept_fractions:
+        for seed in seeds:
+            for recipe in (best, baseline) if best != baseline else (best,):
                 r = run(teacher, pre, recipe, kept, train, test, device, seed=seed)
                 r["top1_drop_points"] = 100 * (base_top1 - r["top1_finetuned"])
                 log.append({"stage": "final", "chosen": recipe == best, **r})
@@ -513,6 +514,7 @@ def main() -> None:
     p.add_argument("--kept", type=float, nargs="+", default=[0.7, 0.5, 0.4, 0.3], help="recovery: MAC fractions")
     p.add_argument("--criteria", nargs="+", default=["l1", "l2"], help="recovery: criteria")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--final-kept", type=float, nargs="+", default=[0.5, 0.4], help="final: MAC fractions")
     p.add_argument("--seed-start", type=int, default=0, help="final: first seed (70%%/30%% rows only from seed 0)")
     p.add_argument("--limit", type=int, default=None, help="smoke runs: images per split")
     p.add_argument("--name", default=None)
@@ -604,6 +606,7 @@ def run_parts(args, teacher, pre, train, test, device, base_top1, head, log, sav
     if "final" in args.part:
         seeds = tuple(range(args.seed_start, args.seed_start + args.seeds))
         final(teacher, pre, recipe, train, test, device, base_top1, log, seeds=seeds, extremes=args.seed_start == 0,
+              kept_fractions=tuple(args.final_kept),
               baseline=Recipe(**json.loads(args.baseline)) if args.baseline
               else SEARCH_CHOICE if "reconstruct" in args.part else OLD_DEFAULT)
         save(partial=True, summary=summarize(log, base_top1))
