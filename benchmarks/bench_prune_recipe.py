@@ -75,7 +75,14 @@ from train_reference import load_split  # noqa: E402
 
 from rescompress.checkpoint import load_checkpoint  # noqa: E402
 from rescompress.profile import count_macs  # noqa: E402
-from rescompress.pruning import FinetuneConfig, PruneConfig, finetune_auto, prune_model, recalibrate_bn  # noqa: E402
+from rescompress.pruning import (  # noqa: E402
+    FinetuneConfig,
+    PruneConfig,
+    finetune,
+    finetune_auto,
+    prune_model,
+    recalibrate_bn,
+)
 from rescompress.pruning.finetune import pick_device  # noqa: E402
 
 REFERENCE = Path(__file__).resolve().parents[1] / "rescompress" / "assets" / "resnet20_fashion_mnist.safetensors"
@@ -446,6 +453,48 @@ def recovery_part(teacher, pre, train, test, log, kept=(0.7, 0.5, 0.4, 0.3), cri
                                                           for n in RECOVERY_VARIANTS), flush=True)
 
 
+def trial_bias_part(teacher, pre, train, device, log, kept=(0.4,), seeds=(0,)) -> None:
+    """Do the short learning-rate trials rank the rates as the full runs would, on the same held-out images?
+
+    Uses no test image. From one pruned, BN-re-estimated start: ``choose_lr``'s trials (as ``--lr auto`` runs
+    them: 512 seeded held-out train images, trials on the rest), then a full epoch at every candidate rate on
+    the same trial images, each judged on the same held-out images by the same objective. A lean of the trials
+    towards smaller (or larger) rates than the full runs prefer shows up as different winners.
+    """
+    from rescompress.pruning.finetune import LR_CANDIDATES, choose_lr, held_out_loss
+
+    xf, yf = train
+    for k in kept:
+        for seed in seeds:
+            crit_cfg = PruneConfig(target_macs=k, criterion="l1", bn_recalib=0, seed=seed, device="cpu")
+            start = prune_model(teacher, pre, crit_cfg).model.to(device)
+            recalibrate_bn(start, TensorBatches(xf, yf, 256, seed=seed + 1), 2048, device)
+            held_idx = torch.randperm(len(xf), generator=torch.Generator().manual_seed(seed + 3))[:512].to(xf.device)
+            rest = torch.ones(len(xf), dtype=torch.bool, device=xf.device)
+            rest[held_idx] = False
+            xr, yr = xf[rest], yf[rest]
+            held = TensorBatches(xf[held_idx], yf[held_idx], 256, shuffle=False, drop_last=False)
+            cfg = FinetuneConfig(epochs=1.0, lr=None, alpha=0.5, distill=True, seed=seed)
+            tutor = copy.deepcopy(teacher)
+            per_epoch = len(TensorBatches(xr, yr, 128))
+            t0 = time.time()
+            choice = choose_lr(start, lambda xr=xr, yr=yr, s=seed: TensorBatches(xr, yr, 128, seed=s + 4), held, cfg,
+                               per_epoch, teacher=tutor, device=device)
+            row = {"stage": "trial_bias", "macs_kept_target": k, "seed": seed, "trial": choice.to_dict(),
+                   "trial_seconds": time.time() - t0, "full_run_held_out_loss": {}}
+            for lr in LR_CANDIDATES:
+                model = copy.deepcopy(start)
+                finetune(model, TensorBatches(xr, yr, 128, seed=seed + 2), replace(cfg, lr=lr), teacher=tutor,
+                         device=device)
+                row["full_run_held_out_loss"][str(lr)] = held_out_loss(model, held, cfg, tutor, device)[0]
+                print(f"[trial_bias] kept {k} seed {seed} lr {lr}: trial {choice.held_out_loss[lr]:.4f}, full run "
+                      f"{row['full_run_held_out_loss'][str(lr)]:.4f}", flush=True)
+            full = row["full_run_held_out_loss"]
+            row["full_run_best_lr"] = float(min(full, key=full.get))
+            row["trial_best_lr"] = choice.lr
+            log.append(row)
+
+
 def latency_part(args, teacher, pre, arch: str) -> None:
     """ORT CPU latency of the pruned models of an earlier ``rows``/``final`` run (e.g. one made on a GPU machine).
 
@@ -501,7 +550,7 @@ def latency_part(args, teacher, pre, arch: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--part", nargs="+",
-                   choices=("select", "search", "reconstruct", "final", "rows", "latency", "recovery"),
+                   choices=("select", "search", "reconstruct", "final", "rows", "latency", "recovery", "trial_bias"),
                    default=["search", "final"])
     p.add_argument("--rounds", type=int, default=5, help="latency: interleaved rounds")
     p.add_argument("--iters", type=int, default=10, help="latency: timed runs per model per round")
@@ -547,7 +596,9 @@ def main() -> None:
     name = args.name or ("prune_recipe_select" if "select" in args.part else
                          "prune_recipe_search" if "search" in args.part else
                          "prune_recipe_reconstruct" if "reconstruct" in args.part else
-                         f"prune_recovery_{header.arch}" if args.part == ["recovery"] else f"prune_rows_{header.arch}")
+                         f"prune_recovery_{header.arch}" if args.part == ["recovery"] else
+                         f"prune_trial_bias_{header.arch}" if args.part == ["trial_bias"] else
+                         f"prune_rows_{header.arch}")
     head = {"command": "python " + " ".join(sys.argv), "model": f"{header.arch} from {args.model.name}",
             "input": pre.to_dict(), "reference_top1_test": base_top1, "macs": count_macs(teacher, pre.input_shape(1)),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -569,6 +620,11 @@ def main() -> None:
 
 
 def run_parts(args, teacher, pre, train, test, device, base_top1, head, log, save) -> None:
+    if "trial_bias" in args.part:
+        trial_bias_part(teacher, pre, train, device, log, kept=tuple(args.final_kept),
+                        seeds=tuple(range(args.seed_start, args.seed_start + args.seeds)))
+        save()
+        return
     if "recovery" in args.part:
         recovery_part(teacher, pre, train, test, log, kept=tuple(args.kept), criteria=tuple(args.criteria))
         save()
