@@ -27,6 +27,8 @@ chooses on one half of it and reports on the other:
   l2, whole residual streams, T=2, pure distillation, batch 64, and the search's choice), two seeds at 50% and
   40% kept, scored on half A; stage S2 merges the two best changes; the best then runs against the defaults
   with six fresh seeds, reported on half B (and, for reference, on the whole split).
+* ``trial_bias``: whether ``--lr auto``'s short trials rank the rates as full one-epoch runs would, judged on
+  the same 512 held-out training images (no test image is used); ``--final-kept`` and ``--seeds`` choose the runs.
 * A recipe with ``"lr": 0`` lets the tool choose the learning rate (``--lr auto``): trials on the train split
   less 512 seeded images, judged on those.
 * ``recovery``: recovery without fine-tuning (unlabeled data, ``--epochs 0``): test top-1 as pruned, after
@@ -43,6 +45,7 @@ what it finished.
     python benchmarks/bench_prune_recipe.py --part final --device auto --seeds 2 --seed-start 2 \
         --recipe '{"criterion": "l1", "lr": 0, "alpha": 0.5}' --baseline '{"criterion": "l1", "lr": 0, "alpha": 0.5}'
     python benchmarks/bench_prune_recipe.py --part recovery --device cpu
+    python benchmarks/bench_prune_recipe.py --part trial_bias --device cpu --seeds 2
     python benchmarks/bench_prune_recipe.py --part recovery --device cpu --kept 0.5 0.4 --criteria l1 \
         --model benchmarks/cache/resnet18_fashion_mnist_64.safetensors
     python benchmarks/bench_prune_recipe.py --part rows --model benchmarks/cache/resnet18_fashion_mnist_64.safetensors
