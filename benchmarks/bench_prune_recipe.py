@@ -151,6 +151,15 @@ class OutOfTime(Exception):
     pass
 
 
+def trial_split(xf: torch.Tensor, yf: torch.Tensor, seed: int, n_held: int = 512):
+    """``--lr auto``'s split of the fine-tuning images: (images, labels) the trials train on, and batches of the
+    ``n_held`` seeded held-out images that judge them."""
+    held_idx = torch.randperm(len(xf), generator=torch.Generator().manual_seed(seed + 3))[:n_held].to(xf.device)
+    rest = torch.ones(len(xf), dtype=torch.bool, device=xf.device)
+    rest[held_idx] = False
+    return (xf[rest], yf[rest]), TensorBatches(xf[held_idx], yf[held_idx], 256, shuffle=False, drop_last=False)
+
+
 def run(teacher, pre, recipe: Recipe, kept: float, fit, held, device, seed: int = 0, bn_images: int = 2048,
         also: dict | None = None) -> dict:
     """Prune ``teacher`` to ``kept`` of its MACs, then BN re-estimation and one epoch of fine-tuning; ``also``
@@ -176,15 +185,12 @@ def run(teacher, pre, recipe: Recipe, kept: float, fit, held, device, seed: int 
             recalibrate_bn(model, TensorBatches(xf, yf, 256, seed=seed + 1), bn_images, device)
         row["top1_bn_recalib"] = top1(model, *held)
         # lr 0: chosen by the tool's trials, trained on all but 512 seeded held-out images and judged on those
-        held_idx = torch.randperm(len(xf), generator=torch.Generator().manual_seed(seed + 3))[:512].to(xf.device)
-        rest = torch.ones(len(xf), dtype=torch.bool, device=xf.device)
-        rest[held_idx] = False
-        xr, yr = (xf[rest], yf[rest]) if ft.lr is None else (xf, yf)
-        rep = finetune_auto(
-            model, lambda: TensorBatches(xf, yf, recipe.batch_size, seed=seed + 2), ft,
-            teacher=copy.deepcopy(teacher), device=device,
-            trial_loader=lambda: TensorBatches(xr, yr, recipe.batch_size, seed=seed + 4),
-            held=TensorBatches(xf[held_idx], yf[held_idx], 256, shuffle=False, drop_last=False))
+        trials = {}
+        if ft.lr is None:
+            (xr, yr), held_out = trial_split(xf, yf, seed)
+            trials = {"trial_loader": lambda: TensorBatches(xr, yr, recipe.batch_size, seed=seed + 4), "held": held_out}
+        rep = finetune_auto(model, lambda: TensorBatches(xf, yf, recipe.batch_size, seed=seed + 2), ft,
+                            teacher=copy.deepcopy(teacher), device=device, **trials)
     else:
         # The tool's own iterative schedule: each step prunes, re-estimates BN, fine-tunes 1/steps epoch.
         data = TensorDataset(xf.cpu(), yf.cpu())
@@ -472,11 +478,7 @@ def trial_bias_part(teacher, pre, train, device, log, kept=(0.4,), seeds=(0,)) -
             crit_cfg = PruneConfig(target_macs=k, criterion="l1", bn_recalib=0, seed=seed, device="cpu")
             start = prune_model(teacher, pre, crit_cfg).model.to(device)
             recalibrate_bn(start, TensorBatches(xf, yf, 256, seed=seed + 1), 2048, device)
-            held_idx = torch.randperm(len(xf), generator=torch.Generator().manual_seed(seed + 3))[:512].to(xf.device)
-            rest = torch.ones(len(xf), dtype=torch.bool, device=xf.device)
-            rest[held_idx] = False
-            xr, yr = xf[rest], yf[rest]
-            held = TensorBatches(xf[held_idx], yf[held_idx], 256, shuffle=False, drop_last=False)
+            (xr, yr), held = trial_split(xf, yf, seed)
             cfg = FinetuneConfig(epochs=1.0, lr=None, alpha=0.5, distill=True, seed=seed)
             tutor = copy.deepcopy(teacher)
             per_epoch = len(TensorBatches(xr, yr, 128))
@@ -645,8 +647,8 @@ def run_parts(args, teacher, pre, train, test, device, base_top1, head, log, sav
             recipe = select_part(teacher, pre, train, test, device, base, log, select_deadline=None
                                  if args.select_deadline_s is None else T_START + args.select_deadline_s)
         finally:
-            head["summary_select"] = summarize_select(log)
-        save(summary_select=summarize_select(log))
+            head["summary_select"] = summarize_select(log)  # also in what a cut-short run saves
+        save()
         return
     if "search" in args.part or "reconstruct" in args.part:
         g = torch.Generator().manual_seed(1234)

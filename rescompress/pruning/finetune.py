@@ -284,6 +284,12 @@ def choose_lr(
     return LrChoice(best, losses, trial_batches, images)
 
 
+def _total_batches(per_epoch: int, config: FinetuneConfig) -> int:
+    """Batches a run of ``config.epochs`` over ``per_epoch`` batches trains on, capped by ``max_batches``."""
+    total = max(1, math.ceil(per_epoch * config.epochs))
+    return total if config.max_batches is None else min(total, config.max_batches)
+
+
 def finetune_auto(
     model: nn.Module,
     fit_loader: Callable[[], Iterable],
@@ -301,9 +307,7 @@ def finetune_auto(
     if trial_loader is None or held is None:
         raise UsageError("choosing the learning rate needs trial data and held-out data")
     loader = fit_loader()
-    total = max(1, math.ceil(len(loader) * config.epochs))  # type: ignore[arg-type]
-    if config.max_batches is not None:
-        total = min(total, config.max_batches)
+    total = _total_batches(len(loader), config)  # type: ignore[arg-type]
     choice = choose_lr(model, trial_loader, held, config, total, teacher=teacher, device=device, progress=progress)
     log.info("fine-tuning learning rate %g chosen by trials (held-out loss %s)", choice.lr, choice.held_out_loss)
     report = finetune(model, loader, replace(config, lr=choice.lr), teacher=teacher, device=device,
@@ -330,9 +334,7 @@ def finetune(
     per_epoch = len(loader)  # type: ignore[arg-type]
     if per_epoch == 0:
         raise RescompressError("the fine-tuning data holds fewer images than one batch; lower --batch-size")
-    total = max(1, math.ceil(per_epoch * config.epochs))
-    if config.max_batches is not None:
-        total = min(total, config.max_batches)
+    total = _total_batches(per_epoch, config)
     use_teacher = config.distill and teacher is not None
     if use_teacher:
         teacher.to(device).eval()
