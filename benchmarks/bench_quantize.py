@@ -13,7 +13,7 @@ Three parts (``--part``), each writing ``benchmarks/results/bench_quantize_<part
   run in OpenVINO where it is installed.
 * ``resnet50`` — torchvision resnet50 at 224x224, random init with BatchNorm statistics re-estimated on
   Fashion-MNIST images (3-channel, ImageNet preprocessing): INT8/FP32 latency at batch 1 and 8 on ORT CPU
-  (spinning off, runners interleaved), ours vs ORT's quantizer.
+  (spinning off, runners interleaved), ours (with and without the space-to-depth stem) vs ORT's quantizer.
 * ``calibration`` — calibration wall time and peak RSS, each run in a fresh subprocess (``ru_maxrss``):
   ours on resnet50 at 128 and 1024 images (streaming, memory flat) against ORT's MinMax / Entropy
   calibration at small image counts (their memory grows with the number of images, so the count is kept
@@ -160,8 +160,12 @@ def fp32_onnx_from_checkpoint(path: Path, out: Path):
     return loaded.preprocess
 
 
-def our_artifacts(fp32: Path, calib: np.ndarray, method: str, batch: int = 32) -> tuple[dict, float]:
-    """Our ORT and TensorRT files (in memory) for one method; returns them and the calibration seconds."""
+def our_artifacts(fp32: Path, calib: np.ndarray, method: str, batch: int = 32,
+                  stem_s2d: bool = True) -> tuple[dict, float]:
+    """Our ORT and TensorRT files (in memory) for one method; returns them and the calibration seconds.
+
+    ``stem_s2d``: the ORT file's stride-2 stem as the tool writes it, over 2x2 blocks (stem.py), where it applies.
+    """
     import onnx
 
     from rescompress.calibration.collect import (
@@ -175,6 +179,7 @@ def our_artifacts(fp32: Path, calib: np.ndarray, method: str, batch: int = 32) -
     from rescompress.quantization.pipeline import calibration_tensors
     from rescompress.quantization.placement import place, prepare_model
     from rescompress.quantization.plan import Provenance, QuantPlan, model_fingerprint
+    from rescompress.quantization.stem import rewrite_stem
 
     base = prepare_model(onnx.load(str(fp32)))
     pls = {t: place(base, t) for t in ("onnxruntime", "tensorrt")}
@@ -187,7 +192,10 @@ def our_artifacts(fp32: Path, calib: np.ndarray, method: str, batch: int = 32) -
     secs = time.perf_counter() - t0
     plan = QuantPlan(entries, weight_entries(base, [w for p in pls.values() for w in p.weights]),
                      Provenance(model_fingerprint(base), None, len(calib), method, 99.99, {}))
-    return {t: emit_qdq(base, plan, p) for t, p in pls.items()}, secs
+    files = {t: emit_qdq(base, plan, p) for t, p in pls.items()}
+    if stem_s2d:
+        files["onnxruntime"] = rewrite_stem(files["onnxruntime"])[0]
+    return files, secs
 
 
 def our_default_artifacts(fp32: Path, calib: np.ndarray, refine: bool, batch: int = 32) -> tuple[dict, float, str]:
@@ -453,23 +461,33 @@ def part_resnet50(args) -> None:
         fp32, pre, ds = resnet50_fp32(tmp)
         calib = sample(ds, args.r50_images)
         files, secs = our_artifacts(fp32, calib, "max", batch=8)
+        from rescompress.quantization.stem import rewrite_stem
+
+        plain = our_artifacts(fp32, calib, "max", batch=8, stem_s2d=False)[0]["onnxruntime"]
+        stem = rewrite_stem(plain)[1]
         ort_path = ort_quantize(fp32, tmp / "ort-minmax.onnx", calib, "minmax", batch=8)
         x = sample(ds, 32, seed=2)
         ref = logits_of(session(fp32), x, 8)
+        ours = logits_of(session(files["onnxruntime"]), x, 8)
         agree = {
-            "ours-ort": fidelity(ref, logits_of(session(files["onnxruntime"]), x, 8), np.zeros(0, int)),
+            "ours-ort": fidelity(ref, ours, np.zeros(0, int)),
             "ort-minmax": fidelity(ref, logits_of(session(ort_path), x, 8), np.zeros(0, int)),
+            "ours-ort-vs-no-stem-s2d-max-abs-diff": float(np.abs(ours - logits_of(session(plain), x, 8)).max()),
         }
         runners = {
             "fp32": Runner(session(fp32)),
             "ours-int8-ort": Runner(session(files["onnxruntime"])),
+            "ours-int8-ort-no-stem-s2d": Runner(session(plain)),
             "ort-minmax-int8": Runner(session(ort_path)),
         }
-        lat = latency(runners, pre.input_shape, iters=args.r50_iters, rounds=5)
+        lat = latency(runners, pre.input_shape, iters=args.r50_iters, rounds=args.r50_rounds)
     write_result("bench_quantize_resnet50", {
         "model": "torchvision resnet50, random init, BN statistics re-estimated on 64 Fashion-MNIST images "
                  "(3x224x224, ImageNet preprocessing)",
         "calibration": f"{args.r50_images} images, method max (ours) / MinMax (ORT)",
+        "ours_ort_file": {"stem_rewrite": stem.to_dict() if stem else None,
+                          "note": "ours-int8-ort is the tool's ORT file, its stem over 2x2 blocks; "
+                                  "ours-int8-ort-no-stem-s2d is the same file without that rewrite (--no-stem-s2d)"},
         "agreement_on_32_images": agree,
         "latency_onnxruntime_cpu": lat,
     })
@@ -589,6 +607,7 @@ def main() -> None:
     ap.add_argument("--latency-method", default="entropy")
     ap.add_argument("--r50-images", type=int, default=32)
     ap.add_argument("--r50-iters", type=int, default=5)
+    ap.add_argument("--r50-rounds", type=int, default=7)
     ap.add_argument("--r50-calib-sizes", type=int, nargs="*", default=[128, 1024])
     ap.add_argument("--ort-r50-sizes", type=int, nargs="*", default=[16, 32])
     ap.add_argument("--mem-limit-gb", type=float, default=12.0)

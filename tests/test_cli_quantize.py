@@ -468,3 +468,35 @@ def test_calibration_on_a_bigger_labeled_set_ignores_its_labels(checkpoint, cali
     data = json.loads(res.stdout)
     assert any("labels are ignored" in w for w in data["warnings"])
     assert all(s["top1"] is None for s in data["method_scores"].values())  # chosen by agreement, not accuracy
+
+
+def test_ort_file_runs_a_strided_stem_as_blocks_with_the_same_outputs(calib_npz, eval_npz, tmp_path):
+    """resnet18's 7x7 stride-2 stem on 3 channels: the ORT file computes it over 2x2 blocks (SpaceToDepth), and
+    its outputs, fidelity and integer kernels are those of the file written with --no-stem-s2d."""
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=10, in_channels=3).eval()
+    path = tmp_path / "r18.safetensors"
+    save_checkpoint(model, path, CheckpointHeader("resnet18", 10, 3, replace(get_preset("imagenet"), size=(64, 64),
+                                                                                resize=None)))
+    common = ["--calib-data", str(calib_npz), "--eval-data", str(eval_npz), "--eval-limit", "64", "--num-images",
+              "32", "--method", "max", "--weight-rounding", "nearest", "--refine-tensors", "0", "--target",
+              "onnxruntime", "--json", *FAST]
+    runs = {}
+    for name, flag in (("blocks", []), ("plain", ["--no-stem-s2d"])):
+        res = runner.invoke(app, ["quantize", str(path), *common, *flag, "-o", str(tmp_path / name)])
+        assert res.exit_code == 0, res.output
+        runs[name] = json.loads(res.stdout)
+    assert runs["blocks"]["ort_stem_rewrite"] == {"node": "/conv1/Conv", "kernel": [7, 7], "block_kernel": [4, 4],
+                                                  "channels": [3, 12]}
+    assert runs["plain"]["ort_stem_rewrite"] is None
+    assert runs["blocks"]["fidelity"] == runs["plain"]["fidelity"]
+    files = {k: onnx.load(str(tmp_path / k / "r18.int8.ort.onnx")) for k in runs}
+    assert [n.op_type for n in files["blocks"].graph.node].count("SpaceToDepth") == 1
+    assert "SpaceToDepth" not in [n.op_type for n in files["plain"].graph.node]
+    from rescompress.calibration.collect import make_session
+
+    x = np.random.default_rng(0).normal(0, 1, (4, 3, 64, 64)).astype(np.float32)
+    out = {k: make_session(m, 1).run(None, {"input": x})[0] for k, m in files.items()}
+    np.testing.assert_array_equal(out["blocks"], out["plain"])

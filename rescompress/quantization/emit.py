@@ -146,15 +146,15 @@ def emit_qdq(model: onnx.ModelProto, plan: QuantPlan, placement: Placement) -> o
     del g.input[:]
     g.input.extend(keep_inputs)
     del g.value_info[:]  # shapes of rewired tensors changed name; ORT re-infers
-    _set_meta(m, "rescompress.quantization.target", target)
-    _set_meta(m, "rescompress.quantization.method", plan.provenance.method)
-    _set_meta(m, FLOAT_NODES_KEY, json.dumps(list(placement.float_nodes)))
-    _set_meta(m, "rescompress.precision", "int8")
-    _set_meta(m, "rescompress.tool_version", __version__)
+    set_metadata(m, "rescompress.quantization.target", target)
+    set_metadata(m, "rescompress.quantization.method", plan.provenance.method)
+    set_metadata(m, FLOAT_NODES_KEY, json.dumps(list(placement.float_nodes)))
+    set_metadata(m, "rescompress.precision", "int8")
+    set_metadata(m, "rescompress.tool_version", __version__)
     return m
 
 
-def _set_meta(m: onnx.ModelProto, key: str, value: str) -> None:
+def set_metadata(m: onnx.ModelProto, key: str, value: str) -> None:
     for p in m.metadata_props:
         if p.key == key:
             p.value = value

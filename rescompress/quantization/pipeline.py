@@ -47,6 +47,7 @@ from rescompress.quantization.placement import GraphIndex, Placement, check_patt
 from rescompress.quantization.plan import ORT_RANGES, TARGETS, Provenance, QuantPlan, model_fingerprint
 from rescompress.quantization.refine import DEFAULT_REFINE_TENSORS, onnx_macs, refine_budget, refine_plan
 from rescompress.quantization.rounding import load_levels, rounding_images, save_levels, with_rounded_weights
+from rescompress.quantization.stem import StemRewrite, rewrite_stem
 from rescompress.quantization.trt_cache import DEFAULT_TRT_VERSION, write_cache
 from rescompress.spec import Preprocess
 
@@ -115,6 +116,7 @@ class QuantizeConfig:
     latency_batches: tuple[int, ...] = (1, 8)
     threads: int | None = None
     trt_version: str = DEFAULT_TRT_VERSION
+    stem_s2d: bool = True  # ORT file: the image's stride-2 stem as a stride-1 conv over 2x2 blocks (stem.py)
 
     def __post_init__(self) -> None:
         if self.method not in (*METHODS, "auto"):
@@ -182,6 +184,7 @@ class QuantizeResult:
     warnings: tuple[str, ...] = ()
     config: QuantizeConfig = field(default_factory=QuantizeConfig)
     fp32_rewrites: tuple[str, ...] = ()  # changes made to a given ONNX file before quantizing (see load_fp32)
+    stem_rewrite: StemRewrite | None = None  # the ORT file's space-to-depth stem (stem.py), when applied
 
     def to_dict(self) -> dict:
         return {
@@ -199,6 +202,7 @@ class QuantizeResult:
             "unsupported": {k: list(p.unsupported) for k, p in self.placements.items()},
             "fallback": {t: f.to_dict() for t, f in self.fallback.items()} if self.fallback else None,
             "latency": self.latency,
+            "ort_stem_rewrite": self.stem_rewrite.to_dict() if self.stem_rewrite else None,
             "calibration": self.calibration,
             "provenance": self.plan.provenance.to_dict(),
             "warnings": list(self.warnings),
@@ -681,11 +685,16 @@ def quantize_model(
     qmodels: dict[str, onnx.ModelProto] = {}
     suffix = {"onnxruntime": "ort", "tensorrt": "trt"}
     inputs = [model, calib_data, eval_data, plan if not isinstance(plan, QuantPlan) else None]
+    stem_rewrite = None
     for t in want:
         qmodels[t] = emit(qplan, placements[t])
+    files = dict(qmodels)  # what is written; qmodels keep every Q/DQ pair's name for the per-tensor SQNR
+    if "onnxruntime" in files and cfg.stem_s2d:
+        files["onnxruntime"], stem_rewrite = rewrite_stem(files["onnxruntime"])
+    for t in want:
         path = out / f"{src.stem}.int8.{suffix[t]}.onnx"
         ensure_not_input(path, inputs)
-        save_model(qmodels[t], w(path))
+        save_model(files[t], w(path))
         artifacts[t] = path
     if "tensorrt" in want:
         scales = {n: qplan.activation(n).params["tensorrt"].scale for n in cache_tensors}
@@ -717,20 +726,20 @@ def quantize_model(
     fidelity: dict[str, Fidelity] = {}
     worst: dict[str, tuple[LayerSqnr, ...]] = {}
     if eval_loader is not None:
-        sessions = _sessions_for({"fp32": base, **qmodels}, cfg.threads)
+        sessions = _sessions_for({"fp32": base, **files}, cfg.threads)
         logits, labels = run_sessions(sessions, prog(eval_loader, len(eval_loader), "evaluating"))
         labels = labels if use_labels else None
         fidelity = {t: compare(logits["fp32"], logits[t], labels) for t in qmodels}
         xs = _first_images(eval_loader, LAYER_SQNR_IMAGES)
         for t in qmodels:
             worst[t] = _layer_sqnr(base, qmodels[t], placements[t], xs, cfg.threads)[:5]
-    latency = _latency(src, qmodels.get("onnxruntime"), cfg, say) if cfg.latency and "onnxruntime" in qmodels else None
+    latency = _latency(src, files.get("onnxruntime"), cfg, say) if cfg.latency and "onnxruntime" in files else None
 
     result = QuantizeResult(
         model=Path(model), fp32_path=src.path, artifacts=artifacts, plan=qplan, method=method,
         method_scores=method_scores, fidelity=fidelity, eval_source=eval_source, worst_layers=worst,
         placements=placements, fallback=fallback, latency=latency, calibration=calib_stats,
-        warnings=tuple(warnings), config=cfg, fp32_rewrites=src.rewrites,
+        warnings=tuple(warnings), config=cfg, fp32_rewrites=src.rewrites, stem_rewrite=stem_rewrite,
     )
     report_json = out / f"{src.stem}.quantize.json"
     report_md = out / f"{src.stem}.quantize.md"
@@ -939,6 +948,10 @@ def render_markdown(r: QuantizeResult) -> str:
     if r.method_scores:
         lines += ["", "Method choice (held-out calibration images): " + ", ".join(
             f"{m} {_f(s['sqnr_db'], 1)} dB" for m, s in r.method_scores.items())]
+    if r.stem_rewrite:
+        k, b = r.stem_rewrite.kernel, r.stem_rewrite.block_kernel
+        lines += ["", f"ONNX Runtime file: stem `{r.stem_rewrite.node}` ({k[0]}x{k[1]} stride 2) computed as a "
+                  f"{b[0]}x{b[1]} stride-1 convolution over 2x2 blocks (SpaceToDepth, same integer results)"]
     if r.latency:
         lines += ["", "Latency on ONNX Runtime CPU (INT8 speed-up over FP32): " + ", ".join(
             f"batch {b}: {_f(s)}x" for b, s in r.latency["speedup"].items())]
