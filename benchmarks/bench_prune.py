@@ -13,12 +13,15 @@ Parts (``--part``, default all, in this order so the cheap, decisive tables land
   resnet50 at 224x224 (random init, BN statistics re-estimated on 64 images of the bundled Fashion-MNIST
   train slice): FP32, INT8 (``quantize_model``, max calibration on 32 slice images), and for each
   ``--r50-configs`` entry (MACs kept[:round-to], default ``0.5`` with the CPU's round-to) pruned FP32 and
-  pruned + INT8, all timed interleaved in one ORT CPU run (spinning off), batch 1 and 8. No fine-tuning:
-  only speed is measured. Writes ``prune_int8_resnet50.json``.
+  pruned + INT8, all timed interleaved in one ORT CPU run (spinning off), batch 1 and 8
+  (``--r50-no-stem-s2d``: also each INT8 file without its space-to-depth stem). No fine-tuning: only speed
+  is measured. Writes ``prune_int8_resnet50.json``.
 
 Writes ``benchmarks/results/prune_<part>.json``.
 
     python benchmarks/bench_prune.py --part pruned_int8 --rounds 5 --iters 5 --r50-configs 0.5 0.5:32 0.4
+    python benchmarks/bench_prune.py --part pruned_int8 --rounds 7 --iters 5 --r50-configs 0.5 0.5:64 0.4 \
+        --r50-no-stem-s2d --keep-rows
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import argparse
 import copy
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -111,6 +115,7 @@ def bench_pruned_int8(args) -> dict:
                            "params_kept": res.after.params / res.before.params, "seconds": time.time() - t0}
         print(f"pruned {key}: MACs kept {res.macs_kept:.3f} (round-to {res.report.round_to})", file=sys.stderr)
     qcfg = QuantizeConfig(num_images=args.calib_images, method="max", latency=False, targets=("onnxruntime",))
+    plain_cfg = replace(qcfg, stem_s2d=False)
     probe = torch.from_numpy(x[:2])
     files, quant = {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-prune-int8-") as tmp:
@@ -120,16 +125,19 @@ def bench_pruned_int8(args) -> dict:
             files[name] = tmp / f"{name}.onnx"
             export_onnx(folded, pre, files[name], arch="resnet50", num_classes=10, probe=probe,
                         check_parity=False)  # random deep net: chaotic logits, the parity bound is for trained ones
-            t0 = time.time()
-            q = quantize_model(files[name], SLICE, tmp / f"q-{name}", config=qcfg)
-            qname = "int8" if name == "fp32" else f"{name}_int8"
-            files[qname] = q.artifacts["onnxruntime"]
-            quant[qname] = {
-                "seconds": time.time() - t0, "calibration_images": q.calibration.get("num_images"),
-                "agreement_with_own_fp32": {t: f.to_dict() for t, f in q.fidelity.items()},
-                "eval_source": q.eval_source}
-            print(f"quantized {name} in {time.time() - t0:.0f} s", file=sys.stderr)
-        order = ("fp32", "int8", *(f"pruned{k}{s}" for k in pruned for s in ("", "_int8")))
+            for suffix, cfg in (("", qcfg), *((("_no_stem_s2d", plain_cfg),) if args.r50_no_stem_s2d else ())):
+                t0 = time.time()
+                q = quantize_model(files[name], SLICE, tmp / f"q-{name}{suffix}", config=cfg)
+                qname = ("int8" if name == "fp32" else f"{name}_int8") + suffix
+                files[qname] = q.artifacts["onnxruntime"]
+                quant[qname] = {
+                    "seconds": time.time() - t0, "calibration_images": q.calibration.get("num_images"),
+                    "agreement_with_own_fp32": {t: f.to_dict() for t, f in q.fidelity.items()},
+                    "eval_source": q.eval_source,
+                    "stem_rewrite": q.stem_rewrite.to_dict() if q.stem_rewrite else None}
+                print(f"quantized {name}{suffix} in {time.time() - t0:.0f} s", file=sys.stderr)
+        variants = ("", "_int8", *(("_int8_no_stem_s2d",) if args.r50_no_stem_s2d else ()))
+        order = ("fp32", *(v.lstrip("_") for v in variants[1:]), *(f"pruned{k}{s}" for k in pruned for s in variants))
         runners = {k: make_runner(str(files[k]), runtime="onnxruntime", spinning=False) for k in order}
         bs = tuple(args.r50_batches)
         rep = measure_latency(runners, pre.input_shape, batch_sizes=bs, warmup_s=1.0, iters=args.iters,
@@ -149,7 +157,7 @@ def bench_pruned_int8(args) -> dict:
                    "measure_latency run",
         "median_ms": med, "spread": spread, "speedup_vs_fp32": speedup,
         "target_pruned_int8_speedup": 6.0,
-        "meets_target": {k: {b: v[b] >= 6.0 for b in v} for k, v in speedup.items() if k.endswith("_int8")},
+        "meets_target": {k: {b: v[b] >= 6.0 for b in v} for k, v in speedup.items() if "_int8" in k},
         "iters": args.iters, "rounds": args.rounds, "torch_threads": torch.get_num_threads(),
     }
 
@@ -282,6 +290,8 @@ def main() -> None:
     p.add_argument("--bn-images-r50", type=int, default=64, help="pruned_int8: BN re-estimation images")
     p.add_argument("--calib-images", type=int, default=32, help="pruned_int8: INT8 calibration images")
     p.add_argument("--r50-batches", type=int, nargs="+", default=[1, 8], help="pruned_int8: batch sizes")
+    p.add_argument("--r50-no-stem-s2d", action="store_true",
+                   help="pruned_int8: also time each INT8 file written with --no-stem-s2d")
     p.add_argument("--r50-configs", nargs="+", default=["0.5"],
                    help="pruned_int8: MACs kept[:round-to] per pruned model, e.g. 0.5 0.5:32 0.4")
     args = p.parse_args()
