@@ -462,13 +462,18 @@ def recovery_part(teacher, pre, train, test, log, kept=(0.7, 0.5, 0.4, 0.3), cri
                                                           for n in RECOVERY_VARIANTS), flush=True)
 
 
-def trial_bias_part(teacher, pre, train, device, log, kept=(0.4,), seeds=(0,)) -> None:
+def trial_bias_part(teacher, pre, train, device, log, kept=(0.4,), seeds=(0,), shares=(0.1,),
+                    half_a=None) -> None:
     """Do the short learning-rate trials rank the rates as the full runs would, on the same held-out images?
 
     Uses no test image. From one pruned, BN-re-estimated start: ``choose_lr``'s trials (as ``--lr auto`` runs
     them: 512 seeded held-out train images, trials on the rest), then a full epoch at every candidate rate on
     the same trial images, each judged on the same held-out images by the same objective. A lean of the trials
-    towards smaller (or larger) rates than the full runs prefer shows up as different winners.
+    towards smaller (or larger) rates than the full runs prefer shows up as different winners. ``shares``:
+    trial lengths (share of the run's batches) to compare; the first is the one ``--lr auto`` uses. ``half_a``
+    (``--trial-bias-half-a``): also each full run's top-1 on half A of the test split (``split_halves``: the half
+    ``select`` chooses on; half B stays unseen), to tell a judge that ranks the full runs unlike the test images
+    apart from trials that rank the rates unlike the full runs.
     """
     from rescompress.pruning.finetune import LR_CANDIDATES, choose_lr, held_out_loss
 
@@ -482,11 +487,16 @@ def trial_bias_part(teacher, pre, train, device, log, kept=(0.4,), seeds=(0,)) -
             cfg = FinetuneConfig(epochs=1.0, lr=None, alpha=0.5, distill=True, seed=seed)
             tutor = copy.deepcopy(teacher)
             per_epoch = len(TensorBatches(xr, yr, 128))
-            t0 = time.time()
-            choice = choose_lr(start, lambda xr=xr, yr=yr, s=seed: TensorBatches(xr, yr, 128, seed=s + 4), held, cfg,
-                               per_epoch, teacher=tutor, device=device)
-            row = {"stage": "trial_bias", "macs_kept_target": k, "seed": seed, "trial": choice.to_dict(),
-                   "trial_seconds": time.time() - t0, "full_run_held_out_loss": {}}
+            row = {"stage": "trial_bias", "macs_kept_target": k, "seed": seed}
+            choice = None
+            for i, share in enumerate(shares):
+                t0 = time.time()
+                c = choose_lr(start, lambda xr=xr, yr=yr, s=seed: TensorBatches(xr, yr, 128, seed=s + 4), held, cfg,
+                              per_epoch, teacher=tutor, device=device, trial_share=share)
+                key = "trial" if i == 0 else f"trial_share_{share:g}"
+                row.update({key: c.to_dict(), f"{key}_seconds": time.time() - t0})
+                choice = choice or c
+            row["full_run_held_out_loss"] = {}
             for lr in LR_CANDIDATES:
                 model = copy.deepcopy(start)
                 finetune(model, TensorBatches(xr, yr, 128, seed=seed + 2), replace(cfg, lr=lr), teacher=tutor,
@@ -494,8 +504,12 @@ def trial_bias_part(teacher, pre, train, device, log, kept=(0.4,), seeds=(0,)) -
                 row["full_run_held_out_loss"][str(lr)] = held_out_loss(model, held, cfg, tutor, device)[0]
                 print(f"[trial_bias] kept {k} seed {seed} lr {lr}: trial {choice.held_out_loss[lr]:.4f}, full run "
                       f"{row['full_run_held_out_loss'][str(lr)]:.4f}", flush=True)
+                if half_a is not None:
+                    row.setdefault("full_run_top1_half_a", {})[str(lr)] = top1(model, *half_a)
             full = row["full_run_held_out_loss"]
             row["full_run_best_lr"] = float(min(full, key=full.get))
+            if half_a is not None:
+                row["reference_top1_half_a"] = top1(teacher.to(device), *half_a)
             row["trial_best_lr"] = choice.lr
             log.append(row)
 
@@ -572,6 +586,10 @@ def main() -> None:
     p.add_argument("--seed-start", type=int, default=0, help="final: first seed (70%%/30%% rows only from seed 0)")
     p.add_argument("--limit", type=int, default=None, help="smoke runs: images per split")
     p.add_argument("--name", default=None)
+    p.add_argument("--trial-bias-half-a", action="store_true",
+                   help="trial_bias: also score each full run on half A of the test split (half B stays unseen)")
+    p.add_argument("--trial-shares", type=float, nargs="+", default=[0.1],
+                   help="trial_bias: trial lengths to compare (share of the run's batches; the first is --lr auto's)")
     p.add_argument("--deadline-s", type=float, default=None, help="start no new run after this many seconds")
     p.add_argument("--select-deadline-s", type=float, default=None,
                    help="select: start no choosing run after this many seconds (the final runs go on)")
@@ -627,7 +645,9 @@ def main() -> None:
 def run_parts(args, teacher, pre, train, test, device, base_top1, head, log, save) -> None:
     if "trial_bias" in args.part:
         trial_bias_part(teacher, pre, train, device, log, kept=tuple(args.final_kept),
-                        seeds=tuple(range(args.seed_start, args.seed_start + args.seeds)))
+                        seeds=tuple(range(args.seed_start, args.seed_start + args.seeds)),
+                        shares=tuple(args.trial_shares),
+                        half_a=split_halves(test, device)[0] if args.trial_bias_half_a else None)
         save()
         return
     if "recovery" in args.part:

@@ -250,19 +250,20 @@ def choose_lr(
     device: torch.device | None = None,
     candidates: tuple[float, ...] = LR_CANDIDATES,
     progress: ProgressFn = no_progress,
+    trial_share: float = LR_TRIAL_SHARE,
 ) -> LrChoice:
     """Pick the fine-tuning learning rate by short trial runs, judged on images none of them trained on.
 
     The best rate differs from model to model (measured on Fashion-MNIST at 40% of the MACs kept: 0.06 gave
     the smallest top-1 drop on a ResNet-20 and a far larger one than 0.01 on a torchvision resnet18), so it is
-    measured rather than guessed: each candidate fine-tunes a copy of ``model`` for ``LR_TRIAL_SHARE`` of the
+    measured rather than guessed: each candidate fine-tunes a copy of ``model`` for ``trial_share`` of the
     run's ``total_batches`` (at least ``LR_TRIAL_MIN``, at most ``total_batches``; its own cosine schedule, a
     compressed run), on batches from a fresh ``fit_loader()`` each, and the rate whose copy reaches the lowest
     objective on ``held`` (read once per candidate, so it must be re-iterable) wins; a tie goes to the smaller
     rate, a diverged trial never wins.
     """
     device = device or next(model.parameters()).device
-    trial_batches = min(total_batches, max(LR_TRIAL_MIN, round(LR_TRIAL_SHARE * total_batches)))
+    trial_batches = min(total_batches, max(LR_TRIAL_MIN, round(trial_share * total_batches)))
     use_teacher = teacher if config.distill else None
     losses: dict[float, float] = {}
     images = 0
