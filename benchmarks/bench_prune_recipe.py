@@ -466,9 +466,10 @@ def trial_bias_part(teacher, pre, train, device, log, kept=(0.4,), seeds=(0,), s
                     half_a=None) -> None:
     """Do the short learning-rate trials rank the rates as the full runs would, on the same held-out images?
 
-    Uses no test image. From one pruned, BN-re-estimated start: ``choose_lr``'s trials (as ``--lr auto`` runs
-    them: 512 seeded held-out train images, trials on the rest), then a full epoch at every candidate rate on
-    the same trial images, each judged on the same held-out images by the same objective. A lean of the trials
+    Uses no test image unless ``half_a`` is given (below). From one pruned, BN-re-estimated start:
+    ``choose_lr``'s trials (as ``--lr auto`` runs them: 512 seeded held-out train images, trials on the rest),
+    then a full epoch at every candidate rate on the same trial images, each judged on the same held-out images
+    by the same objective. A lean of the trials
     towards smaller (or larger) rates than the full runs prefer shows up as different winners. ``shares``:
     trial lengths (share of the run's batches) to compare; the first is the one ``--lr auto`` uses. ``half_a``
     (``--trial-bias-half-a``): also each full run's top-1 on half A of the test split (``split_halves``: the half
@@ -478,6 +479,7 @@ def trial_bias_part(teacher, pre, train, device, log, kept=(0.4,), seeds=(0,), s
     from rescompress.pruning.finetune import LR_CANDIDATES, choose_lr, held_out_loss
 
     xf, yf = train
+    ref_half_a = None
     for k in kept:
         for seed in seeds:
             crit_cfg = PruneConfig(target_macs=k, criterion="l1", bn_recalib=0, seed=seed, device="cpu")
@@ -509,7 +511,7 @@ def trial_bias_part(teacher, pre, train, device, log, kept=(0.4,), seeds=(0,), s
             full = row["full_run_held_out_loss"]
             row["full_run_best_lr"] = float(min(full, key=full.get))
             if half_a is not None:
-                row["reference_top1_half_a"] = top1(teacher.to(device), *half_a)
+                row["reference_top1_half_a"] = ref_half_a = ref_half_a or top1(teacher.to(device), *half_a)
             row["trial_best_lr"] = choice.lr
             log.append(row)
 

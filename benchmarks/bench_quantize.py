@@ -460,11 +460,11 @@ def part_resnet50(args) -> None:
         tmp = Path(tmp)
         fp32, pre, ds = resnet50_fp32(tmp)
         calib = sample(ds, args.r50_images)
-        files, secs = our_artifacts(fp32, calib, "max", batch=8)
         from rescompress.quantization.stem import rewrite_stem
 
-        plain = our_artifacts(fp32, calib, "max", batch=8, stem_s2d=False)[0]["onnxruntime"]
-        stem = rewrite_stem(plain)[1]
+        files, secs = our_artifacts(fp32, calib, "max", batch=8, stem_s2d=False)
+        plain = files["onnxruntime"]
+        files["onnxruntime"], stem = rewrite_stem(plain)  # the tool's file: the same calibration, one rewrite
         ort_path = ort_quantize(fp32, tmp / "ort-minmax.onnx", calib, "minmax", batch=8)
         x = sample(ds, 32, seed=2)
         ref = logits_of(session(fp32), x, 8)

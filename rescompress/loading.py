@@ -1059,7 +1059,10 @@ def onnx_summary(path: Path | str, input_size: int | tuple[int, int] | None = No
     ops: dict[str, int] = {}
     for node in graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    params = count_onnx_params(graph)
+    from rescompress.quantization.stem import stem_kernels
+
+    kernels = stem_kernels(proto)
+    params = count_onnx_params(graph, kernels)
     if isinstance(input_size, int):
         input_size = (input_size, input_size)
     size = tuple(input_size) if input_size else info.input_size
@@ -1081,6 +1084,10 @@ def _shape(value_info) -> tuple[int | str | None, ...]:
 def _onnx_macs(proto, input_name: str, channels: int, size: tuple[int, int]) -> int | None:
     """Multiply-accumulates of Conv/Gemm/MatMul at batch 1, from ONNX shape inference; None if unknown."""
     import onnx
+
+    from rescompress.quantization.stem import stem_kernels
+
+    kernels = stem_kernels(proto)
 
     model = onnx.ModelProto()
     model.CopyFrom(proto)
@@ -1116,6 +1123,7 @@ def _onnx_macs(proto, input_name: str, channels: int, size: tuple[int, int]) -> 
             k = 1
             for d in w[1:]:  # (in / groups) * kh * kw
                 k *= d
+            k = kernels.get(node.name, k)  # a space-to-depth stem's zero taps left out
         elif node.op_type == "Gemm":
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
             k = w[1] if trans_b else w[0]

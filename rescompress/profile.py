@@ -42,14 +42,17 @@ _ONNX_PARAM_INPUTS = {"Conv": (1, 2), "Gemm": (1, 2), "MatMul": (1,), "ConvInteg
                       "QLinearConv": (3, 8), "QLinearMatMul": (3,), "QGemm": (3, 6), "BatchNormalization": (1, 2)}
 
 
-def count_onnx_params(graph) -> int:
+def count_onnx_params(graph, kernels: dict[str, int] | None = None) -> int:
     """Weight and bias elements of an ONNX graph's Conv/Gemm/MatMul layers (and their integer forms) and of
     its BatchNormalization nodes.
 
     A weight behind a DequantizeLinear counts as the tensor it dequantizes; scales, zero points and other
     constants are not parameters. Each layer counts its own weights, also where an exporter stored equal
     tensors once, so an FP32 file and the INT8 files made from it count the same (as the torch model does).
+    ``kernels`` maps a Conv node to its weights per output channel where the stored weight also holds zero taps
+    (the ONNX Runtime file's space-to-depth stem: ``quantization.stem.stem_kernels``).
     """
+    kernels = kernels or {}
     inits = {t.name: t for t in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
     total = 0
@@ -62,7 +65,8 @@ def count_onnx_params(graph) -> int:
                     break
                 name = p.input[0]
             if name in inits:
-                total += math.prod(inits[name].dims)
+                dims = inits[name].dims
+                total += dims[0] * kernels[node.name] if i == 1 and node.name in kernels else math.prod(dims)
     return total
 
 

@@ -105,7 +105,7 @@ def quantize_command(
     stem_s2d: Annotated[
         bool, typer.Option("--stem-s2d/--no-stem-s2d", help="ONNX Runtime file: run the stride-2 stem on the image "
                            "as a stride-1 convolution over 2x2 blocks (SpaceToDepth), which ORT's int8 kernel runs "
-                           "faster; the integers computed are the same.")
+                           "faster; it sums the same integer products.")
     ] = True,
     trt_version: Annotated[
         str | None,

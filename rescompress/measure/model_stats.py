@@ -44,7 +44,10 @@ def onnx_params_macs(path: Path | str, input_shape: tuple[int, ...]) -> tuple[in
         raise RescompressError(f"cannot read ONNX file {path}: {exc}") from exc
     graph = model.graph
     init_names = {t.name for t in graph.initializer}
-    params = count_onnx_params(graph)
+    from rescompress.quantization.stem import stem_kernels
+
+    kernels = stem_kernels(model)
+    params = count_onnx_params(graph, kernels)
     shape = (1, *tuple(input_shape)[1:])
     for inp in graph.input:
         if inp.name in init_names:
@@ -72,7 +75,8 @@ def onnx_params_macs(path: Path | str, input_shape: tuple[int, ...]) -> tuple[in
             w = shapes.get(node.input[_CONV_WEIGHT_INPUT[node.op_type]])
             if out is None or w is None:
                 return params, None
-            macs += math.prod(out) * math.prod(w[1:])  # each output: (in/groups) * kh * kw products
+            # each output: (in/groups) * kh * kw products (a space-to-depth stem's zero taps left out)
+            macs += math.prod(out) * kernels.get(node.name, math.prod(w[1:]))
         elif node.op_type == "Gemm":
             a = shapes.get(node.input[0])
             if out is None or a is None:
