@@ -951,7 +951,7 @@ def render_markdown(r: QuantizeResult) -> str:
     if r.stem_rewrite:
         k, b = r.stem_rewrite.kernel, r.stem_rewrite.block_kernel
         lines += ["", f"ONNX Runtime file: stem `{r.stem_rewrite.node}` ({k[0]}x{k[1]} stride 2) computed as a "
-                  f"{b[0]}x{b[1]} stride-1 convolution over 2x2 blocks (SpaceToDepth, same integer results)"]
+                  f"{b[0]}x{b[1]} stride-1 convolution over 2x2 blocks (SpaceToDepth; the same integer products)"]
     if r.latency:
         lines += ["", "Latency on ONNX Runtime CPU (INT8 speed-up over FP32): " + ", ".join(
             f"batch {b}: {_f(s)}x" for b, s in r.latency["speedup"].items())]
