@@ -469,12 +469,11 @@ def trial_bias_part(teacher, pre, train, device, log, kept=(0.4,), seeds=(0,), s
     Uses no test image unless ``half_a`` is given (below). From one pruned, BN-re-estimated start:
     ``choose_lr``'s trials (as ``--lr auto`` runs them: 512 seeded held-out train images, trials on the rest),
     then a full epoch at every candidate rate on the same trial images, each judged on the same held-out images
-    by the same objective. A lean of the trials
-    towards smaller (or larger) rates than the full runs prefer shows up as different winners. ``shares``:
-    trial lengths (share of the run's batches) to compare; the first is the one ``--lr auto`` uses. ``half_a``
-    (``--trial-bias-half-a``): also each full run's top-1 on half A of the test split (``split_halves``: the half
-    ``select`` chooses on; half B stays unseen), to tell a judge that ranks the full runs unlike the test images
-    apart from trials that rank the rates unlike the full runs.
+    by the same objective. A lean of the trials towards smaller (or larger) rates than the full runs prefer
+    shows up as different winners. ``shares``: trial lengths (share of the run's batches) to compare; the first
+    is the one ``--lr auto`` uses. ``half_a`` (``--trial-bias-half-a``): also each full run's top-1 on half A of
+    the test split (``split_halves``: the half ``select`` chooses on; half B stays unseen), to tell a judge that
+    ranks the full runs unlike the test images apart from trials that rank the rates unlike the full runs.
     """
     from rescompress.pruning.finetune import LR_CANDIDATES, choose_lr, held_out_loss
 
