@@ -30,6 +30,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from rescompress.quantization.emit import set_metadata
+from rescompress.quantization.placement import GraphIndex
 
 STEM_KEY = "rescompress.quantization.stem_space_to_depth"  # metadata of a rewritten file: the rewrite, as JSON
 MAX_STEM_CHANNELS = 4  # image inputs; wider inputs fill the kernel's vectors without help
@@ -81,15 +82,14 @@ def _static_hw(model: onnx.ModelProto, name: str) -> tuple[int, int] | None:
     return None
 
 
-def _requantized(g: onnx.GraphProto, tensor: str, consumers: dict) -> bool:
+def _requantized(idx: GraphIndex, tensor: str) -> bool:
     """Does ``tensor`` feed only QuantizeLinear nodes, directly or through one Relu? (ORT then fuses the conv into
     QLinearConv; a conv whose output stays float would run as a float conv, and sum in another order.)"""
-    outputs = {o.name for o in g.output}
-    users = consumers.get(tensor, [])
-    if tensor in outputs or not users:
+    users = [n for n, _ in idx.consumers.get(tensor, [])]
+    if tensor in idx.graph_outputs or not users:
         return False
     if len(users) == 1 and users[0].op_type == "Relu":
-        return _requantized(g, users[0].output[0], consumers)
+        return _requantized(idx, users[0].output[0])
     return all(n.op_type == "QuantizeLinear" for n in users)
 
 
@@ -102,18 +102,13 @@ def rewrite_stem(model: onnx.ModelProto) -> tuple[onnx.ModelProto, StemRewrite |
     most four input channels, explicit pads, an output that is quantized again (so ONNX Runtime fuses it into
     QLinearConv), and a static image height and width.
     """
-    g = model.graph
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for t in n.input:
-            consumers.setdefault(t, []).append(n)
-    inits = {i.name: i for i in g.initializer}
+    idx = GraphIndex(model)
+    producer, inits = idx.producer, idx.initializers
 
     def init(name: str) -> np.ndarray | None:
         return numpy_helper.to_array(inits[name]) if name in inits else None
 
-    for conv in g.node:
+    for conv in idx.nodes:
         if conv.op_type != "Conv" or len(conv.input) < 2:
             continue
         a = _attrs(conv)
@@ -131,9 +126,9 @@ def rewrite_stem(model: onnx.ModelProto) -> tuple[onnx.ModelProto, StemRewrite |
                 or xscale.size != 1 or list(a.get("strides", [1, 1])) != [2, 2]
                 or any(d != 1 for d in a.get("dilations", [1, 1])) or a.get("group", 1) != 1
                 or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
-                or not _requantized(g, conv.output[0], consumers)):
+                or not _requantized(idx, conv.output[0])):
             continue
-        done = _rewritten(model, conv, q_x, dq_x, dq_w, w, hw, list(a.get("pads", [0, 0, 0, 0])), consumers)
+        done = _rewritten(idx, conv, q_x, dq_x, dq_w, w, hw, list(a.get("pads", [0, 0, 0, 0])))
         if done is not None:
             return done
     return model, None
@@ -155,7 +150,7 @@ def _block_geometry(size: int, pad_begin: int, pad_end: int, k: int) -> tuple[in
     return None if pe < 0 or out < 1 else (shift, kb, pb, pe)
 
 
-def _rewritten(model, conv, q_x, dq_x, dq_w, w, hw, pads, consumers) -> tuple[onnx.ModelProto, StemRewrite] | None:
+def _rewritten(idx: GraphIndex, conv, q_x, dq_x, dq_w, w, hw, pads) -> tuple[onnx.ModelProto, StemRewrite] | None:
     o, c, kh, kw = w.shape
     pt, pl, pb, pr = pads
     gh, gw = _block_geometry(hw[0], pt, pb, kh), _block_geometry(hw[1], pl, pr, kw)
@@ -186,7 +181,7 @@ def _rewritten(model, conv, q_x, dq_x, dq_w, w, hw, pads, consumers) -> tuple[on
                          [f"{base}_weight_dequantized"], name=f"{base}_weight_DequantizeLinear", axis=0),
     ]
     m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m.CopyFrom(idx.model)
     g = m.graph
     out = []
     for n in g.node:
@@ -201,10 +196,8 @@ def _rewritten(model, conv, q_x, dq_x, dq_w, w, hw, pads, consumers) -> tuple[on
                                 helper.make_attribute("pads", [pbh, pbw, peh, pew])])
         out.append(n)
     # What only the old stem read goes: its image Q/DQ pair and its weight levels (nothing else is touched).
-    graph_outputs = {t.name for t in g.output}
-
     def only_for(tensor: str, reader: onnx.NodeProto) -> bool:
-        return tensor not in graph_outputs and [id(n) for n in consumers.get(tensor, [])] == [id(reader)]
+        return tensor not in idx.graph_outputs and [id(n) for n, _ in idx.consumers.get(tensor, [])] == [id(reader)]
 
     drop = set()
     if only_for(dq_x.output[0], conv):
