@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
     app.command("quantize")(quantize_command)
 
 
-CALIBRATION_OPTIONS = ("method", "percentile", "num_images", "seed", "refine_tensors", "ort_range")
+CALIBRATION_OPTIONS = ("method", "percentile", "num_images", "seed", "refine_tensors", "ort_range", "equalize")
 
 
 @handle_errors
@@ -70,6 +70,11 @@ def quantize_command(
                           "error on calibration images (no speed cost); nearest: plain rounding; auto: hessian "
                           "when --calib-data is given.")
     ] = "auto",
+    equalize: Annotated[
+        bool, typer.Option("--equalize/--no-equalize", help="Rescale channels between convolutions (the FP32 "
+                           "function unchanged) so each activation's one int8 grid serves all its channels; factors "
+                           "from the calibration images. The FP32 file and the TensorRT cache stay unscaled.")
+    ] = True,
     refine_tensors: Annotated[
         int, typer.Option("--refine-tensors", min=0, help="With --method auto: rescale the K worst tensors' ranges "
                           "on held-out images (0: off; large models get fewer, within a compute budget).")
@@ -141,6 +146,7 @@ def quantize_command(
         targets=TARGET_CHOICES[target], exclude=tuple(exclude or ()), max_drop=max_drop,
         max_float_layers=max_fallback, ort_range=ort_range, eval_limit=eval_limit,
         latency=latency, refine_tensors=refine_tensors, weight_rounding=weight_rounding, stem_s2d=stem_s2d,
+        equalize=equalize,
         # TensorRT is imported for its version only when a cache is written
         trt_version=trt_version or (default_trt_version() if "tensorrt" in TARGET_CHOICES[target] else
                                     DEFAULT_TRT_VERSION),
@@ -184,6 +190,11 @@ def quantize_command(
         if result.latency:
             speedup = result.latency["speedup"]
             summary["INT8 speed-up (ORT CPU)"] = {f"batch {b}": round(s, 2) for b, s in speedup.items()}
+        if result.equalization:
+            e = result.equalization
+            summary["channel equalization"] = (
+                f"{e['channels']} channels in {e['groups_scaled']} of {e['groups']} groups rescaled "
+                f"(median factor {e['median_scale']:.2f}, largest {e['max_scale']:.2f})")
         if result.stem_rewrite:
             r = result.stem_rewrite
             summary["ORT stem as 2x2 blocks"] = (

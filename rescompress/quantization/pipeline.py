@@ -41,6 +41,9 @@ from rescompress.measure.agreement import sqnr_db as capped_sqnr_db
 from rescompress.quantization.calibrate import activation_entries, check_finite_weights, weight_entries
 from rescompress.quantization.checker import INTEGER_OPS, check_trt_qdq
 from rescompress.quantization.emit import emit_qdq, save_model
+from rescompress.quantization.equalize import Equalization
+from rescompress.quantization.equalize import from_plan as equalization_from_plan
+from rescompress.quantization.equalize import measure as measure_equalization
 from rescompress.quantization.fallback import FallbackResult, rank_layers, search_fallback
 from rescompress.quantization.fidelity import Fidelity, compare, run_sessions, sqnr_db
 from rescompress.quantization.placement import GraphIndex, Placement, check_patterns, place, prepare_model
@@ -117,6 +120,7 @@ class QuantizeConfig:
     threads: int | None = None
     trt_version: str = DEFAULT_TRT_VERSION
     stem_s2d: bool = True  # ORT file: the image's stride-2 stem as a stride-1 conv over 2x2 blocks (stem.py)
+    equalize: bool = True  # scale channels so per-tensor activation grids fit them all (equalize.py)
 
     def __post_init__(self) -> None:
         if self.method not in (*METHODS, "auto"):
@@ -185,6 +189,7 @@ class QuantizeResult:
     config: QuantizeConfig = field(default_factory=QuantizeConfig)
     fp32_rewrites: tuple[str, ...] = ()  # changes made to a given ONNX file before quantizing (see load_fp32)
     stem_rewrite: StemRewrite | None = None  # the ORT file's space-to-depth stem (stem.py), when applied
+    equalization: dict | None = None  # summary of the channel equalization (Equalization.to_dict), when applied
 
     def to_dict(self) -> dict:
         return {
@@ -203,6 +208,7 @@ class QuantizeResult:
             "fallback": {t: f.to_dict() for t, f in self.fallback.items()} if self.fallback else None,
             "latency": self.latency,
             "ort_stem_rewrite": self.stem_rewrite.to_dict() if self.stem_rewrite else None,
+            "equalization": self.equalization,
             "calibration": self.calibration,
             "provenance": self.plan.provenance.to_dict(),
             "warnings": list(self.warnings),
@@ -553,6 +559,8 @@ def quantize_model(
 
     holdout_batches = None
     calib_stats: dict = {}
+    reference = base  # the FP32 function the INT8 files are measured against
+    equalization: Equalization | None = None  # when set, ``base`` is ``reference`` with channels rescaled
     method_scores: dict[str, dict] = {}
     if qplan_in is not None:
         qplan = qplan_in
@@ -562,6 +570,12 @@ def quantize_model(
                 f"the plan has no range for {len(missing)} tensor(s) this run needs (e.g. {missing[0]!r}); "
                 "recalibrate without --plan"
             )
+        if qplan.equalization:
+            try:
+                equalization = equalization_from_plan(base, shapes, qplan.equalization)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise RescompressError(f"the plan's channel equalization is malformed: {exc!r}") from exc
+            base = equalization.apply(base)
         method = qplan.provenance.method
         say(f"using plan {plan if not isinstance(plan, QuantPlan) else ''} (method {method}); calibration skipped")
         calib_stats = {"skipped": True, "num_images": qplan.provenance.num_images}
@@ -590,6 +604,18 @@ def quantize_model(
         batch = calibration_batch_size(per_image_sizes(base, tensors.observed, shapes), cfg.batch_size)
         if batch < cfg.batch_size:
             say(f"calibration batch size capped at {batch} to bound activation memory")
+        eq_seconds = 0.0
+        if cfg.equalize:
+            t0 = time.perf_counter()
+            eq_loader = _loader(dataset, calib_idx, batch)
+            equalization = measure_equalization(base, shapes, prog(eq_loader, len(eq_loader), "channel ranges"),
+                                                cfg.threads)
+            if equalization.groups:
+                base = equalization.apply(base)
+            else:
+                equalization = None
+                say("equalization: no channel group can be rescaled in this graph")
+            eq_seconds = time.perf_counter() - t0
         batches = _HashingBatches(_loader(dataset, calib_idx, batch))
         t0 = time.perf_counter()
         histograms, stats = collect_histograms(
@@ -598,6 +624,8 @@ def quantize_model(
         histograms = tensors.complete(histograms)
         calib_stats = {**stats.to_dict(), "batch_size": batch, "tensors": len(calib_names),
                        "tensors_observed": len(tensors.observed), "holdout": holdout}
+        if cfg.equalize:
+            calib_stats["equalization_seconds"] = eq_seconds
         data_fp = batches.sha.hexdigest()
         weights = weight_entries(base, [w for p in placements.values() for w in p.weights])
         provenance = Provenance(
@@ -625,8 +653,19 @@ def quantize_model(
         else:
             method = cfg.method
         qplan = plans[method]
+        if equalization is not None:
+            entry = equalization.to_plan()
+            scaled = [t for t in cache_tensors if t in set(equalization.scaled_tensors)]
+            if scaled:  # the cache goes with the FP32 file, whose channels were not rescaled
+                t0 = time.perf_counter()
+                entry["fp32_cache_scales"] = _fp32_cache_scales(
+                    reference, scaled, tensors, _loader(dataset, calib_idx, batch), method, cfg, shapes)
+                calib_stats["equalization_seconds"] += time.perf_counter() - t0
+            qplan = replace(qplan, equalization=entry)
+            say(f"equalized {len(equalization.scaled_tensors)} activation(s) in "
+                f"{equalization.to_dict()['groups_scaled']} channel group(s) on {equalization.images} images")
 
-    rounded: dict = {}  # initializer -> Hessian-rounded float weight; ``base`` stays the FP32 reference
+    rounded: dict = {}  # initializer -> Hessian-rounded float weight; ``base`` keeps the float ones
     reuse = plan is not None and qplan.rounding and cfg.weight_rounding != "nearest"
     if reuse:
         src_plan = Path(plan) if not isinstance(plan, QuantPlan) else None
@@ -674,7 +713,7 @@ def quantize_model(
             raise UsageError("--max-drop needs --eval-data (or --calib-data to measure agreement)")
         # Each file meets --max-drop on its own: the TensorRT placement loses more than the ORT one. The FP32
         # reference is computed once for both searches.
-        ref = _fallback_reference(base, eval_loader, use_labels, cfg.threads)
+        ref = _fallback_reference(reference, eval_loader, use_labels, cfg.threads)
         if ref.labels is None:
             say("no labeled --eval-data: --max-drop applies to top-1 disagreement with FP32 (percent)")
         fallback = {t: _fallback(base, qplan, placements[t], cfg, eval_loader, ref, say, emit) for t in want}
@@ -697,7 +736,8 @@ def quantize_model(
         save_model(files[t], w(path))
         artifacts[t] = path
     if "tensorrt" in want:
-        scales = {n: qplan.activation(n).params["tensorrt"].scale for n in cache_tensors}
+        fp32_scales = (qplan.equalization or {}).get("fp32_cache_scales", {})
+        scales = {n: fp32_scales.get(n, qplan.activation(n).params["tensorrt"].scale) for n in cache_tensors}
         artifacts["trt_cache"] = out / f"{src.stem}.int8.trt.cache"
         write_cache(w(artifacts["trt_cache"]), scales, cfg.trt_version)
     if rounded and not reuse:
@@ -726,7 +766,7 @@ def quantize_model(
     fidelity: dict[str, Fidelity] = {}
     worst: dict[str, tuple[LayerSqnr, ...]] = {}
     if eval_loader is not None:
-        sessions = _sessions_for({"fp32": base, **files}, cfg.threads)
+        sessions = _sessions_for({"fp32": reference, **files}, cfg.threads)
         logits, labels = run_sessions(sessions, prog(eval_loader, len(eval_loader), "evaluating"))
         labels = labels if use_labels else None
         fidelity = {t: compare(logits["fp32"], logits[t], labels) for t in qmodels}
@@ -740,6 +780,7 @@ def quantize_model(
         method_scores=method_scores, fidelity=fidelity, eval_source=eval_source, worst_layers=worst,
         placements=placements, fallback=fallback, latency=latency, calibration=calib_stats,
         warnings=tuple(warnings), config=cfg, fp32_rewrites=src.rewrites, stem_rewrite=stem_rewrite,
+        equalization=equalization.to_dict() if equalization is not None else None,
     )
     report_json = out / f"{src.stem}.quantize.json"
     report_md = out / f"{src.stem}.quantize.md"
@@ -748,6 +789,26 @@ def quantize_model(
     write_text_atomic(w(report_json), json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     write_text_atomic(w(report_md), render_markdown(result))
     return result
+
+
+def _fp32_cache_scales(
+    reference: onnx.ModelProto, names: Sequence[str], tensors: CalibrationTensors, loader, method: str,
+    cfg: QuantizeConfig, shapes: dict,
+) -> dict[str, float]:
+    """TensorRT scales of ``names`` in the FP32 file (before channel equalization), for the calibration cache.
+
+    The cache drives TensorRT's implicit INT8 path, which quantizes the FP32 file itself; the equalized
+    ranges would not fit its channels. One more calibration pass over the same images, with the same method.
+    """
+    root = {}
+    for t in names:
+        r = t
+        while r in tensors.shared:  # read only by a Relu: takes that Relu output's range, as in calibration
+            r = tensors.shared[r]
+        root[t] = r
+    hists, _ = collect_histograms(reference, sorted(set(root.values())), loader, threads=cfg.threads, shapes=shapes)
+    entries = activation_entries(hists, method, cfg.percentile, cfg.ort_range)
+    return {t: float(entries[root[t]].params["tensorrt"].scale) for t in names}
 
 
 def _round_weights(
@@ -948,6 +1009,12 @@ def render_markdown(r: QuantizeResult) -> str:
     if r.method_scores:
         lines += ["", "Method choice (held-out calibration images): " + ", ".join(
             f"{m} {_f(s['sqnr_db'], 1)} dB" for m, s in r.method_scores.items())]
+    if r.equalization:
+        e = r.equalization
+        lines += ["", f"Channel equalization: {e['channels']} channels in {e['groups_scaled']} of {e['groups']} "
+                  f"channel groups rescaled (median factor {_f(e['median_scale'])}, largest {_f(e['max_scale'])}; "
+                  f"from {e['images']} calibration images). The FP32 function is unchanged; the INT8 files carry the "
+                  "rescaled weights, the FP32 file and the TensorRT cache do not."]
     if r.stem_rewrite:
         k, b = r.stem_rewrite.kernel, r.stem_rewrite.block_kernel
         lines += ["", f"ONNX Runtime file: stem `{r.stem_rewrite.node}` ({k[0]}x{k[1]} stride 2) computed as a "

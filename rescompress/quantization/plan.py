@@ -197,6 +197,9 @@ class QuantPlan:
     provenance: Provenance
     # Hessian weight rounding: {"method", "file" (beside the plan: int8 levels per weight), "sha256", "images"}
     rounding: dict | None = None
+    # Channel equalization applied before calibration (equalize.py): {"alpha", "images", "scales": {group's
+    # first tensor: [factor per channel]}, "fp32_cache_scales": {tensor: scale in the FP32 file}}
+    equalization: dict | None = None
 
     def activation(self, name: str) -> ActivationEntry:
         try:
@@ -224,6 +227,7 @@ class QuantPlan:
             "activations": {k: v.to_dict() for k, v in sorted(self.activations.items())},
             "weights": {k: v.to_dict() for k, v in sorted(self.weights.items())},
             **({"rounding": self.rounding} if self.rounding else {}),
+            **({"equalization": self.equalization} if self.equalization else {}),
         }
 
     @classmethod
@@ -235,6 +239,7 @@ class QuantPlan:
             weights={k: WeightEntry.from_dict(v) for k, v in d["weights"].items()},
             provenance=Provenance.from_dict(d["provenance"]),
             rounding=dict(d["rounding"]) if d.get("rounding") else None,
+            equalization=dict(d["equalization"]) if d.get("equalization") else None,
         )
 
     def save(self, path: Path | str) -> Path:
