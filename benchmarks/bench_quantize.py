@@ -281,8 +281,9 @@ def openvino_logits(model_path_or_proto, x: np.ndarray, b: int = 250) -> np.ndar
 
 
 def _tool_rows(args, ckpt: Path, name: str, y_test: np.ndarray) -> None:
-    """``rescompress quantize`` itself (``quantize_model``) with default settings, then with nearest weight
-    rounding, on the full test split; merged into the part's existing JSON (other rows kept)."""
+    """``rescompress quantize`` itself (``quantize_model``) with default settings, then without channel
+    equalization and with nearest weight rounding, on the full test split; merged into the part's existing JSON
+    (other rows kept)."""
     from rescompress.quantization.pipeline import QuantizeConfig, quantize_model
 
     path = Path(__file__).resolve().parent / "results" / f"{name}.json"
@@ -290,6 +291,7 @@ def _tool_rows(args, ckpt: Path, name: str, y_test: np.ndarray) -> None:
     head = {k: v for k, v in doc.items() if k not in ("benchmark", "machine")}
     rows = dict(head.get("results", {}))
     for label, cfg in (("tool-default", QuantizeConfig(latency=False)),
+                       ("tool-no-equalize", QuantizeConfig(latency=False, equalize=False)),
                        ("tool-nearest-rounding", QuantizeConfig(latency=False, weight_rounding="nearest"))):
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
@@ -301,6 +303,7 @@ def _tool_rows(args, ckpt: Path, name: str, y_test: np.ndarray) -> None:
                 "top1": f.top1, "fp32_top1": f.fp32_top1, "top1_drop": f.top1_drop, "top5": f.top5,
                 "top1_agreement": f.top1_agreement, "sqnr_db": f.sqnr_db, "max_abs_diff": f.max_abs_diff, "n": f.n,
                 "method": r.method, "quantize_model_s": secs, "weight_rounding": r.calibration.get("weight_rounding"),
+                "equalization": r.equalization,
                 "refine": r.calibration.get("refine")}
             print(label, t, round(f.sqnr_db, 2), round(f.top1_agreement, 2), round(f.top1_drop, 2), file=sys.stderr)
     head["results"] = rows
@@ -332,7 +335,8 @@ def part_fmnist(args) -> None:
     rows, ov_rows = {}, {}
     t_start = time.time()
     # (not ``name``: the loops below name their rows with it)
-    result_name = "bench_quantize_resnet20" if ckpt == REFERENCE else f"bench_quantize_{arch}_{pre.size[0]}"
+    default_name = "bench_quantize_resnet20" if ckpt == REFERENCE else f"bench_quantize_{arch}_{pre.size[0]}"
+    result_name = args.name or default_name
     if args.rows == "tool":
         return _tool_rows(args, ckpt, result_name, y_test)
     with tempfile.TemporaryDirectory() as tmp:
@@ -604,6 +608,8 @@ def main() -> None:
     ap.add_argument("--rows", choices=("all", "tool"), default="all",
                     help="fmnist part: tool = only the rescompress-quantize rows, merged into the existing JSON")
     ap.add_argument("--num-images", type=int, default=512)
+    ap.add_argument("--name", default=None, help="fmnist part: result name (default bench_quantize_<arch>_<size>, or "
+                    "bench_quantize_resnet20 for the bundled model)")
     ap.add_argument("--latency-method", default="entropy")
     ap.add_argument("--r50-images", type=int, default=32)
     ap.add_argument("--r50-iters", type=int, default=5)
