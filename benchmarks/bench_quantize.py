@@ -450,11 +450,13 @@ def part_resnet50_tool(args) -> None:
                   "held out, refinement, --weight-rounding auto), no --eval-data (agreement on held-out images)",
         "total_s": total,
         "calibration_s": cal.get("seconds"), "ranges_s": cal.get("ranges_seconds"),
+        "equalization_s": cal.get("equalization_seconds"), "equalization": r.equalization,
         "weight_rounding": cal.get("weight_rounding"), "refine": cal.get("refine"),
         "method": r.method, "fidelity_vs_fp32": {t: f.to_dict() for t, f in r.fidelity.items()},
         "note": "random-init network: its logits are chaotic, so SQNR here says nothing about trained models",
     })
     print(json.dumps({"total_s": total, "calibration_s": cal.get("seconds"),
+                      "equalization_s": cal.get("equalization_seconds"),
                       "rounding_s": (cal.get("weight_rounding") or {}).get("seconds"),
                       "refine_s": (cal.get("refine") or {}).get("seconds")}), file=sys.stderr)
 
