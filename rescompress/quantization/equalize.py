@@ -19,7 +19,8 @@ MatMul with constant weights; anything else (a graph output, a Concat, a Mul, a 
 activation such as Clip or Sigmoid) leaves the group as it is.
 
 The factors come from calibration images: for each channel, the largest share it reaches of its tensor's
-maximum (and, separately, of its minimum), over every tensor of the group. ``s_c = share^-alpha``
+maximum (and, separately, of its minimum), over every tensor of the group that is quantized as itself (not
+a convolution's output read only by a ReLU, whose negative part no grid holds). ``s_c = share^-alpha``
 (``alpha`` in [0, 1], capped at ``max_scale``): with ``alpha = 1`` every channel reaches its tensor's
 extreme in at least one tensor and no tensor's range grows. Channels never seen away from zero keep
 ``s = 1``.
@@ -53,6 +54,9 @@ class ChannelGroup:
     producers: tuple[str, ...]  # Conv nodes whose output channels write the group
     consumers: tuple[tuple[str, int, int], ...]  # (node, axis of its weight indexing the channels, conv groups)
     channels: int
+    # The tensors whose ranges set the factors: all but those read only by a Relu, whose negative part is
+    # never quantized (the Relu output's range stands for them, as in calibration)
+    observed: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -181,6 +185,7 @@ def channel_groups(model: onnx.ModelProto, shapes: dict) -> list[ChannelGroup]:
     def own_weight(node: onnx.NodeProto, i: int) -> bool:
         return len(node.input) > i and node.input[i] in idx.initializers and uses.get(node.input[i]) == 1
 
+    relu_fed = idx.relu_only_inputs()
     groups = []
     for tensors in members.values():
         producers, consumers, ok = [], [], True
@@ -212,7 +217,8 @@ def channel_groups(model: onnx.ModelProto, shapes: dict) -> list[ChannelGroup]:
         widths |= {int(idx.initializers[idx.by_name[c].input[1]].dims[a]) * k for c, a, k in consumers}
         if len(widths) != 1:
             continue
-        groups.append(ChannelGroup(tuple(tensors), tuple(producers), tuple(consumers), widths.pop()))
+        observed = tuple(t for t in tensors if t not in relu_fed)
+        groups.append(ChannelGroup(tuple(tensors), tuple(producers), tuple(consumers), widths.pop(), observed))
     return groups
 
 
@@ -220,7 +226,7 @@ def channel_extremes(
     model: onnx.ModelProto, groups: Iterable[ChannelGroup], batches: Iterable, shapes: dict,
     threads: int | None = None,
 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int]:
-    """Per-channel (min, max) of every group tensor over ``batches``; and the number of images seen.
+    """Per-channel (min, max) of every observed group tensor over ``batches``; and the number of images seen.
 
     Only the per-channel reductions leave ONNX Runtime, so memory does not grow with the images.
     """
@@ -228,14 +234,17 @@ def channel_extremes(
     m.CopyFrom(model)
     g = m.graph
     opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 13)
-    names = [t for grp in groups for t in grp.tensors]
+    names = [t for grp in groups for t in grp.observed]
     outs = []
     for i, t in enumerate(names):
         rank = len(shapes.get(t) or [0, 0, 0, 0])
-        axes = [0, *range(2, rank)]
         for op in ("ReduceMin", "ReduceMax"):
             o = f"rescompress_eq_{i}_{op}"
-            g.node.append(_reduce(op, t, o, axes, opset, g, o))
+            src = t
+            if rank > 2:  # spatial axes first: ORT runs that multi-threaded, one reduction over (0, 2, 3) not
+                src = f"{o}_spatial"
+                g.node.append(_reduce(op, t, src, list(range(2, rank)), opset, g, src))
+            g.node.append(_reduce(op, src, o, [0], opset, g, o))
             g.output.append(helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None))
             outs.append(o)
     session = make_session(m, threads)
@@ -263,7 +272,7 @@ def group_scales(
 ) -> np.ndarray:
     """One factor per channel of ``group`` (see the module docstring)."""
     share = np.zeros(group.channels)
-    for t in group.tensors:
+    for t in group.observed:
         lo, hi = (np.asarray(v, np.float64) for v in extremes[t])
         if hi.max() > 0:
             share = np.maximum(share, np.clip(hi, 0, None) / hi.max())

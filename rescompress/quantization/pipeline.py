@@ -1,10 +1,11 @@
 """``quantize_model``: load -> fold -> export FP32 -> calibrate -> plan -> emit -> measure -> report.
 
 The library entry point behind ``rescompress quantize`` (and ``rescompress demo``). It takes a PyTorch
-model file (loaded safely, BatchNorm folded, exported) or a FP32 ONNX file, streams calibration images
-through it once, turns the statistics into a :class:`QuantPlan` (or reuses one given with ``plan``;
-with ``--method auto`` the held-out images also choose the method and refine the scales of each target's
-most error-prone tensors, see refine.py),
+model file (loaded safely, BatchNorm folded, exported) or a FP32 ONNX file, rescales its channels so that
+per-tensor grids fit them (equalize.py; one pass over the calibration images, the FP32 function unchanged),
+streams calibration images through it once, turns the statistics into a :class:`QuantPlan` (or reuses
+one given with ``plan``; with ``--method auto`` the held-out images also choose the method and refine the
+scales of each target's most error-prone tensors, see refine.py),
 emits the ONNX Runtime and TensorRT Q/DQ files and the TensorRT calibration cache from that one plan,
 checks the TensorRT file's structure, and measures the INT8 files against FP32 (accuracy, agreement,
 logit SQNR, the worst layers, latency on ORT CPU). Every output is written atomically into ``outdir``.
@@ -120,7 +121,8 @@ class QuantizeConfig:
     threads: int | None = None
     trt_version: str = DEFAULT_TRT_VERSION
     stem_s2d: bool = True  # ORT file: the image's stride-2 stem as a stride-1 conv over 2x2 blocks (stem.py)
-    equalize: bool = True  # scale channels so per-tensor activation grids fit them all (equalize.py)
+    equalize: bool = True  # scale channels so per-tensor activation grids fit them all (equalize.py); a plan
+    # given to quantize_model applies its own recorded factors whatever this says
 
     def __post_init__(self) -> None:
         if self.method not in (*METHODS, "auto"):
@@ -463,13 +465,25 @@ def _layer_sqnr(
 
 
 def choose_method(fids: dict[str, Fidelity]) -> str:
-    """Best top-1 (labeled) or agreement (unlabeled); methods within one image of the best count as tied
-    and the tie goes to the higher logit SQNR (a single image is noise on a small held-out set)."""
+    """Best top-1 (labeled) or agreement (unlabeled), up to noise; among the tied, the highest logit SQNR.
+
+    On a small held-out set a method can get a few more images right by chance. Two methods' top-1 counts
+    differ only on images where at least one of them departs from FP32's answer, so the noise of the
+    difference is about the square root of those flips added up: a method counts as tied with the best unless
+    it trails by more than twice that (and always when it trails by at most one image).
+    """
     acc = {m: (f.top1 if f.top1 is not None else f.top1_agreement) for m, f in fids.items()}
-    n = max(f.n for f in fids.values())
-    best = max(acc.values())
-    tied = [m for m in fids if acc[m] >= best - 100.0 / max(n, 1) - 1e-9]
-    return max(tied, key=lambda m: fids[m].sqnr_db)
+    best = max(fids, key=lambda m: (acc[m], fids[m].sqnr_db))
+
+    def flips(f: Fidelity) -> float:
+        return f.n * (100.0 - f.top1_agreement) / 100.0
+
+    def tied(m: str) -> bool:
+        n = max(fids[m].n, 1)
+        trail = (acc[best] - acc[m]) * n / 100.0  # images
+        return trail <= max(1.0, 2.0 * math.sqrt(flips(fids[best]) + flips(fids[m]))) + 1e-9
+
+    return max((m for m in fids if tied(m)), key=lambda m: fids[m].sqnr_db)
 
 
 # ------------------------------------------------------------------------------------------ main entry
