@@ -626,6 +626,8 @@ def quantize_model(
                                                 cfg.threads)
             if equalization.groups:
                 base = equalization.apply(base)
+                say(f"equalized {len(equalization.scaled_tensors)} activation(s) in "
+                    f"{equalization.to_dict()['groups_scaled']} channel group(s) on {equalization.images} images")
             else:
                 equalization = None
                 say("equalization: no channel group can be rescaled in this graph")
@@ -676,8 +678,6 @@ def quantize_model(
                     reference, scaled, tensors, _loader(dataset, calib_idx, batch), method, cfg, shapes)
                 calib_stats["equalization_seconds"] += time.perf_counter() - t0
             qplan = replace(qplan, equalization=entry)
-            say(f"equalized {len(equalization.scaled_tensors)} activation(s) in "
-                f"{equalization.to_dict()['groups_scaled']} channel group(s) on {equalization.images} images")
 
     rounded: dict = {}  # initializer -> Hessian-rounded float weight; ``base`` keeps the float ones
     reuse = plan is not None and qplan.rounding and cfg.weight_rounding != "nearest"
