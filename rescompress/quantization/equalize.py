@@ -76,6 +76,24 @@ class Equalization:
     def apply(self, model: onnx.ModelProto) -> onnx.ModelProto:
         return apply_scales(model, self.groups, self.scales)
 
+    def with_unscaled_views(
+        self, model: onnx.ModelProto, names: Iterable[str], shapes: dict
+    ) -> tuple[onnx.ModelProto, dict[str, str]]:
+        """A copy of the rescaled ``model`` that also computes each named tensor as it was before (channel
+        ``c`` divided by its factor), and ``name -> view name``: calibrating both in one pass gives the
+        FP32 file's ranges too."""
+        factor = {t: s for g, s in zip(self.groups, self.scales, strict=True) if np.any(s != 1.0) for t in g.tensors}
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        views = {}
+        for i, t in enumerate(names):
+            rank = len(shapes[t])
+            inv = (1.0 / factor[t]).astype(np.float32).reshape(1, -1, *([1] * (rank - 2)))
+            views[t] = f"rescompress_unscaled_{i}"
+            m.graph.initializer.append(numpy_helper.from_array(inv, f"{views[t]}_factor"))
+            m.graph.node.append(helper.make_node("Mul", [t, f"{views[t]}_factor"], [views[t]], name=views[t]))
+        return m, views
+
     def to_dict(self) -> dict:
         """Summary for the report."""
         scaled = [s for s in self.scales if np.any(s != 1.0)]
@@ -211,8 +229,8 @@ def channel_groups(model: onnx.ModelProto, shapes: dict) -> list[ChannelGroup]:
                     consumers.append((c.name, 0, 1))
                 else:
                     ok = False
-        if not ok or not producers or not consumers:
-            continue
+        if not ok or not producers or not consumers or any(len(shapes.get(t) or ()) < 2 for t in tensors):
+            continue  # (the channel axis of every tensor must be known)
         widths = {int(idx.initializers[idx.by_name[p].input[1]].dims[0]) for p in producers}
         widths |= {int(idx.initializers[idx.by_name[c].input[1]].dims[a]) * k for c, a, k in consumers}
         if len(widths) != 1:

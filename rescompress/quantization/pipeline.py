@@ -73,13 +73,17 @@ class CalibrationTensors:
     observed: list[str]
     shared: dict[str, str]  # tensor -> the Relu output whose histogram it takes
 
+    def root(self, tensor: str) -> str:
+        """The observed tensor whose histogram ``tensor`` takes (itself, or the Relu output it feeds)."""
+        while tensor in self.shared:  # Relu -> Relu chains
+            tensor = self.shared[tensor]
+        return tensor
+
     def complete(self, histograms: dict) -> dict:
         """``histograms`` of the observed tensors, plus the shared ones (the same objects)."""
         out = dict(histograms)
-        for t, r in self.shared.items():
-            while r in self.shared:  # Relu -> Relu chains
-                r = self.shared[r]
-            out[t] = histograms[r]
+        for t in self.shared:
+            out[t] = histograms[self.root(t)]
         return out
 
 
@@ -632,11 +636,23 @@ def quantize_model(
                 equalization = None
                 say("equalization: no channel group can be rescaled in this graph")
             eq_seconds = time.perf_counter() - t0
+        # With a TensorRT cache to write, the same pass also calibrates the rescaled tensors as the FP32 file
+        # holds them: the cache goes with that file (TensorRT's implicit path quantizes it).
+        calib_model, observed, views, calib_shapes = base, list(tensors.observed), {}, shapes
+        if equalization is not None and "tensorrt" in want:
+            scaled = set(equalization.scaled_tensors)
+            roots = sorted({tensors.root(t) for t in cache_tensors if t in scaled})
+            calib_model, views = equalization.with_unscaled_views(base, roots, shapes)
+            observed += list(views.values())
+            calib_shapes = {**shapes, **{v: shapes[r] for r, v in views.items()}}
+            batch = min(batch, calibration_batch_size(per_image_sizes(calib_model, observed, calib_shapes), batch))
         batches = _HashingBatches(_loader(dataset, calib_idx, batch))
         t0 = time.perf_counter()
         histograms, stats = collect_histograms(
-            base, tensors.observed, prog(batches, len(batches), "calibrating"), threads=cfg.threads, shapes=shapes,
+            calib_model, observed, prog(batches, len(batches), "calibrating"), threads=cfg.threads,
+            shapes=calib_shapes,
         )
+        fp32_histograms = {r: histograms.pop(v) for r, v in views.items()}
         histograms = tensors.complete(histograms)
         calib_stats = {**stats.to_dict(), "batch_size": batch, "tensors": len(calib_names),
                        "tensors_observed": len(tensors.observed), "holdout": holdout}
@@ -671,12 +687,11 @@ def quantize_model(
         qplan = plans[method]
         if equalization is not None:
             entry = equalization.to_plan()
-            scaled = [t for t in cache_tensors if t in set(equalization.scaled_tensors)]
-            if scaled:  # the cache goes with the FP32 file, whose channels were not rescaled
-                t0 = time.perf_counter()
-                entry["fp32_cache_scales"] = _fp32_cache_scales(
-                    reference, scaled, tensors, _loader(dataset, calib_idx, batch), method, cfg, shapes)
-                calib_stats["equalization_seconds"] += time.perf_counter() - t0
+            if fp32_histograms:
+                fp32_entries = activation_entries(fp32_histograms, method, cfg.percentile, cfg.ort_range)
+                entry["fp32_cache_scales"] = {
+                    t: float(fp32_entries[tensors.root(t)].params["tensorrt"].scale)
+                    for t in cache_tensors if tensors.root(t) in fp32_entries}
             qplan = replace(qplan, equalization=entry)
 
     rounded: dict = {}  # initializer -> Hessian-rounded float weight; ``base`` keeps the float ones
@@ -803,26 +818,6 @@ def quantize_model(
     write_text_atomic(w(report_json), json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     write_text_atomic(w(report_md), render_markdown(result))
     return result
-
-
-def _fp32_cache_scales(
-    reference: onnx.ModelProto, names: Sequence[str], tensors: CalibrationTensors, loader, method: str,
-    cfg: QuantizeConfig, shapes: dict,
-) -> dict[str, float]:
-    """TensorRT scales of ``names`` in the FP32 file (before channel equalization), for the calibration cache.
-
-    The cache drives TensorRT's implicit INT8 path, which quantizes the FP32 file itself; the equalized
-    ranges would not fit its channels. One more calibration pass over the same images, with the same method.
-    """
-    root = {}
-    for t in names:
-        r = t
-        while r in tensors.shared:  # read only by a Relu: takes that Relu output's range, as in calibration
-            r = tensors.shared[r]
-        root[t] = r
-    hists, _ = collect_histograms(reference, sorted(set(root.values())), loader, threads=cfg.threads, shapes=shapes)
-    entries = activation_entries(hists, method, cfg.percentile, cfg.ort_range)
-    return {t: float(entries[root[t]].params["tensorrt"].scale) for t in names}
 
 
 def _round_weights(
