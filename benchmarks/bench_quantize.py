@@ -161,10 +161,12 @@ def fp32_onnx_from_checkpoint(path: Path, out: Path):
 
 
 def our_artifacts(fp32: Path, calib: np.ndarray, method: str, batch: int = 32,
-                  stem_s2d: bool = True) -> tuple[dict, float]:
+                  stem_s2d: bool = True, equalize: bool = False) -> tuple[dict, float]:
     """Our ORT and TensorRT files (in memory) for one method; returns them and the calibration seconds.
 
     ``stem_s2d``: the ORT file's stride-2 stem as the tool writes it, over 2x2 blocks (stem.py), where it applies.
+    ``equalize``: channel equalization first, as ``quantize`` does by default (its own pass over the images),
+    and the TensorRT cache's FP32 ranges calibrated in the same pass (the views ``quantize`` adds).
     """
     import onnx
 
@@ -187,7 +189,19 @@ def our_artifacts(fp32: Path, calib: np.ndarray, method: str, batch: int = 32,
     t0 = time.perf_counter()
     shapes = tensor_shapes(base)
     b = calibration_batch_size(per_image_sizes(base, tensors.observed, shapes), batch)
-    hists = tensors.complete(collect_histograms(base, tensors.observed, batches(calib, b), shapes=shapes)[0])
+    model, observed = base, list(tensors.observed)
+    if equalize:
+        from rescompress.quantization.equalize import measure
+
+        eq = measure(base, shapes, batches(calib, b))
+        base = eq.apply(base)
+        roots = sorted({tensors.root(t) for t in eq.scaled_tensors})
+        model, views = eq.with_unscaled_views(base, roots, shapes)
+        observed += list(views.values())
+        shapes = {**shapes, **{v: shapes[r] for r, v in views.items()}}
+        b = min(b, calibration_batch_size(per_image_sizes(model, observed, shapes), b))
+    hists = collect_histograms(model, observed, batches(calib, b), shapes=shapes)[0]
+    hists = tensors.complete({k: v for k, v in hists.items() if k in tensors.observed})
     entries = activation_entries(hists, method, 99.99)
     secs = time.perf_counter() - t0
     plan = QuantPlan(entries, weight_entries(base, [w for p in pls.values() for w in p.weights]),
@@ -515,8 +529,8 @@ def calib_child(spec: dict) -> dict:
     calib = LazyImages(ds, spec["n"])
     rss_before = _rss_now_mb()
     t0 = time.perf_counter()
-    if spec["tool"] == "ours":
-        our_artifacts(fp32, calib, spec["method"], batch=spec["batch"])
+    if spec["tool"] in ("ours", "ours-eq"):
+        our_artifacts(fp32, calib, spec["method"], batch=spec["batch"], equalize=spec["tool"] == "ours-eq")
     else:
         with tempfile.TemporaryDirectory() as tmp:
             ort_quantize(fp32, Path(tmp) / "q.onnx", calib, spec["method"], batch=spec["batch"])
@@ -571,8 +585,9 @@ def part_calibration(args) -> None:
                 ]
         r50 = resnet50_fp32(tmp)[0] if "resnet50" in args.models else None
         for n in args.r50_calib_sizes if r50 else ():
-            specs.append({"model": "resnet50", "fp32": str(r50), "preset": "imagenet", "tool": "ours",
-                          "method": "entropy", "n": n, "batch": 32})
+            for tool in ("ours", "ours-eq"):  # ours-eq: with the channel equalization quantize does by default
+                specs.append({"model": "resnet50", "fp32": str(r50), "preset": "imagenet", "tool": tool,
+                              "method": "entropy", "n": n, "batch": 32})
         for n in args.ort_r50_sizes if r50 else ():
             for method in ("minmax", "entropy"):
                 specs.append({"model": "resnet50", "fp32": str(r50), "preset": "imagenet", "tool": "ort",
