@@ -191,9 +191,11 @@ def our_artifacts(fp32: Path, calib: np.ndarray, method: str, batch: int = 32,
     b = calibration_batch_size(per_image_sizes(base, tensors.observed, shapes), batch)
     model, observed = base, list(tensors.observed)
     if equalize:
-        from rescompress.quantization.equalize import measure
+        import itertools
 
-        eq = measure(base, shapes, batches(calib, b))
+        from rescompress.quantization.equalize import EQUALIZE_IMAGES, measure
+
+        eq = measure(base, shapes, itertools.islice(batches(calib, b), -(-EQUALIZE_IMAGES // b)))
         base = eq.apply(base)
         roots = sorted({tensors.root(t) for t in eq.scaled_tensors})
         model, views = eq.with_unscaled_views(base, roots, shapes)

@@ -44,6 +44,9 @@ PASS_THROUGH = ("Relu", "LeakyRelu", "MaxPool", "AveragePool", "GlobalAveragePoo
                 "Identity", "Dropout")
 DEFAULT_ALPHA = 1.0
 DEFAULT_MAX_SCALE = 16.0
+# Images the factors are measured on (at most): a per-channel maximum settles quickly, and the pass costs
+# about as much per image as calibration itself, so it does not grow with --num-images.
+EQUALIZE_IMAGES = 128
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from rescompress.measure.agreement import sqnr_db as capped_sqnr_db
 from rescompress.quantization.calibrate import activation_entries, check_finite_weights, weight_entries
 from rescompress.quantization.checker import INTEGER_OPS, check_trt_qdq
 from rescompress.quantization.emit import emit_qdq, save_model
-from rescompress.quantization.equalize import Equalization
+from rescompress.quantization.equalize import EQUALIZE_IMAGES, Equalization
 from rescompress.quantization.equalize import from_plan as equalization_from_plan
 from rescompress.quantization.equalize import measure as measure_equalization
 from rescompress.quantization.fallback import FallbackResult, rank_layers, search_fallback
@@ -625,7 +625,10 @@ def quantize_model(
         eq_seconds = 0.0
         if cfg.equalize:
             t0 = time.perf_counter()
-            eq_loader = _loader(dataset, calib_idx, batch)
+            # spread over the (sorted) calibration indices, so a folder ordered by class gives every class
+            eq_idx = [calib_idx[int(i)] for i in np.linspace(0, len(calib_idx) - 1, EQUALIZE_IMAGES).round()
+                      ] if len(calib_idx) > EQUALIZE_IMAGES else calib_idx
+            eq_loader = _loader(dataset, eq_idx, batch)
             equalization = measure_equalization(base, shapes, prog(eq_loader, len(eq_loader), "channel ranges"),
                                                 cfg.threads)
             if equalization.groups:
