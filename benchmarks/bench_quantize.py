@@ -165,8 +165,8 @@ def our_artifacts(fp32: Path, calib: np.ndarray, method: str, batch: int = 32,
     """Our ORT and TensorRT files (in memory) for one method; returns them and the calibration seconds.
 
     ``stem_s2d``: the ORT file's stride-2 stem as the tool writes it, over 2x2 blocks (stem.py), where it applies.
-    ``equalize``: channel equalization first, as ``quantize`` does by default (its own pass over the images),
-    and the TensorRT cache's FP32 ranges calibrated in the same pass (the views ``quantize`` adds).
+    ``equalize``: channel equalization first, as ``quantize`` does by default (its own pass over at most
+    ``EQUALIZE_IMAGES`` images), and the TensorRT cache's FP32 ranges histogrammed in the same calibration pass.
     """
     import onnx
 
@@ -189,20 +189,18 @@ def our_artifacts(fp32: Path, calib: np.ndarray, method: str, batch: int = 32,
     t0 = time.perf_counter()
     shapes = tensor_shapes(base)
     b = calibration_batch_size(per_image_sizes(base, tensors.observed, shapes), batch)
-    model, observed = base, list(tensors.observed)
+    divided = {}
     if equalize:
         import itertools
 
         from rescompress.quantization.equalize import EQUALIZE_IMAGES, measure
 
-        eq = measure(base, shapes, itertools.islice(batches(calib, b), -(-EQUALIZE_IMAGES // b)))
+        eq = measure(base, shapes, itertools.islice(batches(calib, b), -(-EQUALIZE_IMAGES // b)),
+                     unquantized=tensors.shared)
         base = eq.apply(base)
-        roots = sorted({tensors.root(t) for t in eq.scaled_tensors})
-        model, views = eq.with_unscaled_views(base, roots, shapes)
-        observed += list(views.values())
-        shapes = {**shapes, **{v: shapes[r] for r, v in views.items()}}
-        b = min(b, calibration_batch_size(per_image_sizes(model, observed, shapes), b))
-    hists = collect_histograms(model, observed, batches(calib, b), shapes=shapes)[0]
+        factors = eq.factors()
+        divided = {r: factors[r] for r in {tensors.root(t) for t in factors}}
+    hists = collect_histograms(base, tensors.observed, batches(calib, b), shapes=shapes, divided=divided)[0]
     hists = tensors.complete({k: v for k, v in hists.items() if k in tensors.observed})
     entries = activation_entries(hists, method, 99.99)
     secs = time.perf_counter() - t0

@@ -182,6 +182,17 @@ def test_only_safe_groups_are_rescaled():
     for bad in (_chain("Clip"), _chain("Sigmoid"), _chain("Relu", graph_output=True)):
         # Clip(0, 6) and Sigmoid do not commute with a positive factor; a graph output must keep its values
         assert all("r" not in g.tensors for g in channel_groups(bad, tensor_shapes(bad)))
+    # MatMul contracts the last axis, not the channels of a 4-D tensor
+    rng = np.random.default_rng(0)
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["input", "wa"], ["a"], name="A"),
+         helper.make_node("MatMul", ["a", "m"], ["logits"], name="mm")], "mm",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 2, 4, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(rng.normal(size=(4, 2, 1, 1)).astype(np.float32), "wa"),
+         numpy_helper.from_array(rng.normal(size=(4, 5)).astype(np.float32), "m")])
+    mm = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    assert channel_groups(mm, tensor_shapes(mm)) == []
     # a weight read by two nodes cannot take two sets of factors (B reads A's weight here: shapes do not even
     # fit, so only the grouping is checked)
     shared = _chain("Relu", shared_weight=True)
@@ -244,3 +255,55 @@ def test_cli_equalization_keeps_the_tensorrt_cache_of_the_fp32_file(reference_ch
                               str(on / "resnet20_fashion_mnist.plan.json"), "--no-equalize", "-o",
                               str(tmp_path / "x")])
     assert res.exit_code == 2 and "--equalize only apply to calibration" in res.stderr
+    # A plan made for ONNX Runtime alone still carries the FP32 file's ranges: reused for TensorRT, its cache
+    # is the FP32 file's, not the rescaled tensors'.
+    ort_only = tmp_path / "ort"
+    res = runner.invoke(app, ["quantize", str(reference_checkpoint), "--calib-data", str(calib_npz), "--num-images",
+                              "64", "--method", "max", "--weight-rounding", "nearest", "--no-latency", "--target",
+                              "onnxruntime", "-o", str(ort_only)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["quantize", str(reference_checkpoint), "--plan",
+                              str(ort_only / "resnet20_fashion_mnist.plan.json"), "--target", "tensorrt",
+                              "--no-latency", "-o", str(tmp_path / "trt")])
+    assert res.exit_code == 0, res.output
+    _, cache_later = parse_cache((tmp_path / "trt" / "resnet20_fashion_mnist.int8.trt.cache").read_text())
+    assert cache_later.keys() == cache_off.keys()
+    assert all(abs(cache_later[k] - cache_off[k]) <= 1e-6 * cache_off[k] for k in cache_later)
+    # a plan whose factors are not a mapping is refused in one line
+    bad = json.loads((ort_only / "resnet20_fashion_mnist.plan.json").read_text())
+    bad["equalization"]["scales"] = [1.0, 2.0]
+    (tmp_path / "bad.plan.json").write_text(json.dumps(bad))
+    res = runner.invoke(app, ["quantize", str(reference_checkpoint), "--plan", str(tmp_path / "bad.plan.json"),
+                              "--no-latency", "-o", str(tmp_path / "b")])
+    assert res.exit_code == 1 and "channel equalization is malformed" in res.stderr
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("max_samples", [None, 997])
+def test_divided_histograms_are_the_unscaled_models(r18, images, max_samples):
+    """Histograms of the rescaled model's tensors divided back by channel equal the original model's: same
+    extremes, and (strided samples mapped to their channels) the same amax for every method."""
+    from rescompress.calibration.collect import collect_histograms, divided_name
+    from rescompress.quantization.calibrate import activation_amax
+
+    shapes = tensor_shapes(r18)
+    eq = measure(r18, shapes, [images], threads=1)
+    factors = eq.factors()
+    names = [t for t in factors if t.endswith(("Relu_output_0", "Add_output_0", "Conv_output_0"))][:12]
+    assert len(names) == 12
+    batches = [images[:6], images[6:12], images[12:]]  # a short last batch too
+    scaled, _ = collect_histograms(eq.apply(r18), names, batches, shapes=shapes, max_samples=max_samples,
+                                   divided={n: factors[n] for n in names}, threads=1)
+    plain, _ = collect_histograms(r18, names, batches, shapes=shapes, max_samples=max_samples, threads=1)
+    for n in names:
+        a, b = scaled[divided_name(n)], plain[n]
+        assert a.min == pytest.approx(b.min, rel=1e-5, abs=1e-6) and a.max == pytest.approx(b.max, rel=1e-5, abs=1e-6)
+        assert a.count == b.count and a.zeros == b.zeros
+        # the same values to float32 rounding (of the division, and of the rescaled convolutions), which can move a
+        # value on a bin edge to its neighbour
+        assert np.abs(a.counts - b.counts).sum() <= 1e-3 * a.count
+        # (entropy's KL minimum is too flat for that: moving 2 values of 262144 shifted it by 5%)
+        for method in ("max", "percentile", "mse"):
+            assert activation_amax(a, method, 128, 99.9) == pytest.approx(activation_amax(b, method, 128, 99.9),
+                                                                         rel=2e-3), (n, method)
+        assert scaled[n].max >= b.max * 0.999  # the rescaled tensor itself differs (its channels grew)

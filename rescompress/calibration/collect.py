@@ -136,11 +136,13 @@ def with_summary_outputs(
     batch_size: int,
     max_samples: int | None = DEFAULT_MAX_SAMPLES,
     shapes: dict[str, list[int | None]] | None = None,
-) -> tuple[onnx.ModelProto, dict[str, tuple[str, str, str]]]:
+    per_channel: Iterable[str] = (),
+) -> tuple[onnx.ModelProto, dict[str, tuple[str, ...]]]:
     """A copy of ``model`` that outputs, per named tensor, (min, max, strided sample) of each batch.
 
     The sample step is chosen for a batch of ``batch_size`` images (a smaller last batch gets fewer
-    samples, never a different step). Returns the model and, per tensor, its three output names.
+    samples, never a different step). Returns the model and, per tensor, its output names; tensors in
+    ``per_channel`` (rank known) also output their per-channel min and max (axis 1), as two more names.
     """
     from onnx import helper, numpy_helper
 
@@ -151,12 +153,14 @@ def with_summary_outputs(
     shapes = tensor_shapes(model) if shapes is None else shapes
     flat_shape = "rescompress_summary_flat_shape"
     g.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), flat_shape))
-    outputs: dict[str, tuple[str, str, str]] = {}
+    outputs: dict[str, tuple[str, ...]] = {}
+    per_channel = set(per_channel)
     for i, (name, size) in enumerate(sizes.items()):
         tag = f"rescompress_summary_{i}"
         flat, lo, hi, sample = (f"{tag}_flat", f"{tag}_min", f"{tag}_max", f"{tag}_sample")
         nodes = [helper.make_node("Reshape", [name, flat_shape], [flat], name=f"{tag}_Reshape")]
         rank = len(shapes[name]) if name in shapes else None
+        channel_outs = []
         for op, out in (("ReduceMin", lo), ("ReduceMax", hi)):
             if rank is not None and rank >= 3:
                 # Reducing the spatial axes first runs multi-threaded in ONNX Runtime; one reduction over
@@ -165,7 +169,11 @@ def with_summary_outputs(
                 nodes.append(_reduce(op, name, part, list(range(2, rank)), opset, g, f"{tag}_{op}_spatial"))
                 nodes.append(_reduce(op, part, out, None, opset, g, f"{tag}_{op}"))
             else:
+                part = name
                 nodes.append(_reduce(op, flat, out, None, opset, g, f"{tag}_{op}"))
+            if name in per_channel and rank is not None and rank >= 2:
+                channel_outs.append(f"{out}_channels")
+                nodes.append(_reduce(op, part, channel_outs[-1], [0], opset, g, f"{tag}_{op}_channels"))
         step = 1 if max_samples is None else sample_stride(size * batch_size, max_samples, period=size)
         if step > 1:
             consts = {f"{tag}_{k}": v for k, v in (("starts", 0), ("ends", INT64_MAX), ("axes", 0), ("steps", step))}
@@ -174,10 +182,23 @@ def with_summary_outputs(
         else:
             sample = flat
         g.node.extend(nodes)
-        for out in (lo, hi, sample):
+        for out in (lo, hi, sample, *channel_outs):
             g.output.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
-        outputs[name] = (lo, hi, sample)
+        outputs[name] = (lo, hi, sample, *channel_outs)
     return m, outputs
+
+
+def divided_name(name: str) -> str:
+    """Key of the histogram of ``name`` divided by per-channel factors (see :func:`collect_histograms`)."""
+    return f"{name}/divided"
+
+
+def _sample_channels(c: int, per_image: int, batch_size: int, step: int) -> np.ndarray:
+    """Channel (axis 1) of each value of the strided sample ``flat[::step]`` of a [batch, c, ...] tensor with
+    ``per_image`` values per image."""
+    inner = per_image // c
+    positions = np.arange(0, batch_size * per_image, step, dtype=np.int64)
+    return ((positions // inner) % c).astype(np.int32)
 
 
 def collect_histograms(
@@ -190,15 +211,26 @@ def collect_histograms(
     threads: int | None = None,
     on_batch: Callable[[int], None] | None = None,
     shapes: dict[str, list[int | None]] | None = None,
+    divided: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, StreamingHistogram], CollectStats]:
     """Run ``model`` over ``batches`` (``(x, y)`` pairs or arrays) and histogram each named tensor.
 
     The sample step is set from the first batch's size, so pass batches of one size (a short last one
     is fine). ``max_samples=None`` bins every value (exact histograms, for tests and small models).
     ``shapes`` (from :func:`tensor_shapes`) saves a second shape inference when the caller has one.
+    ``divided`` (tensor -> one positive factor per channel, axis 1; the tensor's shape must be known) also
+    histograms each such tensor with channel ``c`` divided by its factor, under :func:`divided_name`: the
+    same samples, rescaled in numpy, and exact extremes from per-channel minima and maxima. That is how a
+    channel-rescaled model also gives the ranges of the model it was rescaled from, in the same pass.
     """
     names = list(dict.fromkeys(tensor_names))
+    divided = {k: np.asarray(v, np.float32) for k, v in (divided or {}).items()}
+    unknown = [n for n in divided if n not in names]
+    if unknown:
+        raise RescompressError(f"divided histograms asked for tensors not observed: {unknown[:3]}")
     histograms = {name: StreamingHistogram(num_bins, max_samples=max_samples) for name in names}
+    histograms.update({divided_name(n): StreamingHistogram(num_bins, max_samples=max_samples) for n in divided})
+    channels: dict[str, np.ndarray] = {}
     session = outputs = None
     n_images = n_batches = 0
     t0 = time.perf_counter()
@@ -211,15 +243,27 @@ def collect_histograms(
         if session is None:
             shapes = tensor_shapes(model) if shapes is None else shapes
             sizes = per_image_sizes(model, names, shapes)
-            summary, outputs = with_summary_outputs(model, sizes, len(x), max_samples, shapes)
+            missing = [n for n in divided if not shapes.get(n) or shapes[n][1] is None]
+            if missing:
+                raise RescompressError(f"divided histograms need the channel count of {missing[0]!r}")
+            summary, outputs = with_summary_outputs(model, sizes, len(x), max_samples, shapes, divided)
             session = make_session(summary, threads)
             input_name = session.get_inputs()[0].name
             fetch = [o for name in names for o in outputs[name]]
-        values = session.run(fetch, {input_name: x})
-        for k, name in enumerate(names):
-            lo, hi, sample = values[3 * k : 3 * k + 3]
+            for n in divided:
+                step = 1 if max_samples is None else sample_stride(sizes[n] * len(x), max_samples, period=sizes[n])
+                channels[n] = _sample_channels(int(shapes[n][1]), sizes[n], len(x), step)
+        values = dict(zip(fetch, session.run(fetch, {input_name: x}), strict=True))
+        for name in names:
+            lo, hi, sample, *per_channel = (values[o] for o in outputs[name])
             try:
                 histograms[name].collect_summary(float(lo), float(hi), sample)
+                if name in divided:
+                    inv = 1.0 / divided[name]
+                    flat = np.asarray(sample).reshape(-1)
+                    histograms[divided_name(name)].collect_summary(
+                        float((per_channel[0] * inv).min()), float((per_channel[1] * inv).max()),
+                        flat * inv[channels[name][: flat.size]])
             except RescompressError:
                 raise RescompressError(
                     f"tensor {name!r} holds NaN or Inf during calibration; check the model weights"

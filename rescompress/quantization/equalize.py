@@ -22,8 +22,8 @@ The factors come from calibration images: for each channel, the largest share it
 maximum (and, separately, of its minimum), over every tensor of the group that is quantized as itself (not
 a convolution's output read only by a ReLU, whose negative part no grid holds). ``s_c = share^-alpha``
 (``alpha`` in [0, 1], capped at ``max_scale``): with ``alpha = 1`` every channel reaches its tensor's
-extreme in at least one tensor and no tensor's range grows. Channels never seen away from zero keep
-``s = 1``.
+extreme in at least one tensor and, on the images measured, no quantized tensor's range grows. Channels
+never seen away from zero keep ``s = 1``.
 """
 
 from __future__ import annotations
@@ -79,23 +79,9 @@ class Equalization:
     def apply(self, model: onnx.ModelProto) -> onnx.ModelProto:
         return apply_scales(model, self.groups, self.scales)
 
-    def with_unscaled_views(
-        self, model: onnx.ModelProto, names: Iterable[str], shapes: dict
-    ) -> tuple[onnx.ModelProto, dict[str, str]]:
-        """A copy of the rescaled ``model`` that also computes each named tensor as it was before (channel
-        ``c`` divided by its factor), and ``name -> view name``: calibrating both in one pass gives the
-        FP32 file's ranges too."""
-        factor = {t: s for g, s in zip(self.groups, self.scales, strict=True) if np.any(s != 1.0) for t in g.tensors}
-        m = onnx.ModelProto()
-        m.CopyFrom(model)
-        views = {}
-        for i, t in enumerate(names):
-            rank = len(shapes[t])
-            inv = (1.0 / factor[t]).astype(np.float32).reshape(1, -1, *([1] * (rank - 2)))
-            views[t] = f"rescompress_unscaled_{i}"
-            m.graph.initializer.append(numpy_helper.from_array(inv, f"{views[t]}_factor"))
-            m.graph.node.append(helper.make_node("Mul", [t, f"{views[t]}_factor"], [views[t]], name=views[t]))
-        return m, views
+    def factors(self) -> dict[str, np.ndarray]:
+        """Tensor -> its channels' factors, for every tensor whose values change."""
+        return {t: s for g, s in zip(self.groups, self.scales, strict=True) if np.any(s != 1.0) for t in g.tensors}
 
     def to_dict(self) -> dict:
         """Summary for the report."""
@@ -115,10 +101,10 @@ class Equalization:
 
 def measure(
     model: onnx.ModelProto, shapes: dict, batches: Iterable, threads: int | None = None,
-    alpha: float = DEFAULT_ALPHA, max_scale: float = DEFAULT_MAX_SCALE,
+    alpha: float = DEFAULT_ALPHA, max_scale: float = DEFAULT_MAX_SCALE, unquantized: Iterable[str] | None = None,
 ) -> Equalization:
     """Find ``model``'s channel groups and their factors on ``batches`` (one pass, per-channel extremes)."""
-    groups = tuple(channel_groups(model, shapes))
+    groups = tuple(channel_groups(model, shapes, unquantized))
     if not groups:
         return Equalization((), (), alpha, 0)
     extremes, images = channel_extremes(model, groups, batches, shapes, threads)
@@ -174,8 +160,14 @@ def _flattens_channels(node: onnx.NodeProto, shapes: dict) -> bool:
     return src[1] is not None and dst[1] == src[1] and all(d == 1 for d in src[2:])
 
 
-def channel_groups(model: onnx.ModelProto, shapes: dict) -> list[ChannelGroup]:
-    """Every group of channel-coupled activations that can be equalized (see the module docstring)."""
+def channel_groups(
+    model: onnx.ModelProto, shapes: dict, unquantized: Iterable[str] | None = None
+) -> list[ChannelGroup]:
+    """Every group of channel-coupled activations that can be equalized (see the module docstring).
+
+    ``unquantized``: tensors no grid holds, which set no factor (default: those read only by a Relu; the
+    quantize pipeline passes the ones its placements leave to their Relu output's range).
+    """
     idx = GraphIndex(model)
     uf = _UnionFind()
     joining: set[str] = set()  # nodes whose activation inputs and outputs share the group
@@ -199,14 +191,14 @@ def channel_groups(model: onnx.ModelProto, shapes: dict) -> list[ChannelGroup]:
                     group.append(t)
     uses: dict[str, int] = {}
     for n in idx.nodes:
-        for t in n.input[1:]:
+        for t in n.input:
             if t in idx.initializers:
                 uses[t] = uses.get(t, 0) + 1
 
     def own_weight(node: onnx.NodeProto, i: int) -> bool:
         return len(node.input) > i and node.input[i] in idx.initializers and uses.get(node.input[i]) == 1
 
-    relu_fed = idx.relu_only_inputs()
+    skip = set(idx.relu_only_inputs() if unquantized is None else unquantized)
     groups = []
     for tensors in members.values():
         producers, consumers, ok = [], [], True
@@ -225,6 +217,8 @@ def channel_groups(model: onnx.ModelProto, shapes: dict) -> list[ChannelGroup]:
                     continue
                 if c.op_type == "Conv" and i == 0 and own_weight(c, 1):
                     consumers.append((c.name, 1, int(_attr(c, "group", 1))))
+                elif c.op_type in ("Gemm", "MatMul") and len(shapes.get(t) or ()) != 2:
+                    ok = False  # (the channel must be the contracted axis: MatMul contracts the last one)
                 elif c.op_type == "Gemm" and i == 0 and not _attr(c, "transA", 0) and own_weight(c, 1):
                     consumers.append((c.name, 1 if _attr(c, "transB", 0) else 0, 1))
                 elif (c.op_type == "MatMul" and i == 0 and own_weight(c, 1)
@@ -238,7 +232,7 @@ def channel_groups(model: onnx.ModelProto, shapes: dict) -> list[ChannelGroup]:
         widths |= {int(idx.initializers[idx.by_name[c].input[1]].dims[a]) * k for c, a, k in consumers}
         if len(widths) != 1:
             continue
-        observed = tuple(t for t in tensors if t not in relu_fed)
+        observed = tuple(t for t in tensors if t not in skip)
         groups.append(ChannelGroup(tuple(tensors), tuple(producers), tuple(consumers), widths.pop(), observed))
     return groups
 

@@ -31,6 +31,7 @@ from rescompress.calibration import DEFAULT_PERCENTILE, METHODS
 from rescompress.calibration.collect import (
     calibration_batch_size,
     collect_histograms,
+    divided_name,
     make_session,
     per_image_sizes,
     tensor_shapes,
@@ -471,21 +472,18 @@ def _layer_sqnr(
 def choose_method(fids: dict[str, Fidelity]) -> str:
     """Best top-1 (labeled) or agreement (unlabeled), up to noise; among the tied, the highest logit SQNR.
 
-    On a small held-out set a method can get a few more images right by chance. Two methods' top-1 counts
-    differ only on images where at least one of them departs from FP32's answer, so the noise of the
-    difference is about the square root of those flips added up: a method counts as tied with the best unless
-    it trails by more than twice that (and always when it trails by at most one image).
+    On a small held-out set the best method can lead by a few images by chance: its lead can only come from
+    images where it departs from FP32's answer and is lucky. So a method counts as tied with the best unless
+    it trails by more than twice the square root of the best's departures (and always when it trails by at
+    most one image).
     """
     acc = {m: (f.top1 if f.top1 is not None else f.top1_agreement) for m, f in fids.items()}
     best = max(fids, key=lambda m: (acc[m], fids[m].sqnr_db))
-
-    def flips(f: Fidelity) -> float:
-        return f.n * (100.0 - f.top1_agreement) / 100.0
+    flips = fids[best].n * (100.0 - fids[best].top1_agreement) / 100.0
+    slack = max(1.0, 2.0 * math.sqrt(flips))  # images
 
     def tied(m: str) -> bool:
-        n = max(fids[m].n, 1)
-        trail = (acc[best] - acc[m]) * n / 100.0  # images
-        return trail <= max(1.0, 2.0 * math.sqrt(flips(fids[best]) + flips(fids[m]))) + 1e-9
+        return (acc[best] - acc[m]) * fids[m].n / 100.0 <= slack + 1e-9
 
     return max((m for m in fids if tied(m)), key=lambda m: fids[m].sqnr_db)
 
@@ -591,9 +589,12 @@ def quantize_model(
         if qplan.equalization:
             try:
                 equalization = equalization_from_plan(base, shapes, qplan.equalization)
-            except (KeyError, TypeError, ValueError) as exc:
+            except (AttributeError, KeyError, TypeError, ValueError) as exc:
                 raise RescompressError(f"the plan's channel equalization is malformed: {exc!r}") from exc
             base = equalization.apply(base)
+            if "tensorrt" in want and equalization.scaled_tensors and not qplan.equalization.get("fp32_cache_scales"):
+                raise RescompressError("the plan's channel equalization lacks the FP32 file's ranges the TensorRT "
+                                       "cache needs; recalibrate without --plan")
         method = qplan.provenance.method
         say(f"using plan {plan if not isinstance(plan, QuantPlan) else ''} (method {method}); calibration skipped")
         calib_stats = {"skipped": True, "num_images": qplan.provenance.num_images}
@@ -630,7 +631,7 @@ def quantize_model(
                       ] if len(calib_idx) > EQUALIZE_IMAGES else calib_idx
             eq_loader = _loader(dataset, eq_idx, batch)
             equalization = measure_equalization(base, shapes, prog(eq_loader, len(eq_loader), "channel ranges"),
-                                                cfg.threads)
+                                                cfg.threads, unquantized=tensors.shared)
             if equalization.groups:
                 base = equalization.apply(base)
                 say(f"equalized {len(equalization.scaled_tensors)} activation(s) in "
@@ -639,23 +640,18 @@ def quantize_model(
                 equalization = None
                 say("equalization: no channel group can be rescaled in this graph")
             eq_seconds = time.perf_counter() - t0
-        # With a TensorRT cache to write, the same pass also calibrates the rescaled tensors as the FP32 file
-        # holds them: the cache goes with that file (TensorRT's implicit path quantizes it).
-        calib_model, observed, views, calib_shapes = base, list(tensors.observed), {}, shapes
-        if equalization is not None and "tensorrt" in want:
-            scaled = set(equalization.scaled_tensors)
-            roots = sorted({tensors.root(t) for t in cache_tensors if t in scaled})
-            calib_model, views = equalization.with_unscaled_views(base, roots, shapes)
-            observed += list(views.values())
-            calib_shapes = {**shapes, **{v: shapes[r] for r, v in views.items()}}
-            batch = min(batch, calibration_batch_size(per_image_sizes(calib_model, observed, calib_shapes), batch))
+        # The same pass also histograms the rescaled tensors as the FP32 file holds them (divided back), for the
+        # TensorRT cache, which goes with that file (TensorRT's implicit path quantizes it); kept in the plan even
+        # without the tensorrt target, so that a later --plan run can write the cache.
+        factors = equalization.factors() if equalization is not None else {}
+        divided = {r: factors[r] for r in {tensors.root(t) for t in all_tensors if t in factors}}
         batches = _HashingBatches(_loader(dataset, calib_idx, batch))
         t0 = time.perf_counter()
         histograms, stats = collect_histograms(
-            calib_model, observed, prog(batches, len(batches), "calibrating"), threads=cfg.threads,
-            shapes=calib_shapes,
+            base, tensors.observed, prog(batches, len(batches), "calibrating"), threads=cfg.threads, shapes=shapes,
+            divided=divided,
         )
-        fp32_histograms = {r: histograms.pop(v) for r, v in views.items()}
+        fp32_histograms = {r: histograms.pop(divided_name(r)) for r in divided}
         histograms = tensors.complete(histograms)
         calib_stats = {**stats.to_dict(), "batch_size": batch, "tensors": len(calib_names),
                        "tensors_observed": len(tensors.observed), "holdout": holdout}
@@ -694,7 +690,7 @@ def quantize_model(
                 fp32_entries = activation_entries(fp32_histograms, method, cfg.percentile, cfg.ort_range)
                 entry["fp32_cache_scales"] = {
                     t: float(fp32_entries[tensors.root(t)].params["tensorrt"].scale)
-                    for t in cache_tensors if tensors.root(t) in fp32_entries}
+                    for t in all_tensors if tensors.root(t) in fp32_entries}
             qplan = replace(qplan, equalization=entry)
 
     rounded: dict = {}  # initializer -> Hessian-rounded float weight; ``base`` keeps the float ones
@@ -718,7 +714,15 @@ def quantize_model(
         return _emit_checked(with_rounded_weights(base, rounded, placement_), plan_, placement_)
 
     if plan is None and cfg.refine_tensors and holdout_batches is not None:
+        unrefined = qplan
         qplan = _refine(base, qplan, placements, holdout_batches, cfg, calib_stats, say, emit, shapes)
+        if qplan.equalization and qplan.equalization.get("fp32_cache_scales"):
+            # the TensorRT cache takes refined ranges; for the FP32 file's tensors, by the same factor
+            fp32 = {}
+            for t, v in qplan.equalization["fp32_cache_scales"].items():
+                after, before = (p.activation(t).params["tensorrt"].scale for p in (qplan, unrefined))
+                fp32[t] = v * after / before
+            qplan = replace(qplan, equalization={**qplan.equalization, "fp32_cache_scales": fp32})
 
     # Evaluation data: the given set, else the held-out / calibration images (agreement only).
     if eval_data is not None:
