@@ -721,7 +721,7 @@ def quantize_model(
             fp32 = {}
             for t, v in qplan.equalization["fp32_cache_scales"].items():
                 after, before = (p.activation(t).params["tensorrt"].scale for p in (qplan, unrefined))
-                fp32[t] = v * after / before
+                fp32[t] = v * after / before if before > 0 else v
             qplan = replace(qplan, equalization={**qplan.equalization, "fp32_cache_scales": fp32})
 
     # Evaluation data: the given set, else the held-out / calibration images (agreement only).
