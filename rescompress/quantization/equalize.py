@@ -250,10 +250,16 @@ def channel_extremes(
     g = m.graph
     opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 13)
     names = [t for grp in groups for t in grp.observed]
-    outs = []
+    idx = GraphIndex(model)
+    nonneg: set[str] = set()  # ReLU outputs and what max/average pooling or flattening makes of them
+    for n in idx.nodes:
+        if n.op_type == "Relu" or (n.op_type in ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
+                                                 "Flatten", "Reshape", "Identity") and n.input[0] in nonneg):
+            nonneg.add(n.output[0])
+    outs = {}
     for i, t in enumerate(names):
         rank = len(shapes.get(t) or [0, 0, 0, 0])
-        for op in ("ReduceMin", "ReduceMax"):
+        for op in ("ReduceMax",) if t in nonneg else ("ReduceMin", "ReduceMax"):
             o = f"rescompress_eq_{i}_{op}"
             src = t
             if rank > 2:  # spatial axes first: ORT runs that multi-threaded, one reduction over (0, 2, 3) not
@@ -261,7 +267,7 @@ def channel_extremes(
                 g.node.append(_reduce(op, t, src, list(range(2, rank)), opset, g, src))
             g.node.append(_reduce(op, src, o, [0], opset, g, o))
             g.output.append(helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None))
-            outs.append(o)
+            outs[(t, op)] = o
     session = make_session(m, threads)
     inp = session.get_inputs()[0].name
     lo: dict[str, np.ndarray] = {}
@@ -270,10 +276,11 @@ def channel_extremes(
     for batch in batches:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         x = np.asarray(x, np.float32)
-        res = session.run(outs, {inp: x})
+        res = dict(zip(outs, session.run(list(outs.values()), {inp: x}), strict=True))
         images += len(x)
-        for j, t in enumerate(names):
-            a, b = res[2 * j], res[2 * j + 1]
+        for t in names:
+            b = res[(t, "ReduceMax")]
+            a = res[(t, "ReduceMin")] if t not in nonneg else np.zeros_like(b)  # (>= 0 and, below, min with 0)
             lo[t] = a if t not in lo else np.minimum(lo[t], a)
             hi[t] = b if t not in hi else np.maximum(hi[t], b)
     if not images:
