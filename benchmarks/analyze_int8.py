@@ -129,19 +129,26 @@ def _bypass_activations(m):
 
 
 def _float_weights(m, fp32):
-    """Copy of a Q/DQ model whose weight and bias inputs are the FP32 model's (activations stay quantized)."""
+    """Copy of a Q/DQ model whose weight and bias inputs are the FP32 model's (activations stay quantized).
+
+    A weight the file stores in another shape (the ORT file's space-to-depth stem) keeps its int8 levels."""
     import onnx
 
     out = onnx.ModelProto()
     out.CopyFrom(m)
     fp_nodes = {n.name: n for n in fp32.graph.node}
     fp_inits = {i.name: i for i in fp32.graph.initializer}
+    q_inits = {i.name: i for i in out.graph.initializer}
+    dq_source = {n.output[0]: n.input[0] for n in out.graph.node if n.op_type == "DequantizeLinear"}
     added = set()
     for n in out.graph.node:
         ref = fp_nodes.get(n.name)
         if ref is None or n.op_type not in ("Conv", "Gemm", "MatMul"):
             continue
         for i in (1, 2):
+            src = q_inits.get(dq_source.get(n.input[i], "")) if i < len(n.input) else None
+            if src is not None and ref.input[i] in fp_inits and list(src.dims) != list(fp_inits[ref.input[i]].dims):
+                continue  # rearranged in the file (the space-to-depth stem): its int8 weights stay
             if i < len(n.input) and i < len(ref.input) and n.input[i] != ref.input[i] and ref.input[i] in fp_inits:
                 name = ref.input[i] + "__fp32"
                 if name not in added:
@@ -179,6 +186,16 @@ def part_error(args) -> dict:
         fp32_path = next((Path(tmp) / "o").glob("*.fp32.onnx"))
         fp32 = onnx.load(str(fp32_path))
         preprocess = load_fp32(fp32_path, Path(tmp) / "x").preprocess
+        # the INT8 files quantize the channel-equalized network: its float weights are what "activations only"
+        # restores (the same FP32 function as the file's, with the INT8 files' channel scaling)
+        float_weights = fp32
+        if r.plan.equalization:
+            from rescompress.calibration.collect import tensor_shapes
+            from rescompress.quantization.equalize import from_plan
+            from rescompress.quantization.placement import prepare_model
+
+            prepared = prepare_model(fp32)
+            float_weights = from_plan(prepared, tensor_shapes(prepared), r.plan.equalization).apply(prepared)
         qmodels = {t: onnx.load(str(r.artifacts[t])) for t in ("onnxruntime", "tensorrt") if t in r.artifacts}
     test = open_dataset(f"{DEBIAN_FASHION_MNIST}@test", preprocess, split="test")
     x = np.stack([test[i][0].numpy() for i in range(len(test))]).astype(np.float32)
@@ -194,7 +211,7 @@ def part_error(args) -> dict:
     out = {}
     for target, qm in qmodels.items():
         wonly, pairs = _bypass_activations(qm)
-        aonly, restored = _float_weights(qm, fp32)
+        aonly, restored = _float_weights(qm, float_weights)
         row = {"full": stats(logits_of(session(qm), x)), "weights_only": stats(logits_of(session(wonly), x)),
                "activations_only": stats(logits_of(session(aonly), x)), "activation_pairs": len(pairs),
                "fp32_initializers_restored": restored}
@@ -214,7 +231,8 @@ def part_error(args) -> dict:
               file=sys.stderr)
     return {
         "model": str(args.model), "quantize": "quantize_model with the CLI defaults (512 calibration images of the "
-        "train split, --method auto, refinement, Hessian rounding)", "method": r.method,
+        "train split, --method auto, channel equalization, refinement, Hessian rounding)", "method": r.method,
+        "equalization": r.equalization,
         "test_images": len(x), "fp32_margin_quantiles": {str(q): float(np.quantile(margin, q))
                                                          for q in (0.001, 0.002, 0.005, 0.01)},
         "targets": out,
