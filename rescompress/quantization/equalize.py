@@ -74,7 +74,7 @@ class Equalization:
     @property
     def scaled_tensors(self) -> tuple[str, ...]:
         """The activations whose values change (the groups with a factor other than 1)."""
-        return tuple(t for g, s in zip(self.groups, self.scales, strict=True) if np.any(s != 1.0) for t in g.tensors)
+        return tuple(self.factors())
 
     def apply(self, model: onnx.ModelProto) -> onnx.ModelProto:
         return apply_scales(model, self.groups, self.scales)
