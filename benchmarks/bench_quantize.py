@@ -198,8 +198,7 @@ def our_artifacts(fp32: Path, calib: np.ndarray, method: str, batch: int = 32,
         eq = measure(base, shapes, itertools.islice(batches(calib, b), -(-EQUALIZE_IMAGES // b)),
                      unquantized=tensors.shared)
         base = eq.apply(base)
-        factors = eq.factors()
-        divided = {r: factors[r] for r in {tensors.root(t) for t in factors}}
+        divided = tensors.divided(eq.factors())
     hists = collect_histograms(base, tensors.observed, batches(calib, b), shapes=shapes, divided=divided)[0]
     hists = tensors.complete({k: v for k, v in hists.items() if k in tensors.observed})
     entries = activation_entries(hists, method, 99.99)

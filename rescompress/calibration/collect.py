@@ -224,12 +224,12 @@ def collect_histograms(
     channel-rescaled model also gives the ranges of the model it was rescaled from, in the same pass.
     """
     names = list(dict.fromkeys(tensor_names))
-    divided = {k: np.asarray(v, np.float32) for k, v in (divided or {}).items()}
-    unknown = [n for n in divided if n not in names]
+    inverse = {k: 1.0 / np.asarray(v, np.float32) for k, v in (divided or {}).items()}  # per channel
+    unknown = [n for n in inverse if n not in names]
     if unknown:
         raise RescompressError(f"divided histograms asked for tensors not observed: {unknown[:3]}")
     histograms = {name: StreamingHistogram(num_bins, max_samples=max_samples) for name in names}
-    histograms.update({divided_name(n): StreamingHistogram(num_bins, max_samples=max_samples) for n in divided})
+    histograms.update({divided_name(n): StreamingHistogram(num_bins, max_samples=max_samples) for n in inverse})
     channels: dict[str, np.ndarray] = {}
     session = outputs = None
     n_images = n_batches = 0
@@ -243,14 +243,14 @@ def collect_histograms(
         if session is None:
             shapes = tensor_shapes(model) if shapes is None else shapes
             sizes = per_image_sizes(model, names, shapes)
-            missing = [n for n in divided if not shapes.get(n) or shapes[n][1] is None]
+            missing = [n for n in inverse if not shapes.get(n) or shapes[n][1] is None]
             if missing:
                 raise RescompressError(f"divided histograms need the channel count of {missing[0]!r}")
-            summary, outputs = with_summary_outputs(model, sizes, len(x), max_samples, shapes, divided)
+            summary, outputs = with_summary_outputs(model, sizes, len(x), max_samples, shapes, inverse)
             session = make_session(summary, threads)
             input_name = session.get_inputs()[0].name
             fetch = [o for name in names for o in outputs[name]]
-            for n in divided:
+            for n in inverse:
                 step = 1 if max_samples is None else sample_stride(sizes[n] * len(x), max_samples, period=sizes[n])
                 channels[n] = _sample_channels(int(shapes[n][1]), sizes[n], len(x), step)
         values = dict(zip(fetch, session.run(fetch, {input_name: x}), strict=True))
@@ -258,8 +258,8 @@ def collect_histograms(
             lo, hi, sample, *per_channel = (values[o] for o in outputs[name])
             try:
                 histograms[name].collect_summary(float(lo), float(hi), sample)
-                if name in divided:
-                    inv = 1.0 / divided[name]
+                if name in inverse:
+                    inv = inverse[name]
                     flat = np.asarray(sample).reshape(-1)
                     histograms[divided_name(name)].collect_summary(
                         float((per_channel[0] * inv).min()), float((per_channel[1] * inv).max()),

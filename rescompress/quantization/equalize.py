@@ -189,14 +189,8 @@ def channel_groups(
                 group = members.setdefault(uf.find(t), [])
                 if t not in group:
                     group.append(t)
-    uses: dict[str, int] = {}
-    for n in idx.nodes:
-        for t in n.input:
-            if t in idx.initializers:
-                uses[t] = uses.get(t, 0) + 1
-
-    def own_weight(node: onnx.NodeProto, i: int) -> bool:
-        return len(node.input) > i and node.input[i] in idx.initializers and uses.get(node.input[i]) == 1
+    def own_weight(node: onnx.NodeProto, i: int) -> bool:  # a constant no other input reads
+        return len(node.input) > i and node.input[i] in idx.initializers and len(idx.consumers[node.input[i]]) == 1
 
     skip = set(idx.relu_only_inputs() if unquantized is None else unquantized)
     groups = []
@@ -345,5 +339,5 @@ def apply_scales(
                 arrays[w] = a / per.reshape(*per.shape, *([1] * (a.ndim - 2)))
     for name, a in arrays.items():
         init = inits[name]
-        init.CopyFrom(numpy_helper.from_array(a.astype(numpy_helper.to_array(init).dtype), name))
+        init.CopyFrom(numpy_helper.from_array(a.astype(helper.tensor_dtype_to_np_dtype(init.data_type)), name))
     return m

@@ -80,6 +80,11 @@ class CalibrationTensors:
             tensor = self.shared[tensor]
         return tensor
 
+    def divided(self, factors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Which observed tensors to histogram divided back by their channel ``factors`` (collect_histograms'
+        ``divided``) so that every rescaled tensor gets its un-rescaled range."""
+        return {r: factors[r] for r in {self.root(t) for t in factors}}
+
     def complete(self, histograms: dict) -> dict:
         """``histograms`` of the observed tensors, plus the shared ones (the same objects)."""
         out = dict(histograms)
@@ -643,8 +648,7 @@ def quantize_model(
         # The same pass also histograms the rescaled tensors as the FP32 file holds them (divided back), for the
         # TensorRT cache, which goes with that file (TensorRT's implicit path quantizes it); kept in the plan even
         # without the tensorrt target, so that a later --plan run can write the cache.
-        factors = equalization.factors() if equalization is not None else {}
-        divided = {r: factors[r] for r in {tensors.root(t) for t in all_tensors if t in factors}}
+        divided = tensors.divided(equalization.factors() if equalization is not None else {})
         batches = _HashingBatches(_loader(dataset, calib_idx, batch))
         t0 = time.perf_counter()
         histograms, stats = collect_histograms(
