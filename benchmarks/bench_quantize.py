@@ -165,8 +165,9 @@ def our_artifacts(fp32: Path, calib: np.ndarray, method: str, batch: int = 32,
     """Our ORT and TensorRT files (in memory) for one method; returns them and the calibration seconds.
 
     ``stem_s2d``: the ORT file's stride-2 stem as the tool writes it, over 2x2 blocks (stem.py), where it applies.
-    ``equalize``: channel equalization first, as ``quantize`` does by default (its own pass over at most
-    ``EQUALIZE_IMAGES`` images), and the TensorRT cache's FP32 ranges histogrammed in the same calibration pass.
+    ``equalize``: channel equalization, as ``quantize`` does by default (the factors decided on the first
+    ``EQUALIZE_IMAGES`` images of the calibration pass, which then goes on with the rescaled model), and the
+    TensorRT cache's FP32 ranges histogrammed in the same pass.
     """
     import onnx
 
@@ -189,17 +190,22 @@ def our_artifacts(fp32: Path, calib: np.ndarray, method: str, batch: int = 32,
     t0 = time.perf_counter()
     shapes = tensor_shapes(base)
     b = calibration_batch_size(per_image_sizes(base, tensors.observed, shapes), batch)
-    divided = {}
+    rescale, decided = None, {}
     if equalize:
-        import itertools
+        from rescompress.calibration.collect import Rescale
+        from rescompress.quantization.equalize import EQUALIZE_IMAGES, channel_groups, from_extremes
 
-        from rescompress.quantization.equalize import EQUALIZE_IMAGES, measure
+        groups = channel_groups(base, shapes, tensors.shared)
 
-        eq = measure(base, shapes, itertools.islice(batches(calib, b), -(-EQUALIZE_IMAGES // b)),
-                     unquantized=tensors.shared)
-        base = eq.apply(base)
-        divided = tensors.divided(eq.factors())
-    hists = collect_histograms(base, tensors.observed, batches(calib, b), shapes=shapes, divided=divided)[0]
+        def decide(extremes, images):
+            eq = from_extremes(groups, extremes, images)
+            decided["model"] = eq.apply(base)
+            return decided["model"], tensors.divided(eq.factors())
+
+        # (the factors come from the first images of the sample; the tool spreads them over its sample)
+        rescale = Rescale(tuple(t for g in groups for t in g.observed), EQUALIZE_IMAGES, decide)
+    hists = collect_histograms(base, tensors.observed, batches(calib, b), shapes=shapes, rescale=rescale)[0]
+    base = decided.get("model", base)
     hists = tensors.complete({k: v for k, v in hists.items() if k in tensors.observed})
     entries = activation_entries(hists, method, 99.99)
     secs = time.perf_counter() - t0

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from rescompress.calibration.collect import make_session, tensor_shapes
 from rescompress.cli.app import app
+from rescompress.errors import RescompressError
 from rescompress.export import export_onnx
 from rescompress.folding import fold_batchnorm
 from rescompress.quantization.equalize import (
@@ -307,3 +308,103 @@ def test_divided_histograms_are_the_unscaled_models(r18, images, max_samples):
             assert activation_amax(a, method, 128, 99.9) == pytest.approx(activation_amax(b, method, 128, 99.9),
                                                                          rel=2e-3), (n, method)
         assert scaled[n].max >= b.max * 0.999  # the rescaled tensor itself differs (its channels grew)
+
+
+def _one_pass(r18, images, batches, window, **kw):
+    """collect_histograms with the factors decided on its first ``window`` images, as quantize does."""
+    from rescompress.calibration.collect import Rescale, collect_histograms
+    from rescompress.quantization.equalize import from_extremes
+
+    shapes = tensor_shapes(r18)
+    groups = channel_groups(r18, shapes)
+    names = sorted({t for g in groups for t in g.observed})
+    seen = {}
+
+    def decide(extremes, n):
+        eq = from_extremes(groups, extremes, n)
+        seen.update(eq=eq, images=n)
+        return eq.apply(r18), {t: f for t, f in eq.factors().items() if t in names}
+
+    hists, stats = collect_histograms(r18, names, batches, shapes=shapes, threads=1,
+                                      rescale=Rescale(tuple(t for g in groups for t in g.observed), window, decide),
+                                      **kw)
+    return hists, seen, names, shapes
+
+
+@pytest.mark.parametrize("max_samples", [None, 997])
+def test_one_pass_equals_measuring_then_calibrating(r18, images, max_samples):
+    """Factors decided inside the calibration pass, on its first images, give the histograms that a separate
+    measuring pass on those images followed by calibrating the rescaled model gives: the rescaled tensors' and,
+    divided back, the original ones'."""
+    from rescompress.calibration.collect import collect_histograms, divided_name
+    from rescompress.quantization.calibrate import activation_amax
+
+    batches = [images[:4], images[4:8], images[8:12], images[12:]]
+    hists, seen, names, shapes = _one_pass(r18, images, batches, 8, max_samples=max_samples)
+    assert seen["images"] == 8  # decided after the first two batches
+    eq = measure(r18, shapes, batches[:2], threads=1)
+    np.testing.assert_allclose(np.concatenate(seen["eq"].scales), np.concatenate(eq.scales), rtol=1e-5)
+    factors = {t: f for t, f in eq.factors().items() if t in names}
+    assert len(factors) > 20
+    two, _ = collect_histograms(eq.apply(r18), names, batches, shapes=shapes, max_samples=max_samples,
+                                divided=factors, threads=1)
+    plain, _ = collect_histograms(r18, names, batches, shapes=shapes, max_samples=max_samples, threads=1)
+    assert set(hists) == set(two)
+    pairs = [(hists[n], two[n]) for n in names] + [(hists[divided_name(n)], plain[n]) for n in factors]
+    same_bins = 0
+    for a, b in pairs:
+        assert a.min == pytest.approx(b.min, rel=1e-5, abs=1e-6)
+        assert a.max == pytest.approx(b.max, rel=1e-5, abs=1e-6)
+        assert a.count == b.count and a.zeros == b.zeros and a.counts.dtype == np.int64
+        assert activation_amax(a, "max", 128, 99.9) == pytest.approx(activation_amax(b, "max", 128, 99.9), rel=1e-5)
+        if a.range != pytest.approx(b.range, rel=1e-5):
+            # a histogram's range starts at its first batch's largest value and doubles to hold a later one: a
+            # later value within float32 rounding of a power of two times the first one can double it or not
+            assert max(a.range, b.range) == pytest.approx(2 * min(a.range, b.range), rel=1e-5)
+            continue
+        same_bins += 1
+        assert np.abs(a.counts - b.counts).sum() <= 5e-3 * a.count  # (float32 rounding near bin edges)
+        # (the MSE minimum is flat: those few values moved it by up to 3 bins, 0.2%)
+        for method, rel in (("percentile", 2e-3), ("mse", 5e-3)):
+            assert activation_amax(a, method, 128, 99.9) == pytest.approx(activation_amax(b, method, 128, 99.9),
+                                                                         rel=rel), method
+    assert same_bins >= 0.9 * len(pairs)
+
+
+def test_one_pass_thins_the_kept_samples_to_its_budget_and_weights_them(r18, images):
+    """A window whose samples would pass the budget keeps fewer per batch, each counting for those left out:
+    the histograms' totals stay those of the full samples, and their ranges stay exact."""
+    from rescompress.calibration.collect import collect_histograms
+    from rescompress.quantization.calibrate import activation_amax
+
+    batches = [images[:4], images[4:8], images[8:12], images[12:]]
+    full, _, names, _ = _one_pass(r18, images, batches, 16, max_samples=4096)
+    thin, seen, _, _ = _one_pass(r18, images, batches, 16, max_samples=4096, window_budget=4 * len(names) * 4 * 500)
+    assert seen["images"] == 16  # the whole pass is the window here
+    thinned = 0
+    for n in names:
+        a, b = thin[n], full[n]
+        assert a.min == b.min and a.max == b.max
+        assert a.count == pytest.approx(b.count, rel=0.02)
+        if a.counts.dtype == np.float64:  # thinned: fractional counts
+            thinned += 1
+            assert a.counts.sum() == pytest.approx(a.count, rel=1e-9)
+        assert activation_amax(a, "max", 128, 99.9) == activation_amax(b, "max", 128, 99.9)
+        assert activation_amax(a, "percentile", 128, 99.0) == pytest.approx(
+            activation_amax(b, "percentile", 128, 99.0), rel=0.1)
+    assert thinned > 10
+    with pytest.raises(RescompressError, match="not both"):
+        collect_histograms(r18, names, batches, divided={names[0]: np.ones(64)},
+                           rescale=_rescale_stub(names[:1]))
+
+
+def test_one_pass_with_fewer_images_than_the_window_decides_at_the_end(r18, images):
+    hists, seen, names, _ = _one_pass(r18, images, [images[:12], images[12:]], 128, max_samples=997)
+    assert seen["images"] == 16
+    assert all(hists[n].count > 0 for n in names)
+
+
+def _rescale_stub(tensors):
+    from rescompress.calibration.collect import Rescale
+
+    return Rescale(tuple(tensors), 4, lambda extremes, n: (None, {}))

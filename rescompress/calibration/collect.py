@@ -26,6 +26,7 @@ from rescompress.errors import RescompressError
 log = logging.getLogger("rescompress.calibration")
 WORKING_SET_BUDGET = 256 * 1024 * 1024  # bytes of observed activations per batch
 INT64_MAX = 2**63 - 1
+WINDOW_BUFFER_BUDGET = 64 * 1024 * 1024  # bytes of samples kept while per-channel factors are decided
 
 
 @dataclass(frozen=True)
@@ -201,6 +202,43 @@ def _sample_channels(c: int, per_image: int, batch_size: int, step: int) -> np.n
     return ((positions // inner) % c).astype(np.int32)
 
 
+@dataclass(frozen=True)
+class Rescale:
+    """Per-channel factors decided inside the calibration pass (``collect_histograms(rescale=...)``).
+
+    The first batches, until ``images`` images have been read, run through the model as given and also
+    return the per-channel minima and maxima (axis 1) of ``tensors``. Then ``decide(extremes, images_read)``
+    returns the rescaled model and, for each observed tensor whose values it changes, one positive factor per
+    channel. The first batches' samples, kept meanwhile, are histogrammed multiplied by those factors (and,
+    under :func:`divided_name`, as they were); the later batches run through the rescaled model and are also
+    histogrammed divided back. So a model rescaled from ranges measured on its calibration images is
+    calibrated in one pass over them, not two.
+    """
+
+    tensors: tuple[str, ...]
+    images: int
+    decide: Callable[[dict[str, tuple[np.ndarray, np.ndarray]], int], tuple[onnx.ModelProto, dict[str, np.ndarray]]]
+
+
+class _SummaryRun:
+    """One ONNX Runtime session over :func:`with_summary_outputs` of a model, for batches of one size."""
+
+    def __init__(self, model, names, sizes, shapes, batch_size, max_samples, per_channel, threads) -> None:
+        summary, self.outputs = with_summary_outputs(model, sizes, batch_size, max_samples, shapes, per_channel)
+        self.session = make_session(summary, threads)
+        self.input = self.session.get_inputs()[0].name
+        self.names = names
+        self.fetch = [o for name in names for o in self.outputs[name]]
+        self.steps = {n: _stride(sizes[n], batch_size, max_samples) for n in names}
+        self.channels = {n: _sample_channels(int(shapes[n][1]), sizes[n], batch_size, self.steps[n])
+                         for n in per_channel}
+
+    def run(self, x: np.ndarray) -> dict[str, tuple]:
+        """Per tensor: (min, max, sample, and for ``per_channel`` tensors per-channel min and max)."""
+        values = dict(zip(self.fetch, self.session.run(self.fetch, {self.input: x}), strict=True))
+        return {n: tuple(values[o] for o in self.outputs[n]) for n in self.names}
+
+
 def collect_histograms(
     model: onnx.ModelProto,
     tensor_names: list[str],
@@ -212,6 +250,8 @@ def collect_histograms(
     on_batch: Callable[[int], None] | None = None,
     shapes: dict[str, list[int | None]] | None = None,
     divided: dict[str, np.ndarray] | None = None,
+    rescale: Rescale | None = None,
+    window_budget: int = WINDOW_BUFFER_BUDGET,
 ) -> tuple[dict[str, StreamingHistogram], CollectStats]:
     """Run ``model`` over ``batches`` (``(x, y)`` pairs or arrays) and histogram each named tensor.
 
@@ -222,58 +262,124 @@ def collect_histograms(
     histograms each such tensor with channel ``c`` divided by its factor, under :func:`divided_name`: the
     same samples, rescaled in numpy, and exact extremes from per-channel minima and maxima. That is how a
     channel-rescaled model also gives the ranges of the model it was rescaled from, in the same pass.
+    ``rescale`` decides such factors on the first images of this same pass (see :class:`Rescale`; not with
+    ``divided``); the returned histograms are then those of the rescaled model (and ``divided_name`` ones for
+    the tensors it changed). While the factors are pending, the first batches' samples are kept, thinned so
+    that they take at most ``window_budget`` bytes; each kept value then counts for the ones left out.
     """
     names = list(dict.fromkeys(tensor_names))
+    if rescale is not None and divided:
+        raise RescompressError("collect_histograms takes divided factors or a rescale, not both")
     inverse = {k: 1.0 / np.asarray(v, np.float32) for k, v in (divided or {}).items()}  # per channel
-    unknown = [n for n in inverse if n not in names]
+    unknown = [n for n in [*inverse, *(rescale.tensors if rescale else ())] if n not in names]
     if unknown:
         raise RescompressError(f"divided histograms asked for tensors not observed: {unknown[:3]}")
     histograms = {name: StreamingHistogram(num_bins, max_samples=max_samples) for name in names}
     histograms.update({divided_name(n): StreamingHistogram(num_bins, max_samples=max_samples) for n in inverse})
-    channels: dict[str, np.ndarray] = {}
-    session = outputs = None
-    n_images = n_batches = 0
+    current: _SummaryRun | None = None
+    sizes: dict[str, int] = {}
+    window: list[dict[str, tuple]] = []  # the first batches' summaries while the factors are pending
+    weights: dict[str, float] = {}  # per tensor: values each window sample stands for
+    extremes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    pending = rescale is not None
+    n_images = n_batches = n_window = 0
     t0 = time.perf_counter()
+
+    def start(m: onnx.ModelProto, batch_size: int, cap: int | None, per_channel) -> _SummaryRun:
+        missing = [n for n in per_channel if not shapes.get(n) or len(shapes[n]) < 2 or shapes[n][1] is None]
+        if missing:
+            raise RescompressError(f"per-channel factors need the channel count of {missing[0]!r}")
+        return _SummaryRun(m, names, sizes, shapes, batch_size, cap, per_channel, threads)
+
+    def add(name: str, summary: tuple, run: _SummaryRun, inv: np.ndarray | None, weight: float = 1.0) -> None:
+        lo, hi, sample, *per_channel = summary
+        try:
+            histograms[name].collect_summary(float(lo), float(hi), sample, weight)
+            if inv is not None:
+                flat = np.asarray(sample).reshape(-1)
+                histograms[divided_name(name)].collect_summary(
+                    float((per_channel[0] * inv).min()), float((per_channel[1] * inv).max()),
+                    flat * inv[run.channels[name][: flat.size]], weight)
+        except RescompressError:
+            raise RescompressError(
+                f"tensor {name!r} holds NaN or Inf during calibration; check the model weights"
+            ) from None
+
+    def settle(run: _SummaryRun) -> None:
+        """Decide the factors, histogram the kept window, and go on with the rescaled model."""
+        nonlocal current, inverse, pending, model
+        model, factors = rescale.decide(extremes, n_window)
+        stray = [n for n in factors if n not in rescale.tensors]
+        if stray:
+            raise RescompressError(f"rescale factors for tensors without channel ranges: {stray[:3]}")
+        factors = {n: np.asarray(f, np.float32) for n, f in factors.items()}
+        inverse = {n: 1.0 / f for n, f in factors.items()}
+        histograms.update({divided_name(n): StreamingHistogram(num_bins, max_samples=max_samples) for n in factors})
+        for summaries in window:
+            for name, (lo, hi, sample, *per_channel) in summaries.items():
+                f = factors.get(name)
+                if f is None:
+                    add(name, (lo, hi, sample), run, None, weights[name])
+                    continue
+                flat = np.asarray(sample).reshape(-1)
+                add(name, (float((per_channel[0] * f).min()), float((per_channel[1] * f).max()),
+                           flat * f[run.channels[name][: flat.size]]), run, None, weights[name])
+                histograms[divided_name(name)].collect_summary(float(lo), float(hi), flat, weights[name])
+        window.clear()
+        pending = False
+        current = None  # the next batch starts a session on the rescaled model
+
     for batch in batches:
         x = batch[0] if isinstance(batch, list | tuple) else batch
         x = x.numpy() if hasattr(x, "numpy") else np.asarray(x)
         x = np.ascontiguousarray(x, dtype=np.float32)
         if not np.isfinite(x).all():
             raise RescompressError("calibration inputs contain NaN or Inf; check the data and preprocessing")
-        if session is None:
-            shapes = tensor_shapes(model) if shapes is None else shapes
-            sizes = per_image_sizes(model, names, shapes)
-            missing = [n for n in inverse if not shapes.get(n) or shapes[n][1] is None]
-            if missing:
-                raise RescompressError(f"divided histograms need the channel count of {missing[0]!r}")
-            summary, outputs = with_summary_outputs(model, sizes, len(x), max_samples, shapes, inverse)
-            session = make_session(summary, threads)
-            input_name = session.get_inputs()[0].name
-            fetch = [o for name in names for o in outputs[name]]
-            for n in inverse:
-                step = 1 if max_samples is None else sample_stride(sizes[n] * len(x), max_samples, period=sizes[n])
-                channels[n] = _sample_channels(int(shapes[n][1]), sizes[n], len(x), step)
-        values = dict(zip(fetch, session.run(fetch, {input_name: x}), strict=True))
-        for name in names:
-            lo, hi, sample, *per_channel = (values[o] for o in outputs[name])
-            try:
-                histograms[name].collect_summary(float(lo), float(hi), sample)
-                if name in inverse:
-                    inv = inverse[name]
-                    flat = np.asarray(sample).reshape(-1)
-                    histograms[divided_name(name)].collect_summary(
-                        float((per_channel[0] * inv).min()), float((per_channel[1] * inv).max()),
-                        flat * inv[channels[name][: flat.size]])
-            except RescompressError:
-                raise RescompressError(
-                    f"tensor {name!r} holds NaN or Inf during calibration; check the model weights"
-                ) from None
+        if current is None:
+            if not sizes:
+                shapes = tensor_shapes(model) if shapes is None else shapes
+                sizes = per_image_sizes(model, names, shapes)
+                batch_size = len(x)
+            if pending:
+                cap = _window_cap(len(names), -(-rescale.images // batch_size), max_samples, window_budget)
+                current = start(model, batch_size, cap, rescale.tensors)
+                weights = {n: current.steps[n] / _stride(sizes[n], batch_size, max_samples) for n in names}
+            else:
+                current = start(model, batch_size, max_samples, inverse)
+        summaries = current.run(x)
         n_images += len(x)
         n_batches += 1
+        if pending:
+            for t in rescale.tensors:
+                lo_c, hi_c = summaries[t][3], summaries[t][4]
+                old = extremes.get(t)
+                extremes[t] = (lo_c, hi_c) if old is None else (np.minimum(old[0], lo_c), np.maximum(old[1], hi_c))
+            window.append(summaries)
+            n_window += len(x)
+            if n_window >= rescale.images:
+                settle(current)
+        else:
+            for name in names:
+                add(name, summaries[name], current, inverse.get(name))
         if on_batch is not None:
             on_batch(len(x))
     if n_images == 0:
         raise RescompressError("no calibration images were read; check --calib-data")
+    if pending:  # fewer images than the window
+        settle(current)
     stats = CollectStats(n_images, n_batches, time.perf_counter() - t0)
     log.info("calibrated %d tensors on %d images in %.1f s", len(names), n_images, stats.seconds)
     return histograms, stats
+
+
+def _stride(per_image: int, batch_size: int, max_samples: int | None) -> int:
+    return 1 if max_samples is None else sample_stride(per_image * batch_size, max_samples, period=per_image)
+
+
+def _window_cap(n_tensors: int, n_batches: int, max_samples: int | None, budget: int) -> int | None:
+    """Samples per tensor per batch to keep while factors are pending: ``max_samples``, or fewer (a larger
+    stride) so that ``n_batches`` batches of ``n_tensors`` float32 samples fit ``budget`` bytes."""
+    if max_samples is None:
+        return None
+    fit = budget // max(1, 4 * n_tensors * n_batches)
+    return max(min(max_samples, fit), min(max_samples, 1024))

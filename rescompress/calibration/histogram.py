@@ -10,7 +10,7 @@ Min and max are exact over every value. A batch larger than ``max_samples`` valu
 strided view (a prime stride that does not divide one image's C*H*W, so it does not alias with the rows
 and columns of NCHW data): over many batches that is still millions of samples per tensor, and binning
 costs as much as running the model.
-``zeros`` and ``count`` are in histogram units (sampled values).
+``zeros`` and ``count`` are in histogram units (sampled values, each weighted, see ``collect_summary``).
 """
 
 from __future__ import annotations
@@ -87,25 +87,33 @@ class StreamingHistogram:
             flat = flat[:: sample_stride(flat.size, self.max_samples, period)]
         self.collect_summary(lo, hi_signed, flat)
 
-    def collect_summary(self, lo: float, hi_signed: float, sample: np.ndarray) -> None:
+    def collect_summary(self, lo: float, hi_signed: float, sample: np.ndarray, weight: float = 1.0) -> None:
         """Add one batch given as its exact min and max and a (strided) sample of its values.
 
         :meth:`collect` computes these itself; the calibration collector gets them from the model run
         (``ReduceMin``/``ReduceMax`` and a strided ``Slice`` inside the graph), so whole activation
-        tensors never leave ONNX Runtime.
+        tensors never leave ONNX Runtime. ``weight``: how many values each sampled one stands for, relative
+        to the other batches' samples (a batch sampled with a stride ``k`` times larger passes ``k``); the
+        counts become fractional then.
         """
         flat = np.asarray(sample).reshape(-1)
         if not (np.isfinite(lo) and np.isfinite(hi_signed)) or not np.isfinite(flat.sum(dtype=np.float64)):
             raise RescompressError("activation values contain NaN or Inf; check the model weights and inputs")
         if flat.size == 0:
             return
+        if weight != 1.0 and self.counts.dtype != np.float64:
+            self.counts = self.counts.astype(np.float64)
+
+        def weighted(v):  # (integers stay integers unweighted)
+            return v if weight == 1.0 else v * weight
+
         hi = max(abs(lo), abs(hi_signed))
         self.min = min(self.min, lo)
         self.max = max(self.max, hi_signed)
-        self.zeros += int(flat.size - np.count_nonzero(flat))
-        self.count += int(flat.size)
+        self.zeros += weighted(int(flat.size - np.count_nonzero(flat)))
+        self.count += weighted(int(flat.size))
         if hi == 0.0 and self.range == 0.0:
-            self.counts[0] += flat.size  # all zeros so far: no range yet, but they belong in the first bin
+            self.counts[0] += weighted(flat.size)  # all zeros so far: no range yet, but they belong in the first bin
             return
         if self.range == 0.0:
             self.range = hi
@@ -118,7 +126,7 @@ class StreamingHistogram:
             a *= dtype(k)
             idx = a.astype(np.int32)
             np.minimum(idx, self.num_bins - 1, out=idx)
-            self.counts += np.bincount(idx, minlength=self.num_bins)
+            self.counts += weighted(np.bincount(idx, minlength=self.num_bins))
 
     def _double(self) -> None:
         merged = self.counts.reshape(-1, 2).sum(axis=1)

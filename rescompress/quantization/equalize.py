@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from rescompress.calibration.collect import _reduce, make_session
+from rescompress.calibration.collect import _SummaryRun, per_image_sizes
 from rescompress.errors import RescompressError
 from rescompress.quantization.placement import GraphIndex
 
@@ -44,8 +44,9 @@ PASS_THROUGH = ("Relu", "LeakyRelu", "MaxPool", "AveragePool", "GlobalAveragePoo
                 "Identity", "Dropout")
 DEFAULT_ALPHA = 1.0
 DEFAULT_MAX_SCALE = 16.0
-# Images the factors are measured on (at most): a per-channel maximum settles quickly, and the pass costs
-# about as much per image as calibration itself, so it does not grow with --num-images.
+# Images the factors are measured on (at most): the first ones of the calibration pass, spread over the
+# calibration sample. A per-channel maximum settles quickly, and their samples are held until the factors
+# are known (thinned to a fixed budget), so it does not grow with --num-images.
 EQUALIZE_IMAGES = 128
 
 
@@ -108,6 +109,15 @@ def measure(
     if not groups:
         return Equalization((), (), alpha, 0)
     extremes, images = channel_extremes(model, groups, batches, shapes, threads)
+    return from_extremes(groups, extremes, images, alpha, max_scale)
+
+
+def from_extremes(
+    groups: Iterable[ChannelGroup], extremes: dict[str, tuple[np.ndarray, np.ndarray]], images: int,
+    alpha: float = DEFAULT_ALPHA, max_scale: float = DEFAULT_MAX_SCALE,
+) -> Equalization:
+    """The factors of ``groups`` from their observed tensors' per-channel (min, max) over ``images`` images."""
+    groups = tuple(groups)
     return Equalization(groups, tuple(group_scales(g, extremes, alpha, max_scale) for g in groups), alpha, images)
 
 
@@ -237,44 +247,24 @@ def channel_extremes(
 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int]:
     """Per-channel (min, max) of every observed group tensor over ``batches``; and the number of images seen.
 
-    Only the per-channel reductions leave ONNX Runtime, so memory does not grow with the images.
+    A pass of its own, for checks; ``quantize`` gets the same extremes from its calibration pass
+    (:class:`~rescompress.calibration.collect.Rescale`). Only reductions leave ONNX Runtime.
     """
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    g = m.graph
-    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 13)
     names = [t for grp in groups for t in grp.observed]
-    idx = GraphIndex(model)
-    nonneg: set[str] = set()  # ReLU outputs and what max/average pooling or flattening makes of them
-    for n in idx.nodes:
-        if n.op_type == "Relu" or (n.op_type in ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
-                                                 "Flatten", "Reshape", "Identity") and n.input[0] in nonneg):
-            nonneg.add(n.output[0])
-    outs = {}
-    for i, t in enumerate(names):
-        rank = len(shapes.get(t) or [0, 0, 0, 0])
-        for op in ("ReduceMax",) if t in nonneg else ("ReduceMin", "ReduceMax"):
-            o = f"rescompress_eq_{i}_{op}"
-            src = t
-            if rank > 2:  # spatial axes first: ORT runs that multi-threaded, one reduction over (0, 2, 3) not
-                src = f"{o}_spatial"
-                g.node.append(_reduce(op, t, src, list(range(2, rank)), opset, g, src))
-            g.node.append(_reduce(op, src, o, [0], opset, g, o))
-            g.output.append(helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None))
-            outs[(t, op)] = o
-    session = make_session(m, threads)
-    inp = session.get_inputs()[0].name
+    sizes = per_image_sizes(model, names, shapes)
+    run = None
     lo: dict[str, np.ndarray] = {}
     hi: dict[str, np.ndarray] = {}
     images = 0
     for batch in batches:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         x = np.asarray(x, np.float32)
-        res = dict(zip(outs, session.run(list(outs.values()), {inp: x}), strict=True))
+        if run is None:
+            run = _SummaryRun(model, names, sizes, shapes, len(x), 1, names, threads)
+        res = run.run(x)
         images += len(x)
         for t in names:
-            b = res[(t, "ReduceMax")]
-            a = res[(t, "ReduceMin")] if t not in nonneg else np.zeros_like(b)  # (>= 0 and, below, min with 0)
+            a, b = res[t][3], res[t][4]
             lo[t] = a if t not in lo else np.minimum(lo[t], a)
             hi[t] = b if t not in hi else np.maximum(hi[t], b)
     if not images:

@@ -29,6 +29,7 @@ import onnx
 
 from rescompress.calibration import DEFAULT_PERCENTILE, METHODS
 from rescompress.calibration.collect import (
+    Rescale,
     calibration_batch_size,
     collect_histograms,
     divided_name,
@@ -43,9 +44,9 @@ from rescompress.measure.agreement import sqnr_db as capped_sqnr_db
 from rescompress.quantization.calibrate import activation_entries, check_finite_weights, weight_entries
 from rescompress.quantization.checker import INTEGER_OPS, check_trt_qdq
 from rescompress.quantization.emit import emit_qdq, save_model
-from rescompress.quantization.equalize import EQUALIZE_IMAGES, Equalization
+from rescompress.quantization.equalize import EQUALIZE_IMAGES, Equalization, channel_groups
+from rescompress.quantization.equalize import from_extremes as equalization_from_extremes
 from rescompress.quantization.equalize import from_plan as equalization_from_plan
-from rescompress.quantization.equalize import measure as measure_equalization
 from rescompress.quantization.fallback import FallbackResult, rank_layers, search_fallback
 from rescompress.quantization.fidelity import Fidelity, compare, run_sessions, sqnr_db
 from rescompress.quantization.placement import GraphIndex, Placement, check_patterns, place, prepare_model
@@ -628,39 +629,48 @@ def quantize_model(
         batch = calibration_batch_size(per_image_sizes(base, tensors.observed, shapes), cfg.batch_size)
         if batch < cfg.batch_size:
             say(f"calibration batch size capped at {batch} to bound activation memory")
-        eq_seconds = 0.0
-        if cfg.equalize:
-            t0 = time.perf_counter()
-            # spread over the (sorted) calibration indices, so a folder ordered by class gives every class
-            eq_idx = [calib_idx[int(i)] for i in np.linspace(0, len(calib_idx) - 1, EQUALIZE_IMAGES).round()
-                      ] if len(calib_idx) > EQUALIZE_IMAGES else calib_idx
-            eq_loader = _loader(dataset, eq_idx, batch)
-            equalization = measure_equalization(base, shapes, prog(eq_loader, len(eq_loader), "channel ranges"),
-                                                cfg.threads, unquantized=tensors.shared)
-            if equalization.groups:
-                base = equalization.apply(base)
-                say(f"equalized {len(equalization.scaled_tensors)} activation(s) in "
-                    f"{equalization.to_dict()['groups_scaled']} channel group(s) on {equalization.images} images")
-            else:
-                equalization = None
-                say("equalization: no channel group can be rescaled in this graph")
-            eq_seconds = time.perf_counter() - t0
-        # The same pass also histograms the rescaled tensors as the FP32 file holds them (divided back), for the
-        # TensorRT cache, which goes with that file (TensorRT's implicit path quantizes it); kept in the plan even
-        # without the tensorrt target, so that a later --plan run can write the cache.
-        divided = tensors.divided(equalization.factors() if equalization is not None else {})
-        batches = _HashingBatches(_loader(dataset, calib_idx, batch))
+        # Channel equalization (equalize.py) takes its factors from the first images of the calibration pass
+        # itself, spread over the (sorted) calibration indices so that a folder ordered by class gives every
+        # class; the pass then goes on with the rescaled model. It also histograms the rescaled tensors as the
+        # FP32 file holds them (divided back), for the TensorRT cache, which goes with that file (TensorRT's
+        # implicit path quantizes it); kept in the plan even without the tensorrt target, so that a later
+        # --plan run can write the cache.
+        rescale, order, decided = None, calib_idx, {}
+        groups = channel_groups(base, shapes, tensors.shared) if cfg.equalize else []
+        if groups:
+            first = [calib_idx[int(i)] for i in np.linspace(0, len(calib_idx) - 1, EQUALIZE_IMAGES).round()
+                     ] if len(calib_idx) > EQUALIZE_IMAGES else list(calib_idx)
+            chosen = set(first)
+            order = first + [i for i in calib_idx if i not in chosen]
+
+            def decide(extremes: dict, images: int):
+                t_decide = time.perf_counter()
+                eq = equalization_from_extremes(groups, extremes, images)
+                decided.update(eq=eq, model=eq.apply(base), divided=tensors.divided(eq.factors()))
+                decided["seconds"] = time.perf_counter() - t_decide
+                return decided["model"], decided["divided"]
+
+            rescale = Rescale(tuple(t for g in groups for t in g.observed), EQUALIZE_IMAGES, decide)
+        elif cfg.equalize:
+            say("equalization: no channel group can be rescaled in this graph")
+        batches = _HashingBatches(_loader(dataset, order, batch))
         t0 = time.perf_counter()
         histograms, stats = collect_histograms(
             base, tensors.observed, prog(batches, len(batches), "calibrating"), threads=cfg.threads, shapes=shapes,
-            divided=divided,
+            rescale=rescale,
         )
+        divided = {}
+        if decided:
+            equalization, base, divided = decided["eq"], decided["model"], decided["divided"]
+            say(f"equalized {len(equalization.scaled_tensors)} activation(s) in "
+                f"{equalization.to_dict()['groups_scaled']} channel group(s) on the first {equalization.images} "
+                "calibration images")
         fp32_histograms = {r: histograms.pop(divided_name(r)) for r in divided}
         histograms = tensors.complete(histograms)
         calib_stats = {**stats.to_dict(), "batch_size": batch, "tensors": len(calib_names),
                        "tensors_observed": len(tensors.observed), "holdout": holdout}
-        if cfg.equalize:
-            calib_stats["equalization_seconds"] = eq_seconds
+        if decided:  # deciding and applying the factors (their ranges come from the calibration pass)
+            calib_stats["equalization_seconds"] = decided["seconds"]
         data_fp = batches.sha.hexdigest()
         weights = weight_entries(base, [w for p in placements.values() for w in p.weights])
         provenance = Provenance(
