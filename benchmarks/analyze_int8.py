@@ -12,12 +12,17 @@ Three parts (``--part``), each writing ``benchmarks/results/analyze_int8_<part>.
   split into its weight part (activation Q/DQ pairs bypassed) and its activation part (FP32 weights
   restored), the FP32 top-1/top-2 margins of the images whose top-1 changes, and, on ``--noise-images``
   images, each activation Q/DQ pair's share of the logit noise when it alone is active.
+* ``window`` — resnet50 at 224x224 as in ``time``: channel equalization decided inside the calibration pass
+  (what ``quantize`` does: the first images' samples are kept, thinned to a memory budget, until the factors
+  are known) against a separate measuring pass followed by a calibration with full samples: the per-tensor
+  ranges of each method and the ORT file's logit SQNR vs FP32.
 * ``head`` — the same checkpoint quantized by ``quantize_model`` with the CLI's defaults, then with the
   classifier (``--exclude '/fc/*'``) and then the pooling too (``'/avgpool/*'``) kept in float, which costs
   no measurable time (a few thousand MACs of millions): logit SQNR, agreement and drop on the full test split.
 
     python benchmarks/analyze_int8.py --part time
     python benchmarks/analyze_int8.py --part error --model benchmarks/cache/resnet18_fashion_mnist_64.safetensors
+    python benchmarks/analyze_int8.py --part window
     python benchmarks/analyze_int8.py --part head --model benchmarks/cache/resnet18_fashion_mnist_64.safetensors
 """
 
@@ -260,18 +265,103 @@ def part_head(args) -> dict:
     return {"model": str(args.model), "quantize": "quantize_model, CLI defaults plus --exclude", "results": rows}
 
 
+def part_window(args) -> dict:
+    """The one-pass equalization's kept window against a separate measuring pass (the earlier design)."""
+    import itertools
+    import time
+
+    import onnx
+    from bench_quantize import batches, logits_of, session
+
+    from rescompress.calibration import METHODS
+    from rescompress.calibration.collect import (
+        Rescale,
+        calibration_batch_size,
+        collect_histograms,
+        per_image_sizes,
+        tensor_shapes,
+    )
+    from rescompress.quantization.calibrate import activation_amax, activation_entries, weight_entries
+    from rescompress.quantization.emit import emit_qdq
+    from rescompress.quantization.equalize import EQUALIZE_IMAGES, channel_groups, from_extremes, measure
+    from rescompress.quantization.fidelity import sqnr_db
+    from rescompress.quantization.pipeline import calibration_tensors
+    from rescompress.quantization.placement import place, prepare_model
+    from rescompress.quantization.plan import Provenance, QuantPlan, model_fingerprint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32, pre, _ = resnet50_fp32(Path(tmp))
+        base = prepare_model(onnx.load(str(fp32)))
+    calib = sample(open_dataset(DEBIAN_FASHION_MNIST, pre, split="train"), args.window_images)
+    test = sample(open_dataset(DEBIAN_FASHION_MNIST, pre, split="test"), args.window_test_images)
+    placement = place(base, "onnxruntime")
+    tensors = calibration_tensors(base, [placement, place(base, "tensorrt")])
+    shapes = tensor_shapes(base)
+    b = calibration_batch_size(per_image_sizes(base, tensors.observed, shapes), 32)
+    groups = channel_groups(base, shapes, tensors.shared)
+    decided = {}
+
+    def decide(extremes, images):
+        decided["eq"] = eq = from_extremes(groups, extremes, images)
+        decided["model"] = eq.apply(base)
+        return decided["model"], tensors.divided(eq.factors())
+
+    t0 = time.perf_counter()
+    one, _ = collect_histograms(base, tensors.observed, batches(calib, b), shapes=shapes,
+                                rescale=Rescale(tuple(t for g in groups for t in g.observed), EQUALIZE_IMAGES, decide))
+    t1 = time.perf_counter()
+    eq = measure(base, shapes, itertools.islice(batches(calib, b), -(-EQUALIZE_IMAGES // b)),
+                 unquantized=tensors.shared)
+    scaled = eq.apply(base)
+    two, _ = collect_histograms(scaled, tensors.observed, batches(calib, b), shapes=shapes,
+                                divided=tensors.divided(eq.factors()))
+    t2 = time.perf_counter()
+    factor_diff = max(float(np.max(np.abs(a / c - 1))) for a, c in zip(decided["eq"].scales, eq.scales, strict=True))
+    thinned = [n for n in tensors.observed if one[n].counts.dtype == np.float64]
+    ref = logits_of(session(base), test, b=32)
+    weights = weight_entries(scaled, placement.weights)
+    prov = Provenance(model_fingerprint(scaled), None, len(calib), "max", 99.99, {})
+    rows = {}
+    for method in METHODS:
+        diffs = np.array([activation_amax(one[n], method, 128, 99.99) / activation_amax(two[n], method, 128, 99.99)
+                          - 1 for n in tensors.observed if activation_amax(two[n], method, 128, 99.99) > 0])
+        size = np.abs(diffs)
+        row = {"amax_rel_diff": {"median": float(np.median(size)), "p90": float(np.quantile(size, 0.9)),
+                                 "max": float(size.max()), "mean_signed": float(diffs.mean())}}
+        for label, hists, model in (("one_pass", one, decided["model"]), ("two_passes", two, scaled)):
+            entries = activation_entries(tensors.complete({n: hists[n] for n in tensors.observed}), method, 99.99)
+            q = emit_qdq(model, QuantPlan(entries, weights, prov), placement)
+            row[f"ort_file_sqnr_db_{label}"] = float(sqnr_db(ref, logits_of(session(q), test, b=32)))
+        rows[method] = row
+        print(method, json.dumps(row), file=sys.stderr)
+    return {
+        "model": "torchvision resnet50 at 224x224 (random init, BN statistics re-estimated, as bench_quantize.py "
+                 "--part resnet50), Fashion-MNIST upscaled", "calibration_images": len(calib), "batch": b,
+        "equalize_images": EQUALIZE_IMAGES, "test_images": len(test), "tensors_observed": len(tensors.observed),
+        "tensors_thinned_in_window": len(thinned), "factor_max_rel_diff": factor_diff,
+        "seconds": {"one_pass": t1 - t0, "measure_then_calibrate": t2 - t1}, "methods": rows,
+        "notes": "one_pass: what quantize does (factors decided on the first images of the calibration pass, whose "
+                 "samples are kept thinned to 64 MB and weighted); two_passes: a separate pass measures the factors "
+                 "on the same images, then the rescaled model is calibrated with full samples. amax_rel_diff: per "
+                 "observed tensor, |one/two - 1|. SQNR: ONNX Runtime file (nearest weight rounding, no refinement) vs "
+                 "FP32 logits.",
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("time", "error", "head"), required=True)
+    ap.add_argument("--part", choices=("time", "error", "head", "window"), required=True)
     ap.add_argument("--model", type=Path, default=None, help="error part: a Fashion-MNIST checkpoint")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="time part: batch sizes")
     ap.add_argument("--runs", type=int, default=10, help="time part: profiled runs per batch size")
     ap.add_argument("--noise-images", type=int, default=1000, help="error part: images for the per-pair split")
     ap.add_argument("--top", type=int, default=12, help="error part: pairs listed")
+    ap.add_argument("--window-images", type=int, default=128, help="window part: calibration images")
+    ap.add_argument("--window-test-images", type=int, default=256, help="window part: images for the SQNR")
     args = ap.parse_args()
     if args.part in ("error", "head") and args.model is None:
         ap.error(f"--part {args.part} needs --model")
-    res = {"time": part_time, "error": part_error, "head": part_head}[args.part](args)
+    res = {"time": part_time, "error": part_error, "head": part_head, "window": part_window}[args.part](args)
     print(write_result(f"analyze_int8_{args.part}", {"command": "python " + " ".join(sys.argv), **res}),
           file=sys.stderr)
 

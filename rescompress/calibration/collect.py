@@ -291,7 +291,7 @@ def collect_histograms(
             raise RescompressError(f"per-channel factors need the channel count of {missing[0]!r}")
         return _SummaryRun(m, names, sizes, shapes, batch_size, cap, per_channel, threads)
 
-    def add(name: str, summary: tuple, run: _SummaryRun, inv: np.ndarray | None, weight: float = 1.0) -> None:
+    def add(name: str, summary: tuple, channels: dict, inv: np.ndarray | None, weight: float = 1.0) -> None:
         lo, hi, sample, *per_channel = summary
         try:
             histograms[name].collect_summary(float(lo), float(hi), sample, weight)
@@ -299,15 +299,16 @@ def collect_histograms(
                 flat = np.asarray(sample).reshape(-1)
                 histograms[divided_name(name)].collect_summary(
                     float((per_channel[0] * inv).min()), float((per_channel[1] * inv).max()),
-                    flat * inv[run.channels[name][: flat.size]], weight)
+                    flat * inv[channels[name][: flat.size]], weight)
         except RescompressError:
             raise RescompressError(
                 f"tensor {name!r} holds NaN or Inf during calibration; check the model weights"
             ) from None
 
-    def settle(run: _SummaryRun) -> None:
-        """Decide the factors, histogram the kept window, and go on with the rescaled model."""
-        nonlocal current, inverse, pending, model
+    def settle(channels: dict[str, np.ndarray]) -> None:
+        """Decide the factors, histogram the kept window (``channels``: its samples' channels), and go on with
+        the rescaled model (the caller has let the window's session go, so the two are not held together)."""
+        nonlocal inverse, pending, model
         model, factors = rescale.decide(extremes, n_window)
         stray = [n for n in factors if n not in rescale.tensors]
         if stray:
@@ -319,15 +320,14 @@ def collect_histograms(
             for name, (lo, hi, sample, *per_channel) in summaries.items():
                 f = factors.get(name)
                 if f is None:
-                    add(name, (lo, hi, sample), run, None, weights[name])
+                    add(name, (lo, hi, sample), channels, None, weights[name])
                     continue
                 flat = np.asarray(sample).reshape(-1)
                 add(name, (float((per_channel[0] * f).min()), float((per_channel[1] * f).max()),
-                           flat * f[run.channels[name][: flat.size]]), run, None, weights[name])
+                           flat * f[channels[name][: flat.size]]), channels, None, weights[name])
                 histograms[divided_name(name)].collect_summary(float(lo), float(hi), flat, weights[name])
         window.clear()
-        pending = False
-        current = None  # the next batch starts a session on the rescaled model
+        pending = False  # the next batch starts a session on the rescaled model
 
     for batch in batches:
         x = batch[0] if isinstance(batch, list | tuple) else batch
@@ -357,16 +357,18 @@ def collect_histograms(
             window.append(summaries)
             n_window += len(x)
             if n_window >= rescale.images:
-                settle(current)
+                channels, current = current.channels, None
+                settle(channels)
         else:
             for name in names:
-                add(name, summaries[name], current, inverse.get(name))
+                add(name, summaries[name], current.channels, inverse.get(name))
         if on_batch is not None:
             on_batch(len(x))
     if n_images == 0:
         raise RescompressError("no calibration images were read; check --calib-data")
     if pending:  # fewer images than the window
-        settle(current)
+        channels, current = current.channels, None
+        settle(channels)
     stats = CollectStats(n_images, n_batches, time.perf_counter() - t0)
     log.info("calibrated %d tensors on %d images in %.1f s", len(names), n_images, stats.seconds)
     return histograms, stats
