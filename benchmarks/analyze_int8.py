@@ -303,8 +303,7 @@ def part_window(args) -> dict:
 
     def decide(extremes, images):
         decided["eq"] = eq = from_extremes(groups, extremes, images)
-        decided["model"] = eq.apply(base)
-        return decided["model"], tensors.divided(eq.factors())
+        return tensors.divided(eq.factors())
 
     t0 = time.perf_counter()
     one, _ = collect_histograms(base, tensors.observed, batches(calib, b), shapes=shapes,
@@ -328,7 +327,7 @@ def part_window(args) -> dict:
         size = np.abs(diffs)
         row = {"amax_rel_diff": {"median": float(np.median(size)), "p90": float(np.quantile(size, 0.9)),
                                  "max": float(size.max()), "mean_signed": float(diffs.mean())}}
-        for label, hists, model in (("one_pass", one, decided["model"]), ("two_passes", two, scaled)):
+        for label, hists, model in (("one_pass", one, decided["eq"].apply(base)), ("two_passes", two, scaled)):
             entries = activation_entries(tensors.complete({n: hists[n] for n in tensors.observed}), method, 99.99)
             q = emit_qdq(model, QuantPlan(entries, weights, prov), placement)
             row[f"ort_file_sqnr_db_{label}"] = float(sqnr_db(ref, logits_of(session(q), test, b=32)))

@@ -166,8 +166,8 @@ def our_artifacts(fp32: Path, calib: np.ndarray, method: str, batch: int = 32,
 
     ``stem_s2d``: the ORT file's stride-2 stem as the tool writes it, over 2x2 blocks (stem.py), where it applies.
     ``equalize``: channel equalization, as ``quantize`` does by default (the factors decided on the first
-    ``EQUALIZE_IMAGES`` images of the calibration pass, which then goes on with the rescaled model), and the
-    TensorRT cache's FP32 ranges histogrammed in the same pass.
+    ``EQUALIZE_IMAGES`` images of the calibration pass, which histograms the tensors as the rescaled model holds
+    them), and the TensorRT cache's FP32 ranges histogrammed in the same pass.
     """
     import onnx
 
@@ -198,14 +198,13 @@ def our_artifacts(fp32: Path, calib: np.ndarray, method: str, batch: int = 32,
         groups = channel_groups(base, shapes, tensors.shared)
 
         def decide(extremes, images):
-            eq = from_extremes(groups, extremes, images)
-            decided["model"] = eq.apply(base)
-            return decided["model"], tensors.divided(eq.factors())
+            decided["eq"] = eq = from_extremes(groups, extremes, images)
+            return tensors.divided(eq.factors())
 
         # (the factors come from the first images of the sample; the tool spreads them over its sample)
         rescale = Rescale(tuple(t for g in groups for t in g.observed), EQUALIZE_IMAGES, decide)
     hists = collect_histograms(base, tensors.observed, batches(calib, b), shapes=shapes, rescale=rescale)[0]
-    base = decided.get("model", base)
+    base = decided["eq"].apply(base) if decided else base
     hists = tensors.complete({k: v for k, v in hists.items() if k in tensors.observed})
     entries = activation_entries(hists, method, 99.99)
     secs = time.perf_counter() - t0

@@ -323,7 +323,7 @@ def _one_pass(r18, images, batches, window, **kw):
     def decide(extremes, n):
         eq = from_extremes(groups, extremes, n)
         seen.update(eq=eq, images=n)
-        return eq.apply(r18), {t: f for t, f in eq.factors().items() if t in names}
+        return {t: f for t, f in eq.factors().items() if t in names}
 
     hists, stats = collect_histograms(r18, names, batches, shapes=shapes, threads=1,
                                       rescale=Rescale(tuple(t for g in groups for t in g.observed), window, decide),
@@ -407,4 +407,4 @@ def test_one_pass_with_fewer_images_than_the_window_decides_at_the_end(r18, imag
 def _rescale_stub(tensors):
     from rescompress.calibration.collect import Rescale
 
-    return Rescale(tuple(tensors), 4, lambda extremes, n: (None, {}))
+    return Rescale(tuple(tensors), 4, lambda extremes, n: {})

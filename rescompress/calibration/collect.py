@@ -20,7 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from rescompress.calibration.histogram import DEFAULT_BINS, DEFAULT_MAX_SAMPLES, StreamingHistogram, sample_stride
+from rescompress.calibration.histogram import (
+    DEFAULT_BINS,
+    DEFAULT_MAX_SAMPLES,
+    StreamingHistogram,
+    _next_prime,
+    sample_stride,
+)
 from rescompress.errors import RescompressError
 
 log = logging.getLogger("rescompress.calibration")
@@ -206,24 +212,27 @@ def _sample_channels(c: int, per_image: int, batch_size: int, step: int) -> np.n
 class Rescale:
     """Per-channel factors decided inside the calibration pass (``collect_histograms(rescale=...)``).
 
-    The first batches, until ``images`` images have been read, run through the model as given and also
-    return the per-channel minima and maxima (axis 1) of ``tensors``. Then ``decide(extremes, images_read)``
-    returns the rescaled model and, for each observed tensor whose values it changes, one positive factor per
-    channel. The first batches' samples, kept meanwhile, are histogrammed multiplied by those factors (and,
-    under :func:`divided_name`, as they were); the later batches run through the rescaled model and are also
-    histogrammed divided back. So a model rescaled from ranges measured on its calibration images is
-    calibrated in one pass over them, not two.
+    The pass runs the model as given and also returns the per-channel minima and maxima (axis 1) of
+    ``tensors``. After the first ``images`` images, ``decide(extremes, images_read)`` returns, for each observed
+    tensor whose values a rescaled model would change, one positive factor per channel. From then on each such
+    tensor is histogrammed as that rescaled model would hold it (its samples multiplied by their channel's
+    factor, its exact extremes from the per-channel ones), and as it is, under :func:`divided_name`; the first
+    images' samples, kept meanwhile, are histogrammed the same way. So a model rescaled from ranges measured on
+    its calibration images is calibrated in one pass over them, by one session.
     """
 
     tensors: tuple[str, ...]
     images: int
-    decide: Callable[[dict[str, tuple[np.ndarray, np.ndarray]], int], tuple[onnx.ModelProto, dict[str, np.ndarray]]]
+    decide: Callable[[dict[str, tuple[np.ndarray, np.ndarray]], int], dict[str, np.ndarray]]
 
 
 class _SummaryRun:
     """One ONNX Runtime session over :func:`with_summary_outputs` of a model, for batches of one size."""
 
     def __init__(self, model, names, sizes, shapes, batch_size, max_samples, per_channel, threads) -> None:
+        missing = [n for n in per_channel if not shapes.get(n) or len(shapes[n]) < 2 or shapes[n][1] is None]
+        if missing:
+            raise RescompressError(f"per-channel histograms need the channel count of {missing[0]!r}")
         summary, self.outputs = with_summary_outputs(model, sizes, batch_size, max_samples, shapes, per_channel)
         self.session = make_session(summary, threads)
         self.input = self.session.get_inputs()[0].name
@@ -237,6 +246,13 @@ class _SummaryRun:
         """Per tensor: (min, max, sample, and for ``per_channel`` tensors per-channel min and max)."""
         values = dict(zip(self.fetch, self.session.run(self.fetch, {self.input: x}), strict=True))
         return {n: tuple(values[o] for o in self.outputs[n]) for n in self.names}
+
+
+def _scaled(summary: tuple, factors: np.ndarray, channels: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """(min, max, sample) of a summarized tensor with channel ``c`` multiplied by ``factors[c]`` (> 0)."""
+    _, _, sample, lo_c, hi_c = summary
+    flat = np.asarray(sample).reshape(-1)
+    return float((lo_c * factors).min()), float((hi_c * factors).max()), flat * factors[channels[: flat.size]]
 
 
 def collect_histograms(
@@ -262,72 +278,65 @@ def collect_histograms(
     histograms each such tensor with channel ``c`` divided by its factor, under :func:`divided_name`: the
     same samples, rescaled in numpy, and exact extremes from per-channel minima and maxima. That is how a
     channel-rescaled model also gives the ranges of the model it was rescaled from, in the same pass.
-    ``rescale`` decides such factors on the first images of this same pass (see :class:`Rescale`; not with
-    ``divided``); the returned histograms are then those of the rescaled model (and ``divided_name`` ones for
-    the tensors it changed). While the factors are pending, the first batches' samples are kept, thinned so
-    that they take at most ``window_budget`` bytes; each kept value then counts for the ones left out.
+    ``rescale`` (not with ``divided``) is the other way round: factors decided on the first images of the pass
+    (see :class:`Rescale`); the returned histograms are then those of the rescaled model, with the tensors it
+    changes also under ``divided_name`` as ``model`` holds them. While the factors are pending, the first
+    batches' samples are kept, thinned (a further prime stride) so that they take at most ``window_budget``
+    bytes; each kept value then counts for the ones left out.
     """
     names = list(dict.fromkeys(tensor_names))
     if rescale is not None and divided:
         raise RescompressError("collect_histograms takes divided factors or a rescale, not both")
-    inverse = {k: 1.0 / np.asarray(v, np.float32) for k, v in (divided or {}).items()}  # per channel
-    unknown = [n for n in [*inverse, *(rescale.tensors if rescale else ())] if n not in names]
+    unknown = [n for n in [*(divided or {}), *(rescale.tensors if rescale else ())] if n not in names]
     if unknown:
-        raise RescompressError(f"divided histograms asked for tensors not observed: {unknown[:3]}")
+        raise RescompressError(f"per-channel histograms asked for tensors not observed: {unknown[:3]}")
+    # per tensor, the factors by which its samples are multiplied into the histogram held under its own name
+    # (rescale) or under divided_name (divided); the other one takes them as they are
+    factors = {k: 1.0 / np.asarray(v, np.float32) for k, v in (divided or {}).items()}
     histograms = {name: StreamingHistogram(num_bins, max_samples=max_samples) for name in names}
-    histograms.update({divided_name(n): StreamingHistogram(num_bins, max_samples=max_samples) for n in inverse})
-    current: _SummaryRun | None = None
-    sizes: dict[str, int] = {}
-    window: list[dict[str, tuple]] = []  # the first batches' summaries while the factors are pending
-    weights: dict[str, float] = {}  # per tensor: values each window sample stands for
+    histograms.update({divided_name(n): StreamingHistogram(num_bins, max_samples=max_samples) for n in factors})
+    run: _SummaryRun | None = None
+    window: list[dict[str, tuple]] = []  # the first batches' (thinned) summaries while the factors are pending
+    thin: dict[str, int] = {}  # per tensor: the further stride of the kept samples (each stands for that many)
     extremes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     pending = rescale is not None
     n_images = n_batches = n_window = 0
     t0 = time.perf_counter()
 
-    def start(m: onnx.ModelProto, batch_size: int, cap: int | None, per_channel) -> _SummaryRun:
-        missing = [n for n in per_channel if not shapes.get(n) or len(shapes[n]) < 2 or shapes[n][1] is None]
-        if missing:
-            raise RescompressError(f"per-channel factors need the channel count of {missing[0]!r}")
-        return _SummaryRun(m, names, sizes, shapes, batch_size, cap, per_channel, threads)
-
-    def add(name: str, summary: tuple, channels: dict, inv: np.ndarray | None, weight: float = 1.0) -> None:
-        lo, hi, sample, *per_channel = summary
+    def add(summary: tuple, name: str, weight: int = 1) -> None:
+        channels = run.channels.get(name)
+        if weight > 1:
+            channels = channels[::weight] if channels is not None else None
+        f = factors.get(name)
         try:
-            histograms[name].collect_summary(float(lo), float(hi), sample, weight)
-            if inv is not None:
-                flat = np.asarray(sample).reshape(-1)
-                histograms[divided_name(name)].collect_summary(
-                    float((per_channel[0] * inv).min()), float((per_channel[1] * inv).max()),
-                    flat * inv[channels[name][: flat.size]], weight)
+            if f is None:
+                histograms[name].collect_summary(float(summary[0]), float(summary[1]), summary[2], weight)
+            elif rescale is None:  # divided
+                histograms[name].collect_summary(float(summary[0]), float(summary[1]), summary[2], weight)
+                histograms[divided_name(name)].collect_summary(*_scaled(summary, f, channels), weight)
+            else:
+                histograms[name].collect_summary(*_scaled(summary, f, channels), weight)
+                histograms[divided_name(name)].collect_summary(float(summary[0]), float(summary[1]), summary[2],
+                                                               weight)
         except RescompressError:
             raise RescompressError(
                 f"tensor {name!r} holds NaN or Inf during calibration; check the model weights"
             ) from None
 
-    def settle(channels: dict[str, np.ndarray]) -> None:
-        """Decide the factors, histogram the kept window (``channels``: its samples' channels), and go on with
-        the rescaled model (the caller has let the window's session go, so the two are not held together)."""
-        nonlocal inverse, pending, model
-        model, factors = rescale.decide(extremes, n_window)
-        stray = [n for n in factors if n not in rescale.tensors]
+    def settle() -> None:
+        """Decide the factors and histogram the kept window."""
+        nonlocal pending
+        decided = rescale.decide(extremes, n_window)
+        stray = [n for n in decided if n not in rescale.tensors]
         if stray:
             raise RescompressError(f"rescale factors for tensors without channel ranges: {stray[:3]}")
-        factors = {n: np.asarray(f, np.float32) for n, f in factors.items()}
-        inverse = {n: 1.0 / f for n, f in factors.items()}
-        histograms.update({divided_name(n): StreamingHistogram(num_bins, max_samples=max_samples) for n in factors})
+        factors.update({n: np.asarray(f, np.float32) for n, f in decided.items()})
+        histograms.update({divided_name(n): StreamingHistogram(num_bins, max_samples=max_samples) for n in decided})
+        pending = False
         for summaries in window:
-            for name, (lo, hi, sample, *per_channel) in summaries.items():
-                f = factors.get(name)
-                if f is None:
-                    add(name, (lo, hi, sample), channels, None, weights[name])
-                    continue
-                flat = np.asarray(sample).reshape(-1)
-                add(name, (float((per_channel[0] * f).min()), float((per_channel[1] * f).max()),
-                           flat * f[channels[name][: flat.size]]), channels, None, weights[name])
-                histograms[divided_name(name)].collect_summary(float(lo), float(hi), flat, weights[name])
+            for name, summary in summaries.items():
+                add(summary, name, thin[name])
         window.clear()
-        pending = False  # the next batch starts a session on the rescaled model
 
     for batch in batches:
         x = batch[0] if isinstance(batch, list | tuple) else batch
@@ -335,18 +344,14 @@ def collect_histograms(
         x = np.ascontiguousarray(x, dtype=np.float32)
         if not np.isfinite(x).all():
             raise RescompressError("calibration inputs contain NaN or Inf; check the data and preprocessing")
-        if current is None:
-            if not sizes:
-                shapes = tensor_shapes(model) if shapes is None else shapes
-                sizes = per_image_sizes(model, names, shapes)
-                batch_size = len(x)
-            if pending:
-                cap = _window_cap(len(names), -(-rescale.images // batch_size), max_samples, window_budget)
-                current = start(model, batch_size, cap, rescale.tensors)
-                weights = {n: current.steps[n] / _stride(sizes[n], batch_size, max_samples) for n in names}
-            else:
-                current = start(model, batch_size, max_samples, inverse)
-        summaries = current.run(x)
+        if run is None:
+            shapes = tensor_shapes(model) if shapes is None else shapes
+            sizes = per_image_sizes(model, names, shapes)
+            per_channel = rescale.tensors if rescale is not None else tuple(factors)
+            run = _SummaryRun(model, names, sizes, shapes, len(x), max_samples, per_channel, threads)
+            if rescale is not None:
+                thin = _window_thinning(sizes, run.steps, len(x), -(-rescale.images // len(x)), window_budget)
+        summaries = run.run(x)
         n_images += len(x)
         n_batches += 1
         if pending:
@@ -354,34 +359,49 @@ def collect_histograms(
                 lo_c, hi_c = summaries[t][3], summaries[t][4]
                 old = extremes.get(t)
                 extremes[t] = (lo_c, hi_c) if old is None else (np.minimum(old[0], lo_c), np.maximum(old[1], hi_c))
-            window.append(summaries)
+            window.append({n: _thinned(s, thin[n]) for n, s in summaries.items()})
             n_window += len(x)
             if n_window >= rescale.images:
-                channels, current = current.channels, None
-                settle(channels)
+                settle()
         else:
             for name in names:
-                add(name, summaries[name], current.channels, inverse.get(name))
+                add(summaries[name], name)
         if on_batch is not None:
             on_batch(len(x))
     if n_images == 0:
         raise RescompressError("no calibration images were read; check --calib-data")
     if pending:  # fewer images than the window
-        channels, current = current.channels, None
-        settle(channels)
+        settle()
     stats = CollectStats(n_images, n_batches, time.perf_counter() - t0)
     log.info("calibrated %d tensors on %d images in %.1f s", len(names), n_images, stats.seconds)
     return histograms, stats
+
+
+def _thinned(summary: tuple, k: int) -> tuple:
+    if k == 1:
+        return summary
+    return (summary[0], summary[1], np.asarray(summary[2]).reshape(-1)[::k].copy(), *summary[3:])
 
 
 def _stride(per_image: int, batch_size: int, max_samples: int | None) -> int:
     return 1 if max_samples is None else sample_stride(per_image * batch_size, max_samples, period=per_image)
 
 
-def _window_cap(n_tensors: int, n_batches: int, max_samples: int | None, budget: int) -> int | None:
-    """Samples per tensor per batch to keep while factors are pending: ``max_samples``, or fewer (a larger
-    stride) so that ``n_batches`` batches of ``n_tensors`` float32 samples fit ``budget`` bytes."""
-    if max_samples is None:
-        return None
-    fit = budget // max(1, 4 * n_tensors * n_batches)
-    return max(min(max_samples, fit), min(max_samples, 1024))
+def _window_thinning(sizes: dict[str, int], steps: dict[str, int], batch_size: int, n_batches: int,
+                     budget: int) -> dict[str, int]:
+    """Per tensor, a further stride for the samples kept while factors are pending: 1, or one prime for all,
+    chosen so that ``n_batches`` batches' kept float32 samples fit ``budget`` bytes. Each prime is one that does
+    not divide the tensor's per-image size, so, like the sampling stride itself, it does not alias with the
+    rows and columns (the product of two such primes shares no factor with C*H*W)."""
+    per_batch = {n: -(-sizes[n] * batch_size // steps[n]) for n in sizes}
+    total = 4 * n_batches * sum(per_batch.values())
+    if total <= budget:
+        return dict.fromkeys(sizes, 1)
+    k = -(-total // budget)
+    out = {}
+    for n, size in sizes.items():
+        p = _next_prime(k)
+        while size % p == 0:
+            p = _next_prime(p + 1)
+        out[n] = p if per_batch[n] >= 4 * p else 1  # (a sample of a few values is kept whole)
+    return out

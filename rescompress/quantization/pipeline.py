@@ -1,10 +1,10 @@
 """``quantize_model``: load -> fold -> export FP32 -> calibrate -> plan -> emit -> measure -> report.
 
 The library entry point behind ``rescompress quantize`` (and ``rescompress demo``). It takes a PyTorch
-model file (loaded safely, BatchNorm folded, exported) or a FP32 ONNX file, rescales its channels so that
-per-tensor grids fit them (equalize.py; one pass over the calibration images, the FP32 function unchanged),
-streams calibration images through it once, turns the statistics into a :class:`QuantPlan` (or reuses
-one given with ``plan``; with ``--method auto`` the held-out images also choose the method and refine the
+model file (loaded safely, BatchNorm folded, exported) or a FP32 ONNX file, streams calibration images
+through it once, with factors that rescale its channels so that per-tensor grids fit them (equalize.py: decided
+on the pass's first images, the FP32 function unchanged), turns the statistics into a :class:`QuantPlan` (or
+reuses one given with ``plan``; with ``--method auto`` the held-out images also choose the method and refine the
 scales of each target's most error-prone tensors, see refine.py),
 emits the ONNX Runtime and TensorRT Q/DQ files and the TensorRT calibration cache from that one plan,
 checks the TensorRT file's structure, and measures the INT8 files against FP32 (accuracy, agreement,
@@ -631,10 +631,10 @@ def quantize_model(
             say(f"calibration batch size capped at {batch} to bound activation memory")
         # Channel equalization (equalize.py) takes its factors from the first images of the calibration pass
         # itself, spread over the (sorted) calibration indices so that a folder ordered by class gives every
-        # class; the pass then goes on with the rescaled model. It also histograms the rescaled tensors as the
-        # FP32 file holds them (divided back), for the TensorRT cache, which goes with that file (TensorRT's
-        # implicit path quantizes it); kept in the plan even without the tensorrt target, so that a later
-        # --plan run can write the cache.
+        # class; the pass then histograms the rescaled tensors as the rescaled model holds them, and also as the
+        # FP32 file holds them, for the TensorRT cache, which goes with that file (TensorRT's implicit path
+        # quantizes it); kept in the plan even without the tensorrt target, so that a later --plan run can write
+        # the cache.
         rescale, order, decided = None, calib_idx, {}
         groups = channel_groups(base, shapes, tensors.shared) if cfg.equalize else []
         if groups:
@@ -643,12 +643,10 @@ def quantize_model(
             chosen = set(first)
             order = first + [i for i in calib_idx if i not in chosen]
 
-            def decide(extremes: dict, images: int):
-                t_decide = time.perf_counter()
-                eq = equalization_from_extremes(groups, extremes, images)
-                decided.update(eq=eq, model=eq.apply(base), divided=tensors.divided(eq.factors()))
-                decided["seconds"] = time.perf_counter() - t_decide
-                return decided["model"], decided["divided"]
+            def decide(extremes: dict, images: int) -> dict:
+                decided.update(eq=equalization_from_extremes(groups, extremes, images))
+                decided.update(divided=tensors.divided(decided["eq"].factors()))
+                return decided["divided"]
 
             rescale = Rescale(tuple(t for g in groups for t in g.observed), EQUALIZE_IMAGES, decide)
         elif cfg.equalize:
@@ -661,7 +659,10 @@ def quantize_model(
         )
         divided = {}
         if decided:
-            equalization, base, divided = decided["eq"], decided["model"], decided["divided"]
+            t_apply = time.perf_counter()
+            equalization, divided = decided["eq"], decided["divided"]
+            base = equalization.apply(base)
+            decided["seconds"] = time.perf_counter() - t_apply
             say(f"equalized {len(equalization.scaled_tensors)} activation(s) in "
                 f"{equalization.to_dict()['groups_scaled']} channel group(s) on the first {equalization.images} "
                 "calibration images")
@@ -669,7 +670,7 @@ def quantize_model(
         histograms = tensors.complete(histograms)
         calib_stats = {**stats.to_dict(), "batch_size": batch, "tensors": len(calib_names),
                        "tensors_observed": len(tensors.observed), "holdout": holdout}
-        if decided:  # deciding and applying the factors (their ranges come from the calibration pass)
+        if decided:  # applying the factors to the model (their ranges come from the calibration pass)
             calib_stats["equalization_seconds"] = decided["seconds"]
         data_fp = batches.sha.hexdigest()
         weights = weight_entries(base, [w for p in placements.values() for w in p.weights])
