@@ -408,3 +408,14 @@ def _rescale_stub(tensors):
     from rescompress.calibration.collect import Rescale
 
     return Rescale(tuple(tensors), 4, lambda extremes, n: {})
+
+
+def test_groups_need_known_channel_counts_and_rescale_needs_observed_tensors(r18, images):
+    shapes = dict(tensor_shapes(r18))
+    shapes["/maxpool/MaxPool_output_0"] = [None, None, 16, 16]  # a channel count shape inference could not tell
+    groups = channel_groups(r18, shapes)
+    assert len(groups) == 11 and all("/maxpool/MaxPool_output_0" not in g.tensors for g in groups)
+    from rescompress.calibration.collect import collect_histograms
+
+    with pytest.raises(RescompressError, match="not observed"):
+        collect_histograms(r18, ["/relu/Relu_output_0"], [images], rescale=_rescale_stub(["/maxpool/MaxPool_output_0"]))

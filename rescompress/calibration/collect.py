@@ -308,16 +308,15 @@ def collect_histograms(
         if weight > 1:
             channels = channels[::weight] if channels is not None else None
         f = factors.get(name)
+        raw = (float(summary[0]), float(summary[1]), summary[2])
         try:
             if f is None:
-                histograms[name].collect_summary(float(summary[0]), float(summary[1]), summary[2], weight)
-            elif rescale is None:  # divided
-                histograms[name].collect_summary(float(summary[0]), float(summary[1]), summary[2], weight)
-                histograms[divided_name(name)].collect_summary(*_scaled(summary, f, channels), weight)
+                histograms[name].collect_summary(*raw, weight)
             else:
-                histograms[name].collect_summary(*_scaled(summary, f, channels), weight)
-                histograms[divided_name(name)].collect_summary(float(summary[0]), float(summary[1]), summary[2],
-                                                               weight)
+                scaled = _scaled(summary, f, channels)
+                own, other = (raw, scaled) if rescale is None else (scaled, raw)
+                histograms[name].collect_summary(*own, weight)
+                histograms[divided_name(name)].collect_summary(*other, weight)
         except RescompressError:
             raise RescompressError(
                 f"tensor {name!r} holds NaN or Inf during calibration; check the model weights"

@@ -230,8 +230,9 @@ def channel_groups(
                     consumers.append((c.name, 0, 1))
                 else:
                     ok = False
-        if not ok or not producers or not consumers or any(len(shapes.get(t) or ()) < 2 for t in tensors):
-            continue  # (the channel axis of every tensor must be known)
+        if not ok or not producers or not consumers or any(
+                len(shapes.get(t) or ()) < 2 or shapes[t][1] is None for t in tensors):
+            continue  # (the channel axis of every tensor, and its size, must be known)
         widths = {int(idx.initializers[idx.by_name[p].input[1]].dims[0]) for p in producers}
         widths |= {int(idx.initializers[idx.by_name[c].input[1]].dims[a]) * k for c, a, k in consumers}
         if len(widths) != 1:
