@@ -202,7 +202,7 @@ def our_artifacts(fp32: Path, calib: np.ndarray, method: str, batch: int = 32,
             return tensors.divided(eq.factors())
 
         # (the factors come from the first images of the sample; the tool spreads them over its sample)
-        rescale = Rescale(tuple(t for g in groups for t in g.observed), EQUALIZE_IMAGES, decide)
+        rescale = Rescale(tuple(t for g in groups for t in g.observed), min(EQUALIZE_IMAGES, len(calib)), decide)
     hists = collect_histograms(base, tensors.observed, batches(calib, b), shapes=shapes, rescale=rescale)[0]
     base = decided["eq"].apply(base) if decided else base
     hists = tensors.complete({k: v for k, v in hists.items() if k in tensors.observed})

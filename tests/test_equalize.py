@@ -419,3 +419,22 @@ def test_groups_need_known_channel_counts_and_rescale_needs_observed_tensors(r18
 
     with pytest.raises(RescompressError, match="not observed"):
         collect_histograms(r18, ["/relu/Relu_output_0"], [images], rescale=_rescale_stub(["/maxpool/MaxPool_output_0"]))
+
+
+def test_calibration_fingerprint_does_not_depend_on_the_reading_order(images):
+    """quantize reads the images that decide the factors first: the plan's data fingerprint names the images,
+    not their order (with or without equalization), and changes with any image."""
+    from torch.utils.data import TensorDataset
+
+    from rescompress.quantization.pipeline import _HashingBatches, _loader
+
+    ds = TensorDataset(torch.from_numpy(images), torch.zeros(len(images), dtype=torch.long))
+
+    def fingerprint(order):
+        batches = _HashingBatches(_loader(ds, order, 5), order)
+        assert sum(len(x) for x, _ in batches) == len(order)
+        return batches.fingerprint()
+
+    plain = fingerprint(list(range(16)))
+    assert fingerprint([3, 9, 0, *[i for i in range(16) if i not in (3, 9, 0)]]) == plain
+    assert fingerprint(list(range(15))) != plain

@@ -7,7 +7,8 @@ to a whole tensor). ONNX Runtime runs the copy batch by batch and returns only t
 update one :class:`StreamingHistogram` per tensor and are dropped. So the activations never leave the
 runtime (copying every intermediate tensor out cost more than running the model), peak memory is the
 runtime's own working set for one batch (the batch size is capped from the largest tensor's size), and it
-does not grow with the number of images.
+does not grow with the number of images. (Channel factors decided in the pass, :class:`Rescale`, add the
+summaries kept until then: at most ``WINDOW_BUFFER_BUDGET`` bytes of samples.)
 """
 
 from __future__ import annotations
@@ -334,7 +335,7 @@ def collect_histograms(
         pending = False
         for summaries in window:
             for name, summary in summaries.items():
-                add(summary, name, thin[name])
+                add(summary, name, thin.get(name, 1))
         window.clear()
 
     for batch in batches:
@@ -348,8 +349,9 @@ def collect_histograms(
             sizes = per_image_sizes(model, names, shapes)
             per_channel = rescale.tensors if rescale is not None else tuple(factors)
             run = _SummaryRun(model, names, sizes, shapes, len(x), max_samples, per_channel, threads)
-            if rescale is not None:
-                thin = _window_thinning(sizes, run.steps, len(x), -(-rescale.images // len(x)), window_budget)
+            if rescale is not None and max_samples is not None:  # (max_samples=None promises every value)
+                held = {n: sizes[n] for n in rescale.tensors}
+                thin = _window_thinning(held, run.steps, len(x), -(-rescale.images // len(x)), window_budget)
         summaries = run.run(x)
         n_images += len(x)
         n_batches += 1
@@ -358,7 +360,10 @@ def collect_histograms(
                 lo_c, hi_c = summaries[t][3], summaries[t][4]
                 old = extremes.get(t)
                 extremes[t] = (lo_c, hi_c) if old is None else (np.minimum(old[0], lo_c), np.maximum(old[1], hi_c))
-            window.append({n: _thinned(s, thin[n]) for n, s in summaries.items()})
+            window.append({n: _thinned(summaries[n], thin.get(n, 1)) for n in rescale.tensors})
+            for name in names:  # (tensors no factor can reach are histogrammed at once)
+                if name not in window[-1]:
+                    add(summaries[name], name)
             n_window += len(x)
             if n_window >= rescale.images:
                 settle()
@@ -388,10 +393,11 @@ def _stride(per_image: int, batch_size: int, max_samples: int | None) -> int:
 
 def _window_thinning(sizes: dict[str, int], steps: dict[str, int], batch_size: int, n_batches: int,
                      budget: int) -> dict[str, int]:
-    """Per tensor, a further stride for the samples kept while factors are pending: 1, or one prime for all,
-    chosen so that ``n_batches`` batches' kept float32 samples fit ``budget`` bytes. Each prime is one that does
-    not divide the tensor's per-image size, so, like the sampling stride itself, it does not alias with the
-    rows and columns (the product of two such primes shares no factor with C*H*W)."""
+    """Per tensor of ``sizes`` (values per image), a further stride for the samples kept while factors are
+    pending: 1, or the smallest prime at least the overall ratio, so that ``n_batches`` batches' kept float32
+    samples fit ``budget`` bytes (their per-channel extremes, a few thousand values, come on top). Each prime is
+    one that does not divide the tensor's per-image size, so, like the sampling stride itself, it does not alias
+    with the rows and columns (the product of two such primes shares no factor with C*H*W)."""
     per_batch = {n: -(-sizes[n] * batch_size // steps[n]) for n in sizes}
     total = 4 * n_batches * sum(per_batch.values())
     if total <= budget:
@@ -402,5 +408,5 @@ def _window_thinning(sizes: dict[str, int], steps: dict[str, int], batch_size: i
         p = _next_prime(k)
         while size % p == 0:
             p = _next_prime(p + 1)
-        out[n] = p if per_batch[n] >= 4 * p else 1  # (a sample of a few values is kept whole)
+        out[n] = p
     return out

@@ -82,8 +82,9 @@ class CalibrationTensors:
         return tensor
 
     def divided(self, factors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Which observed tensors to histogram divided back by their channel ``factors`` (collect_histograms'
-        ``divided``) so that every rescaled tensor gets its un-rescaled range."""
+        """Which observed tensors to histogram both rescaled by their channel ``factors`` and as they are
+        (collect_histograms' ``divided``, or what a ``rescale`` decides) so that every rescaled tensor gets both
+        ranges."""
         return {r: factors[r] for r in {self.root(t) for t in factors}}
 
     def complete(self, histograms: dict) -> dict:
@@ -424,19 +425,31 @@ def _loader(dataset, indices: Sequence[int] | None, batch_size: int):
 
 
 class _HashingBatches:
-    """Iterate a loader, fingerprinting the exact calibration inputs on the way."""
+    """Iterate a loader over the dataset's images ``indices`` (in that order), fingerprinting the exact
+    calibration inputs on the way: whatever order they are read in, the same images give the same print."""
 
-    def __init__(self, loader) -> None:
+    def __init__(self, loader, indices: Sequence[int]) -> None:
         self.loader = loader
-        self.sha = hashlib.sha256()
+        self.indices = list(indices)
+        self.digests: dict[int, bytes] = {}
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
+        at = 0
         for x, y in self.loader:
-            self.sha.update(np.ascontiguousarray(x.numpy(), dtype=np.float32).tobytes())
+            images = np.ascontiguousarray(x.numpy(), dtype=np.float32)
+            for i, image in zip(self.indices[at : at + len(images)], images, strict=True):
+                self.digests[i] = hashlib.sha256(image.tobytes()).digest()
+            at += len(images)
             yield x, y
+
+    def fingerprint(self) -> str:
+        sha = hashlib.sha256()
+        for i in sorted(self.digests):
+            sha.update(self.digests[i])
+        return sha.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -648,10 +661,10 @@ def quantize_model(
                 decided.update(divided=tensors.divided(decided["eq"].factors()))
                 return decided["divided"]
 
-            rescale = Rescale(tuple(t for g in groups for t in g.observed), EQUALIZE_IMAGES, decide)
+            rescale = Rescale(tuple(t for g in groups for t in g.observed), len(first), decide)
         elif cfg.equalize:
             say("equalization: no channel group can be rescaled in this graph")
-        batches = _HashingBatches(_loader(dataset, order, batch))
+        batches = _HashingBatches(_loader(dataset, order, batch), order)
         t0 = time.perf_counter()
         histograms, stats = collect_histograms(
             base, tensors.observed, prog(batches, len(batches), "calibrating"), threads=cfg.threads, shapes=shapes,
@@ -672,7 +685,7 @@ def quantize_model(
                        "tensors_observed": len(tensors.observed), "holdout": holdout}
         if decided:  # applying the factors to the model (their ranges come from the calibration pass)
             calib_stats["equalization_seconds"] = decided["seconds"]
-        data_fp = batches.sha.hexdigest()
+        data_fp = batches.fingerprint()
         weights = weight_entries(base, [w for p in placements.values() for w in p.weights])
         provenance = Provenance(
             model_fingerprint=fingerprint, data_fingerprint=data_fp, num_images=stats.num_images,
@@ -685,7 +698,8 @@ def quantize_model(
                          replace(provenance, method=m))
             for m in methods
         }
-        calib_stats["ranges_seconds"] = time.perf_counter() - t0 - stats.seconds
+        calib_stats["ranges_seconds"] = time.perf_counter() - t0 - stats.seconds - calib_stats.get(
+            "equalization_seconds", 0.0)
         if cfg.method == "auto":
             holdout_batches = _loader(dataset, hold_idx, cfg.batch_size)
             chooser = "onnxruntime" if "onnxruntime" in want else "tensorrt"
