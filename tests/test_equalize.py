@@ -393,6 +393,9 @@ def test_one_pass_thins_the_kept_samples_to_its_budget_and_weights_them(r18, ima
         assert activation_amax(a, "percentile", 128, 99.0) == pytest.approx(
             activation_amax(b, "percentile", 128, 99.0), rel=0.1)
     assert thinned > 10
+    # the FP32 file's histograms (as the model gives them) need no factors: binned at once, never thinned
+    raw = [k for k in thin if k.endswith("/divided")]
+    assert len(raw) > 10 and all(thin[k].counts.dtype == np.int64 and thin[k].count == full[k].count for k in raw)
     with pytest.raises(RescompressError, match="not both"):
         collect_histograms(r18, names, batches, divided={names[0]: np.ones(64)},
                            rescale=_rescale_stub(names[:1]))

@@ -281,9 +281,10 @@ def collect_histograms(
     channel-rescaled model also gives the ranges of the model it was rescaled from, in the same pass.
     ``rescale`` (not with ``divided``) is the other way round: factors decided on the first images of the pass
     (see :class:`Rescale`); the returned histograms are then those of the rescaled model, with the tensors it
-    changes also under ``divided_name`` as ``model`` holds them. While the factors are pending, the first
-    batches' samples are kept, thinned (a further prime stride) so that they take at most ``window_budget``
-    bytes; each kept value then counts for the ones left out.
+    changes also under ``divided_name`` as ``model`` holds them. While the factors are pending, every tensor is
+    histogrammed as it is, and the first batches' samples of the tensors factors may change are kept, thinned (a
+    further prime stride) so that they take at most ``window_budget`` bytes, for their rescaled histograms; each
+    kept value then counts for the ones left out.
     """
     names = list(dict.fromkeys(tensor_names))
     if rescale is not None and divided:
@@ -304,38 +305,43 @@ def collect_histograms(
     n_images = n_batches = n_window = 0
     t0 = time.perf_counter()
 
-    def add(summary: tuple, name: str, weight: int = 1) -> None:
-        channels = run.channels.get(name)
-        if weight > 1:
-            channels = channels[::weight] if channels is not None else None
-        f = factors.get(name)
-        raw = (float(summary[0]), float(summary[1]), summary[2])
+    def collect(name: str, key: str, values: tuple, weight: int = 1) -> None:
         try:
-            if f is None:
-                histograms[name].collect_summary(*raw, weight)
-            else:
-                scaled = _scaled(summary, f, channels)
-                own, other = (raw, scaled) if rescale is None else (scaled, raw)
-                histograms[name].collect_summary(*own, weight)
-                histograms[divided_name(name)].collect_summary(*other, weight)
+            histograms[key].collect_summary(*values, weight)
         except RescompressError:
             raise RescompressError(
                 f"tensor {name!r} holds NaN or Inf during calibration; check the model weights"
             ) from None
 
+    def add(summary: tuple, name: str) -> None:
+        f = factors.get(name)
+        raw = (float(summary[0]), float(summary[1]), summary[2])
+        if f is None:
+            collect(name, name, raw)
+            return
+        scaled = _scaled(summary, f, run.channels[name])
+        own, other = (raw, scaled) if rescale is None else (scaled, raw)
+        collect(name, name, own)
+        collect(name, divided_name(name), other)
+
     def settle() -> None:
-        """Decide the factors and histogram the kept window."""
+        """Decide the factors; the raw histograms so far become the rescaled tensors' ``divided_name`` ones, and
+        the kept window is histogrammed rescaled."""
         nonlocal pending
         decided = rescale.decide(extremes, n_window)
         stray = [n for n in decided if n not in rescale.tensors]
         if stray:
             raise RescompressError(f"rescale factors for tensors without channel ranges: {stray[:3]}")
         factors.update({n: np.asarray(f, np.float32) for n, f in decided.items()})
-        histograms.update({divided_name(n): StreamingHistogram(num_bins, max_samples=max_samples) for n in decided})
+        for n in decided:
+            histograms[divided_name(n)] = histograms[n]
+            histograms[n] = StreamingHistogram(num_bins, max_samples=max_samples)
         pending = False
         for summaries in window:
             for name, summary in summaries.items():
-                add(summary, name, thin.get(name, 1))
+                if name in decided:
+                    k = thin.get(name, 1)
+                    collect(name, name, _scaled(summary, factors[name], run.channels[name][::k]), k)
         window.clear()
 
     for batch in batches:
@@ -361,9 +367,8 @@ def collect_histograms(
                 old = extremes.get(t)
                 extremes[t] = (lo_c, hi_c) if old is None else (np.minimum(old[0], lo_c), np.maximum(old[1], hi_c))
             window.append({n: _thinned(summaries[n], thin.get(n, 1)) for n in rescale.tensors})
-            for name in names:  # (tensors no factor can reach are histogrammed at once)
-                if name not in window[-1]:
-                    add(summaries[name], name)
+            for name in names:  # as they are, at once (no factors yet)
+                add(summaries[name], name)
             n_window += len(x)
             if n_window >= rescale.images:
                 settle()
