@@ -217,9 +217,10 @@ class Rescale:
     ``tensors``. After the first ``images`` images, ``decide(extremes, images_read)`` returns, for each observed
     tensor whose values a rescaled model would change, one positive factor per channel. From then on each such
     tensor is histogrammed as that rescaled model would hold it (its samples multiplied by their channel's
-    factor, its exact extremes from the per-channel ones), and as it is, under :func:`divided_name`; the first
-    images' samples, kept meanwhile, are histogrammed the same way. So a model rescaled from ranges measured on
-    its calibration images is calibrated in one pass over them, by one session.
+    factor, its exact extremes from the per-channel ones), and as it is, under :func:`divided_name`. Values as
+    they are go to their histograms at once, from the first image; the first images' samples are also kept
+    until the factors are known, for the rescaled histograms. So a model rescaled from ranges measured on its
+    calibration images is calibrated in one pass over them, by one session.
     """
 
     tensors: tuple[str, ...]
