@@ -275,7 +275,6 @@ def part_window(args) -> dict:
 
     from rescompress.calibration import METHODS
     from rescompress.calibration.collect import (
-        Rescale,
         calibration_batch_size,
         collect_histograms,
         per_image_sizes,
@@ -283,9 +282,9 @@ def part_window(args) -> dict:
     )
     from rescompress.quantization.calibrate import activation_amax, activation_entries, weight_entries
     from rescompress.quantization.emit import emit_qdq
-    from rescompress.quantization.equalize import EQUALIZE_IMAGES, channel_groups, from_extremes, measure
+    from rescompress.quantization.equalize import EQUALIZE_IMAGES, channel_groups, measure
     from rescompress.quantization.fidelity import sqnr_db
-    from rescompress.quantization.pipeline import calibration_tensors
+    from rescompress.quantization.pipeline import EqualizingPass, calibration_tensors
     from rescompress.quantization.placement import place, prepare_model
     from rescompress.quantization.plan import Provenance, QuantPlan, model_fingerprint
 
@@ -298,16 +297,9 @@ def part_window(args) -> dict:
     tensors = calibration_tensors(base, [placement, place(base, "tensorrt")])
     shapes = tensor_shapes(base)
     b = calibration_batch_size(per_image_sizes(base, tensors.observed, shapes), 32)
-    groups = channel_groups(base, shapes, tensors.shared)
-    decided = {}
-
-    def decide(extremes, images):
-        decided["eq"] = eq = from_extremes(groups, extremes, images)
-        return tensors.divided(eq.factors())
-
+    equalizing = EqualizingPass(channel_groups(base, shapes, tensors.shared), tensors, EQUALIZE_IMAGES)
     t0 = time.perf_counter()
-    one, _ = collect_histograms(base, tensors.observed, batches(calib, b), shapes=shapes,
-                                rescale=Rescale(tuple(t for g in groups for t in g.observed), EQUALIZE_IMAGES, decide))
+    one, _ = collect_histograms(base, tensors.observed, batches(calib, b), shapes=shapes, rescale=equalizing.rescale)
     t1 = time.perf_counter()
     eq = measure(base, shapes, itertools.islice(batches(calib, b), -(-EQUALIZE_IMAGES // b)),
                  unquantized=tensors.shared)
@@ -315,7 +307,9 @@ def part_window(args) -> dict:
     two, _ = collect_histograms(scaled, tensors.observed, batches(calib, b), shapes=shapes,
                                 divided=tensors.divided(eq.factors()))
     t2 = time.perf_counter()
-    factor_diff = max(float(np.max(np.abs(a / c - 1))) for a, c in zip(decided["eq"].scales, eq.scales, strict=True))
+    one_eq = equalizing.equalization
+    factor_diff = max(float(np.max(np.abs(a / c - 1))) for a, c in zip(one_eq.scales, eq.scales, strict=True))
+    one_model = one_eq.apply(base)
     thinned = [n for n in tensors.observed if one[n].counts.dtype == np.float64]
     ref = logits_of(session(base), test, b=32)
     weights = weight_entries(scaled, placement.weights)
@@ -327,7 +321,7 @@ def part_window(args) -> dict:
         size = np.abs(diffs)
         row = {"amax_rel_diff": {"median": float(np.median(size)), "p90": float(np.quantile(size, 0.9)),
                                  "max": float(size.max()), "mean_signed": float(diffs.mean())}}
-        for label, hists, model in (("one_pass", one, decided["eq"].apply(base)), ("two_passes", two, scaled)):
+        for label, hists, model in (("one_pass", one, one_model), ("two_passes", two, scaled)):
             entries = activation_entries(tensors.complete({n: hists[n] for n in tensors.observed}), method, 99.99)
             q = emit_qdq(model, QuantPlan(entries, weights, prov), placement)
             row[f"ort_file_sqnr_db_{label}"] = float(sqnr_db(ref, logits_of(session(q), test, b=32)))

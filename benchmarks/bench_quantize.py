@@ -190,21 +190,17 @@ def our_artifacts(fp32: Path, calib: np.ndarray, method: str, batch: int = 32,
     t0 = time.perf_counter()
     shapes = tensor_shapes(base)
     b = calibration_batch_size(per_image_sizes(base, tensors.observed, shapes), batch)
-    rescale, decided = None, {}
+    equalizing = None
     if equalize:
-        from rescompress.calibration.collect import Rescale
-        from rescompress.quantization.equalize import EQUALIZE_IMAGES, channel_groups, from_extremes
-
-        groups = channel_groups(base, shapes, tensors.shared)
-
-        def decide(extremes, images):
-            decided["eq"] = eq = from_extremes(groups, extremes, images)
-            return tensors.divided(eq.factors())
+        from rescompress.quantization.equalize import EQUALIZE_IMAGES, channel_groups
+        from rescompress.quantization.pipeline import EqualizingPass
 
         # (the factors come from the first images of the sample; the tool spreads them over its sample)
-        rescale = Rescale(tuple(t for g in groups for t in g.observed), min(EQUALIZE_IMAGES, len(calib)), decide)
-    hists = collect_histograms(base, tensors.observed, batches(calib, b), shapes=shapes, rescale=rescale)[0]
-    base = decided["eq"].apply(base) if decided else base
+        equalizing = EqualizingPass(channel_groups(base, shapes, tensors.shared), tensors,
+                                    min(EQUALIZE_IMAGES, len(calib)))
+    hists = collect_histograms(base, tensors.observed, batches(calib, b), shapes=shapes,
+                               rescale=equalizing.rescale if equalizing else None)[0]
+    base = equalizing.equalization.apply(base) if equalizing else base
     hists = tensors.complete({k: v for k, v in hists.items() if k in tensors.observed})
     entries = activation_entries(hists, method, 99.99)
     secs = time.perf_counter() - t0

@@ -182,7 +182,7 @@ def with_summary_outputs(
             if name in per_channel and rank is not None and rank >= 2:
                 channel_outs.append(f"{out}_channels")
                 nodes.append(_reduce(op, part, channel_outs[-1], [0], opset, g, f"{tag}_{op}_channels"))
-        step = 1 if max_samples is None else sample_stride(size * batch_size, max_samples, period=size)
+        step = _stride(size, batch_size, max_samples)
         if step > 1:
             consts = {f"{tag}_{k}": v for k, v in (("starts", 0), ("ends", INT64_MAX), ("axes", 0), ("steps", step))}
             g.initializer.extend(numpy_helper.from_array(np.array([v], np.int64), k) for k, v in consts.items())
@@ -364,9 +364,7 @@ def collect_histograms(
         n_batches += 1
         if pending:
             for t in rescale.tensors:
-                lo_c, hi_c = summaries[t][3], summaries[t][4]
-                old = extremes.get(t)
-                extremes[t] = (lo_c, hi_c) if old is None else (np.minimum(old[0], lo_c), np.maximum(old[1], hi_c))
+                merge_extremes(extremes, t, summaries[t][3], summaries[t][4])
             window.append({n: _thinned(summaries[n], thin.get(n, 1)) for n in rescale.tensors})
             for name in names:  # as they are, at once (no factors yet)
                 add(summaries[name], name)
@@ -385,6 +383,13 @@ def collect_histograms(
     stats = CollectStats(n_images, n_batches, time.perf_counter() - t0)
     log.info("calibrated %d tensors on %d images in %.1f s", len(names), n_images, stats.seconds)
     return histograms, stats
+
+
+def merge_extremes(extremes: dict[str, tuple[np.ndarray, np.ndarray]], name: str, lo: np.ndarray,
+                   hi: np.ndarray) -> None:
+    """Fold one batch's per-channel (min, max) of ``name`` into the running ``extremes``."""
+    old = extremes.get(name)
+    extremes[name] = (lo, hi) if old is None else (np.minimum(old[0], lo), np.maximum(old[1], hi))
 
 
 def _thinned(summary: tuple, k: int) -> tuple:

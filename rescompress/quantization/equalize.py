@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from rescompress.calibration.collect import _SummaryRun, per_image_sizes
+from rescompress.calibration.collect import _SummaryRun, merge_extremes, per_image_sizes
 from rescompress.errors import RescompressError
 from rescompress.quantization.placement import GraphIndex
 
@@ -254,8 +254,7 @@ def channel_extremes(
     names = [t for grp in groups for t in grp.observed]
     sizes = per_image_sizes(model, names, shapes)
     run = None
-    lo: dict[str, np.ndarray] = {}
-    hi: dict[str, np.ndarray] = {}
+    extremes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     images = 0
     for batch in batches:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -265,12 +264,10 @@ def channel_extremes(
         res = run.run(x)
         images += len(x)
         for t in names:
-            a, b = res[t][3], res[t][4]
-            lo[t] = a if t not in lo else np.minimum(lo[t], a)
-            hi[t] = b if t not in hi else np.maximum(hi[t], b)
+            merge_extremes(extremes, t, res[t][3], res[t][4])
     if not images:
         raise RescompressError("no images to measure channel ranges on")
-    return {t: (lo[t], hi[t]) for t in names}, images
+    return extremes, images
 
 
 def group_scales(

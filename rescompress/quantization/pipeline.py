@@ -95,6 +95,24 @@ class CalibrationTensors:
         return out
 
 
+class EqualizingPass:
+    """The :class:`Rescale` that decides channel equalization inside the calibration pass (equalize.py), and
+    what it decided: ``equalization`` and ``divided`` (the observed tensors it rescales, with their factors)
+    are set once the pass has read ``images`` images."""
+
+    def __init__(self, groups, tensors: CalibrationTensors, images: int) -> None:
+        self.groups = tuple(groups)
+        self.tensors = tensors
+        self.equalization: Equalization | None = None
+        self.divided: dict[str, np.ndarray] = {}
+        self.rescale = Rescale(tuple(t for g in self.groups for t in g.observed), images, self._decide)
+
+    def _decide(self, extremes: dict, images: int) -> dict[str, np.ndarray]:
+        self.equalization = equalization_from_extremes(self.groups, extremes, images)
+        self.divided = self.tensors.divided(self.equalization.factors())
+        return self.divided
+
+
 def calibration_tensors(base: onnx.ModelProto, placements) -> CalibrationTensors:
     """Every float activation gets a range: the TensorRT cache wants them all, and accuracy fallback or a
     later ``--plan`` run with other ``--exclude`` patterns may move Q/DQ pairs onto tensors a placement
@@ -648,34 +666,28 @@ def quantize_model(
         # FP32 file holds them, for the TensorRT cache, which goes with that file (TensorRT's implicit path
         # quantizes it); kept in the plan even without the tensorrt target, so that a later --plan run can write
         # the cache.
-        rescale, order, decided = None, calib_idx, {}
+        order, equalizing = calib_idx, None
         groups = channel_groups(base, shapes, tensors.shared) if cfg.equalize else []
         if groups:
             first = [calib_idx[int(i)] for i in np.linspace(0, len(calib_idx) - 1, EQUALIZE_IMAGES).round()
                      ] if len(calib_idx) > EQUALIZE_IMAGES else list(calib_idx)
             chosen = set(first)
             order = first + [i for i in calib_idx if i not in chosen]
-
-            def decide(extremes: dict, images: int) -> dict:
-                decided.update(eq=equalization_from_extremes(groups, extremes, images))
-                decided.update(divided=tensors.divided(decided["eq"].factors()))
-                return decided["divided"]
-
-            rescale = Rescale(tuple(t for g in groups for t in g.observed), len(first), decide)
+            equalizing = EqualizingPass(groups, tensors, len(first))
         elif cfg.equalize:
             say("equalization: no channel group can be rescaled in this graph")
         batches = _HashingBatches(_loader(dataset, order, batch), order)
         t0 = time.perf_counter()
         histograms, stats = collect_histograms(
             base, tensors.observed, prog(batches, len(batches), "calibrating"), threads=cfg.threads, shapes=shapes,
-            rescale=rescale,
+            rescale=equalizing.rescale if equalizing else None,
         )
-        divided = {}
-        if decided:
+        divided, apply_seconds = {}, 0.0
+        if equalizing:
             t_apply = time.perf_counter()
-            equalization, divided = decided["eq"], decided["divided"]
+            equalization, divided = equalizing.equalization, equalizing.divided
             base = equalization.apply(base)
-            decided["seconds"] = time.perf_counter() - t_apply
+            apply_seconds = time.perf_counter() - t_apply
             say(f"equalized {len(equalization.scaled_tensors)} activation(s) in "
                 f"{equalization.to_dict()['groups_scaled']} channel group(s) on the first {equalization.images} "
                 "calibration images")
@@ -683,8 +695,8 @@ def quantize_model(
         histograms = tensors.complete(histograms)
         calib_stats = {**stats.to_dict(), "batch_size": batch, "tensors": len(calib_names),
                        "tensors_observed": len(tensors.observed), "holdout": holdout}
-        if decided:  # applying the factors to the model (their ranges come from the calibration pass)
-            calib_stats["equalization_seconds"] = decided["seconds"]
+        if equalizing:  # applying the factors to the model (their ranges come from the calibration pass)
+            calib_stats["equalization_seconds"] = apply_seconds
         data_fp = batches.fingerprint()
         weights = weight_entries(base, [w for p in placements.values() for w in p.weights])
         provenance = Provenance(
@@ -698,8 +710,7 @@ def quantize_model(
                          replace(provenance, method=m))
             for m in methods
         }
-        calib_stats["ranges_seconds"] = time.perf_counter() - t0 - stats.seconds - calib_stats.get(
-            "equalization_seconds", 0.0)
+        calib_stats["ranges_seconds"] = time.perf_counter() - t0 - stats.seconds - apply_seconds
         if cfg.method == "auto":
             holdout_batches = _loader(dataset, hold_idx, cfg.batch_size)
             chooser = "onnxruntime" if "onnxruntime" in want else "tensorrt"
