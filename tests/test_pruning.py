@@ -594,7 +594,11 @@ def test_choose_lr_keeps_the_rate_with_the_lowest_held_out_loss(calib_npz):
     assert set(choice.held_out_loss) == {1e-4, 0.05, 1e5}
     assert choice.trial_batches == 4 and choice.held_out_images == 64  # at least 20 batches, at most the run's
     finite = {lr: v for lr, v in choice.held_out_loss.items() if math.isfinite(v)}
-    assert choice.lr == min(finite, key=finite.get) and choice.lr != 1e5  # a rate of 1e5 diverges or is worst
+    assert choice.lowest == min(finite, key=finite.get) and choice.lr != 1e5  # a rate of 1e5 diverges or is worst
+    # the chosen rate is the lowest-loss one or a larger one within one standard error of it
+    assert choice.lr >= choice.lowest and choice.standard_error[choice.lowest] == 0.0
+    assert finite[choice.lr] - finite[choice.lowest] <= choice.standard_error[choice.lr]
+    assert all(finite[lr] - finite[choice.lowest] > choice.standard_error[lr] for lr in finite if lr > choice.lr)
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())  # trials train copies
     # the recorded loss is what a fresh run at the chosen rate reaches (same batches, same seed)
     import copy
@@ -610,6 +614,33 @@ def test_choose_lr_keeps_the_rate_with_the_lowest_held_out_loss(calib_npz):
     from rescompress.pruning.finetune import LrChoice
 
     assert LrChoice(0.01, {0.01: 0.5, 1.0: math.inf}, 4, 64).to_dict()["held_out_loss"] == {"0.01": 0.5, "1.0": None}
+
+
+def test_choose_rate_takes_the_largest_rate_within_one_standard_error():
+    """The per-image losses of each candidate on the same held-out images: a larger rate whose mean exceeds the
+    lowest by less than the standard error of the paired difference is chosen; one beyond it is not."""
+    from rescompress.pruning.finetune import choose_rate
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(400, generator=g, dtype=torch.float64)
+    noise = torch.randn(400, generator=g, dtype=torch.float64)
+    # paired difference: mean 0.004, standard deviation ~0.1 -> standard error ~0.005 (within)
+    within = base + 0.004 + 0.1 * (noise - noise.mean()) / noise.std()
+    # mean 0.02 with the same spread: four standard errors worse (ruled out)
+    worse = base + 0.02 + 0.1 * (noise - noise.mean()) / noise.std()
+    chosen, lowest, se = choose_rate({0.01: base + 0.05, 0.03: base, 0.06: within, 0.1: worse})
+    assert lowest == 0.03 and chosen == 0.06
+    assert se[0.03] == 0.0 and se[0.06] == pytest.approx(0.1 / math.sqrt(400), rel=1e-6)
+    assert se[0.01] < 1e-12  # a constant shift has no spread: 0.05 worse is ruled out
+    # without a within-noise larger rate the lowest stays; a diverged candidate (None, or a non-finite loss)
+    # never wins, even when it is the largest
+    inf = base.clone()
+    inf[3] = math.inf
+    assert choose_rate({0.01: base + 0.05, 0.03: base, 0.06: worse, 0.1: None, 0.3: inf})[0] == 0.03
+    # equal losses go to the larger rate
+    assert choose_rate({0.01: base, 0.03: base.clone()})[0] == 0.03
+    with pytest.raises(RescompressError, match="diverged at every"):
+        choose_rate({0.01: None, 0.03: inf})
 
 
 def test_prune_chooses_the_learning_rate_unless_given(calib_npz):
