@@ -511,7 +511,8 @@ def trial_bias_part(teacher, pre, train, device, log, kept=(0.4,), seeds=(0,), s
             row["full_run_best_lr"] = float(min(full, key=full.get))
             if half_a is not None:
                 row["reference_top1_half_a"] = ref_half_a = ref_half_a or top1(teacher.to(device), *half_a)
-            row["trial_best_lr"] = choice.lr
+            row["trial_best_lr"] = choice.lowest  # the trials' ranking; "chosen_lr" is what --lr auto takes
+            row["chosen_lr"] = choice.lr
             log.append(row)
 
 

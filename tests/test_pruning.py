@@ -318,7 +318,12 @@ def test_bn_recalibration_weighs_batches_by_images_and_skips_single_images():
 def test_distillation_loss():
     t = torch.randn(8, 10)
     assert distillation_loss(t, t, 4.0).item() == pytest.approx(0.0, abs=1e-6)
-    assert distillation_loss(torch.randn(8, 10), t, 4.0).item() > 0.01
+    s = torch.randn(8, 10)
+    assert distillation_loss(s, t, 4.0).item() > 0.01
+    # per image (the learning-rate trials' paired comparison): 8 values whose mean is the batch mean
+    each = distillation_loss(s, t, 4.0, per_image=True)
+    assert each.shape == (8,) and bool((each >= 0).all())
+    assert each.mean().item() == pytest.approx(distillation_loss(s, t, 4.0).item(), rel=1e-5)
 
 
 def test_one_output_classifier_trains_and_scores_with_binary_losses(calib_npz, tmp_path):

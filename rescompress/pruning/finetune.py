@@ -159,13 +159,16 @@ def as_two_class(logits: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(logits), logits], dim=1) if logits.shape[1] == 1 else logits
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(teacher || student) on temperature-softened logits, times T^2 so gradients keep their scale."""
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+                      per_image: bool = False) -> torch.Tensor:
+    """KL(teacher || student) on temperature-softened logits, times T^2 so gradients keep their scale: the
+    batch mean, or (``per_image``) one value per image."""
     t = temperature
-    return nn.functional.kl_div(
+    kl = nn.functional.kl_div(
         nn.functional.log_softmax(student / t, dim=1), nn.functional.log_softmax(teacher / t, dim=1),
-        reduction="batchmean", log_target=True,
-    ) * (t * t)
+        reduction="none" if per_image else "batchmean", log_target=True,
+    )
+    return (kl.sum(dim=1) if per_image else kl) * (t * t)
 
 
 class _WeightAverage:
@@ -229,13 +232,7 @@ def _objective(logits: torch.Tensor, y: torch.Tensor, t_logits: torch.Tensor | N
     loss = nn.functional.cross_entropy(logits, y, reduction=reduction)
     if t_logits is None:
         return loss
-    if reduction == "none":
-        t = config.temperature
-        kd = nn.functional.kl_div(nn.functional.log_softmax(logits / t, dim=1),
-                                  nn.functional.log_softmax(t_logits / t, dim=1),
-                                  reduction="none", log_target=True).sum(dim=1) * (t * t)
-    else:
-        kd = distillation_loss(logits, t_logits, config.temperature)
+    kd = distillation_loss(logits, t_logits, config.temperature, per_image=reduction == "none")
     return (1 - config.alpha) * loss + config.alpha * kd
 
 
