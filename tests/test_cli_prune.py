@@ -175,7 +175,7 @@ def test_prune_finetunes_with_augmentation(model_file, tmp_path, calib_npz):
     assert ft["augment"] is True and ft["seed"] == 0 and ft["epochs"] == 0.05
     step = data["report"]["steps"][0]
     assert step["finetune"]["batches"] == 7 and step["finetune"]["images"] == 7 * 16  # ceil(128 * 0.05)
-    choice = step["finetune"]["lr_choice"]  # --lr auto by default: four trial runs, then the run at the best rate
+    choice = step["finetune"]["lr_choice"]  # --lr auto by default: four trial runs, then the run at the chosen rate
     losses = choice["held_out_loss"]
     assert ft["lr"] is None and len(losses) == 4 and choice["trial_batches"] == 7
     lowest = float(min(losses, key=losses.get))

@@ -588,7 +588,7 @@ def _lr_setup(calib_npz):
     return teacher, student, data, held, lambda: make_loader(fit, batch_size=16, shuffle=True, seed=1)
 
 
-def test_choose_lr_keeps_the_rate_with_the_lowest_held_out_loss(calib_npz):
+def test_choose_lr_judges_copies_on_held_out_images_and_keeps_the_model(calib_npz):
     from rescompress.pruning import choose_lr
     from rescompress.pruning.finetune import held_out_loss
 
