@@ -78,8 +78,8 @@ def prune_command(
     lr: Annotated[
         str, typer.Option("--lr", help="Fine-tuning learning rate (SGD, cosine decay), or auto: one of "
                           "0.003/0.01/0.03/0.06 after short trial runs (a tenth of the run's batches each, at least "
-                          "20 and at most all of them) judged on held-out fine-tuning images: the largest rate "
-                          "within one standard error of the lowest held-out loss.")
+                          "20 and at most all of them) judged on held-out fine-tuning images: the lowest-loss "
+                          "rate, or the next larger one when within one standard error of it.")
     ] = "auto",
     distill: Annotated[
         bool, typer.Option("--distill/--no-distill", help="Distill from the unpruned model while fine-tuning.")

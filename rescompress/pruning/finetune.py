@@ -206,8 +206,8 @@ class LrChoice:
 
     ``lowest`` is the rate whose trial reached the lowest held-out loss; ``standard_error`` holds, for each
     finite candidate, the standard error of its per-image loss difference to ``lowest`` on the same held-out
-    images (0 for ``lowest`` itself). ``lr`` is the largest rate within one such standard error of ``lowest``
-    (``choose_rate``)."""
+    images (0 for ``lowest`` itself). ``lr`` is the next larger candidate when it is within one such standard
+    error of ``lowest``, else ``lowest`` (``choose_rate``)."""
 
     lr: float
     held_out_loss: dict[float, float]
@@ -268,10 +268,12 @@ def choose_rate(per_image: dict[float, torch.Tensor | None]) -> tuple[float, flo
     Short trials judge large rates harshly: from the same pruned start, full one-epoch runs scored the larger
     rate of a pair 2.5-12% worse (resnet18) or between 2.4% better and 1.1% worse (ResNet-20) on the held-out
     training images where tenth-long trials scored it 18-47% or 5-13% worse (``bench_prune_recipe.py --part
-    trial_bias``). So a rate the trials cannot tell from the lowest one, because its loss exceeds the lowest by
-    no more than one standard error of the paired per-image difference, is not ruled out by them, and the
-    largest such rate is chosen (a "one-standard-error rule" leaning the way the trials err). Equal losses go
-    to the larger rate too; a diverged trial is never chosen.
+    trial_bias``). So the next larger candidate, when the trials cannot tell it from the lowest one (its loss
+    exceeds the lowest by no more than one standard error of the paired per-image difference), is not ruled out
+    by them and is chosen: a "one-standard-error rule" leaning the way the trials err. It moves one candidate
+    at most, as far as that evidence goes (it compared neighbouring rates), which also keeps a small held-out
+    set, whose standard errors are large, from reaching for a much larger rate. Equal losses go to the larger
+    rate too; a diverged trial is never chosen, and a diverged neighbour keeps the lowest.
     """
     finite = {lr: v for lr, v in per_image.items() if v is not None and bool(torch.isfinite(v).all())}
     if not finite:
@@ -282,7 +284,9 @@ def choose_rate(per_image: dict[float, torch.Tensor | None]) -> tuple[float, flo
     for lr, v in finite.items():
         d = v - finite[lowest]
         se[lr] = float(d.std(unbiased=True) / math.sqrt(len(d))) if len(d) > 1 else 0.0
-    chosen = max(lr for lr in finite if means[lr] - means[lowest] <= se[lr])
+    order = sorted(per_image)
+    up = order[order.index(lowest) + 1] if order.index(lowest) + 1 < len(order) else None
+    chosen = up if up in finite and means[up] - means[lowest] <= se[up] else lowest
     return chosen, lowest, se
 
 
@@ -305,8 +309,9 @@ def choose_lr(
     measured rather than guessed: each candidate fine-tunes a copy of ``model`` for ``trial_share`` of the
     run's ``total_batches`` (at least ``LR_TRIAL_MIN``, at most ``total_batches``; its own cosine schedule, a
     compressed run), on batches from a fresh ``fit_loader()`` each, and is judged by its objective on each image
-    of ``held`` (read once per candidate, so it must be re-iterable). ``choose_rate`` then takes the largest
-    rate within one standard error of the lowest loss; a diverged trial never wins.
+    of ``held`` (read once per candidate, so it must be re-iterable). ``choose_rate`` then takes the next
+    larger rate than the lowest-loss one when it is within one standard error of it; a diverged trial never
+    wins.
     """
     device = device or next(model.parameters()).device
     trial_batches = min(total_batches, max(LR_TRIAL_MIN, round(trial_share * total_batches)))
