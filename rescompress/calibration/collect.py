@@ -366,14 +366,12 @@ def collect_histograms(
             for t in rescale.tensors:
                 merge_extremes(extremes, t, summaries[t][3], summaries[t][4])
             window.append({n: _thinned(summaries[n], thin.get(n, 1)) for n in rescale.tensors})
-            for name in names:  # as they are, at once (no factors yet)
-                add(summaries[name], name)
+        for name in names:  # (while the factors are pending, every tensor as it is)
+            add(summaries[name], name)
+        if pending:
             n_window += len(x)
             if n_window >= rescale.images:
                 settle()
-        else:
-            for name in names:
-                add(summaries[name], name)
         if on_batch is not None:
             on_batch(len(x))
     if n_images == 0:
@@ -413,10 +411,10 @@ def _window_thinning(sizes: dict[str, int], steps: dict[str, int], batch_size: i
     total = 4 * n_batches * sum(per_batch.values())
     if total <= budget:
         return dict.fromkeys(sizes, 1)
-    k = -(-total // budget)
+    first = _next_prime(-(-total // budget))
     out = {}
     for n, size in sizes.items():
-        p = _next_prime(k)
+        p = first
         while size % p == 0:
             p = _next_prime(p + 1)
         out[n] = p
