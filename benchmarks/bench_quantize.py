@@ -215,14 +215,15 @@ def our_artifacts(fp32: Path, calib: np.ndarray, method: str, batch: int = 32,
 def our_default_artifacts(fp32: Path, calib: np.ndarray, refine: bool, batch: int = 32) -> tuple[dict, float, str]:
     """What ``rescompress quantize`` does by default (``--method auto``, then scale refinement): a quarter
     of the images held out to choose the method and refine the scales. Returns files, seconds, method."""
+    from dataclasses import replace
+
     import onnx
 
-    from rescompress.calibration import METHODS
     from rescompress.calibration.collect import collect_histograms
     from rescompress.quantization.calibrate import activation_entries, weight_entries
     from rescompress.quantization.emit import emit_qdq
     from rescompress.quantization.fidelity import compare
-    from rescompress.quantization.pipeline import _emit_checked, calibration_tensors, choose_method
+    from rescompress.quantization.pipeline import _emit_checked, calibration_tensors, choose_method, range_candidates
     from rescompress.quantization.placement import place, prepare_model
     from rescompress.quantization.plan import Provenance, QuantPlan, model_fingerprint
     from rescompress.quantization.refine import refine_plan
@@ -235,7 +236,8 @@ def our_default_artifacts(fp32: Path, calib: np.ndarray, refine: bool, batch: in
     hists = tensors.complete(collect_histograms(base, tensors.observed, batches(rest, batch))[0])
     weights = weight_entries(base, [w for p in pls.values() for w in p.weights])
     prov = Provenance(model_fingerprint(base), None, len(rest), "auto", 99.99, {})
-    plans = {m: QuantPlan(activation_entries(hists, m, 99.99), weights, prov) for m in METHODS}
+    plans = {label: QuantPlan(activation_entries(hists, m, pct), weights, replace(prov, method=m, percentile=pct))
+             for label, (m, pct) in range_candidates("auto", 99.99).items()}
     ref = logits_of(session(base), hold)
     fids = {m: compare(ref, logits_of(session(emit_qdq(base, p, pls["onnxruntime"])), hold))
             for m, p in plans.items()}

@@ -63,7 +63,11 @@ def test_quantize_writes_every_artifact(first_run):
     assert data["calibration"]["weight_rounding"]["images"] == 96 - 24
     assert all((out / n).exists() for n in names)
     assert data["method"] in ("max", "percentile", "entropy", "mse")
-    assert set(data["method_scores"]) == {"max", "percentile", "entropy", "mse"}
+    # auto scores every method, percentile at 99.99 and 99.999, and reports the ranges it kept
+    assert set(data["method_scores"]) == {"max", "percentile 99.99", "percentile 99.999", "entropy", "mse"}
+    assert data["ranges"] in data["method_scores"]
+    assert data["ranges"] == (f"percentile {data['provenance']['percentile']:g}" if data["method"] == "percentile"
+                              else data["method"])
     for target in ("onnxruntime", "tensorrt"):
         f = data["fidelity"][target]
         assert f["n"] == 256 and f["top1"] is not None and f["sqnr_db"] > 20.0

@@ -357,6 +357,22 @@ def test_auto_method_choice_ignores_held_out_noise():
     assert choose_method({"max": of128(128, 120, 30.0), "mse": of128(124, 116, 34.5)}) == "max"
 
 
+
+def test_auto_range_candidates():
+    from rescompress.quantization.pipeline import method_label, range_candidates
+
+    auto = range_candidates("auto", 99.99)
+    assert auto == {"max": ("max", 99.99), "percentile 99.99": ("percentile", 99.99),
+                    "percentile 99.999": ("percentile", 99.999), "entropy": ("entropy", 99.99),
+                    "mse": ("mse", 99.99)}
+    # a --percentile of the user's is tried beside the two standard levels, in increasing order
+    assert [k for k in range_candidates("auto", 99.9) if k.startswith("percentile")] == [
+        "percentile 99.9", "percentile 99.99", "percentile 99.999"]
+    assert range_candidates("percentile", 99.9) == {"percentile 99.9": ("percentile", 99.9)}
+    assert range_candidates("mse", 99.9) == {"mse": ("mse", 99.9)}
+    assert method_label("percentile", 99.999) == "percentile 99.999" and method_label("max", 99.99) == "max"
+
+
 # ------------------------------------------------------------------------------------------ fallback search
 def _ranking(n: int) -> list[LayerSensitivity]:
     return [LayerSensitivity(f"L{i}", float(i)) for i in range(n)]

@@ -56,9 +56,11 @@ def quantize_command(
     ] = None,
     method: Annotated[
         str, typer.Option("--method", help="Calibration: max, percentile, entropy, mse or auto (on held-out images, "
-                          "the highest logit SQNR among the methods whose top-1 is within noise of the best).")
+                          "the highest logit SQNR among the methods whose top-1 is within noise of the best; "
+                          "percentile at 99.99, 99.999 and --percentile).")
     ] = "auto",
-    percentile: Annotated[float, typer.Option("--percentile", help="Percentile for --method percentile.")] = 99.99,
+    percentile: Annotated[float, typer.Option("--percentile", help="Percentile for --method percentile (auto also "
+                                                                   "tries it).")] = 99.99,
     num_images: Annotated[int, typer.Option(
         "--num-images", min=1,
         help="Images sampled (seeded) for calibration; with --method auto a quarter of them are held out to pick "
@@ -182,7 +184,7 @@ def quantize_command(
         if rows:
             console.print(rows_table(rows, title=f"FP32 vs INT8 on {result.eval_source}"))
         summary = {
-            "method": result.method,
+            "method": result.ranges,
             "calibration images": result.plan.provenance.num_images,
             "quantized layers": {t: len(p.quantized_nodes) for t, p in result.placements.items()},
         }

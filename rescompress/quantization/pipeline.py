@@ -223,6 +223,11 @@ class QuantizeResult:
     stem_rewrite: StemRewrite | None = None  # the ORT file's space-to-depth stem (stem.py), when applied
     equalization: dict | None = None  # summary of the channel equalization (Equalization.to_dict), when applied
 
+    @property
+    def ranges(self) -> str:
+        """The chosen ranges, e.g. ``percentile 99.999`` or ``max``."""
+        return method_label(self.method, self.plan.provenance.percentile)
+
     def to_dict(self) -> dict:
         return {
             "model": str(self.model),
@@ -230,6 +235,7 @@ class QuantizeResult:
             "fp32_rewrites": list(self.fp32_rewrites),
             "artifacts": {k: str(v) for k, v in self.artifacts.items()},
             "method": self.method,
+            "ranges": self.ranges,
             "method_scores": self.method_scores,
             "eval_source": self.eval_source,
             "fidelity": {k: v.to_dict() for k, v in self.fidelity.items()},
@@ -506,6 +512,28 @@ def _layer_sqnr(
     return tuple(sorted(scores, key=lambda s: s.sqnr_db))
 
 
+# --method auto computes percentile ranges at each of these (and at --percentile): the clipping that pays differs
+# between models, and each level costs only one held-out evaluation (the histograms are shared)
+AUTO_PERCENTILES: tuple[float, ...] = (99.99, 99.999)
+
+
+def method_label(method: str, percentile: float | None) -> str:
+    """``percentile 99.999`` for percentile ranges, else the method's name."""
+    return f"percentile {percentile:g}" if method == "percentile" and percentile is not None else method
+
+
+def range_candidates(method: str, percentile: float) -> dict[str, tuple[str, float]]:
+    """The ranges calibration computes, by label: ``(method, percentile)``. ``auto``: every method, percentile at
+    ``percentile`` and at each of :data:`AUTO_PERCENTILES`."""
+    if method != "auto":
+        return {method_label(method, percentile): (method, percentile)}
+    out = {}
+    for m in METHODS:
+        for pct in sorted({percentile, *AUTO_PERCENTILES}) if m == "percentile" else (percentile,):
+            out[method_label(m, pct)] = (m, pct)
+    return out
+
+
 def choose_method(fids: dict[str, Fidelity]) -> str:
     """Best top-1 (labeled) or agreement (unlabeled), up to noise; among the tied, the highest logit SQNR.
 
@@ -704,11 +732,10 @@ def quantize_model(
             method=cfg.method, percentile=cfg.percentile, library_versions=library_versions(),
             preprocess=pre.to_dict(), exclude=tuple(cfg.exclude),
         )
-        methods = METHODS if cfg.method == "auto" else (cfg.method,)
         plans = {
-            m: QuantPlan(activation_entries(histograms, m, cfg.percentile, cfg.ort_range), weights,
-                         replace(provenance, method=m))
-            for m in methods
+            label: QuantPlan(activation_entries(histograms, m, pct, cfg.ort_range), weights,
+                             replace(provenance, method=m, percentile=pct))
+            for label, (m, pct) in range_candidates(cfg.method, cfg.percentile).items()
         }
         calib_stats["ranges_seconds"] = time.perf_counter() - t0 - stats.seconds - apply_seconds
         if cfg.method == "auto":
@@ -718,16 +745,18 @@ def quantize_model(
             logits, labels = run_sessions(_sessions_for({"fp32": base, **cands}, cfg.threads), holdout_batches)
             fids = {m: compare(logits["fp32"], logits[m], labels if calib_labels else None) for m in cands}
             method_scores = {m: f.to_dict() for m, f in fids.items()}
-            method = choose_method(fids)
-            say(f"auto: chose {method} on {len(hold_idx)} held-out images ({chooser} file: "
-                f"SQNR {fids[method].sqnr_db:.1f} dB)")
+            label = choose_method(fids)
+            say(f"auto: chose {label} on {len(hold_idx)} held-out images ({chooser} file: "
+                f"SQNR {fids[label].sqnr_db:.1f} dB)")
         else:
-            method = cfg.method
-        qplan = plans[method]
+            label = next(iter(plans))
+        qplan = plans[label]
+        method = qplan.provenance.method
         if equalization is not None:
             entry = equalization.to_plan()
             if fp32_histograms:
-                fp32_entries = activation_entries(fp32_histograms, method, cfg.percentile, cfg.ort_range)
+                fp32_entries = activation_entries(fp32_histograms, method, qplan.provenance.percentile,
+                                                  cfg.ort_range)
                 entry["fp32_cache_scales"] = {
                     t: float(fp32_entries[tensors.root(t)].params["tensorrt"].scale)
                     for t in all_tensors if tensors.root(t) in fp32_entries}
@@ -1041,7 +1070,7 @@ def _f(v, digits: int = 2) -> str:
 def render_markdown(r: QuantizeResult) -> str:
     lines = [
         f"# INT8 quantization of `{r.model.name}`", "",
-        f"- method: **{r.method}** (config: {r.config.method}), calibration images: {r.plan.provenance.num_images}",
+        f"- method: **{r.ranges}** (config: {r.config.method}), calibration images: {r.plan.provenance.num_images}",
         f"- evaluated on: {r.eval_source}",
         f"- artifacts: {', '.join(f'`{p.name}`' for k, p in r.artifacts.items() if k != 'fp32')}", "",
     ]
