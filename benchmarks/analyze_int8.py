@@ -1,6 +1,6 @@
 """Where INT8 time and INT8 error go: the evidence behind the speed and agreement figures.
 
-Three parts (``--part``), each writing ``benchmarks/results/analyze_int8_<part>.json``:
+Five parts (``--part``), each writing ``benchmarks/results/analyze_int8_<part>[_<name>].json``:
 
 * ``time`` — torchvision resnet50 at 224x224 (random init, BN statistics re-estimated, as in
   ``bench_quantize.py --part resnet50``): our ORT INT8 file and the FP32 file run under ONNX Runtime's
@@ -11,7 +11,12 @@ Three parts (``--part``), each writing ``benchmarks/results/analyze_int8_<part>.
   quantized by ``quantize_model`` with the CLI's defaults, then on the full test split: the logit error
   split into its weight part (activation Q/DQ pairs bypassed) and its activation part (FP32 weights
   restored), the FP32 top-1/top-2 margins of the images whose top-1 changes, and, on ``--noise-images``
-  images, each activation Q/DQ pair's share of the logit noise when it alone is active.
+  images, each activation Q/DQ pair's share of the logit noise when it alone is active, and, on the near ties
+  (FP32 top-1 minus top-2 logit below ``LOW_MARGIN``), its share of the error of that margin; then the grid with
+  the largest near-tie share, its scale swept (finer grids clip).
+* ``seeds`` — the same checkpoint over several calibration samples (``--seeds``): the tool's defaults and ONNX
+  Runtime's quantizer (MinMax, Percentile, MinMax with the classifier in float) on the same images per seed; the
+  test images whose top-1 changes, the logit SQNR and the near ties' margin error, per seed and summarized.
 * ``window`` — resnet50 at 224x224 as in ``time``: channel equalization decided inside the calibration pass
   (what ``quantize`` does: the first images' samples are kept, thinned to a memory budget, until the factors
   are known) against a separate measuring pass followed by a calibration with full samples: the per-tensor
@@ -24,6 +29,9 @@ Three parts (``--part``), each writing ``benchmarks/results/analyze_int8_<part>.
     python benchmarks/analyze_int8.py --part error --model benchmarks/cache/resnet18_fashion_mnist_64.safetensors
     python benchmarks/analyze_int8.py --part window
     python benchmarks/analyze_int8.py --part head --model benchmarks/cache/resnet18_fashion_mnist_64.safetensors
+    python benchmarks/analyze_int8.py --part seeds --model benchmarks/cache/resnet18_fashion_mnist_64_cpu.safetensors
+    python benchmarks/analyze_int8.py --part seeds --model rescompress/assets/resnet20_fashion_mnist.safetensors \
+        --name resnet20
 """
 
 from __future__ import annotations
@@ -372,7 +380,7 @@ def part_seeds(args) -> dict:
                 if target in ("onnxruntime", "tensorrt"):
                     row = _margin_stats(ref, logits_of(session(path), x), y)
                     runs.setdefault(f"tool-default-{'ort' if target == 'onnxruntime' else 'trt'}", {})[str(seed)] = {
-                        **row, "method": r.method}
+                        **row, "method": r.method, "ranges": r.ranges}
             print(seed, json.dumps({k: v[str(seed)]["flips"] for k, v in runs.items()}), file=sys.stderr)
     summary = {}
     for label, per_seed in runs.items():
@@ -484,12 +492,14 @@ def main() -> None:
     ap.add_argument("--window-test-images", type=int, default=256, help="window part: images for the SQNR")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds part: calibration seeds")
     ap.add_argument("--num-images", type=int, default=512, help="seeds part: calibration images per seed")
+    ap.add_argument("--name", default=None, help="suffix of the result file (analyze_int8_<part>_<name>.json)")
     args = ap.parse_args()
     if args.part in ("error", "head", "seeds") and args.model is None:
         ap.error(f"--part {args.part} needs --model")
     res = {"time": part_time, "error": part_error, "head": part_head, "window": part_window,
            "seeds": part_seeds}[args.part](args)
-    print(write_result(f"analyze_int8_{args.part}", {"command": "python " + " ".join(sys.argv), **res}),
+    name = f"analyze_int8_{args.part}" + (f"_{args.name}" if args.name else "")
+    print(write_result(name, {"command": "python " + " ".join(sys.argv), **res}),
           file=sys.stderr)
 
 

@@ -318,7 +318,8 @@ def _tool_rows(args, ckpt: Path, name: str, y_test: np.ndarray) -> None:
             rows[f"{label}-{'ort' if t == 'onnxruntime' else 'trt'}"] = {
                 "top1": f.top1, "fp32_top1": f.fp32_top1, "top1_drop": f.top1_drop, "top5": f.top5,
                 "top1_agreement": f.top1_agreement, "sqnr_db": f.sqnr_db, "max_abs_diff": f.max_abs_diff, "n": f.n,
-                "method": r.method, "quantize_model_s": secs, "weight_rounding": r.calibration.get("weight_rounding"),
+                "method": r.method, "ranges": r.ranges, "quantize_model_s": secs,
+                "weight_rounding": r.calibration.get("weight_rounding"),
                 "equalization": r.equalization,
                 "refine": r.calibration.get("refine")}
             print(label, t, round(f.sqnr_db, 2), round(f.top1_agreement, 2), round(f.top1_drop, 2), file=sys.stderr)
