@@ -66,7 +66,7 @@ def test_quantize_writes_every_artifact(first_run):
     # auto scores every method, percentile at 99.99 and 99.999, and reports the ranges it kept
     assert set(data["method_scores"]) == {"max", "percentile 99.99", "percentile 99.999", "entropy", "mse"}
     assert data["ranges"] in data["method_scores"]
-    assert data["ranges"] == (f"percentile {data['provenance']['percentile']:g}" if data["method"] == "percentile"
+    assert data["ranges"] == (f"percentile {data['provenance']['percentile']:.10g}" if data["method"] == "percentile"
                               else data["method"])
     for target in ("onnxruntime", "tensorrt"):
         f = data["fidelity"][target]

@@ -357,7 +357,6 @@ def test_auto_method_choice_ignores_held_out_noise():
     assert choose_method({"max": of128(128, 120, 30.0), "mse": of128(124, 116, 34.5)}) == "max"
 
 
-
 def test_auto_range_candidates():
     from rescompress.quantization.pipeline import method_label, range_candidates
 
@@ -371,6 +370,7 @@ def test_auto_range_candidates():
     assert range_candidates("percentile", 99.9) == {"percentile 99.9": ("percentile", 99.9)}
     assert range_candidates("mse", 99.9) == {"mse": ("mse", 99.9)}
     assert method_label("percentile", 99.999) == "percentile 99.999" and method_label("max", 99.99) == "max"
+    assert method_label("percentile", 99.99999) == "percentile 99.99999"  # not rounded to 100
 
 
 # ------------------------------------------------------------------------------------------ fallback search

@@ -519,7 +519,7 @@ AUTO_PERCENTILES: tuple[float, ...] = (99.99, 99.999)
 
 def method_label(method: str, percentile: float | None) -> str:
     """``percentile 99.999`` for percentile ranges, else the method's name."""
-    return f"percentile {percentile:g}" if method == "percentile" and percentile is not None else method
+    return f"percentile {percentile:.10g}" if method == "percentile" and percentile is not None else method
 
 
 def range_candidates(method: str, percentile: float) -> dict[str, tuple[str, float]]:
