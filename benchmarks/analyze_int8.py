@@ -130,7 +130,9 @@ def part_time(args) -> dict:
         "runs_per_batch": args.runs, "batches": out,
         "notes": "speedup_ceiling: the FP32 file's total kernel time over the INT8 file's QLinearConv time (and "
                  "QLinearConv + QLinearAdd time): the INT8/FP32 ratio no rewrite of the rest of the graph can pass "
-                 "with these kernels on this machine (profiled, so per-node overhead is included in both).",
+                 "with these kernels on this machine, as profiled. The profiler's per-node overhead weighs more on "
+                 "the INT8 file's shorter kernels, most at batch 1: compare the wall_ms_profiled ratio with "
+                 "bench_quantize.py --part resnet50's unprofiled one.",
     }
 
 
