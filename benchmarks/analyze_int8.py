@@ -270,15 +270,12 @@ def part_error(args) -> dict:
         xs = x[: args.noise_images]
         ref_s = ref[: args.noise_images]
         near = np.flatnonzero(margin < LOW_MARGIN)  # the near ties, whose top-1 a small error can change
-        first, second = np.argsort(-ref, axis=1)[near, 0], np.argsort(-ref, axis=1)[near, 1]
-        rows = np.arange(len(near))
         noise, near_noise = {}, {}
         for dq, src in pairs.items():
             m = session(_only(qm, dq, pairs))
             q = logits_of(m, xs)
             noise[f"{src} -> {dq}"] = float(((q - ref_s) ** 2).sum())
-            qn = logits_of(m, x[near])
-            err = (qn[rows, first] - qn[rows, second]) - margin[near]
+            err = _margin_error(ref[near], logits_of(m, x[near]))
             near_noise[f"{src} -> {dq}"] = float((err**2).sum())
         total, near_total = sum(noise.values()), sum(near_noise.values())
         signal = float((ref_s**2).sum())
@@ -333,16 +330,21 @@ def part_head(args) -> dict:
     return {"model": str(args.model), "quantize": "quantize_model, CLI defaults plus --exclude", "results": rows}
 
 
+def _margin_error(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """Per image: ``got``'s FP32-top-1 minus FP32-top-2 logit, less FP32's (the error of FP32's margin)."""
+    order = np.argsort(-ref, axis=1)[:, :2]
+    rows = np.arange(len(ref))
+    return (got[rows, order[:, 0]] - got[rows, order[:, 1]]) - (ref[rows, order[:, 0]] - ref[rows, order[:, 1]])
+
+
 def _margin_stats(ref: np.ndarray, got: np.ndarray, labels: np.ndarray | None = None) -> dict:
     """Agreement figures of ``got`` against FP32's ``ref``, and the error of FP32's top-1 minus top-2 logit on the
     near ties (the only images whose top-1 a small error can change)."""
     from rescompress.quantization.fidelity import compare
 
-    order = np.argsort(-ref, axis=1)[:, :2]
-    rows = np.arange(len(ref))
-    margin = ref[rows, order[:, 0]] - ref[rows, order[:, 1]]
-    err = (got[rows, order[:, 0]] - got[rows, order[:, 1]]) - margin
-    near = margin < LOW_MARGIN
+    top = np.sort(ref, axis=1)
+    near = top[:, -1] - top[:, -2] < LOW_MARGIN
+    err = _margin_error(ref, got)
     f = compare(ref, got, labels)
     return {"flips": int((got.argmax(1) != ref.argmax(1)).sum()), "top1_agreement": f.top1_agreement,
             "sqnr_db": f.sqnr_db, "top1_drop": f.top1_drop, "near_ties": int(near.sum()),
