@@ -367,8 +367,10 @@ def part_seeds(args) -> dict:
         pre = fp32_onnx_from_checkpoint(args.model, fp32)
         train = open_dataset(DEBIAN_FASHION_MNIST, pre, split="train")
         test = open_dataset(DEBIAN_FASHION_MNIST, pre, split="test")
-        x = np.stack([test[i][0].numpy() for i in range(len(test))]).astype(np.float32)
-        y = np.asarray([test[i][1] for i in range(len(test))])
+        items = [test[i] for i in range(len(test))]  # each image decoded once, with its label
+        x = np.stack([img.numpy() for img, _ in items]).astype(np.float32)
+        y = np.asarray([int(label) for _, label in items])
+        del items
         ref = logits_of(session(fp32), x)
         gemm = [n.name for n in onnx.load(str(fp32)).graph.node if n.op_type == "Gemm"]
         for seed in args.seeds:
